@@ -1,0 +1,1 @@
+"""The running DICOM node and the ``synthmrf`` command line."""

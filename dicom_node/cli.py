@@ -1,0 +1,30 @@
+"""The ``synthmrf`` command line: a thin layer over the library; every level has ``--help``."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from dicom_node.commands.demo import demo
+from dicom_node.commands.mrf import mrf
+from dicom_node.commands.phantom import phantom
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.version_option(package_name="synthmrf")
+def cli(verbose: int) -> None:
+    """synthmrf: quantitative T1/T2/PD maps from routine MPRAGE via synthetic MR fingerprinting."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+cli.add_command(mrf)
+cli.add_command(phantom)
+cli.add_command(demo)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()

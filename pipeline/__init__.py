@@ -1,0 +1,1 @@
+"""Everything that turns pixels into maps: physics, geometry, model inference, result writing."""

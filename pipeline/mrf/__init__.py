@@ -1,0 +1,1 @@
+"""MR fingerprinting physics: sequence files, EPG simulation, dictionary, SVD basis, matching."""

@@ -1,0 +1,1 @@
+"""The digital brain world, datasets, training loop, evaluation and model packaging."""

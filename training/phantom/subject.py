@@ -1,0 +1,160 @@
+"""One phantom subject: its random draws, and the files it writes (truths, MRF, MPRAGE NIfTI and DICOM)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from pipeline.mrf.dictionary import Dictionary
+from pipeline.mrf.sequence import DEFAULT_SEQUENCE, Sequence
+from training.phantom.anatomy import Template, Warp, random_warp, render
+from training.phantom.dicom_series import (
+    DicomStyle,
+    SeriesIdentity,
+    Vendor,
+    make_identity,
+    write_mprage_series,
+)
+from training.phantom.fields import SmoothField, random_smooth_field
+from training.phantom.geometry import Orientation, VolumeGrid, acquisition_grid, mrf_grid
+from training.phantom.mprage import MprageProtocol, acquire
+from training.phantom.mrf import acquire_mrf
+from training.phantom.tissues import TissueModel, draw_tissues, truth_maps
+
+logger = logging.getLogger(__name__)
+
+FILES = {
+    "mprage_dicom": "mprage_dicom",
+    "mprage": "mprage.nii.gz",
+    "t1": "T1.nii.gz",
+    "t2": "T2.nii.gz",
+    "pd": "PD.nii.gz",
+    "brain_mask": "brain_mask.nii.gz",
+    "labels": "labels.nii.gz",
+    "mrf": "mrf_svd.nii.gz",
+}
+"""Per-subject file names, relative to the subject folder."""
+
+
+@dataclass(frozen=True)
+class PhantomOptions:
+    """What to write for every subject. ``downsample`` 2 halves every grid's resolution (tests only)."""
+
+    orientation: Orientation = Orientation.SAGITTAL
+    style: DicomStyle = DicomStyle.CLASSIC
+    vendor: Vendor | None = None  # None: drawn per subject
+    oblique_deg: float = 15.0
+    mrf: bool = True
+    sequence: str = DEFAULT_SEQUENCE
+    rank: int = 4
+    downsample: int = 1
+    protocol: MprageProtocol = field(default_factory=MprageProtocol)
+
+    def mrf_grid(self) -> VolumeGrid:
+        return mrf_grid(self.downsample)
+
+    def mprage_grid(self) -> VolumeGrid:
+        d = self.downsample
+        if d not in (1, 2):
+            raise ValueError(f"downsample: must be 1 or 2, got {d}")
+        return acquisition_grid(self.orientation, matrix=(192 // d, 192 // d, 150 // d), pixel_mm=1.25 * d,
+                                slice_mm=1.2 * d, oblique_deg=self.oblique_deg)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """Everything random about one subject, drawn from its own seed stream."""
+
+    subject_id: str
+    warp: Warp
+    tissues: TissueModel
+    bias: SmoothField  # log receive bias, scanner space
+    coil_phase: SmoothField  # radians, scanner space
+    mprage_snr: float
+    mrf_snr: float
+    vendor: Vendor
+    identity: SeriesIdentity
+    noise_seed: int
+
+
+def subject_rng(seed: int, index: int) -> np.random.Generator:
+    """The subject's own stream: independent of the order and the process subjects are made in."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+
+
+def draw_subject(seed: int, index: int, template: Template, options: PhantomOptions) -> Subject:
+    """Draw subject ``index`` (0-based) of the dataset with ``seed``."""
+    rng = subject_rng(seed, index)
+    subject_id = f"sub-{index + 1:03d}"
+    warp = random_warp(rng, template)
+    tissues = draw_tissues(rng, template)
+    bias = random_smooth_field(rng, components=1, centre_mm=np.zeros(3), extent_mm=300.0, correlation_mm=60.0,
+                               sd=0.12, spacing_mm=15.0)
+    coil_phase = random_smooth_field(rng, components=1, centre_mm=np.zeros(3), extent_mm=300.0,
+                                     correlation_mm=50.0, sd=1.0, spacing_mm=15.0)
+    mprage_snr = float(rng.uniform(20.0, 40.0))
+    mrf_snr = float(rng.uniform(30.0, 60.0))
+    vendor = options.vendor if options.vendor is not None else Vendor(rng.choice([v.value for v in Vendor]))
+    identity = make_identity(subject_id, f"synthmrf-phantom/{seed}/{subject_id}", rng)
+    return Subject(subject_id, warp, tissues, bias, coil_phase, mprage_snr, mrf_snr, vendor, identity,
+                   int(rng.integers(2**63)))
+
+
+def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_xyzt_units("mm")
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    nib.save(img, path)
+
+
+def make_subject(subject: Subject, template: Template, options: PhantomOptions, out_dir: Path, *,
+                 sequence: Sequence | None, dictionary: Dictionary | None) -> dict[str, object]:
+    """Write one subject's files into ``out_dir`` and return its manifest entry."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    noise = np.random.default_rng(subject.noise_seed)
+    grid = options.mrf_grid()
+    anatomy = render(template, subject.warp, grid)
+    t1, t2, pd = truth_maps(subject.tissues, anatomy)
+    for key, values in (("t1", t1), ("t2", t2), ("pd", pd)):
+        _save(anatomy.full(values), grid.affine, out_dir / FILES[key])
+    _save(anatomy.full(anatomy.brain.astype(np.uint8)), grid.affine, out_dir / FILES["brain_mask"])
+    _save(anatomy.full(anatomy.labels), grid.affine, out_dir / FILES["labels"])
+    del t1, t2, pd
+    files = {k: v for k, v in FILES.items() if k != "mrf"}
+    if options.mrf:
+        if sequence is None or dictionary is None:
+            raise ValueError("sequence, dictionary: required when options.mrf is set")
+        coeffs = acquire_mrf(sequence, dictionary, subject.tissues, anatomy, coil_phase=subject.coil_phase,
+                             snr=subject.mrf_snr, rng=noise)
+        _save(coeffs, grid.affine, out_dir / FILES["mrf"])
+        files["mrf"] = FILES["mrf"]
+        del coeffs
+    del anatomy
+    mprage_grid = options.mprage_grid()
+    mprage_anatomy = render(template, subject.warp, mprage_grid)
+    image = acquire(options.protocol, subject.tissues, mprage_anatomy, bias=subject.bias,
+                    snr=subject.mprage_snr, rng=noise)
+    _save(image, mprage_grid.affine, out_dir / FILES["mprage"])
+    write_mprage_series(image, mprage_grid, out_dir / FILES["mprage_dicom"], protocol=options.protocol,
+                        identity=subject.identity, vendor=subject.vendor, style=options.style)
+    logger.info("subject %s written", subject.subject_id, extra={"study_uid": subject.identity.study_uid})
+    w = subject.warp
+    return {
+        "id": subject.subject_id,
+        "files": files,
+        "tissues": subject.tissues.manifest(),
+        "mprage_snr": round(subject.mprage_snr, 3),
+        "mrf_snr": round(subject.mrf_snr, 3) if options.mrf else None,
+        "vendor": subject.vendor.value,
+        "pose": {"rotation": np.round(w.rotation, 6).tolist(), "scale": np.round(w.scale, 6).tolist(),
+                 "translation_mm": np.round(w.translation_mm, 4).tolist()},
+        "patient_id": subject.identity.patient_id,
+        "study_instance_uid": subject.identity.study_uid,
+        "series_instance_uid": subject.identity.series_uid,
+        "frame_of_reference_uid": subject.identity.frame_of_reference_uid,
+    }

@@ -1,0 +1,36 @@
+"""NIfTI volumes with their geometry: an image is pixels plus an affine, never one without the other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels (as stored, complex kept) and the 4x4 RAS affine of a NIfTI file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such file")
+    try:
+        img = nib.load(p)
+    except Exception as exc:  # nibabel raises several unrelated types for bad files
+        raise ValueError(f"{p}: not a readable NIfTI file ({exc})") from exc
+    data = np.asanyarray(img.dataobj)
+    if not np.iscomplexobj(data):
+        data = data.astype(np.float32)
+    return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    """Write ``data`` with ``affine`` (float32 or complex64), atomically (temp file + rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    dtype = np.complex64 if np.iscomplexobj(data) else np.float32
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
+    img.header.set_xyzt_units("mm")
+    tmp = p.with_name(f".{p.name}.partial.nii.gz" if p.name.endswith(".gz") else f".{p.name}.partial.nii")
+    nib.save(img, tmp)
+    tmp.replace(p)
+    return p

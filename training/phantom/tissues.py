@@ -19,11 +19,15 @@ of 0.2 SD over +-2.5 SD) so that a tissue has at most 625 distinct (T1, T2) pair
 signals are computed once per pair, not per voxel.
 
 Ground truth at a partial-volume voxel: weights w_t = fraction_t x PD_t(x); PD = sum w_t (what the
-MRF projection scale measures: the signal is linear in M0); T1 and T2 are the w-weighted means of the
-tissue values. A single-compartment fit of a signal-domain mixture tends to this weighted mean when
-the compartments differ little (first-order expansion of the signal around it), it equals the tissue
-value in pure voxels, and it is continuous (no label-shaped steps). The dominant tissue of a voxel is
-in the label map for analyses that want pure tissue.
+MRF projection scale measures: the signal is linear in M0); T1 and T2 are the w-weighted *geometric*
+means of the tissue values, exp(sum w_t log T_t / sum w_t). Justification: it is the first-order
+(small-difference) limit of a single-compartment fit of the signal-domain mixture expanded in log T,
+the natural coordinate of relaxation signals (and of the log-spaced dictionary); it lies between the
+arithmetic mean of times and the fast-exchange mean of rates; it equals the tissue value in pure voxels
+and is continuous (no label-shaped steps). Measured on a phantom (2 mm grid, heavy partial volume),
+dictionary matching of the simulated MRF agrees with it to a median 3 % (T1) and 4 % (T2) in WM and
+4 % / 7 % in cortex, where the arithmetic mean is 33 % off for cortical T2 (CSF's long T2 dominates
+it). The dominant tissue of a voxel is in the label map for analyses that want pure tissue.
 """
 
 from __future__ import annotations
@@ -118,14 +122,15 @@ def truth_maps(model: TissueModel, anatomy: RenderedAnatomy) -> tuple[np.ndarray
     """Ground-truth T1 (ms), T2 (ms) and PD at the anatomy's voxels (see the module docstring)."""
     g, h = model.level_indices(anatomy)
     n = anatomy.index.size
-    weight_sum, t1_sum, t2_sum = np.zeros(n), np.zeros(n), np.zeros(n)
+    weight_sum, log_t1_sum, log_t2_sum = np.zeros(n), np.zeros(n), np.zeros(n)
     for t, name in enumerate(TISSUES):
         t1_tab, t2_tab, pd_tab = model.level_tables(name)
         w = anatomy.fractions[t] * pd_tab[g]
         weight_sum += w
-        t1_sum += w * t1_tab[g]
-        t2_sum += w * t2_tab[h]
-    safe = np.where(weight_sum > 0, weight_sum, 1)
-    t1 = np.where(weight_sum > 0, t1_sum / safe, 0)
-    t2 = np.where(weight_sum > 0, t2_sum / safe, 0)
+        log_t1_sum += w * np.log(t1_tab)[g]
+        log_t2_sum += w * np.log(t2_tab)[h]
+    present = weight_sum > 0
+    safe = np.where(present, weight_sum, 1)
+    t1 = np.where(present, np.exp(log_t1_sum / safe), 0)
+    t2 = np.where(present, np.exp(log_t2_sum / safe), 0)
     return t1.astype(np.float32), t2.astype(np.float32), weight_sum.astype(np.float32)

@@ -32,7 +32,7 @@ def phantom() -> None:
 @click.option("--mrf/--no-mrf", default=True, show_default=True, help="Simulate the MRF coefficients.")
 @click.option("--fast", is_flag=True, help="Half-resolution grids (smoke tests only, not for training).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Subjects made in parallel (each needs ~3 GB of memory).")
+              help="Subjects made in parallel (each process peaks at about 2 GB).")
 def make(n_subjects: int, out: Path, seed: int, style: str, vendor: str, orientation: str, oblique_deg: float,
          mrf: bool, fast: bool, workers: int) -> None:
     """Write N phantom subjects and a manifest with a train/val/test split into OUT."""

@@ -17,6 +17,8 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         img = nib.load(p)
     except Exception as exc:  # nibabel raises several unrelated types for bad files
         raise ValueError(f"{p}: not a readable NIfTI file ({exc})") from exc
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise ValueError(f"{p}: expected a NIfTI image, got {type(img).__name__}")
     data = np.asanyarray(img.dataobj)
     if not np.iscomplexobj(data):
         data = data.astype(np.float32)

@@ -26,7 +26,8 @@ def bloch_isochromats(seq: Sequence, t1: float, t2: float, b1: float = 1.0, n_sp
     """
     theta = 2 * np.pi * np.arange(n_spins) / n_spins
     mx, my = np.zeros(n_spins), np.zeros(n_spins)
-    mz = np.ones(n_spins) if seq.inversion_ti_ms is None else np.full(n_spins, 1 - 2 * np.exp(-seq.inversion_ti_ms / t1))
+    mz0 = 1.0 if seq.inversion_ti_ms is None else 1 - 2 * np.exp(-seq.inversion_ti_ms / t1)
+    mz = np.full(n_spins, mz0)
     out = np.empty(seq.n_frames, dtype=complex)
     for n in range(seq.n_frames):
         a = np.deg2rad(seq.flip_angle_deg[n]) * b1

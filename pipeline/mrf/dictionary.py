@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.mrf.epg import DEFAULT_N_STATES, resolve_device, simulate_fisp
 from pipeline.mrf.sequence import Sequence
+from pipeline.parallel import map_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -129,17 +129,19 @@ def _signed_basis(eigvecs: np.ndarray) -> np.ndarray:
 
 def simulate_signals(sequence: Sequence, t1_ms: np.ndarray, t2_ms: np.ndarray, *,
                      n_states: int = DEFAULT_N_STATES, device: str | torch.device = "auto",
-                     chunk: int = 4096, progress: bool = False) -> np.ndarray:
-    """EPG signals (atoms x frames, float32) in chunks that fit the cache (CPU) or memory (GPU)."""
+                     chunk: int = 2048, progress: bool = False) -> np.ndarray:
+    """EPG signals (atoms x frames, float32): chunks that fit the cache, one per CPU thread (or one GPU)."""
     dev = resolve_device(device)
+    out = np.empty((t1_ms.size, sequence.n_frames), dtype=np.float32)
+
+    def run(start: int) -> None:
+        t1 = torch.as_tensor(t1_ms[start : start + chunk], dtype=torch.float32, device=dev)
+        t2 = torch.as_tensor(t2_ms[start : start + chunk], dtype=torch.float32, device=dev)
+        out[start : start + chunk] = simulate_fisp(sequence, t1, t2, n_states=n_states).cpu().numpy()
+
     if dev.type == "cuda":
         chunk = max(chunk, 65536)
-    out = np.empty((t1_ms.size, sequence.n_frames), dtype=np.float32)
-    starts = range(0, t1_ms.size, chunk)
-    for s in tqdm(starts, desc="EPG", unit="chunk", disable=not progress):
-        t1 = torch.as_tensor(t1_ms[s : s + chunk], dtype=torch.float32, device=dev)
-        t2 = torch.as_tensor(t2_ms[s : s + chunk], dtype=torch.float32, device=dev)
-        out[s : s + chunk] = simulate_fisp(sequence, t1, t2, n_states=n_states).cpu().numpy()
+    map_chunks(run, range(0, t1_ms.size, chunk), dev, desc="EPG", progress=progress)
     return out
 
 

@@ -14,6 +14,7 @@ proton density is |<a/|a|, d>| / |a|. Two implementations give the same answer:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ from scipy.cluster.vq import kmeans2
 
 from pipeline.mrf.dictionary import Dictionary
 from pipeline.mrf.epg import resolve_device
+from pipeline.parallel import map_chunks
 
 # Slack on every bound so that float32 rounding in the scores can never prune the winner.
 BOUND_SLACK = 1e-5
@@ -97,33 +99,36 @@ class Matcher:
         d = self.dictionary
         return MatchResult(idx, d.t1_ms[idx], d.t2_ms[idx], s * norm.cpu().numpy() / self.atom_norm[idx], s)
 
-    def brute_force(self, coeffs: np.ndarray, *, chunk: int = 4096) -> MatchResult:
+    def brute_force(self, coeffs: np.ndarray, *, chunk: int = 2048) -> MatchResult:
         """Reference: all voxels (V x K complex) against all atoms, in chunks of ``chunk`` voxels."""
-        pair, norm = _as_real_pair(coeffs, self.device)
-        n = norm.shape[0]
-        index = torch.empty(n, dtype=torch.int64, device=self.device)
-        score = torch.empty(n, dtype=torch.float32, device=self.device)
-        with torch.inference_mode():
-            for s in range(0, n, chunk):
-                e = min(s + chunk, n)
-                dots = torch.cat([pair[s:e], pair[n + s : n + e]]) @ self._unit.T
-                sq = dots[: e - s].square_() + dots[e - s :].square_()
-                best, arg = sq.max(dim=1)
-                index[s:e], score[s:e] = arg, best.sqrt_()
-        return self._result(index, score, norm)
+        return self._run(coeffs, chunk, self._brute_force_chunk, sorted_atoms=False)
 
-    def match(self, coeffs: np.ndarray, *, chunk: int = 262144) -> MatchResult:
+    def match(self, coeffs: np.ndarray, *, chunk: int = 16384) -> MatchResult:
         """Exact branch-and-bound match of voxels (V x K complex); same argmax as brute force."""
+        return self._run(coeffs, chunk, self._match_chunk, sorted_atoms=True)
+
+    def _run(self, coeffs: np.ndarray, chunk: int,
+             method: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+             *, sorted_atoms: bool) -> MatchResult:
         pair, norm = _as_real_pair(coeffs, self.device)
         n = norm.shape[0]
         index = torch.empty(n, dtype=torch.int64, device=self.device)
         score = torch.empty(n, dtype=torch.float32, device=self.device)
+
+        def run(s: int) -> None:
+            e = min(s + chunk, n)
+            index[s:e], score[s:e] = method(pair[s:e], pair[n + s : n + e])
+
+        if self.device.type == "cuda":
+            chunk = max(chunk, 262144)
         with torch.inference_mode():
-            for s in range(0, n, chunk):
-                e = min(s + chunk, n)
-                idx, sc = self._match_chunk(pair[s:e], pair[n + s : n + e])
-                index[s:e], score[s:e] = idx, sc
-        return self._result(self._order[index], score, norm)
+            map_chunks(run, range(0, n, chunk), self.device)
+        return self._result(self._order[index] if sorted_atoms else index, score, norm)
+
+    def _brute_force_chunk(self, re: torch.Tensor, im: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sq = (re @ self._unit.T).square_().add_((im @ self._unit.T).square_())
+        best, arg = sq.max(dim=1)
+        return arg, best.sqrt_()
 
     def _scores_in_cluster(self, re: torch.Tensor, im: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         atoms = self._sorted_unit[self._offsets[g] : self._offsets[g + 1]]

@@ -1,0 +1,6 @@
+"""Evaluation of synthesised quantitative maps: regional statistics, agreement, voxelwise errors, figures.
+
+Entry point: :func:`training.evaluation.report.evaluate_subjects`, fed with
+:class:`training.evaluation.subjects.SubjectMaps` (one per subject; phantom truth via
+:func:`training.evaluation.subjects.load_phantom_subject`).
+"""

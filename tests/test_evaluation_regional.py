@@ -41,6 +41,8 @@ def test_region_statistics_match_numpy() -> None:
     assert count[5] == 0
     assert np.isnan(mean[5])
     assert np.isnan(sd[5])
+    with pytest.raises(ValueError, match=r"labels: must lie in 0\.\.2, got 0\.\.3"):
+        region_statistics(values, labels, 2)
 
 
 def test_regional_table_matches_direct_computation() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +130,12 @@ def test_report_rejects_bad_arguments(tmp_path: Path) -> None:
         evaluate_subjects([], [("true", "dl")], tmp_path, n_boot=10)
     with pytest.raises(ValueError, match="figure_subject: 'sub-404' is not among the subjects"):
         evaluate_subjects(subjects, [("true", "dl")], tmp_path, n_boot=10, figure_subject="sub-404")
+
+
+def test_import_has_no_side_effects() -> None:
+    # Importing the report must not load pyplot (global figure state, backend selection).
+    code = ("import sys, matplotlib; backend = matplotlib.rcParams._get_backend_or_none(); "
+            "import training.evaluation.report; "
+            "assert 'matplotlib.pyplot' not in sys.modules; "
+            "assert matplotlib.rcParams._get_backend_or_none() == backend")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -36,6 +36,8 @@ def test_subject_maps_validation() -> None:
         SubjectMaps("s1", {"truth": maps_for((2, 2))}, labels, {1: "a"}, mask)
     with pytest.raises(TypeError, match="labels: must be an integer array, got dtype float64"):
         SubjectMaps("s1", {"truth": maps_for((2, 2))}, labels.astype(float), names, mask)
+    with pytest.raises(ValueError, match="labels: must be >= 0, got -2"):
+        SubjectMaps("s1", {"truth": maps_for((2, 2))}, -labels, {-1: "x", -2: "y"}, mask)
     bad = maps_for((2, 2))
     bad["T2"][1, 1] = np.nan
     with pytest.raises(ValueError, match=r"maps\['truth'\]\['T2'\]: 1 non-finite voxels inside the brain mask"):

@@ -21,6 +21,8 @@ def region_statistics(values: np.ndarray, labels: np.ndarray, n_labels: int) -> 
     """
     if values.shape != labels.shape:
         raise ValueError(f"values: shape {values.shape} differs from labels {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > n_labels):
+        raise ValueError(f"labels: must lie in 0..{n_labels}, got {labels.min()}..{labels.max()}")
     flat_labels = labels.ravel()
     flat = values.ravel().astype(np.float64)
     count = np.bincount(flat_labels, minlength=n_labels + 1)[: n_labels + 1]
@@ -37,8 +39,6 @@ def region_statistics(values: np.ndarray, labels: np.ndarray, n_labels: int) -> 
 def subject_table(subject: SubjectMaps, map_sets: Sequence[str], quantities: Sequence[str]) -> pd.DataFrame:
     """Regional rows of one subject: every named region (brain-mask voxels only) x map set x quantity."""
     labels = np.where(subject.brain_mask, subject.labels, 0)
-    if labels.min() < 0:
-        raise ValueError(f"labels: negative values in subject {subject.subject_id}")
     ids = sorted(subject.region_names)
     n_labels = max([*ids, int(labels.max())])
     subject.require(map_sets, quantities)

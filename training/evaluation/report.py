@@ -80,9 +80,8 @@ class EvaluationSummary:
                 "files": {k: str(v) for k, v in self.files.items()}}
 
 
-def _num(value: object) -> float | None:
-    number = float(value)  # type: ignore[arg-type]
-    return None if math.isnan(number) else number
+def _num(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
 
 
 def _slug(name: str) -> str:
@@ -186,11 +185,9 @@ def evaluate_subjects(subjects: Iterable[SubjectMaps], comparisons: Sequence[tup
     for reference, other in pairs:
         points: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for quantity in quantities:
-            ref_subjects, ref_regions, ref_mean = regional_matrix(table, reference, quantity, "mean")
-            oth_subjects, oth_regions, oth_mean = regional_matrix(table, other, quantity, "mean")
-            if (ref_subjects, ref_regions) != (oth_subjects, oth_regions):
-                raise ValueError(f"comparisons: ({reference!r}, {other!r}) {quantity} regional tables differ in "
-                                 "subjects or regions")
+            # Every subject has a row for every region and map set, so the matrices line up.
+            ref_mean = regional_matrix(table, reference, quantity, "mean")[2]
+            oth_mean = regional_matrix(table, other, quantity, "mean")[2]
             ref_sd = regional_matrix(table, reference, quantity, "sd")[2]
             oth_sd = regional_matrix(table, other, quantity, "sd")[2]
             agreements[(reference, other, quantity)] = agreement(

@@ -42,6 +42,8 @@ class SubjectMaps:
         labels = np.asarray(self.labels)
         if not np.issubdtype(labels.dtype, np.integer):
             raise TypeError(f"labels: must be an integer array, got dtype {labels.dtype}")
+        if labels.size and labels.min() < 0:
+            raise ValueError(f"labels: must be >= 0, got {labels.min()} (subject {self.subject_id})")
         shape = labels.shape
         mask = np.asarray(self.brain_mask)
         if mask.shape != shape:

@@ -7,6 +7,7 @@ import logging
 import click
 
 from dicom_node.commands.demo import demo
+from dicom_node.commands.model import model
 from dicom_node.commands.mrf import mrf
 from dicom_node.commands.phantom import phantom
 
@@ -21,6 +22,7 @@ def cli(verbose: int) -> None:
 
 
 cli.add_command(mrf)
+cli.add_command(model)
 cli.add_command(phantom)
 cli.add_command(demo)
 

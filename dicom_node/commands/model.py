@@ -1,0 +1,118 @@
+"""``synthmrf model ...``: install, verify, activate and roll back model packages."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
+
+import click
+
+if TYPE_CHECKING:
+    from dicom_node.model_registry import ModelRegistry
+
+DEFAULT_MODELS_DIR = Path("var/synthmrf/models")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _registry() -> ModelRegistry:
+    """The registry at the group's ``--models-dir`` (imported here: ``synthmrf --help`` stays fast)."""
+    from dicom_node.model_registry import ModelRegistry
+
+    return ModelRegistry(click.get_current_context().obj)
+
+
+def _clean_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """Registry and package errors become a one-line message and exit status 1."""
+
+    @wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        from dicom_node.model_registry import RegistryError
+        from pipeline.model.package import PackageError
+
+        try:
+            return command(*args, **kwargs)
+        except (RegistryError, PackageError) as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return run
+
+
+@click.group()
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_MODELS_DIR,
+              envvar="SYNTHMRF_MODELS_DIR", show_default=True, show_envvar=True,
+              help="Registry folder: installed packages and active.json.")
+@click.pass_context
+def model(ctx: click.Context, models_dir: Path) -> None:
+    """Model packages: built-in and installed ones, which is active, install, verify, roll back.
+
+    Models are named NAME-VERSION as 'synthmrf model list' shows them.
+    """
+    ctx.obj = models_dir
+
+
+@model.command("list")
+@_clean_errors
+def list_models() -> None:
+    """List every available package: source (builtin/installed), active mark, sequence, created, metrics."""
+    entries = _registry().list()
+    if not entries:
+        click.echo("no model packages (install one with 'synthmrf model install PATH')")
+    for e in entries:
+        mark = "*" if e.active else " "
+        click.echo(f"{mark} {e.name}  {e.source}  seq {e.sequence_hash[:12]}  created {e.created}  "
+                   f"{e.metrics_summary()}")
+
+
+@model.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace an installed package of the same name and version.")
+@_clean_errors
+def install(path: Path, force: bool) -> None:
+    """Install the package folder or .tar.gz/.zip archive PATH after checking it.
+
+    Checks the checksums, that it loads, and that its sequence and SVD basis fit this installation's
+    dictionary (built and cached on first use). It is not activated: use 'synthmrf model activate'.
+    """
+    name = _registry().install(path, force=force)
+    click.echo(f"installed {name}")
+
+
+@model.command()
+@click.argument("name", required=False)
+@_clean_errors
+def verify(name: str | None) -> None:
+    """Check NAME (default: the active model): checksums, loading, sequence and basis, smoke inference."""
+    report = _registry().verify(name)
+    for check in report.checks:
+        click.echo(f"ok  {check}")
+    click.echo(f"{report.name}: verified ({report.in_range_fraction:.0%} of smoke outputs inside the channel ranges)")
+
+
+@model.command()
+@click.argument("name")
+@_clean_errors
+def activate(name: str) -> None:
+    """Make NAME the model new jobs use; the previous one can be restored with 'rollback'."""
+    _registry().activate(name)
+    click.echo(f"active: {name}")
+
+
+@model.command()
+@_clean_errors
+def rollback() -> None:
+    """Re-activate the model that was active before the last activation."""
+    click.echo(f"active: {_registry().rollback()}")
+
+
+@model.command()
+@click.argument("name", required=False)
+@_clean_errors
+def info(name: str | None) -> None:
+    """Print the manifest of NAME (default: the active model) as JSON."""
+    click.echo(json.dumps(_registry().info(name), indent=1))
+

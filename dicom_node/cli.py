@@ -10,6 +10,7 @@ from dicom_node.commands.demo import demo
 from dicom_node.commands.model import model
 from dicom_node.commands.mrf import mrf
 from dicom_node.commands.phantom import phantom
+from dicom_node.commands.train import train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -25,6 +26,7 @@ cli.add_command(mrf)
 cli.add_command(model)
 cli.add_command(phantom)
 cli.add_command(demo)
+cli.add_command(train)
 
 
 def main() -> None:

@@ -1,0 +1,151 @@
+"""Model packages: a folder with ``manifest.json``, ``weights.safetensors`` and ``sequence.json``.
+
+The manifest names the architecture, the channel ranges that rescale the network outputs, the
+sequence hash and the exact SVD basis (stored in the weights file: a model is only valid with the basis
+it was trained with), the preprocessing, a training summary, metrics and the SHA-256 of every file.
+Loading verifies the checksums; :func:`check_compatible` refuses a package whose sequence or basis
+does not fit a dictionary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.model.unet import UNetConfig, UNetEnsemble
+from pipeline.mrf.coefficients import CHANNEL_NAMES, CHANNEL_RANK
+from pipeline.mrf.dictionary import Dictionary
+from pipeline.mrf.sequence import Sequence, parse_sequence
+
+PACKAGE_FORMAT = "synthmrf-model/1"
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+SEQUENCE = "sequence.json"
+BASIS_KEY = "mrf_basis"
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+
+
+class PackageError(ValueError):
+    """A model package is malformed, corrupted or does not fit this installation."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    """A loaded, checksum-verified package."""
+
+    path: Path
+    manifest: dict[str, object]
+    model: UNetEnsemble
+    channel_ranges: np.ndarray  # (7, 2) min, max of each channel
+    basis: np.ndarray  # (frames, 4) the SVD basis the model was trained with
+    sequence: Sequence
+
+    @property
+    def name(self) -> str:
+        return f"{self.manifest['name']}-{self.manifest['version']}"
+
+
+def write_package(out_dir: Path, *, name: str, version: str, state: dict[str, torch.Tensor], unet: UNetConfig,
+                  channel_ranges: np.ndarray, sequence_json: str, basis: np.ndarray,
+                  training: dict[str, object], metrics: dict[str, object]) -> Path:
+    """Write a package folder (weights in fp16; basis in fp32) and return its path."""
+    sequence = parse_sequence(json.loads(sequence_json))
+    if basis.shape != (sequence.n_frames, CHANNEL_RANK):
+        raise PackageError(f"basis: expected shape ({sequence.n_frames}, {CHANNEL_RANK}), got {basis.shape}")
+    if channel_ranges.shape != (len(CHANNEL_NAMES), 2) or np.any(channel_ranges[:, 1] <= channel_ranges[:, 0]):
+        raise PackageError(f"channel_ranges: expected 7 increasing (min, max) pairs, got {channel_ranges.tolist()}")
+    out_dir.mkdir(parents=True, exist_ok=False)
+    tensors = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous().cpu()
+               for k, v in state.items()}
+    tensors[BASIS_KEY] = torch.as_tensor(np.ascontiguousarray(basis, dtype=np.float32))
+    save_file(tensors, str(out_dir / WEIGHTS))
+    (out_dir / SEQUENCE).write_text(sequence_json)
+    manifest = {
+        "format": PACKAGE_FORMAT, "name": name, "version": version,
+        "architecture": {"type": "seven-unet-ensemble", **unet.to_dict()},
+        "channels": list(CHANNEL_NAMES), "channel_ranges": np.asarray(channel_ranges).tolist(),
+        "sequence": {"name": sequence.name, "hash": sequence.hash()},
+        "basis": {"frames": int(basis.shape[0]), "rank": CHANNEL_RANK, "key": BASIS_KEY},
+        "preprocessing": {
+            "grid": "axial 256x256x256, 1 mm isotropic; slices along the third axis",
+            "input": "MPRAGE resampled to the grid, multiplied by the brain mask, divided by its maximum in the mask",
+            "output": "tanh outputs in [0, 1] scaled per channel: min + (max - min) * y; phase-normalised coefficients",
+        },
+        "training": training, "metrics": metrics,
+        "files": {WEIGHTS: sha256_file(out_dir / WEIGHTS), SEQUENCE: sha256_file(out_dir / SEQUENCE)},
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return out_dir
+
+
+def read_manifest(path: Path) -> dict[str, object]:
+    """The manifest of a package folder, with its format checked."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise PackageError(f"{path}: not a model package (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PackageError(f"{manifest_path}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != PACKAGE_FORMAT:
+        raise PackageError(f"{manifest_path}: format must be {PACKAGE_FORMAT!r}, got {manifest.get('format')!r}")
+    return manifest
+
+
+def verify_checksums(path: Path, manifest: dict[str, object]) -> None:
+    """Raise :class:`PackageError` naming the first missing or altered file."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != {WEIGHTS, SEQUENCE}:
+        raise PackageError(f"{path / MANIFEST}: 'files' must list {WEIGHTS} and {SEQUENCE} with their SHA-256")
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise PackageError(f"{path}: {name} is missing")
+        actual = sha256_file(file)
+        if actual != expected:
+            raise PackageError(f"{file}: checksum mismatch (expected {expected[:16]}..., got {actual[:16]}...)")
+
+
+def load_package(path: Path, *, device: str | torch.device = "cpu") -> ModelPackage:
+    """Load and verify a package folder; the model comes back in eval mode, float32, on ``device``."""
+    manifest = read_manifest(path)
+    verify_checksums(path, manifest)
+    arch = dict(manifest["architecture"])  # type: ignore[call-overload]
+    arch.pop("type", None)
+    config = UNetConfig(**arch)
+    tensors = load_file(str(path / WEIGHTS))
+    basis = tensors.pop(BASIS_KEY).numpy()
+    model = UNetEnsemble(config)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
+    model.to(device).eval()
+    sequence = parse_sequence(json.loads((path / SEQUENCE).read_text()))
+    seq_doc = manifest["sequence"]
+    if not isinstance(seq_doc, dict) or seq_doc.get("hash") != sequence.hash():
+        raise PackageError(f"{path}: {SEQUENCE} does not have the hash the manifest names")
+    ranges = np.asarray(manifest["channel_ranges"], dtype=np.float32)
+    return ModelPackage(path, manifest, model, ranges, basis, sequence)
+
+
+def check_compatible(package: ModelPackage, dictionary: Dictionary) -> None:
+    """Refuse a package whose sequence or SVD basis differs from ``dictionary``'s."""
+    if dictionary.sequence_hash != package.sequence.hash():
+        raise PackageError(f"{package.name}: trained for sequence {package.sequence.hash()[:12]}, the dictionary is "
+                           f"for {dictionary.sequence_hash[:12]}")
+    theirs = dictionary.basis[:, :CHANNEL_RANK]
+    if theirs.shape != package.basis.shape or not np.allclose(theirs, package.basis, atol=1e-4):
+        raise PackageError(f"{package.name}: its SVD basis differs from the installed dictionary's (sign or "
+                           "subspace); the model only works with the basis it was trained with")

@@ -1,0 +1,116 @@
+"""Seven independent 2D U-Nets (McGee 2024), run as one grouped module.
+
+Each network: encoder levels of two 3x3 convs, each followed by ReLU and batch norm (16, 32, 64, 128
+filters, 2x2 max pooling), a 256-filter bottleneck of the same form at 16x16 (for 256x256 input),
+then per level a bilinear up-sampling, a 2x2 conv halving the filters, concatenation with the skip,
+and two 3x3 convs with ReLU and no batch norm; a 1x1 conv and tanh give one output channel.
+Dropout (default 0.1) follows the two deepest levels.
+
+The seven networks share no weights. They are stored as grouped convolutions (``groups=n_nets``),
+so one forward pass runs all seven with the same kernels a single network would use; every
+parameter's first dimension is blocked by network, which :func:`network_slice` exposes. Training
+all seven with the sum of their MSE losses is training each on its own: their gradients and Adam
+states are disjoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of the ensemble (stored in model packages)."""
+
+    n_nets: int = 7
+    base_filters: int = 16
+    depth: int = 4  # pooling steps; the bottleneck has base_filters * 2**depth filters
+    dropout: float = 0.1
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+class _EncoderLevel(nn.Module):
+    def __init__(self, n: int, c_in: int, c_out: int, dropout: float) -> None:
+        super().__init__()
+        self.n, self.c_out = n, c_out
+        self.conv1 = nn.Conv2d(n * c_in, n * c_out, 3, padding=1, groups=n)
+        self.bn1 = nn.BatchNorm2d(n * c_out)
+        self.conv2 = nn.Conv2d(n * c_out, n * c_out, 3, padding=1, groups=n)
+        self.bn2 = nn.BatchNorm2d(n * c_out)
+        self.drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn1(F.relu(self.conv1(x)))
+        return self.drop(self.bn2(F.relu(self.conv2(x))))
+
+
+class _DecoderLevel(nn.Module):
+    def __init__(self, n: int, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.n, self.c_out = n, c_out
+        self.up_conv = nn.Conv2d(n * c_in, n * c_out, 2, groups=n)
+        self.conv1 = nn.Conv2d(n * 2 * c_out, n * c_out, 3, padding=1, groups=n)
+        self.conv2 = nn.Conv2d(n * c_out, n * c_out, 3, padding=1, groups=n)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        x = F.relu(self.up_conv(F.pad(x, (0, 1, 0, 1))))  # "same" 2x2 conv, as Keras pads
+        b, _, h, w = x.shape
+        # Concatenate per network: (B, n, C, H, W) + (B, n, C, H, W) -> (B, n * 2C, H, W).
+        x = torch.cat([x.view(b, self.n, self.c_out, h, w), skip.view(b, self.n, self.c_out, h, w)], dim=2)
+        x = F.relu(self.conv1(x.view(b, self.n * 2 * self.c_out, h, w)))
+        return F.relu(self.conv2(x))
+
+
+class UNetEnsemble(nn.Module):
+    """Input (B, 1, H, W) with H, W divisible by 2**depth; output (B, n_nets, H, W) in [-1, 1]."""
+
+    def __init__(self, config: UNetConfig = UNetConfig()) -> None:
+        super().__init__()
+        self.config = config
+        n, f, depth = config.n_nets, config.base_filters, config.depth
+        widths = [f * 2**i for i in range(depth + 1)]
+        self.encoders = nn.ModuleList(
+            _EncoderLevel(n, 1 if i == 0 else widths[i - 1], widths[i], config.dropout if i >= depth - 1 else 0.0)
+            for i in range(depth + 1)
+        )
+        self.decoders = nn.ModuleList(_DecoderLevel(n, widths[i + 1], widths[i]) for i in reversed(range(depth)))
+        self.head = nn.Conv2d(n * f, n, 1, groups=n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"x: expected (B, 1, H, W), got {tuple(x.shape)}")
+        step = 2**self.config.depth
+        if x.shape[-1] % step or x.shape[-2] % step:
+            raise ValueError(f"x: height and width must be multiples of {step}, got {tuple(x.shape[-2:])}")
+        x = x.repeat(1, self.config.n_nets, 1, 1)
+        skips = []
+        for i, level in enumerate(self.encoders):
+            x = level(x)
+            if i < self.config.depth:
+                skips.append(x)
+                x = F.max_pool2d(x, 2)
+        for level, skip in zip(self.decoders, reversed(skips), strict=True):
+            x = level(x, skip)
+        return torch.tanh(self.head(x))
+
+
+def network_slice(tensor: torch.Tensor, net: int, n_nets: int) -> slice:
+    """The block of ``tensor``'s first dimension that belongs to network ``net``."""
+    size = tensor.shape[0] // n_nets
+    return slice(net * size, (net + 1) * size)
+
+
+def parameter_counts(model: UNetEnsemble) -> dict[str, int]:
+    """Trainable parameters: per network (conv weights/biases and batch-norm affine) and in total."""
+    n = model.config.n_nets
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    bn = sum(p.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
+    return {"per_network": total // n, "per_network_conv": (total - bn) // n, "per_network_batchnorm": bn // n,
+            "total": total}

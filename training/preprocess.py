@@ -1,0 +1,130 @@
+"""Training pairs: MPRAGE resampled to the MRF grid, skull-stripped and normalised, with the seven
+MRF channels as targets; cached per subject so epochs never redo it.
+
+Dataset layout (phantom world or a site's own data): ``DIR/manifest.json`` with a ``split`` and
+``sequence`` entry, and per subject ``mprage.nii.gz`` (any grid), ``mrf_svd.nii.gz`` (complex
+coefficients, phase-normalised, on the MRF grid: axial 256^3 at 1 mm), ``brain_mask.nii.gz`` (MRF grid).
+The MPRAGE reaches the MRF grid through the NIfTI affines (the two share patient space when they come
+from one session); axial slices are the MRF grid's third axis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.geometry import resample_to_grid
+from pipeline.mrf.coefficients import CHANNEL_NAMES, to_channels
+from pipeline.volume_io import load_volume
+
+logger = logging.getLogger(__name__)
+
+MIN_BRAIN_VOXELS_PER_SLICE = 200
+CACHE_FORMAT = 1
+
+
+def normalise_mprage(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Skull-strip with ``mask`` and divide by the maximum inside it (method.md)."""
+    stripped = np.where(mask, image, 0).astype(np.float32)
+    peak = float(stripped.max())
+    if peak <= 0:
+        raise ValueError("image: no positive intensity inside the brain mask")
+    return stripped / peak
+
+
+@dataclass(frozen=True)
+class PreparedSubject:
+    """Cached arrays of one subject: axial slices that contain brain, float16, memory-mapped."""
+
+    subject: str
+    slices: np.ndarray  # (S,) slice indices k on the MRF grid
+    inputs: np.ndarray  # (S, X, Y) normalised MPRAGE
+    targets: np.ndarray  # (S, 7, X, Y) raw channel values (masked)
+    masks: np.ndarray  # (S, X, Y) bool
+
+
+def _cache_paths(cache: Path, subject: str) -> dict[str, Path]:
+    return {name: cache / f"{subject}.{name}.npy" for name in ("slices", "inputs", "targets", "masks")}
+
+
+def prepare_subject(subject_dir: Path, cache: Path) -> PreparedSubject:
+    """Load (or build, then cache) one subject's training arrays."""
+    subject = subject_dir.name
+    paths = _cache_paths(cache, subject)
+    if not all(p.is_file() for p in paths.values()):
+        mask, mask_affine = load_volume(subject_dir / "brain_mask.nii.gz")
+        mask = mask > 0
+        coeffs, coeff_affine = load_volume(subject_dir / "mrf_svd.nii.gz")
+        if coeffs.ndim != 4 or coeffs.shape[:3] != mask.shape or not np.allclose(coeff_affine, mask_affine, atol=1e-4):
+            raise ValueError(f"{subject_dir}: mrf_svd.nii.gz and brain_mask.nii.gz are not on one grid")
+        mprage, mprage_affine = load_volume(subject_dir / "mprage.nii.gz")
+        on_grid = resample_to_grid(mprage, mprage_affine, mask.shape, mask_affine)
+        inputs = normalise_mprage(on_grid, mask)
+        targets = to_channels(coeffs) * mask[..., None]
+        keep = np.flatnonzero(mask.sum(axis=(0, 1)) >= MIN_BRAIN_VOXELS_PER_SLICE)
+        cache.mkdir(parents=True, exist_ok=True)
+        arrays = {
+            "slices": keep,
+            "inputs": np.moveaxis(inputs[:, :, keep], 2, 0).astype(np.float16),
+            "targets": np.transpose(targets[:, :, keep, :], (2, 3, 0, 1)).astype(np.float16),
+            "masks": np.moveaxis(mask[:, :, keep], 2, 0),
+        }
+        for name, values in arrays.items():
+            tmp = paths[name].with_suffix(".partial.npy")
+            np.save(tmp, values)
+            tmp.replace(paths[name])
+        logger.info("prepared %s: %d axial slices with brain", subject, keep.size)
+    loaded = {name: np.load(p, mmap_mode="r") for name, p in paths.items()}
+    return PreparedSubject(subject, np.asarray(loaded["slices"]), loaded["inputs"], loaded["targets"],
+                           loaded["masks"])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset folder: its manifest and its prepared subjects by split."""
+
+    root: Path
+    manifest: dict[str, object]
+    subjects: dict[str, list[PreparedSubject]]
+
+    @property
+    def sequence_hash(self) -> str:
+        sequence = self.manifest.get("sequence")
+        if not isinstance(sequence, dict) or "hash" not in sequence:
+            raise ValueError(f"{self.root}/manifest.json: no sequence hash")
+        return str(sequence["hash"])
+
+
+def load_dataset(root: Path, cache: Path, *, progress: bool = False) -> Dataset:
+    """Prepare every subject of the manifest's train/val/test split (cached in ``cache``)."""
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path}: no dataset manifest (see the README's dataset layout)")
+    manifest = json.loads(manifest_path.read_text())
+    split = manifest.get("split")
+    if not isinstance(split, dict) or not split.get("train"):
+        raise ValueError(f"{manifest_path}: 'split' must list at least one training subject")
+    from tqdm import tqdm
+
+    names = [(part, name) for part in ("train", "val", "test") for name in split.get(part, [])]
+    subjects: dict[str, list[PreparedSubject]] = {"train": [], "val": [], "test": []}
+    for part, name in tqdm(names, desc="preparing subjects", unit="subject", disable=not progress):
+        subjects[part].append(prepare_subject(root / name, cache))
+    return Dataset(root, manifest, subjects)
+
+
+def channel_ranges(subjects: list[PreparedSubject]) -> np.ndarray:
+    """Per-channel (min, max) over the training subjects' slices, background (0) included: (7, 2)."""
+    lo = np.zeros(len(CHANNEL_NAMES))
+    hi = np.zeros(len(CHANNEL_NAMES))
+    for s in subjects:
+        t = np.asarray(s.targets, dtype=np.float32)
+        lo = np.minimum(lo, t.min(axis=(0, 2, 3)))
+        hi = np.maximum(hi, t.max(axis=(0, 2, 3)))
+    if np.any(hi <= lo):
+        raise ValueError(f"channel ranges: a channel is constant over the training set: {lo}, {hi}")
+    return np.stack([lo, hi], axis=1)

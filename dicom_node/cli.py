@@ -7,6 +7,7 @@ import logging
 import click
 
 from dicom_node.commands.demo import demo
+from dicom_node.commands.evaluate import evaluate
 from dicom_node.commands.model import model
 from dicom_node.commands.mrf import mrf
 from dicom_node.commands.phantom import phantom
@@ -27,6 +28,7 @@ cli.add_command(model)
 cli.add_command(phantom)
 cli.add_command(demo)
 cli.add_command(train)
+cli.add_command(evaluate)
 
 
 def main() -> None:

@@ -377,5 +377,9 @@ class ModelRegistry:
 
     def active_package(self, *, device: str | torch.device = "cpu") -> ModelPackage:
         """Load the active package (checksums verified)."""
-        name = self._resolve(None)
-        return _load(self._find(name)[1], name, device)
+        return self.load(None, device=device)
+
+    def load(self, name: str | None, *, device: str | torch.device = "cpu") -> ModelPackage:
+        """Load package ``name`` (default: the active one), checksums verified."""
+        resolved = self._resolve(name)
+        return _load(self._find(resolved)[1], resolved, device)

@@ -34,3 +34,14 @@ def default_sequence() -> Sequence:
 def default_dictionary(default_sequence: Sequence, dictionary_cache: Path) -> Dictionary:
     """The shipped sequence's rank-4 dictionary on the default grid."""
     return load_or_build_dictionary(default_sequence, rank=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, default_dictionary: Dictionary) -> Path:
+    """Three half-resolution phantom subjects (train/val/test one each), shared by the model tests."""
+    from training.phantom.dataset import make_dataset
+    from training.phantom.subject import PhantomOptions
+
+    out = tmp_path_factory.mktemp("tiny-phantom") / "ds"
+    make_dataset(3, out, seed=11, options=PhantomOptions(downsample=2), progress=False)
+    return out

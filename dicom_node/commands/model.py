@@ -116,3 +116,24 @@ def info(name: str | None) -> None:
     """Print the manifest of NAME (default: the active model) as JSON."""
     click.echo(json.dumps(_registry().info(name), indent=1))
 
+
+
+@model.command("package")
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Training run folder (best.pt, metrics.csv, train_config.json).")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The dataset the run was trained on (its manifest names the sequence).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="New package folder (must not exist).")
+@click.option("--name", required=True, help="Model name, e.g. synthmrf-phantom.")
+@click.option("--version", "version", required=True, help="Model version, e.g. 0.1.")
+@click.option("--metrics", "metrics_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="JSON of evaluation metrics to record (e.g. an evaluate summary.json).")
+def package_model(run_dir: Path, data_dir: Path, out_dir: Path, name: str, version: str,
+                  metrics_path: Path | None) -> None:
+    """Package a training run's best weights with its channel ranges, SVD basis and provenance."""
+    from training.packaging import package_run
+
+    metrics = json.loads(metrics_path.read_text()) if metrics_path else None
+    path = package_run(run_dir, data_dir, out_dir, name=name, version=version, metrics=metrics)
+    click.echo(f"wrote {path}")

@@ -124,15 +124,21 @@ def parse_sequence(doc: dict[str, object]) -> Sequence:
     )
 
 
+def find_sequence_file(name_or_path: str | Path) -> Path:
+    """The file of a sequence given by path, or by name in :func:`sequence_dir`."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    candidate = sequence_dir() / f"{name_or_path}.json"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in sequence_dir().glob("*.json"))
+        raise FileNotFoundError(f"sequence {str(name_or_path)!r}: no such file, and not one of {known}")
+    return candidate
+
+
 def load_sequence(name_or_path: str | Path) -> Sequence:
     """Load a sequence by file path, or by name from :func:`sequence_dir`."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        candidate = sequence_dir() / f"{name_or_path}.json"
-        if not candidate.is_file():
-            known = sorted(p.stem for p in sequence_dir().glob("*.json"))
-            raise FileNotFoundError(f"sequence {str(name_or_path)!r}: no such file, and not one of {known}")
-        path = candidate
+    path = find_sequence_file(name_or_path)
     try:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

@@ -1,0 +1,124 @@
+"""The seven-U-Net ensemble, training data preparation, the training loop, packages and evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dicom_node.cli import cli
+from pipeline.model.inference import synthesise_channels
+from pipeline.model.package import check_compatible, load_package
+from pipeline.model.unet import UNetConfig, UNetEnsemble, network_slice, parameter_counts
+from pipeline.mrf.dictionary import Dictionary
+from training.packaging import package_run
+from training.preprocess import channel_ranges, load_dataset, normalise_mprage
+from training.train import TrainConfig, train
+
+TINY = UNetConfig(n_nets=7, base_filters=4, depth=4, dropout=0.1)
+
+
+def test_parameter_count_reconciles_with_the_paper() -> None:
+    counts = parameter_counts(UNetEnsemble())
+    # method.md: one U-Net of this shape (up-sample + 2x2 conv decoder, no batch norm) has 1,940,817
+    # conv parameters; the paper's 1,940,902 most plausibly describes one network, not seven.
+    assert counts["per_network_conv"] == 1_940_817
+    assert counts["per_network_batchnorm"] == 2 * 2 * (16 + 32 + 64 + 128 + 256)
+    assert counts["total"] == 7 * counts["per_network"]
+
+
+def test_grouped_ensemble_equals_seven_independent_networks() -> None:
+    torch.manual_seed(0)
+    ensemble = UNetEnsemble(TINY).eval()
+    x = torch.randn(2, 1, 32, 48)
+    with torch.inference_mode():
+        together = ensemble(x)
+    for g in range(TINY.n_nets):
+        single = UNetEnsemble(UNetConfig(n_nets=1, base_filters=4, depth=4)).eval()
+        single.load_state_dict({k: v[network_slice(v, g, TINY.n_nets)] if v.ndim else v
+                                for k, v in ensemble.state_dict().items()})
+        with torch.inference_mode():
+            assert torch.allclose(single(x)[:, 0], together[:, g], atol=1e-5)
+
+
+def test_input_shape_errors_are_named() -> None:
+    model = UNetEnsemble(TINY)
+    with pytest.raises(ValueError, match=r"x: expected \(B, 1, H, W\)"):
+        model(torch.zeros(1, 2, 32, 32))
+    with pytest.raises(ValueError, match=r"multiples of 16"):
+        model(torch.zeros(1, 1, 40, 32))
+
+
+def test_normalisation_strips_the_skull_and_scales_to_one() -> None:
+    image = np.array([[[5.0, 100.0], [2.0, 4.0]]])
+    mask = np.array([[[True, False], [True, True]]])
+    out = normalise_mprage(image, mask)
+    assert out.max() == 1.0 and out[0, 0, 1] == 0 and out[0, 0, 0] == 1.0
+    with pytest.raises(ValueError, match=r"no positive intensity inside the brain mask"):
+        normalise_mprage(image, np.zeros_like(mask))
+
+
+def test_training_runs_resumes_and_packages(tiny_dataset: Path, tmp_path: Path,
+                                           default_dictionary: Dictionary) -> None:
+    dataset = load_dataset(tiny_dataset, tmp_path / "cache")
+    assert [len(dataset.subjects[s]) for s in ("train", "val", "test")] == [1, 1, 1]
+    prepared = dataset.subjects["train"][0]
+    assert prepared.inputs.shape[1:] == (128, 128) and prepared.targets.shape[1] == 7
+    assert float(np.max(prepared.inputs)) == pytest.approx(1.0, abs=1e-3)
+    ranges = channel_ranges(dataset.subjects["train"])
+    assert np.all(ranges[:, 0] <= 0) and np.all(ranges[:, 1] >= 0) and ranges[0, 1] > 0
+
+    config = TrainConfig(epochs=2, iterations_per_epoch=3, batch_size=4, crop=64, validation_slices=4, unet=TINY)
+    run = tmp_path / "run"
+    first = train(dataset, run, config, progress=False)
+    assert first["epochs"] == 2 and all(math.isfinite(v) for v in first["best_val_mse"].values())
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("epoch,iterations_per_s")
+    # Resuming with more epochs continues from the checkpoint instead of starting over.
+    resumed = train(dataset, run, TrainConfig(**{**config.__dict__, "epochs": 3}), progress=False)
+    assert resumed["epochs"] == 3 and len((run / "metrics.csv").read_text().splitlines()) == 4
+    with pytest.raises(ValueError, match=r"another configuration"):
+        train(dataset, run, TrainConfig(**{**config.__dict__, "learning_rate": 1.0}), progress=False)
+
+    package = package_run(run, tiny_dataset, tmp_path / "pkg", name="tiny", version="0.0")
+    loaded = load_package(package)
+    check_compatible(loaded, default_dictionary)
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert manifest["training"]["epochs_trained"] == 3
+    assert manifest["sequence"]["hash"] == default_dictionary.sequence_hash
+    volume = np.asarray(prepared.inputs, np.float32)[:4].transpose(1, 2, 0)
+    mask = np.asarray(prepared.masks)[:4].transpose(1, 2, 0)
+    channels = synthesise_channels(volume, mask, loaded)
+    inside = channels[mask]
+    assert np.all(inside >= loaded.channel_ranges[:, 0] - 1e-3) and np.all(inside <= loaded.channel_ranges[:, 1] + 1e-3)
+    assert np.all(channels[~mask] == 0)
+
+
+def test_same_seed_same_training(tiny_dataset: Path, tmp_path: Path) -> None:
+    dataset = load_dataset(tiny_dataset, tmp_path / "cache")
+    config = TrainConfig(epochs=1, iterations_per_epoch=2, batch_size=2, crop=32, validation_slices=2, unet=TINY,
+                         bf16=False)
+    a = train(dataset, tmp_path / "a", config, progress=False)
+    b = train(dataset, tmp_path / "b", config, progress=False)
+    assert a["best_val_mse"] == b["best_val_mse"]
+
+
+def test_evaluate_command_writes_the_report(tiny_dataset: Path, tmp_path: Path) -> None:
+    dataset = load_dataset(tiny_dataset, tmp_path / "cache")
+    run = tmp_path / "run"
+    train(dataset, run, TrainConfig(epochs=1, iterations_per_epoch=2, batch_size=2, crop=32, validation_slices=2,
+                                    unet=TINY), progress=False)
+    package = package_run(run, tiny_dataset, tmp_path / "pkg", name="tiny", version="0.0")
+    out = tmp_path / "report"
+    result = CliRunner().invoke(cli, ["evaluate", "--data", str(tiny_dataset), "--model", str(package),
+                                      "--out", str(out), "--bootstrap", "200", "--cache", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary
+    assert (out / "regional.csv").is_file() and (out / "summary.md").is_file()
+    assert any(p.suffix == ".png" for p in out.iterdir())

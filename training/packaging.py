@@ -1,0 +1,51 @@
+"""Turning a training run into a model package (weights, channel ranges, basis, provenance, metrics)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.model.package import write_package
+from pipeline.model.unet import UNetConfig
+from pipeline.mrf.dictionary import load_or_build_dictionary
+from pipeline.mrf.sequence import find_sequence_file, load_sequence
+from training.train import CHECKPOINT, METRICS
+
+
+def package_run(run_dir: Path, dataset_dir: Path, out_dir: Path, *, name: str, version: str,
+                metrics: dict[str, object] | None = None) -> Path:
+    """Package ``run_dir/best.pt`` with the basis of the dataset's sequence; returns the package folder."""
+    best_path = run_dir / "best.pt"
+    if not best_path.is_file():
+        raise FileNotFoundError(f"{best_path}: no best weights (has the run finished an epoch?)")
+    best = torch.load(best_path, map_location="cpu", weights_only=False)
+    manifest = json.loads((dataset_dir / "manifest.json").read_text())
+    seq_doc = manifest.get("sequence", {})
+    sequence = load_sequence(seq_doc.get("name", ""))
+    if sequence.hash() != seq_doc.get("hash"):
+        raise ValueError(f"{dataset_dir}: made with sequence hash {str(seq_doc.get('hash'))[:12]}, but "
+                         f"{sequence.name} now hashes to {sequence.hash()[:12]}")
+    dictionary = load_or_build_dictionary(sequence, rank=4)
+    config = json.loads((run_dir / "train_config.json").read_text())
+    history = list(csv.DictReader((run_dir / METRICS).open()))
+    training = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "dataset": {"path_name": dataset_dir.name, "format": manifest.get("format"), "seed": manifest.get("seed"),
+                    "subjects": {k: len(v) for k, v in manifest["split"].items()}, "split": manifest["split"]},
+        "config": config,
+        "epochs_trained": int(best["epoch"]),
+        "iterations": int(best["epoch"]) * int(config["iterations_per_epoch"]),
+        "iterations_per_s": float(np.median([float(r["iterations_per_s"]) for r in history])) if history else None,
+        "best_validation_mse": [float(v) for v in best["best_val"]],
+        "checkpoint": CHECKPOINT,
+    }
+    sequence_json = find_sequence_file(seq_doc.get("name", "")).read_text()
+    return write_package(out_dir, name=name, version=version, state=best["state"], unet=UNetConfig(**best["unet"]),
+                         channel_ranges=np.asarray(best["channel_ranges"]), sequence_json=sequence_json,
+                         basis=dictionary.basis[:, :4], training=training, metrics=metrics or {})
+

@@ -34,3 +34,7 @@ cli.add_command(evaluate)
 def main() -> None:
     """Console-script entry point."""
     cli()
+
+
+if __name__ == "__main__":
+    main()

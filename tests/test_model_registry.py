@@ -9,12 +9,14 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
 from dicom_node.cli import cli
+from dicom_node.commands import model as model_commands
 from dicom_node.model_registry import ModelRegistry, RegistryError
 from pipeline.model.package import WEIGHTS, PackageError, write_package
 from pipeline.model.unet import UNetConfig, UNetEnsemble
@@ -180,7 +182,10 @@ def test_reinstall_needs_force(registry: ModelRegistry, make_package: MakePackag
     assert leftovers(registry.root) == []
 
 
-def test_cli_model_commands(tmp_path: Path, make_package: MakePackage) -> None:
+def test_cli_model_commands(tmp_path: Path, make_package: MakePackage, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without the product's built-in package, so that "nothing installed" can be exercised.
+    monkeypatch.setattr(model_commands, "_registry", lambda: ModelRegistry(
+        click.get_current_context().obj, shipped_dir=tmp_path / "no-builtin"))
     runner = CliRunner()
     root = str(tmp_path / "models")
 

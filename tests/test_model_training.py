@@ -122,3 +122,25 @@ def test_evaluate_command_writes_the_report(tiny_dataset: Path, tmp_path: Path) 
     assert summary
     assert (out / "regional.csv").is_file() and (out / "summary.md").is_file()
     assert any(p.suffix == ".png" for p in out.iterdir())
+
+
+def test_distributed_training_with_torchrun(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Two CPU processes under torchrun (gloo, loopback): DDP trains and rank 0 writes the run."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "dicom_node.cli", "train",
+           "--data", str(tiny_dataset), "--run-dir", str(run), "--cache", str(tmp_path / "cache"), "--epochs", "1",
+           "--iterations-per-epoch", "1", "--batch-size", "4", "--crop", "32", "--validation-slices", "2",
+           "--device", "cpu"]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (run / "best.pt").is_file() and len((run / "metrics.csv").read_text().splitlines()) == 2

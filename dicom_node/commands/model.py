@@ -119,7 +119,7 @@ def info(name: str | None) -> None:
 
 
 @model.command("package")
-@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--run-dir", "run_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Training run folder (best.pt, metrics.csv, train_config.json).")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The dataset the run was trained on (its manifest names the sequence).")

@@ -15,7 +15,7 @@ from training.train import train as run_training
 @click.command()
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Dataset folder (manifest.json + one folder per subject; README: dataset layout).")
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--run-dir", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run folder: checkpoint.pt, best.pt, metrics.csv. An existing run is resumed.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where prepared training arrays are cached (default RUN/../cache).")

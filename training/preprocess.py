@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +75,8 @@ def prepare_subject(subject_dir: Path, cache: Path) -> PreparedSubject:
             "masks": np.moveaxis(mask[:, :, keep], 2, 0),
         }
         for name, values in arrays.items():
-            tmp = paths[name].with_suffix(".partial.npy")
+            # Per-process temp name: several ranks (torchrun) may prepare one subject at once.
+            tmp = paths[name].with_suffix(f".{os.getpid()}.partial.npy")
             np.save(tmp, values)
             tmp.replace(paths[name])
         logger.info("prepared %s: %d axial slices with brain", subject, keep.size)

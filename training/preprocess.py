@@ -68,7 +68,7 @@ def prepare_subject(subject_dir: Path, cache: Path) -> PreparedSubject:
         targets = to_channels(coeffs) * mask[..., None]
         keep = np.flatnonzero(mask.sum(axis=(0, 1)) >= MIN_BRAIN_VOXELS_PER_SLICE)
         cache.mkdir(parents=True, exist_ok=True)
-        arrays = {
+        arrays: dict[str, np.ndarray] = {
             "slices": keep,
             "inputs": np.moveaxis(inputs[:, :, keep], 2, 0).astype(np.float16),
             "targets": np.transpose(targets[:, :, keep, :], (2, 3, 0, 1)).astype(np.float16),

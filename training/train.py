@@ -114,11 +114,12 @@ def _initialise_output_bias(model: UNetEnsemble, subjects: list[PreparedSubject]
     Scaled targets sit far from tanh(0) = 0 for some channels (the background of SV2 re is ~0.96);
     starting there produced large early updates that left a whole network with dead ReLUs (seen here).
     """
-    x, y = _sample_batch(subjects, np.random.default_rng([config.seed, 2**31]), 64, config.crop, ranges)
-    del x
+    _, y = _sample_batch(subjects, np.random.default_rng([config.seed, 2**31]), 64, config.crop, ranges)
     mean = y.mean(dim=(0, 2, 3)).clamp(-0.95, 0.95)
+    bias = model.head.bias
+    assert bias is not None  # the head conv is built with a bias
     with torch.no_grad():
-        model.head.bias.copy_(torch.atanh(mean).to(model.head.bias))
+        bias.copy_(torch.atanh(mean).to(bias))
 
 
 def _distributed() -> tuple[int, int]:

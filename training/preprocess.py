@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from pipeline.geometry import resample_to_grid
 from pipeline.mrf.coefficients import CHANNEL_NAMES, to_channels
@@ -110,8 +111,6 @@ def load_dataset(root: Path, cache: Path, *, progress: bool = False) -> Dataset:
     split = manifest.get("split")
     if not isinstance(split, dict) or not split.get("train"):
         raise ValueError(f"{manifest_path}: 'split' must list at least one training subject")
-    from tqdm import tqdm
-
     names = [(part, name) for part in ("train", "val", "test") for name in split.get(part, [])]
     subjects: dict[str, list[PreparedSubject]] = {"train": [], "val": [], "test": []}
     for part, name in tqdm(names, desc="preparing subjects", unit="subject", disable=not progress):

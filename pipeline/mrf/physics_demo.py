@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pipeline.mrf.coefficients import add_complex_noise, phase_normalise
 from pipeline.mrf.dictionary import load_or_build_dictionary
@@ -65,7 +64,6 @@ def head_phantom(size: int = 160) -> np.ndarray:
 
 def run_physics_demo(workdir: Path, *, device: str = "auto", seed: int = 0) -> DemoReport:
     """Simulate, compress, add noise at SNR 20, match, write maps and a QC figure, report."""
-    torch.manual_seed(seed)
     seq = load_sequence(DEFAULT_SEQUENCE)
     dictionary = load_or_build_dictionary(seq, device=device, progress=True)
     labels = head_phantom()[:, :, None]

@@ -383,3 +383,10 @@ class ModelRegistry:
         """Load package ``name`` (default: the active one), checksums verified."""
         resolved = self._resolve(name)
         return _load(self._find(resolved)[1], resolved, device)
+
+
+def load_model(ref: str | None, models_dir: Path, *, device: str | torch.device = "cpu") -> ModelPackage:
+    """A package folder, an installed or built-in NAME-VERSION, or (``None``) the active model."""
+    if ref is not None and Path(ref).is_dir():
+        return load_package(Path(ref), device=device)
+    return ModelRegistry(models_dir).load(ref, device=device)

@@ -28,15 +28,12 @@ def evaluate(data_dir: Path, model_ref: str | None, out_dir: Path, split: str, l
     """Compare "true" maps (matching of the subjects' MRF), "DL" maps (matching of the synthetic MRF)
     and the ground truth: regional means/SDs, Lin's CCC with clustered-bootstrap 95 % CIs, mean
     differences, voxelwise errors per tissue, and the paper's figures."""
-    from dicom_node.model_registry import ModelRegistry
-    from pipeline.model.package import PackageError, load_package
+    from dicom_node.model_registry import load_model
+    from pipeline.model.package import PackageError
     from training.evaluate_model import evaluate_package
 
     try:
-        if model_ref is not None and Path(model_ref).is_dir():
-            package = load_package(Path(model_ref))
-        else:
-            package = ModelRegistry(models_dir).load(model_ref)
+        package = load_model(model_ref, models_dir)
     except (PackageError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     manifest = json.loads((data_dir / "manifest.json").read_text())

@@ -14,6 +14,9 @@ proton density is |<a/|a|, d>| / |a|. Two implementations give the same answer:
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,9 +24,12 @@ import numpy as np
 import torch
 from scipy.cluster.vq import kmeans2
 
-from pipeline.mrf.dictionary import Dictionary
+from pipeline.mrf.dictionary import Dictionary, cache_dir
 from pipeline.mrf.epg import resolve_device
 from pipeline.parallel import map_chunks
+
+logger = logging.getLogger(__name__)
+CLUSTER_CACHE_FORMAT = 1
 
 # Slack on every bound so that float32 rounding in the scores can never prune the winner.
 BOUND_SLACK = 1e-5
@@ -55,6 +61,28 @@ def _as_real_pair(coeffs: np.ndarray, device: torch.device) -> tuple[torch.Tenso
     return torch.cat([unit.real, unit.imag], dim=0), norm
 
 
+def _clusters(unit: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """k-means centres and labels of the unit atoms; cached on disk beside the dictionaries (keyed by the
+    atoms' bytes), since clustering costs ~15 s per dictionary and matching starts with it."""
+    key = hashlib.sha256(unit.tobytes() + f"{CLUSTER_CACHE_FORMAT}/{k}/{seed}".encode()).hexdigest()[:20]
+    path = cache_dir() / f"clusters-{key}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as f:
+                return f["centres"], f["labels"]
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning("ignoring unreadable cluster cache %s (%s)", path, exc)
+    centres, labels = kmeans2(unit.astype(np.float64), k, seed=seed, minit="++", iter=20)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial.npz")
+        np.savez(tmp, centres=centres, labels=labels)
+        tmp.replace(path)
+    except OSError as exc:  # a read-only cache only costs time
+        logger.warning("cannot cache clusters in %s (%s)", path.parent, exc)
+    return centres, labels
+
+
 class Matcher:
     """Matching against one dictionary, with the per-dictionary preparation done once."""
 
@@ -71,7 +99,7 @@ class Matcher:
         unit = unit * np.where(unit[:, :1] < 0, -1.0, 1.0).astype(np.float32)
         self._unit = torch.as_tensor(unit, device=self.device)
         k = n_clusters or int(np.clip(np.sqrt(unit.shape[0]) * 1.25, 1, 1024))
-        centres, labels = kmeans2(unit.astype(np.float64), k, seed=seed, minit="++", iter=20)
+        centres, labels = _clusters(unit, k, seed)
         order = np.argsort(labels, kind="stable")
         counts = np.bincount(labels, minlength=k)
         keep = counts > 0

@@ -1,0 +1,66 @@
+"""Where a map came from: model, MRF sequence and software, as the DICOM results record it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pipeline.dicom_series import RESULT_MANUFACTURER
+
+MANUFACTURER = RESULT_MANUFACTURER  # read_series refuses this manufacturer's objects as input
+MANUFACTURER_MODEL_NAME = "synthMRF"
+DEVICE_SERIAL_NUMBER = "synthmrf"  # software: no hardware serial number
+LO_MAX = 64  # DICOM Long String
+MODEL_LABEL_MAX = 40  # "synthMRF T1 map; model " + label fits one LO (ContentDescription)
+SOFTWARE_PREFIX = "synthmrf "
+SEQUENCE_PREFIX = "MRF sequence "
+SEQUENCE_HASH_SHOWN = 16  # hex digits of the sequence hash in SoftwareVersions (the full hash is in the text)
+_HEX = re.compile(r"[0-9a-f]{16,64}")
+_PRINTABLE = re.compile(r"[ -\[\]-~]+")  # printable ASCII without the backslash (DICOM's value delimiter)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Model name and version, the MRF sequence hash (lower-case hex) and the synthmrf version."""
+
+    model_name: str
+    model_version: str
+    sequence_hash: str
+    software_version: str
+
+    def __post_init__(self) -> None:
+        for field in ("model_name", "model_version", "software_version"):
+            value = getattr(self, field)
+            if not isinstance(value, str):
+                raise TypeError(f"{field}: expected str, got {type(value).__name__}")
+            if not _PRINTABLE.fullmatch(value) or value != value.strip():
+                raise ValueError(f"{field}: must be non-empty printable ASCII without backslash or surrounding "
+                                 f"spaces, got {value!r}")
+        if not isinstance(self.sequence_hash, str) or not _HEX.fullmatch(self.sequence_hash):
+            raise ValueError(f"sequence_hash: expected 16 to 64 lower-case hex digits, got {self.sequence_hash!r}")
+        if len(self.model_label) > MODEL_LABEL_MAX:
+            raise ValueError(f"model_name, model_version: {self.model_label!r} is {len(self.model_label)} characters "
+                             f"together, at most {MODEL_LABEL_MAX} fit the DICOM descriptions")
+        if len(SOFTWARE_PREFIX + self.software_version) > LO_MAX:
+            raise ValueError(f"software_version: at most {LO_MAX - len(SOFTWARE_PREFIX)} characters, got "
+                             f"{len(self.software_version)}")
+
+    @property
+    def model_label(self) -> str:
+        return f"{self.model_name} {self.model_version}"
+
+    @property
+    def software_versions(self) -> tuple[str, str, str]:
+        """SoftwareVersions values (each a DICOM LO): synthmrf, the model, the sequence hash (abbreviated)."""
+        return (SOFTWARE_PREFIX + self.software_version, self.model_label,
+                SEQUENCE_PREFIX + self.sequence_hash[:SEQUENCE_HASH_SHOWN])
+
+    def content_description(self, quantity: str) -> str:
+        """A one-line summary for ContentDescription (LO)."""
+        return f"synthMRF {quantity} map; model {self.model_label}"
+
+    def derivation_description(self, quantity: str) -> str:
+        """Full provenance for DerivationDescription (ST), the sequence hash unabbreviated."""
+        return (f"synthMRF {quantity} map from a 3D T1-weighted (MPRAGE) series by synthetic MR fingerprinting; "
+                f"model {self.model_label}; MRF sequence sha256 {self.sequence_hash}; "
+                f"synthmrf {self.software_version}")

@@ -1,0 +1,95 @@
+"""Write the result series of one source series: a Parametric Map and a derived MR series per quantity.
+
+Everything is built (and so validated) before the first file is written. Each file is written under a
+hidden temporary name in ``out_dir``, flushed to disk and renamed; if any write fails, the files this
+call already wrote are removed again, so a fresh ``out_dir`` is left without a partial result. File
+names are deterministic (``T1_map.dcm``, ``T1_mr_0001.dcm``, ...): writing again replaces the files of
+an earlier result one by one (stage into a fresh folder where the old result must survive a failure).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from pipeline.dicom_output.derived_series import build_derived_series
+from pipeline.dicom_output.parametric_map import build_parametric_map
+from pipeline.dicom_output.provenance import Provenance
+from pipeline.dicom_output.quantities import map_frames, quantity_spec, result_series_number
+from pipeline.dicom_output.source import read_source_headers
+from pipeline.dicom_series import DicomSeries
+
+logger = logging.getLogger(__name__)
+
+
+def map_file_name(quantity: str) -> str:
+    return f"{quantity}_map.dcm"
+
+
+def derived_file_name(quantity: str, instance_number: int) -> str:
+    return f"{quantity}_mr_{instance_number:04d}.dcm"
+
+
+def write_dataset_atomic(ds: Dataset, path: Path) -> None:
+    """Write ``ds`` as a DICOM file at ``path`` via a hidden temporary file in the same folder."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_result_series(series: DicomSeries, maps: Mapping[str, np.ndarray], out_dir: Path, provenance: Provenance,
+                        *, derived: bool = True, quantities: Sequence[str] = ("T1", "T2")) -> list[Path]:
+    """Write ``quantities`` of ``maps`` ((i, j, k) volumes on ``series.grid``) into ``out_dir``; the paths.
+
+    Per quantity: one Parametric Map (series number source x 100 + k) and, with ``derived``, one classic
+    MR series (source x 100 + 10 + k), each a new series in the source study.
+    """
+    if isinstance(quantities, str) or not quantities:
+        raise ValueError(f"quantities: expected a non-empty sequence of names, got {quantities!r}")
+    specs = [quantity_spec(q, "quantities") for q in quantities]
+    if len({s.name for s in specs}) != len(specs):
+        raise ValueError(f"quantities: duplicates in {list(quantities)}")
+    missing = [s.name for s in specs if s.name not in maps]
+    if missing:
+        raise ValueError(f"maps: no volume for {missing}; it has {sorted(maps)}")
+    for spec in specs:
+        map_frames(maps[spec.name], series.grid, f"maps[{spec.name!r}]")
+    out_dir = Path(out_dir)
+    headers = read_source_headers(series)
+    files: list[tuple[Path, Dataset]] = []
+    for spec in specs:
+        values = maps[spec.name]
+        pm = build_parametric_map(series, values, spec.name, provenance, source_images=headers,
+                                  series_number=result_series_number(series, spec, derived=False))
+        files.append((out_dir / map_file_name(spec.name), pm))
+        if derived:
+            images = build_derived_series(series, values, spec.name, provenance,
+                                          series_number=result_series_number(series, spec, derived=True))
+            files.extend((out_dir / derived_file_name(spec.name, int(im.InstanceNumber)), im) for im in images)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    try:
+        for path, ds in files:
+            write_dataset_atomic(ds, path)
+            written.append(path)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    logger.info("wrote %d files of %d result series for series %s into %s", len(written),
+                len({ds.SeriesInstanceUID for _, ds in files}), series.series_instance_uid, out_dir)
+    return written

@@ -1,0 +1,96 @@
+"""The working space of one head: the model's 256^3 grid placed on the head in patient space.
+
+A rigid registration to the MNI template gives the head pose; the working grid (defined in template
+space, :func:`pipeline.template.working_grid_in_template`) is carried into patient space by it, so a
+sagittal, coronal or tilted acquisition is resampled into the axial, template-aligned slices the model
+was trained on. An affine registration then fits head size and shape, and a diffeomorphic demons
+registration (2 mm, on the skull-stripped head) fits the brain outline for the atlas brain mask. The
+working grid itself stays a 4x4 affine, so maps go back to the source grid exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk  # noqa: N813 (the universal alias)
+
+from pipeline.geometry import resample_to_grid
+from pipeline.registration import LPS_FROM_RAS, register_to_template, to_sitk
+from pipeline.template import WORKING_SHAPE, load_template, working_grid_in_template
+
+BRAIN_MASK_THRESHOLD = 0.5
+DEMONS_SPACING_MM = 2.0
+DEMONS_ITERATIONS = 30
+DEMONS_SMOOTHING_MM = 1.5  # standard deviation of the field smoothing, in voxels of the 2 mm grid
+STRIP_DILATION_VOXELS = 2  # keep 4 mm around the affine-fitted brain: the outline, not the scalp
+
+
+@dataclass(frozen=True)
+class WorkingSpace:
+    """The working grid in patient space, the template fits that define it, and the brain mask."""
+
+    affine: np.ndarray  # working voxel -> patient RAS mm
+    shape: tuple[int, int, int]
+    rigid: np.ndarray  # template -> patient RAS mm (head pose)
+    fitted: np.ndarray  # template -> patient RAS mm (affine fit)
+    mask: np.ndarray  # bool brain mask on the working grid
+
+    def resample(self, volume: np.ndarray, affine: np.ndarray, *, order: int = 1) -> np.ndarray:
+        """``volume`` (with RAS ``affine``) sampled on the working grid."""
+        return resample_to_grid(volume, affine, self.shape, self.affine, order=order)
+
+
+def _grid_image(affine: np.ndarray, shape: tuple[int, int, int]) -> sitk.Image:
+    return to_sitk(np.zeros(shape, dtype=np.float32), affine)
+
+
+def _affine_transform(template_to_patient: np.ndarray) -> sitk.AffineTransform:
+    """Patient -> template as an ITK transform (LPS; ITK's resampling maps output points to input points)."""
+    lps = LPS_FROM_RAS @ np.linalg.inv(template_to_patient) @ LPS_FROM_RAS
+    t = sitk.AffineTransform(3)
+    t.SetMatrix(lps[:3, :3].ravel().tolist())
+    t.SetTranslation(lps[:3, 3].tolist())
+    return t
+
+
+def _brain_mask(volume: np.ndarray, affine: np.ndarray, working_affine: np.ndarray, fitted: np.ndarray) -> np.ndarray:
+    """Template brain mask on the working grid: affine fit refined by demons on a 2 mm copy of the grid."""
+    template = load_template(1)
+    template_image = to_sitk(template.image, template.affine)
+    template_mask = to_sitk(template.brain_mask, template.affine)
+    to_template = _affine_transform(fitted)
+
+    factor = int(DEMONS_SPACING_MM)
+    coarse_affine = working_affine.copy()
+    coarse_affine[:3, :3] *= factor
+    coarse_affine[:3, 3] += working_affine[:3, :3] @ np.full(3, (factor - 1) / 2)
+    coarse_shape = tuple(n // factor for n in WORKING_SHAPE)
+    coarse = _grid_image(coarse_affine, coarse_shape)  # type: ignore[arg-type]
+
+    atlas = sitk.Resample(template_image, coarse, to_template, sitk.sitkLinear, 0.0)
+    atlas_mask = sitk.Resample(template_mask, coarse, to_template, sitk.sitkLinear, 0.0) > BRAIN_MASK_THRESHOLD
+    region = sitk.BinaryDilate(atlas_mask, [STRIP_DILATION_VOXELS] * 3)
+    head = sitk.Resample(sitk.Cast(to_sitk(volume, affine), sitk.sitkFloat32), coarse, sitk.Transform(),
+                         sitk.sitkLinear, 0.0)
+    head = sitk.HistogramMatching(sitk.Mask(head, region), sitk.Mask(atlas, region), 128, 7, True)
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(DEMONS_ITERATIONS)
+    demons.SetSmoothDisplacementField(True)
+    demons.SetStandardDeviations(DEMONS_SMOOTHING_MM)
+    field = demons.Execute(head, sitk.Mask(atlas, region))  # working point -> where the atlas matches it
+    warp = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    # Output point p (working grid, patient space) -> p + u(p) -> template: the warp applies first.
+    composite = sitk.CompositeTransform([to_template, warp])
+    fine = _grid_image(working_affine, WORKING_SHAPE)
+    mask = sitk.Resample(template_mask, fine, composite, sitk.sitkLinear, 0.0)
+    return np.transpose(sitk.GetArrayFromImage(mask), (2, 1, 0)) > BRAIN_MASK_THRESHOLD
+
+
+def place_head(volume: np.ndarray, affine: np.ndarray) -> WorkingSpace:
+    """Register ``volume`` (a T1-weighted head, RAS ``affine``) to the template and build its working space."""
+    rigid = register_to_template(volume, affine, kind="rigid")
+    fitted = register_to_template(volume, affine, kind="affine", initial=rigid)
+    working_affine = rigid @ working_grid_in_template()
+    mask = _brain_mask(volume, affine, working_affine, fitted)
+    return WorkingSpace(working_affine, WORKING_SHAPE, rigid, fitted, mask)

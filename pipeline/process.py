@@ -1,0 +1,269 @@
+"""One MPRAGE series in, T1/T2/PD maps (NIfTI, DICOM, QC figure, provenance) out.
+
+Stages: read and check -> convert (dicom2nifti) -> head pose (rigid + affine registration to MNI) ->
+resample to the working grid -> brain mask (atlas) -> normalise -> seven U-Nets -> dictionary match ->
+maps back on the source grid -> write. Each stage is a function of its inputs; this module only chains
+them, times them and makes the output appear all at once: everything is written to a staging folder
+beside ``out_dir`` and moved in at the end, so a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.convert import convert_series
+from pipeline.dicom_series import DicomSeries, SeriesRejected, read_series
+from pipeline.geometry import resample_to_grid
+from pipeline.head_pose import WorkingSpace, place_head
+from pipeline.model.inference import synthesise_channels
+from pipeline.model.package import ModelPackage, check_compatible
+from pipeline.mrf.coefficients import from_channels
+from pipeline.mrf.dictionary import load_or_build_dictionary
+from pipeline.mrf.epg import resolve_device
+from pipeline.mrf.matching import Matcher, match_volume
+from pipeline.mrf.sequence import Sequence
+from pipeline.qc_figure import qc_figure
+from pipeline.volume_io import load_volume, save_volume
+
+logger = logging.getLogger(__name__)
+
+QUANTITIES = ("T1", "T2", "PD")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MIN_BRAIN_ML = 500.0  # an adult brain mask is 1,100-1,700 ml; far less means registration failed
+
+
+@dataclass(frozen=True)
+class ProcessOptions:
+    """What to compute and write. ``device`` "auto" uses CUDA when present."""
+
+    device: str = "auto"
+    dicom: bool = True  # write DICOM results (DICOM input only)
+    derived_series: bool = True  # viewer-friendly derived MR series beside the Parametric Maps
+    pd_dicom: bool = False  # a PD Parametric Map too
+    keep_working: bool = False  # also write the working-grid volumes (input, mask, maps) under working/
+    batch: int = 4
+
+
+@dataclass
+class ProcessResult:
+    """Where everything went, and what each stage cost."""
+
+    out_dir: Path
+    maps: dict[str, Path]
+    dicom_files: list[Path]
+    qc_figure: Path
+    provenance: Path
+    series_instance_uid: str | None
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> seconds, peak_rss_mb
+
+
+def software_version() -> str:
+    try:
+        return metadata.version("synthmrf")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+_MATCHERS: dict[tuple[str, str], Matcher] = {}
+_MATCHERS_LOCK = threading.Lock()
+
+
+def _matcher(sequence: Sequence, device: str) -> Matcher:
+    """One matcher per (sequence, device) and process; the dictionary and its clusters are cached on disk."""
+    key = (sequence.hash(), device)
+    with _MATCHERS_LOCK:
+        if key not in _MATCHERS:
+            _MATCHERS[key] = Matcher(load_or_build_dictionary(sequence, rank=4, device=device), device=device)
+        return _MATCHERS[key]
+
+
+class _Stages:
+    def __init__(self) -> None:
+        self.record: dict[str, dict[str, float]] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        self.record[name] = {"seconds": round(seconds, 3), "peak_rss_mb": round(peak, 1)}
+        logger.info("stage %s: %.2f s (peak RSS %.0f MB)", name, seconds, peak)
+
+
+def _source(path: Path, stages: _Stages) -> tuple[np.ndarray, np.ndarray, DicomSeries | None]:
+    if path.is_file() and path.name.endswith(NIFTI_SUFFIXES):
+        with stages.stage("read"):
+            volume, affine = load_volume(path)
+        if volume.ndim == 4 and volume.shape[3] == 1:
+            volume = volume[..., 0]
+        if volume.ndim != 3 or np.iscomplexobj(volume):
+            raise SeriesRejected(f"{path}: expected a real 3-D volume, got shape {volume.shape} {volume.dtype}")
+        if min(volume.shape) < 40 or np.max(np.linalg.norm(affine[:3, :3], axis=0)) > 3.0:
+            raise SeriesRejected(f"{path}: not a 3D T1 volume (shape {volume.shape}, voxel "
+                                 f"{np.round(np.linalg.norm(affine[:3, :3], axis=0), 2).tolist()} mm)")
+        return volume, affine, None
+    with stages.stage("read"):
+        series = read_series(path)
+    with stages.stage("convert"):
+        volume = convert_series(series)
+    return volume, series.grid.ras_affine, series
+
+
+def _to_source(maps: dict[str, np.ndarray], mask: np.ndarray, space: WorkingSpace, shape: tuple[int, int, int],
+               affine: np.ndarray) -> dict[str, np.ndarray]:
+    """Working-grid maps on the source grid: mask-weighted trilinear, so edges are not pulled toward zero."""
+    weight = resample_to_grid(mask.astype(np.float32), space.affine, shape, affine)
+    inside = weight > 0.5
+    out = {}
+    for name, values in maps.items():
+        summed = resample_to_grid(values * mask, space.affine, shape, affine)
+        out[name] = np.where(inside, summed / np.maximum(weight, 1e-6), 0.0).astype(np.float32)
+    return out
+
+
+def process_series(source: str | Path, out_dir: str | Path, package: ModelPackage, *,
+                   options: ProcessOptions = ProcessOptions()) -> ProcessResult:
+    """Run the whole pipeline on one series folder (or NIfTI file) into ``out_dir``.
+
+    Raises :class:`pipeline.dicom_series.SeriesRejected` for input that cannot be an MPRAGE volume.
+    """
+    source, out_dir = Path(source), Path(out_dir)
+    device = str(resolve_device(options.device))
+    stages = _Stages()
+    volume, affine, series = _source(source, stages)
+    uid = series.series_instance_uid if series is not None else None
+    logger.info("processing %s with model %s on %s", uid or source.name, package.name, device)
+
+    with stages.stage("register"):
+        space = place_head(volume, affine)
+    with stages.stage("resample"):
+        working = space.resample(volume, affine)
+    with stages.stage("mask"):
+        mask = space.mask
+        brain_ml = float(mask.sum()) / 1000.0  # 1 mm voxels
+        if brain_ml < MIN_BRAIN_ML:
+            raise SeriesRejected(f"{source}: brain mask of {brain_ml:.0f} ml after registration (expected >= "
+                                 f"{MIN_BRAIN_ML:.0f}): not a head T1 volume, or registration failed")
+        stripped = np.where(mask, working, 0).astype(np.float32)
+        peak = float(stripped.max())
+        if peak <= 0:
+            raise SeriesRejected(f"{source}: no signal inside the brain mask")
+        normalised = stripped / peak
+    with stages.stage("inference"):
+        package.model.to(device)
+        channels = synthesise_channels(normalised, mask, package, batch=options.batch, device=device)
+    with stages.stage("match"):
+        matcher = _matcher(package.sequence, device)
+        check_compatible(package, matcher.dictionary)
+        maps = match_volume(from_channels(channels), mask, matcher)
+        del channels
+    with stages.stage("write"):
+        result = _write(out_dir, source, series, volume.shape, affine, space, working, mask, maps, package,
+                        options, stages)
+    result.stages = stages.record
+    _rewrite_stages(result)
+    return result
+
+
+def _provenance_doc(source: Path, series: DicomSeries | None, package: ModelPackage, space: WorkingSpace,
+                    brain_ml: float, files: dict[str, object]) -> dict[str, object]:
+    return {
+        "format": "synthmrf-result/1",
+        "software": {"name": "synthmrf", "version": software_version(), "torch": torch.__version__},
+        "model": {"name": str(package.manifest["name"]), "version": str(package.manifest["version"]),
+                  "trained_on": package.manifest.get("training_data", {})},
+        "sequence": {"name": package.sequence.name, "hash": package.sequence.hash()},
+        "input": ({"kind": "dicom", "study_instance_uid": series.study_instance_uid,
+                   "series_instance_uid": series.series_instance_uid,
+                   "frame_of_reference_uid": series.frame_of_reference_uid, "frames": series.grid.n_frames}
+                  if series is not None else {"kind": "nifti", "file": source.name}),
+        "working_grid": {"shape": list(space.shape), "affine_ras": np.round(space.affine, 6).tolist(),
+                         "head_pose_template_to_patient": np.round(space.rigid, 6).tolist()},
+        "brain_volume_ml": round(brain_ml, 1),
+        "files": files,
+    }
+
+
+def _write(out_dir: Path, source: Path, series: DicomSeries | None, shape: tuple[int, ...], affine: np.ndarray,
+           space: WorkingSpace, working: np.ndarray, mask: np.ndarray, maps: dict[str, np.ndarray],
+           package: ModelPackage, options: ProcessOptions, stages: _Stages) -> ProcessResult:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        on_source = _to_source(maps, mask, space, (shape[0], shape[1], shape[2]), affine)
+        written: dict[str, str] = {}
+        for q in QUANTITIES:
+            save_volume(staging / f"{q}.nii.gz", on_source[q], affine)
+            written[q] = f"{q}.nii.gz"
+        if options.keep_working:
+            for name, values in (("mprage", working), ("brain_mask", mask.astype(np.float32)), *maps.items()):
+                save_volume(staging / "working" / f"{name}.nii.gz", values, space.affine)
+        title = (f"series {series.series_instance_uid}" if series is not None else source.name) + \
+            f" | model {package.name}"
+        qc_figure(staging / "qc.png", working, maps, mask, title=title)
+        dicom_files: list[str] = []
+        if series is not None and options.dicom:
+            dicom_files = _write_dicom(series, on_source, staging / "dicom", package, options)
+        doc = _provenance_doc(source, series, package, space, float(mask.sum()) / 1000.0,
+                              {"maps": written, "qc_figure": "qc.png", "dicom": dicom_files})
+        (staging / "provenance.json").write_text(json.dumps(doc, indent=1))
+        _publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ProcessResult(out_dir, {q: out_dir / name for q, name in written.items()},
+                         [out_dir / "dicom" / name for name in dicom_files], out_dir / "qc.png",
+                         out_dir / "provenance.json", series.series_instance_uid if series is not None else None)
+
+
+def _write_dicom(series: DicomSeries, maps: dict[str, np.ndarray], folder: Path, package: ModelPackage,
+                 options: ProcessOptions) -> list[str]:
+    from pipeline.dicom_output import Provenance, write_result_series
+
+    provenance = Provenance(str(package.manifest["name"]), str(package.manifest["version"]),
+                            package.sequence.hash(), software_version())
+    quantities = ("T1", "T2", "PD") if options.pd_dicom else ("T1", "T2")
+    paths = write_result_series(series, maps, folder, provenance, derived=options.derived_series,
+                                quantities=quantities)
+    return [str(p.relative_to(folder)) for p in paths]
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move the staged results into ``out_dir``, replacing earlier results of the same names."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in sorted(staging.iterdir()):
+        target = out_dir / item.name
+        if target.is_dir() and not target.is_symlink():
+            old = out_dir / f".{item.name}.old-{os.getpid()}"
+            target.rename(old)
+            item.rename(target)
+            shutil.rmtree(old)
+        else:
+            item.replace(target)
+    staging.rmdir()
+
+
+def _rewrite_stages(result: ProcessResult) -> None:
+    """Add the stage timings to the provenance sidecar (known only once writing has finished)."""
+    doc = json.loads(result.provenance.read_text())
+    doc["stages"] = result.stages
+    tmp = result.provenance.with_name(".provenance.json.partial")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(result.provenance)

@@ -1,0 +1,111 @@
+"""Registration of a head image to the MNI template with SimpleITK (Mattes mutual information).
+
+Transforms are returned as 4x4 RAS matrices that map *template* mm to *patient* mm (ITK's fixed-to-moving
+convention with the template fixed), so a grid defined in template space reaches patient space by one
+matrix product. SimpleITK works in LPS; conversion happens here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import numpy as np
+import SimpleITK as sitk  # noqa: N813 (the universal alias)
+
+from pipeline.template import load_template
+
+logger = logging.getLogger(__name__)
+
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+TEMPLATE_RESOLUTION_MM = 2  # fine enough for a head pose; 8x fewer voxels than 1 mm
+FIXED_MASK_DILATION_MM = 10.0  # sample the brain and its rim, not the empty template background
+
+
+def to_sitk(data: np.ndarray, ras_affine: np.ndarray) -> sitk.Image:
+    """A numpy volume (i, j, k) with its RAS affine as a SimpleITK image (LPS geometry)."""
+    if data.ndim != 3:
+        raise ValueError(f"data: expected a 3-D volume, got {data.ndim}-D")
+    lps = LPS_FROM_RAS @ ras_affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    if np.any(spacing < 1e-6):
+        raise ValueError(f"ras_affine: a voxel axis has zero length: {ras_affine.tolist()}")
+    directions = lps[:3, :3] / spacing
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(data.astype(np.float32, copy=False), (2, 1, 0))))
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin(lps[:3, 3].tolist())
+    image.SetDirection(directions.ravel().tolist())
+    return image
+
+
+def _ras_matrix(transform: sitk.Euler3DTransform | sitk.AffineTransform) -> np.ndarray:
+    """A SimpleITK matrix-and-offset transform (LPS, fixed to moving) as a 4x4 RAS matrix."""
+    matrix = np.asarray(transform.GetMatrix(), dtype=np.float64).reshape(3, 3)
+    centre = np.asarray(transform.GetCenter(), dtype=np.float64)
+    translation = np.asarray(transform.GetTranslation(), dtype=np.float64)
+    lps = np.eye(4)
+    lps[:3, :3] = matrix
+    lps[:3, 3] = translation + centre - matrix @ centre
+    return LPS_FROM_RAS @ lps @ LPS_FROM_RAS
+
+
+def register_to_template(image: np.ndarray, ras_affine: np.ndarray, *, kind: Literal["rigid", "affine"] = "rigid",
+                         initial: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+    """Template-to-patient RAS transform (4x4) that best aligns the template with ``image``.
+
+    ``kind`` "rigid" (6 degrees of freedom: the head pose) or "affine" (12: pose and head shape).
+    ``initial`` (a 4x4 from an earlier stage) starts the search; otherwise image moments do.
+    """
+    template = load_template(TEMPLATE_RESOLUTION_MM)
+    fixed = to_sitk(template.image, template.affine)
+    moving = to_sitk(image, ras_affine)
+    moving = sitk.Cast(moving, sitk.sitkFloat32)
+    fixed_mask = to_sitk((template.brain_mask > 0.5).astype(np.float32), template.affine)
+    radius = int(np.ceil(FIXED_MASK_DILATION_MM / TEMPLATE_RESOLUTION_MM))
+    fixed_mask = sitk.BinaryDilate(sitk.Cast(fixed_mask, sitk.sitkUInt8), [radius] * 3)
+
+    if kind not in ("rigid", "affine"):
+        raise ValueError(f"kind: expected 'rigid' or 'affine', got {kind!r}")
+    transform: sitk.Euler3DTransform | sitk.AffineTransform
+    if initial is None:
+        blank = sitk.Euler3DTransform() if kind == "rigid" else sitk.AffineTransform(3)
+        found = sitk.CenteredTransformInitializer(fixed, moving, blank, sitk.CenteredTransformInitializerFilter.MOMENTS)
+        transform = sitk.Euler3DTransform(found) if kind == "rigid" else sitk.AffineTransform(found)
+    else:
+        lps = LPS_FROM_RAS @ initial @ LPS_FROM_RAS
+        centre = (LPS_FROM_RAS @ np.append(template.brain_centre_mm, 1.0))[:3]
+        start = sitk.AffineTransform(3) if kind == "affine" else sitk.Euler3DTransform()
+        start.SetCenter(centre.tolist())
+        if kind == "affine":
+            start.SetMatrix(lps[:3, :3].ravel().tolist())
+        else:
+            start.SetMatrix(_nearest_rotation(lps[:3, :3]).ravel().tolist())
+        start.SetTranslation((lps[:3, 3] + lps[:3, :3] @ centre - centre).tolist())
+        transform = start
+
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(0.25, seed)
+    reg.SetMetricFixedMask(fixed_mask)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=200,
+                                                 relaxationFactor=0.5, gradientMagnitudeTolerance=1e-6)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel([4.0, 2.0, 1.0])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    reg.SetInitialTransform(transform, inPlace=True)
+    reg.Execute(fixed, moving)
+    logger.debug("%s registration: metric %.4f after %d iterations (%s)", kind, reg.GetMetricValue(),
+                 reg.GetOptimizerIteration(), reg.GetOptimizerStopConditionDescription())
+    return _ras_matrix(transform)
+
+
+def _nearest_rotation(m: np.ndarray) -> np.ndarray:
+    u, _, vt = np.linalg.svd(m)
+    r = u @ vt
+    if np.linalg.det(r) < 0:
+        u[:, -1] *= -1
+        r = u @ vt
+    return r

@@ -3,7 +3,10 @@
 dicom2nifti writes the voxels in its own order (it may reverse the slice axis). Its affine and ours
 (:class:`pipeline.dicom_series.SeriesGrid`, from the headers) must describe the same voxel centres; the
 volume is brought onto our grid by the exact index permutation between the two, and any disagreement
-beyond a tenth of a millimetre is an error, never a silent resample.
+beyond a tenth of a millimetre is an error, never a silent resample. Where dicom2nifti gives up on a
+series whose headers passed our checks (its vendor paths do not cover every multi-frame layout) or on
+damaged pixel data, the frames are stacked directly from pydicom's decoded pixels in the checked frame
+order; a frame that cannot be decoded is then refused by file name.
 """
 
 from __future__ import annotations
@@ -25,18 +28,49 @@ GEOMETRY_TOLERANCE_MM = 0.1
 def convert_series(series: DicomSeries) -> np.ndarray:
     """Pixel volume (i, j, k) on ``series.grid`` as float32, converted with dicom2nifti."""
     import dicom2nifti
-    from dicom2nifti.exceptions import ConversionError, ConversionValidationError
 
     with tempfile.TemporaryDirectory(prefix="synthmrf-convert-") as tmp:
         out = Path(tmp) / "series.nii.gz"
         try:
             dicom2nifti.convert_dicom.dicom_series_to_nifti(str(series.folder), str(out), reorient_nifti=False)
-        except (ConversionError, ConversionValidationError) as exc:
-            raise SeriesRejected(f"{series.folder}: dicom2nifti cannot convert the series ({exc})") from exc
+        except Exception as exc:  # dicom2nifti raises anything from its vendor paths and pydicom's decoders
+            logger.info("series %s: dicom2nifti gave up (%s: %s); stacking the checked frames directly",
+                        series.series_instance_uid, type(exc).__name__, exc)
+            return stack_frames(series)
         data, affine = load_volume(out)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     return on_grid(data, affine, series)
+
+
+def stack_frames(series: DicomSeries) -> np.ndarray:
+    """Pixel volume (i, j, k) on ``series.grid`` from the decoded frames, rescale applied (float32)."""
+    import pydicom
+
+    out = np.empty(series.grid.shape, dtype=np.float32)
+    by_file: dict[Path, list[tuple[int, int | None]]] = {}
+    for k, frame in enumerate(series.frames):
+        by_file.setdefault(frame.path, []).append((k, frame.frame_number))
+    for path, frames in by_file.items():
+        try:
+            ds = pydicom.dcmread(path)
+            pixels = ds.pixel_array
+        except Exception as exc:  # decoders raise many types for damaged or unsupported pixel data
+            raise SeriesRejected(f"{path.name}: cannot decode pixel data ({type(exc).__name__}: {exc})") from exc
+        slope, intercept = _rescale(ds)
+        for k, number in frames:
+            image = pixels if number is None else pixels[number - 1]
+            out[:, :, k] = image.T * slope + intercept
+    return out
+
+
+def _rescale(ds: object) -> tuple[float, float]:
+    """Top-level or shared functional group rescale (identity when absent)."""
+    source = ds
+    shared = getattr(ds, "SharedFunctionalGroupsSequence", None)
+    if shared and "PixelValueTransformationSequence" in shared[0]:
+        source = shared[0].PixelValueTransformationSequence[0]
+    return float(getattr(source, "RescaleSlope", 1.0) or 1.0), float(getattr(source, "RescaleIntercept", 0.0) or 0.0)
 
 
 def on_grid(data: np.ndarray, affine: np.ndarray, series: DicomSeries) -> np.ndarray:

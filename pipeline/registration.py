@@ -12,6 +12,7 @@ from typing import Literal
 
 import numpy as np
 import SimpleITK as sitk  # noqa: N813 (the universal alias)
+from scipy import ndimage
 
 from pipeline.template import load_template
 
@@ -49,45 +50,40 @@ def _ras_matrix(transform: sitk.Euler3DTransform | sitk.AffineTransform) -> np.n
     return LPS_FROM_RAS @ lps @ LPS_FROM_RAS
 
 
-def register_to_template(image: np.ndarray, ras_affine: np.ndarray, *, kind: Literal["rigid", "affine"] = "rigid",
-                         initial: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
-    """Template-to-patient RAS transform (4x4) that best aligns the template with ``image``.
+def register_images(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray, *,
+                    kind: Literal["rigid", "affine"] = "rigid", initial: np.ndarray | None = None,
+                    fixed_mask: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+    """Fixed-to-moving RAS transform (4x4) maximising Mattes mutual information (any two contrasts).
 
-    ``kind`` "rigid" (6 degrees of freedom: the head pose) or "affine" (12: pose and head shape).
-    ``initial`` (a 4x4 from an earlier stage) starts the search; otherwise image moments do.
+    ``kind`` "rigid" (6 degrees of freedom) or "affine" (12). ``initial`` (4x4, fixed to moving) starts
+    the search; without it the images' intensity moments do. ``fixed_mask`` limits the metric's samples.
+    Multi-resolution (8, 4, 2 mm smoothing), regular-step gradient descent with physical-shift scales.
     """
-    template = load_template(TEMPLATE_RESOLUTION_MM)
-    fixed = to_sitk(template.image, template.affine)
-    moving = to_sitk(image, ras_affine)
-    moving = sitk.Cast(moving, sitk.sitkFloat32)
-    fixed_mask = to_sitk((template.brain_mask > 0.5).astype(np.float32), template.affine)
-    radius = int(np.ceil(FIXED_MASK_DILATION_MM / TEMPLATE_RESOLUTION_MM))
-    fixed_mask = sitk.BinaryDilate(sitk.Cast(fixed_mask, sitk.sitkUInt8), [radius] * 3)
-
     if kind not in ("rigid", "affine"):
         raise ValueError(f"kind: expected 'rigid' or 'affine', got {kind!r}")
+    fixed_image = to_sitk(fixed, fixed_affine)
+    moving_image = sitk.Cast(to_sitk(moving, moving_affine), sitk.sitkFloat32)
     transform: sitk.Euler3DTransform | sitk.AffineTransform
     if initial is None:
         blank = sitk.Euler3DTransform() if kind == "rigid" else sitk.AffineTransform(3)
-        found = sitk.CenteredTransformInitializer(fixed, moving, blank, sitk.CenteredTransformInitializerFilter.MOMENTS)
+        found = sitk.CenteredTransformInitializer(fixed_image, moving_image, blank,
+                                                  sitk.CenteredTransformInitializerFilter.MOMENTS)
         transform = sitk.Euler3DTransform(found) if kind == "rigid" else sitk.AffineTransform(found)
     else:
         lps = LPS_FROM_RAS @ initial @ LPS_FROM_RAS
-        centre = (LPS_FROM_RAS @ np.append(template.brain_centre_mm, 1.0))[:3]
-        start = sitk.AffineTransform(3) if kind == "affine" else sitk.Euler3DTransform()
-        start.SetCenter(centre.tolist())
-        if kind == "affine":
-            start.SetMatrix(lps[:3, :3].ravel().tolist())
-        else:
-            start.SetMatrix(_nearest_rotation(lps[:3, :3]).ravel().tolist())
-        start.SetTranslation((lps[:3, 3] + lps[:3, :3] @ centre - centre).tolist())
-        transform = start
+        size = np.asarray(fixed.shape) - 1
+        centre = (LPS_FROM_RAS @ fixed_affine @ np.append(size / 2, 1.0))[:3]
+        transform = sitk.AffineTransform(3) if kind == "affine" else sitk.Euler3DTransform()
+        transform.SetCenter(centre.tolist())
+        transform.SetMatrix((lps[:3, :3] if kind == "affine" else _nearest_rotation(lps[:3, :3])).ravel().tolist())
+        transform.SetTranslation((lps[:3, 3] + lps[:3, :3] @ centre - centre).tolist())
 
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(0.25, seed)
-    reg.SetMetricFixedMask(fixed_mask)
+    if fixed_mask is not None:
+        reg.SetMetricFixedMask(sitk.Cast(to_sitk(fixed_mask.astype(np.float32), fixed_affine) > 0.5, sitk.sitkUInt8))
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=200,
                                                  relaxationFactor=0.5, gradientMagnitudeTolerance=1e-6)
@@ -96,10 +92,24 @@ def register_to_template(image: np.ndarray, ras_affine: np.ndarray, *, kind: Lit
     reg.SetSmoothingSigmasPerLevel([4.0, 2.0, 1.0])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetInitialTransform(transform, inPlace=True)
-    reg.Execute(fixed, moving)
+    reg.Execute(fixed_image, moving_image)
     logger.debug("%s registration: metric %.4f after %d iterations (%s)", kind, reg.GetMetricValue(),
                  reg.GetOptimizerIteration(), reg.GetOptimizerStopConditionDescription())
     return _ras_matrix(transform)
+
+
+def register_to_template(image: np.ndarray, ras_affine: np.ndarray, *, kind: Literal["rigid", "affine"] = "rigid",
+                         initial: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+    """Template-to-patient RAS transform (4x4) that best aligns the MNI template with the head ``image``.
+
+    The template is skull-stripped: the metric samples the template's brain and a 10 mm rim, so the
+    scalp of a real head does not pull the fit.
+    """
+    template = load_template(TEMPLATE_RESOLUTION_MM)
+    rim = ndimage.binary_dilation(template.brain_mask > 0.5,
+                                  iterations=int(np.ceil(FIXED_MASK_DILATION_MM / TEMPLATE_RESOLUTION_MM)))
+    return register_images(template.image, template.affine, image, ras_affine, kind=kind, initial=initial,
+                           fixed_mask=rim, seed=seed)
 
 
 def _nearest_rotation(m: np.ndarray) -> np.ndarray:

@@ -4,8 +4,10 @@ MRF channels as targets; cached per subject so epochs never redo it.
 Dataset layout (phantom world or a site's own data): ``DIR/manifest.json`` with a ``split`` and
 ``sequence`` entry, and per subject ``mprage.nii.gz`` (any grid), ``mrf_svd.nii.gz`` (complex
 coefficients, phase-normalised, on the MRF grid: axial 256^3 at 1 mm), ``brain_mask.nii.gz`` (MRF grid).
-The MPRAGE reaches the MRF grid through the NIfTI affines (the two share patient space when they come
-from one session); axial slices are the MRF grid's third axis.
+The MPRAGE reaches the MRF grid by a rigid mutual-information registration (SimpleITK) of the MPRAGE to
+the MRF's first singular image (magnitude), started from the NIfTI affines (patient space of one
+session); a manifest entry ``"mprage_registration": "none"`` skips it for data known to be co-registered.
+Axial slices are the MRF grid's third axis.
 """
 
 from __future__ import annotations
@@ -17,16 +19,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 from tqdm import tqdm
 
 from pipeline.geometry import resample_to_grid
 from pipeline.mrf.coefficients import CHANNEL_NAMES, to_channels
+from pipeline.registration import register_images
 from pipeline.volume_io import load_volume
 
 logger = logging.getLogger(__name__)
 
 MIN_BRAIN_VOXELS_PER_SLICE = 200
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # part of the cache file names: bump when prepared arrays change meaning
+REGISTRATION_RIM_VOXELS = 5
+
+
+def _motion(transform: np.ndarray) -> tuple[float, float]:
+    """Translation (mm) and rotation angle (degrees) of a rigid 4x4."""
+    angle = np.degrees(np.arccos(np.clip((np.trace(transform[:3, :3]) - 1) / 2, -1.0, 1.0)))
+    return float(np.linalg.norm(transform[:3, 3])), float(angle)
 
 
 def normalise_mprage(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -50,10 +61,19 @@ class PreparedSubject:
 
 
 def _cache_paths(cache: Path, subject: str) -> dict[str, Path]:
-    return {name: cache / f"{subject}.{name}.npy" for name in ("slices", "inputs", "targets", "masks")}
+    return {name: cache / f"{subject}.v{CACHE_FORMAT}.{name}.npy" for name in ("slices", "inputs", "targets", "masks")}
 
 
-def prepare_subject(subject_dir: Path, cache: Path) -> PreparedSubject:
+def mprage_to_mrf(mprage: np.ndarray, mprage_affine: np.ndarray, coeffs: np.ndarray, mrf_affine: np.ndarray,
+                  mask: np.ndarray) -> np.ndarray:
+    """Rigid MRF-to-MPRAGE patient transform (4x4 RAS): MPRAGE registered to the first singular image."""
+    reference = np.abs(coeffs[..., 0]).astype(np.float32)
+    region = ndimage.binary_dilation(mask, iterations=REGISTRATION_RIM_VOXELS)
+    return register_images(reference, mrf_affine, mprage, mprage_affine, kind="rigid", initial=np.eye(4),
+                           fixed_mask=region)
+
+
+def prepare_subject(subject_dir: Path, cache: Path, *, register: bool = True) -> PreparedSubject:
     """Load (or build, then cache) one subject's training arrays."""
     subject = subject_dir.name
     paths = _cache_paths(cache, subject)
@@ -64,7 +84,8 @@ def prepare_subject(subject_dir: Path, cache: Path) -> PreparedSubject:
         if coeffs.ndim != 4 or coeffs.shape[:3] != mask.shape or not np.allclose(coeff_affine, mask_affine, atol=1e-4):
             raise ValueError(f"{subject_dir}: mrf_svd.nii.gz and brain_mask.nii.gz are not on one grid")
         mprage, mprage_affine = load_volume(subject_dir / "mprage.nii.gz")
-        on_grid = resample_to_grid(mprage, mprage_affine, mask.shape, mask_affine)
+        to_mprage = mprage_to_mrf(mprage, mprage_affine, coeffs, mask_affine, mask) if register else np.eye(4)
+        on_grid = resample_to_grid(mprage, mprage_affine, mask.shape, to_mprage @ mask_affine)
         inputs = normalise_mprage(on_grid, mask)
         targets = to_channels(coeffs) * mask[..., None]
         keep = np.flatnonzero(mask.sum(axis=(0, 1)) >= MIN_BRAIN_VOXELS_PER_SLICE)
@@ -80,7 +101,8 @@ def prepare_subject(subject_dir: Path, cache: Path) -> PreparedSubject:
             tmp = paths[name].with_suffix(f".{os.getpid()}.partial.npy")
             np.save(tmp, values)
             tmp.replace(paths[name])
-        logger.info("prepared %s: %d axial slices with brain", subject, keep.size)
+        logger.info("prepared %s: %d axial slices with brain; MPRAGE moved %.2f mm / %.2f deg by registration",
+                    subject, keep.size, *_motion(to_mprage))
     loaded = {name: np.load(p, mmap_mode="r") for name, p in paths.items()}
     return PreparedSubject(subject, np.asarray(loaded["slices"]), loaded["inputs"], loaded["targets"],
                            loaded["masks"])
@@ -113,8 +135,11 @@ def load_dataset(root: Path, cache: Path, *, progress: bool = False) -> Dataset:
         raise ValueError(f"{manifest_path}: 'split' must list at least one training subject")
     names = [(part, name) for part in ("train", "val", "test") for name in split.get(part, [])]
     subjects: dict[str, list[PreparedSubject]] = {"train": [], "val": [], "test": []}
+    registration = manifest.get("mprage_registration", "rigid")
+    if registration not in ("rigid", "none"):
+        raise ValueError(f"{manifest_path}: mprage_registration must be 'rigid' or 'none', got {registration!r}")
     for part, name in tqdm(names, desc="preparing subjects", unit="subject", disable=not progress):
-        subjects[part].append(prepare_subject(root / name, cache))
+        subjects[part].append(prepare_subject(root / name, cache, register=registration == "rigid"))
     return Dataset(root, manifest, subjects)
 
 

@@ -56,6 +56,7 @@ class ProcessOptions:
     pd_dicom: bool = False  # a PD Parametric Map too
     keep_working: bool = False  # also write the working-grid volumes (input, mask, maps) under working/
     batch: int = 4
+    precision: str = "auto"  # float32, bfloat16, or auto: bfloat16 where the hardware has it natively
 
 
 @dataclass
@@ -166,7 +167,8 @@ def process_series(source: str | Path, out_dir: str | Path, package: ModelPackag
         normalised = stripped / peak
     with stages.stage("inference"):
         package.model.to(device)
-        channels = synthesise_channels(normalised, mask, package, batch=options.batch, device=device)
+        channels = synthesise_channels(normalised, mask, package, batch=options.batch, device=device,
+                                       precision=options.precision)
     with stages.stage("match"):
         matcher = _matcher(package.sequence, device)
         check_compatible(package, matcher.dictionary)

@@ -17,12 +17,14 @@ import click
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("var/synthmrf/models"),
               envvar="SYNTHMRF_MODELS_DIR", show_default=True, help="Model registry folder.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda.")
+@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="Network arithmetic; auto uses bfloat16 where the hardware computes it natively.")
 @click.option("--pd-map/--no-pd-map", default=False, show_default=True, help="Also write a PD Parametric Map.")
 @click.option("--derived/--no-derived", default=True, show_default=True,
               help="Viewer-friendly derived MR series (16-bit, rescaled to ms) beside the Parametric Maps.")
 @click.option("--keep-working", is_flag=True, help="Also write the working-grid volumes (OUT/working/).")
-def process(source: Path, out_dir: Path, model_ref: str | None, models_dir: Path, device: str, pd_map: bool,
-            derived: bool, keep_working: bool) -> None:
+def process(source: Path, out_dir: Path, model_ref: str | None, models_dir: Path, device: str, precision: str,
+            pd_map: bool, derived: bool, keep_working: bool) -> None:
     """Turn SOURCE, a folder holding one 3D T1-weighted (MPRAGE) DICOM series or a NIfTI file, into
     quantitative maps. The series is checked first; input that cannot be an MPRAGE volume (a localiser,
     2D, too few slices, mixed series, inconsistent geometry) is refused with the reason (exit status 2).
@@ -36,7 +38,8 @@ def process(source: Path, out_dir: Path, model_ref: str | None, models_dir: Path
         package = load_model(model_ref, models_dir)
     except (PackageError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    options = ProcessOptions(device=device, derived_series=derived, pd_dicom=pd_map, keep_working=keep_working)
+    options = ProcessOptions(device=device, precision=precision, derived_series=derived, pd_dicom=pd_map,
+                             keep_working=keep_working)
     try:
         result = process_series(source, out_dir, package, options=options)
     except SeriesRejected as exc:

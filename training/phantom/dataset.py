@@ -100,6 +100,8 @@ def make_dataset(n_subjects: int, out: Path, *, seed: int = 0, options: PhantomO
         "format": MANIFEST_FORMAT,
         "seed": seed,
         "n_subjects": n_subjects,
+        # MPRAGE and MRF come from one warp of one anatomy: co-registered by construction.
+        "mprage_registration": "none",
         "sequence": None if sequence is None else {"name": sequence.name, "hash": sequence.hash(),
                                                    "rank": options.rank},
         "options": {**asdict(replace(options, protocol=None)), "protocol": asdict(options.protocol)},  # type: ignore[arg-type]

@@ -7,10 +7,17 @@ import logging
 import click
 
 from dicom_node.commands.demo import demo
+from dicom_node.commands.echo import echo
 from dicom_node.commands.evaluate import evaluate
+from dicom_node.commands.jobs import jobs
 from dicom_node.commands.model import model
 from dicom_node.commands.mrf import mrf
 from dicom_node.commands.phantom import phantom
+from dicom_node.commands.process import process
+from dicom_node.commands.retro import retro
+from dicom_node.commands.send import send
+from dicom_node.commands.serve import serve
+from dicom_node.commands.status import status
 from dicom_node.commands.train import train
 
 
@@ -29,6 +36,13 @@ cli.add_command(phantom)
 cli.add_command(demo)
 cli.add_command(train)
 cli.add_command(evaluate)
+cli.add_command(serve)
+cli.add_command(jobs)
+cli.add_command(status)
+cli.add_command(echo)
+cli.add_command(send)
+cli.add_command(process)
+cli.add_command(retro)
 
 
 def main() -> None:

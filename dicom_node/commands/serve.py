@@ -1,0 +1,44 @@
+"""``synthmrf serve``: run the node in the foreground until SIGTERM or Ctrl-C, then drain."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from dicom_node.commands.options import config_option, load
+
+
+@click.command()
+@config_option()
+def serve(config_path: Path | None) -> None:
+    """Receive series, process MPRAGEs, send the maps to the destinations.
+
+    SIGTERM or SIGINT stops accepting associations and lets in-flight associations, jobs and sends
+    finish (up to node.drain_timeout_s); anything left is picked up at the next start.
+    """
+    from dicom_node.logs import configure_logging
+    from dicom_node.node import Node, NodeLockedError
+
+    cfg = load(config_path)
+    configure_logging(cfg.logging.level, cfg.logging.format)
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    node = Node(cfg)
+    try:
+        node.start()
+    except NodeLockedError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        node.stop(drain=True)

@@ -1,0 +1,62 @@
+"""``synthmrf status``: is the node answering, queue depth, recent jobs and failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from dicom_node.commands.jobs import delivery_summary, open_store, when
+from dicom_node.commands.options import config_option, load
+
+
+@click.command()
+@config_option()
+@click.option("--recent", type=click.IntRange(min=0), default=5, show_default=True, help="How many recent jobs.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
+def status(config_path: Path | None, recent: int, as_json: bool) -> None:
+    """Node status from its configuration and state folder (works while the node runs)."""
+    from dicom_node.dicom_client import AssociationError, Peer, echo
+    from dicom_node.job_store import DeliveryState, JobState
+    from dicom_node.jobs import JobQueue, make_huey
+    from dicom_node.spool import Spool
+
+    cfg = load(config_path)
+    store = open_store(cfg)
+    host = "127.0.0.1" if cfg.node.host in ("0.0.0.0", "", "::") else cfg.node.host
+    try:
+        code = echo(Peer(cfg.node.ae_title, host, cfg.node.port), cfg.calling_ae_title, timeout_s=3.0)
+        listening = f"answering C-ECHO on {host}:{cfg.node.port}" if code == 0 else f"C-ECHO status 0x{code:04X}"
+    except (AssociationError, OSError) as exc:
+        listening = f"not answering on {host}:{cfg.node.port} ({exc})"
+    spool = Spool(cfg.node.storage_dir)
+    arriving = [s for s in spool.series_uids() if spool.incoming_files(s)]
+    counts = store.counts()
+    queue_depth = JobQueue(make_huey(cfg)).depth() if cfg.jobs.backend == "sqlite" else None
+    recent_jobs = store.jobs(limit=recent)
+    failed = store.jobs([JobState.FAILED, JobState.REJECTED], limit=20)
+    dead = [j for j in store.jobs([JobState.PROCESSED], limit=200)
+            if any(d.state is DeliveryState.DEAD for d in j.deliveries)]
+    job_counts = {k[4:]: v for k, v in counts.items() if k.startswith("job:")}
+    delivery_counts = {k[9:]: v for k, v in counts.items() if k.startswith("delivery:")}
+    recent_rows = [{"id": j.id, "state": str(j.state), "created": when(j.created_at), "reason": j.reason,
+                    "deliveries": delivery_summary(j)} for j in recent_jobs]
+    failures = [{"id": j.id, "state": str(j.state), "reason": j.reason} for j in failed]
+    failures += [{"id": j.id, "state": "dead delivery",
+                  "reason": "; ".join(d.last_error for d in j.deliveries if d.last_error)} for j in dead]
+    free_mb = spool.free_bytes() // 2**20
+    if as_json:
+        click.echo(json.dumps({"node": listening, "storage_dir": str(cfg.node.storage_dir), "free_mb": free_mb,
+                               "series_arriving": len(arriving), "queue_depth": queue_depth, "jobs": job_counts,
+                               "deliveries": delivery_counts, "recent": recent_rows, "failures": failures}, indent=1))
+        return
+    click.echo(f"node         {listening}\nstorage      {cfg.node.storage_dir} ({free_mb} MiB free)\n"
+               f"arriving     {len(arriving)} series\nqueue        "
+               f"{queue_depth if queue_depth is not None else '(redis)'} task(s) waiting")
+    click.echo("jobs         " + (", ".join(f"{k} {v}" for k, v in sorted(job_counts.items())) or "none"))
+    click.echo("deliveries   " + (", ".join(f"{k} {v}" for k, v in sorted(delivery_counts.items())) or "none"))
+    for r in recent_rows:
+        click.echo(f"recent       {r['id']}  {r['state']}  {r['created']}  {r['deliveries']}  {r['reason']}")
+    for f in failures:
+        click.echo(f"FAILURE      {f['id']}  {f['state']}  {f['reason']}")

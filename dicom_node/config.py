@@ -1,0 +1,332 @@
+"""The node's configuration: one pydantic model, loaded once from TOML and the environment, passed in.
+
+Every key of ``[section]`` can be overridden by ``SYNTHMRF_<SECTION>__<KEY>`` (upper or lower case).
+Values from the environment are read as JSON when they parse as JSON (numbers, booleans, lists,
+``null``), otherwise as plain strings; a list also accepts comma-separated values. Destinations are a
+list of tables: ``SYNTHMRF_DESTINATIONS`` (a JSON list) replaces them all, and
+``SYNTHMRF_DESTINATIONS__<NAME>__<KEY>`` changes one key of the destination called NAME.
+
+Defaults live here and only here; ``config/synthmrf.toml`` spells them out (a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dicom_node.retro.config import RetroSection, SourceConfig
+
+ENV_PREFIX = "SYNTHMRF_"
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: 16 chars, no backslash, no control chars
+_PROCESSOR = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class ConfigError(ValueError):
+    """The configuration file or an environment override is invalid; the message names the key."""
+
+
+def _check_ae_title(value: str, what: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(f"{what}: an AE title is 1 to 16 printable characters without backslash, got {value!r}")
+    return value.strip()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSection(_Section):
+    """The DICOM listener (``[node]``)."""
+
+    ae_title: str = "SYNTHMRF"
+    host: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=0, le=65535)  # 0: any free port (tests, the demo)
+    storage_dir: Path = Path("var/synthmrf")
+    allowed_calling_aets: list[str] = []  # empty: accept any caller
+    accept_non_mr: bool = True  # accept every storage SOP class (kept, then ignored) so a PACS sees no refusals
+    min_free_mb: int = Field(default=1024, ge=0)  # refuse instances (Out of Resources) when less would remain free
+    fsync_directories: bool = False  # also fsync incoming/ after each rename (strict POSIX; ~2x the disk flushes)
+    max_associations: int = Field(default=16, ge=1)
+    max_pdu: int = Field(default=0, ge=0)  # bytes we accept per PDU; 0: unlimited (fewest PDUs per instance)
+    event_driven: bool = True  # event-driven association reactors (fast_acceptor); false: pynetdicom's polling
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    network_timeout_s: float = Field(default=120.0, gt=0)
+    drain_timeout_s: float = Field(default=60.0, ge=0)  # SIGTERM: how long in-flight associations and jobs may finish
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key: the listener speaks TLS only
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # when set, callers must present a certificate signed by this CA
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value, "node.ae_title")
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _aets(cls, values: list[str]) -> list[str]:
+        return [_check_ae_title(v, "node.allowed_calling_aets") for v in values]
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> NodeSection:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("node.tls_cert and node.tls_key: give both or neither")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("node.tls_ca needs node.tls_cert and node.tls_key")
+        return self
+
+
+class SeriesSection(_Section):
+    """When a series is complete (``[series]``)."""
+
+    quiet_seconds: float = Field(default=30.0, gt=0)  # complete after this long without a new instance
+    early_trigger: bool = True  # complete as soon as the expected instance/frame count is reached ...
+    settle_seconds: float = Field(default=2.0, ge=0)  # ... and this long has passed without a new instance
+
+
+class MprageSection(_Section):
+    """Which series are MPRAGE-like 3D T1 volumes (``[mprage]``); see ``series_rules``."""
+
+    require_3d: bool = True  # MRAcquisitionType 3D
+    require_gradient_echo: bool = True  # ScanningSequence GR, or EchoPulseSequence GRADIENT (enhanced MR)
+    require_inversion: bool = True  # ScanningSequence IR, InversionTime > 0, or InversionRecovery YES
+    inversion_implied_by_name: bool = True  # a vendor name pattern stands in for absent inversion headers
+    require_name_match: bool = False  # only series whose names match name_patterns
+    name_patterns: list[str] = [
+        r"mp.?rage",  # Siemens, GE, Philips research: MPRAGE / MP-RAGE / MP_RAGE
+        r"tfl3d|\*tfl",  # Siemens turbo-FLASH 3D sequence name
+        r"bravo",  # GE BRAVO (IR-prepared FSPGR)
+        r"ir.?fspgr|efgre3d",  # GE IR-FSPGR and its pulse sequence name
+        r"t1w?.?3d.?tfe|3d.?t1w?.?tfe|t1w?.?tfe|tfe.?t1",  # Philips 3D T1 TFE
+    ]
+    exclude_patterns: list[str] = [r"localiz|scout|survey|aahead", r"\bmpr\b|reformat|_mpr_|\bmip\b"]
+    exclude_image_types: list[str] = ["LOCALIZER", "DERIVED", "SECONDARY"]
+
+    @field_validator("name_patterns", "exclude_patterns")
+    @classmethod
+    def _regex(cls, values: list[str]) -> list[str]:
+        for v in values:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {v!r} ({exc})") from exc
+        return values
+
+
+class RetentionSection(_Section):
+    """How long series folders are kept after their job ended (``[retention]``), in days."""
+
+    ignored_days: float = Field(default=7.0, ge=0)  # not an MPRAGE
+    processed_days: float = Field(default=14.0, ge=0)  # results delivered to every destination
+    failed_days: float = Field(default=30.0, ge=0)  # rejected, failed, or a delivery in the dead-letter state
+    sweep_interval_s: float = Field(default=3600.0, gt=0)
+
+
+class JobsSection(_Section):
+    """The job queue (``[jobs]``)."""
+
+    backend: Literal["sqlite", "redis"] = "sqlite"  # sqlite: <storage_dir>/queue.sqlite
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    workers: int = Field(default=1, ge=1)  # series processed at the same time
+    max_attempts: int = Field(default=2, ge=1)  # a processing error (not a rejection) is retried up to this many runs
+    retry_delay_s: float = Field(default=60.0, ge=0)
+    poll_interval_s: float = Field(default=0.5, gt=0)  # longest a queued job waits for an idle worker to notice it
+
+
+class PipelineSection(_Section):
+    """What turns a series folder into result DICOM files (``[pipeline]``)."""
+
+    # module:function(input_dir, out_dir, *, model) -> object with .dicom_files, or module:Class taking this section
+    processor: str = "dicom_node.pipeline_processor:PipelineProcessor"
+    model: str | None = None  # a package folder or NAME-VERSION; None: the registry's active model
+    models_dir: Path = Path("var/synthmrf/models")  # the model registry (as 'synthmrf model --models-dir')
+    device: str = "auto"  # auto (CUDA when present), cpu or cuda
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    derived_series: bool = True  # viewer-friendly derived MR series beside the Parametric Maps
+    pd_map: bool = False  # also a PD Parametric Map
+
+    @field_validator("processor")
+    @classmethod
+    def _processor(cls, value: str) -> str:
+        if not _PROCESSOR.match(value):
+            raise ValueError(f"pipeline.processor: expected 'module:function', got {value!r}")
+        return value
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _empty_model(cls, value: object) -> object:
+        return None if value == "" else value
+
+
+class DispatchSection(_Section):
+    """Sending results to the destinations (``[dispatch]``)."""
+
+    max_attempts: int = Field(default=8, ge=1)  # then the delivery is dead-lettered ('synthmrf jobs retry' revives it)
+    backoff_initial_s: float = Field(default=10.0, ge=0)
+    backoff_max_s: float = Field(default=1800.0, ge=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    calling_ae_title: str | None = None  # None: node.ae_title
+
+    @field_validator("calling_ae_title")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value, "dispatch.calling_ae_title")
+
+
+class MetricsSection(_Section):
+    """Prometheus endpoint (``[metrics]``); off unless a port is given."""
+
+    port: int | None = Field(default=None, ge=0, le=65535)
+    host: str = "127.0.0.1"
+
+
+class LoggingSection(_Section):
+    """Log output of ``synthmrf serve`` (``[logging]``)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Destination(_Section):
+    """One ``[[destinations]]`` entry: where results are sent with C-STORE."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+    tls_ca: Path | None = None  # verify the destination's certificate against this CA (default: system CAs)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value, "destinations.ae_title")
+
+
+class NodeConfig(_Section):
+    """The whole configuration of a node."""
+
+    node: NodeSection = NodeSection()
+    series: SeriesSection = SeriesSection()
+    mprage: MprageSection = MprageSection()
+    retention: RetentionSection = RetentionSection()
+    jobs: JobsSection = JobsSection()
+    pipeline: PipelineSection = PipelineSection()
+    dispatch: DispatchSection = DispatchSection()
+    metrics: MetricsSection = MetricsSection()
+    logging: LoggingSection = LoggingSection()
+    destinations: list[Destination] = []
+    sources: list[SourceConfig] = []  # archives for query/retrieve (dicom_node.retro.config)
+    retro: RetroSection = RetroSection()
+
+    @model_validator(mode="after")
+    def _unique_destinations(self) -> NodeConfig:
+        names = [d.name for d in self.destinations]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"destinations: names must be unique, repeated: {duplicates}")
+        return self
+
+    def destination(self, name: str) -> Destination:
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        raise ConfigError(f"destination {name!r}: not configured (configured: {[d.name for d in self.destinations]})")
+
+    @property
+    def calling_ae_title(self) -> str:
+        return self.dispatch.calling_ae_title or self.node.ae_title
+
+
+def _env_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _coerce_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    sections = {name: info.annotation for name, info in NodeConfig.model_fields.items() if name != "destinations"}
+    destinations = [dict(d) for d in out.get("destinations", [])]
+    for key in sorted(environ):
+        if not key.upper().startswith(ENV_PREFIX):
+            continue
+        rest = key[len(ENV_PREFIX):].lower()
+        if rest == "destinations":
+            parsed = _env_value(environ[key])
+            if not isinstance(parsed, list):
+                raise ConfigError(f"{key}: expected a JSON list of destination tables")
+            destinations = [dict(d) for d in parsed]
+            continue
+        if "__" not in rest:
+            continue  # other SYNTHMRF_* variables (cache and model folders) are not node configuration
+        section, field = rest.split("__", 1)
+        if section == "destinations":
+            name, _, dest_key = field.partition("__")
+            match = [d for d in destinations if str(d.get("name", "")).lower() == name]
+            if not match or not dest_key:
+                raise ConfigError(f"{key}: no destination named {name!r} to override (or no key after the name)")
+            match[0][dest_key] = _env_value(environ[key])
+            continue
+        model = sections.get(section)
+        if model is None:
+            raise ConfigError(f"{key}: unknown section {section!r} (sections: {sorted(sections)}, destinations)")
+        fields = model.model_fields  # type: ignore[union-attr]
+        if field not in fields:
+            raise ConfigError(f"{key}: unknown key {field!r} in [{section}] (keys: {sorted(fields)})")
+        value = _env_value(environ[key])
+        annotation = fields[field].annotation
+        if get_origin(annotation) is list:
+            value = _coerce_list(value)
+        elif value == "" and type(None) in get_args(annotation):
+            value = None
+        out.setdefault(section, {})[field] = value
+    if destinations or "destinations" in out:
+        out["destinations"] = destinations
+    return out
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+    return f"{source}: invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def config_from_mapping(data: Mapping[str, Any], environ: Mapping[str, str] | None = None,
+                        source: str = "configuration") -> NodeConfig:
+    """Validate ``data`` (as parsed from TOML) with the environment's overrides applied."""
+    merged = _apply_env(dict(data), os.environ if environ is None else environ)
+    try:
+        return NodeConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from exc
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> NodeConfig:
+    """Read the TOML file at ``path`` (None: defaults only), apply the environment, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: configuration file not found") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return config_from_mapping(data, environ, source=str(path) if path else "defaults")

@@ -1,0 +1,159 @@
+"""Dispatch: C-STORE the results of processed jobs to every destination, with retries and a dead letter.
+
+Deliveries live in the job store (one per job and destination). The dispatcher thread picks the due
+ones, at most one association per destination at a time, and records the outcome: ``sent``; or a
+later attempt after ``backoff_initial_s * 2**(attempt-1)`` (at most ``backoff_max_s``); or ``dead``
+after ``max_attempts`` attempts (``synthmrf jobs retry`` makes it pending again). A resend carries
+the same SOP Instance UIDs, so a destination that already has an object keeps one copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from dicom_node.config import Destination, DispatchSection, NodeConfig
+from dicom_node.dicom_client import Peer, StoreReport, store_files
+from dicom_node.job_store import Delivery, JobStore
+
+logger = logging.getLogger(__name__)
+
+Sender = Callable[[Sequence[Path], Peer, str, float, float], StoreReport]
+
+
+def backoff_s(attempts: int, cfg: DispatchSection) -> float:
+    """Delay before the next attempt after ``attempts`` failed ones (exponential, capped)."""
+    return float(min(cfg.backoff_initial_s * 2 ** max(attempts - 1, 0), cfg.backoff_max_s))
+
+
+def peer_of(d: Destination) -> Peer:
+    return Peer(d.ae_title, d.host, d.port, d.tls, d.tls_ca)
+
+
+class Dispatcher:
+    """The dispatcher thread and its per-destination senders."""
+
+    def __init__(self, cfg: NodeConfig, store: JobStore, send: Sender = store_files,
+                 observe: Callable[[str, str], None] = lambda destination, outcome: None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.send = send
+        self.observe = observe
+        self._destinations = {d.name: d for d in cfg.destinations}
+        self._busy: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._pool: ThreadPoolExecutor | None = None
+        self._thread: threading.Thread | None = None
+
+    def wake(self, job_id: str | None = None) -> None:
+        """Look for due deliveries now (a job was processed, or a retry was requested)."""
+        self._wake.set()
+
+    def run_once(self) -> int:
+        """Start every due delivery whose destination is idle; return how many were started."""
+        with self._lock:
+            busy = sorted(self._busy)
+        started = 0
+        for delivery in self.store.due_deliveries(time.time(), busy):
+            with self._lock:
+                if delivery.destination in self._busy:
+                    continue
+                self._busy.add(delivery.destination)
+            if self._pool is None:
+                self._deliver(delivery)
+            else:
+                self._pool.submit(self._deliver, delivery)
+            started += 1
+        return started
+
+    def _deliver(self, due: Delivery) -> None:
+        try:
+            self._attempt(due)
+        except Exception:
+            logger.exception("delivery of job %s to %s: unexpected error", due.job_id, due.destination)
+        finally:
+            with self._lock:
+                self._busy.discard(due.destination)
+            self._wake.set()
+
+    def _attempt(self, due: Delivery) -> None:
+        extra = {"job_id": due.job_id, "destination": due.destination}
+        dest = self._destinations.get(due.destination)
+        delivery = self.store.start_delivery(due.job_id, due.destination)
+        if delivery is None:
+            return
+        job = self.store.job(due.job_id)
+        error = ""
+        if dest is None:
+            error = f"destination {due.destination!r} is no longer configured"
+        elif job is None or not job.results:
+            error = "no result files recorded"
+        else:
+            files = [Path(p) for p in job.results]
+            try:
+                report = self.send(files, peer_of(dest), self.cfg.calling_ae_title,
+                                   self.cfg.dispatch.connect_timeout_s, self.cfg.dispatch.dimse_timeout_s)
+                if not report.ok:
+                    error = "; ".join(f"{p.name}: {why}" for p, why in report.failed[:3])
+                elif not report.stored:
+                    error = "nothing stored: " + "; ".join(f"{p.name}: {why}" for p, why in report.skipped[:3])
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        if not error:
+            all_sent = self.store.delivery_sent(due.job_id, due.destination)
+            self.observe(due.destination, "sent")
+            logger.info("job %s: results sent to %s (attempt %d)%s", due.job_id, due.destination, delivery.attempts,
+                        "; job delivered" if all_sent else "", extra=extra)
+            return
+        if delivery.attempts >= self.cfg.dispatch.max_attempts or dest is None:
+            self.store.delivery_failed(due.job_id, due.destination, error, None)
+            self.observe(due.destination, "dead")
+            logger.error("job %s: delivery to %s failed %d times, dead-lettered ('synthmrf jobs retry %s'): %s",
+                         due.job_id, due.destination, delivery.attempts, due.job_id, error, extra=extra)
+            return
+        delay = backoff_s(delivery.attempts, self.cfg.dispatch)
+        self.store.delivery_failed(due.job_id, due.destination, error, time.time() + delay)
+        self.observe(due.destination, "retry")
+        logger.warning("job %s: delivery to %s failed (attempt %d of %d), next in %.1f s: %s", due.job_id,
+                       due.destination, delivery.attempts, self.cfg.dispatch.max_attempts, delay, error, extra=extra)
+
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._busy)
+
+    # -- thread ----------------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+                next_at = self.store.next_delivery_at()
+            except Exception:
+                logger.exception("dispatcher loop error")
+                next_at = None
+            timeout = 1.0 if next_at is None else min(1.0, max(0.05, next_at - time.time()))
+            self._wake.wait(timeout)
+            self._wake.clear()
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self._destinations)), thread_name_prefix="dispatch")
+        self._thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float) -> None:
+        """Stop picking deliveries; let sends in progress end (bounded by their own timeouts)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._thread = None
+        self._pool = None

@@ -1,0 +1,195 @@
+"""A received instance: the checks it must pass before it is stored, and what the node records of it.
+
+``inspect_instance`` decodes a C-STORE data set and refuses (with a named DIMSE status) what the node
+cannot use: undecodable or truncated streams, missing or invalid identifying UIDs, UIDs that disagree
+with the command, and MR images without complete pixel data. ``file_meta_bytes`` writes the File
+Meta Information for the spooled file; ``is_complete_file`` and ``read_instance_info`` read a spooled
+file back after a restart.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import pynetdicom
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
+from pydicom.tag import Tag
+from pydicom.uid import UID, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage, MRImageStorage
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
+
+from dicom_node.dimse_status import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+from dicom_node.uids import InvalidUIDError, require_uid
+
+MR_IMAGE_STORAGE = frozenset({MRImageStorage, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage})
+_PIXEL_TAGS = (Tag(0x7FE0, 0x0010), Tag(0x7FE0, 0x0008), Tag(0x7FE0, 0x0009))
+_SOP_CLASS, _SOP_INSTANCE = Tag(0x0008, 0x0016), Tag(0x0008, 0x0018)
+_STUDY, _SERIES = Tag(0x0020, 0x000D), Tag(0x0020, 0x000E)
+
+
+class InstanceRefusedError(Exception):
+    """An instance the node will not store; carries the DIMSE status and a short reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """What the node needs to know about a received instance (no patient data)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    frames: int
+    images_in_acquisition: int | None
+    transfer_syntax: str
+
+
+def _element(group_elem: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit-VR little-endian element (the File Meta Information encoding, PS3.10 7.1)."""
+    tag = struct.pack("<HH", group_elem >> 16, group_elem & 0xFFFF)
+    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+        return tag + vr + b"\0\0" + struct.pack("<L", len(value)) + value
+    return tag + vr + struct.pack("<H", len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae_title: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information of a received instance (PS3.10 7.1).
+
+    Written by hand because it runs for every instance: the same elements as pynetdicom's
+    ``create_file_meta`` plus the Source Application Entity Title (the calling AE).
+    """
+    body = b"".join((
+        _element(0x00020001, b"OB", b"\x00\x01"),
+        _element(0x00020002, b"UI", _padded(sop_class_uid, b"\0")),
+        _element(0x00020003, b"UI", _padded(sop_instance_uid, b"\0")),
+        _element(0x00020010, b"UI", _padded(transfer_syntax, b"\0")),
+        _element(0x00020012, b"UI", _padded(pynetdicom.PYNETDICOM_IMPLEMENTATION_UID, b"\0")),
+        _element(0x00020013, b"SH", _padded(pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        _element(0x00020016, b"AE", _padded(source_ae_title.strip() or "UNKNOWN", b" ")),
+    ))
+    return b"\0" * 128 + b"DICM" + _element(0x00020000, b"UL", struct.pack("<L", len(body))) + body
+
+
+def _text(ds: Dataset, tag: Any) -> str:
+    """The value of a text element without converting (and validating) it; '' if absent."""
+    if tag not in ds:
+        return ""
+    value = ds.get_item(tag).value
+    if isinstance(value, bytes):
+        return value.decode("ascii", errors="replace").rstrip("\x00 ")
+    return str(value or "").rstrip("\x00 ")
+
+
+def _int(ds: Dataset, keyword: str, default: int | None) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return default if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _check_complete(ds: Dataset) -> None:
+    """A truncated stream leaves its last element shorter than its declared length."""
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        length = getattr(raw, "length", None)
+        value = getattr(raw, "value", None)
+        if isinstance(value, bytes) and length not in (None, 0xFFFFFFFF) and len(value) != length:
+            raise InstanceRefusedError(CANNOT_UNDERSTAND, f"data set truncated in {Tag(tag)}: {len(value)} of {length} "
+                                                     "bytes")
+
+
+def _check_pixels(ds: Dataset, encapsulated: bool) -> int:
+    """Check the pixel data is present and whole; return the number of frames."""
+    frames = _int(ds, "NumberOfFrames", 1) or 1
+    tag = next((t for t in _PIXEL_TAGS if t in ds), None)
+    if tag is None:
+        raise InstanceRefusedError(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "no pixel data")
+    value = ds.get_item(tag).value
+    if not isinstance(value, bytes) or not value:
+        raise InstanceRefusedError(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "empty pixel data")
+    if encapsulated:
+        try:
+            n = sum(1 for _ in generate_fragments(value))
+        except Exception as exc:
+            raise InstanceRefusedError(CANNOT_UNDERSTAND, f"broken encapsulated pixel data: {exc}") from exc
+        if n == 0:
+            raise InstanceRefusedError(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "encapsulated pixel data without fragments")
+        return frames
+    rows, columns = _int(ds, "Rows", 0) or 0, _int(ds, "Columns", 0) or 0
+    bits = _int(ds, "BitsAllocated", 0) or 0
+    samples = _int(ds, "SamplesPerPixel", 1) or 1
+    if not (rows and columns and bits):
+        raise InstanceRefusedError(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "Rows, Columns or BitsAllocated absent")
+    expected = (rows * columns * samples * frames * bits + 7) // 8
+    if len(value) < expected:
+        raise InstanceRefusedError(CANNOT_UNDERSTAND, f"pixel data truncated: {len(value)} of {expected} bytes")
+    return frames
+
+
+def inspect_instance(event: Event) -> InstanceInfo:
+    """Decode and check a C-STORE request's data set; :class:`InstanceRefusedError` says why it is refused."""
+    request = cast(C_STORE, event.request)
+    try:
+        command_sop = require_uid(request.AffectedSOPInstanceUID, "Affected SOP Instance UID")
+        command_class = require_uid(request.AffectedSOPClassUID, "Affected SOP Class UID")
+    except InvalidUIDError as exc:
+        raise InstanceRefusedError(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
+    transfer_syntax = event.context.transfer_syntax
+    try:
+        ds = event.dataset
+    except Exception as exc:  # pydicom raises many types for garbage
+        raise InstanceRefusedError(CANNOT_UNDERSTAND, f"undecodable data set ({type(exc).__name__})") from exc
+    _check_complete(ds)
+    try:
+        sop = require_uid(_text(ds, _SOP_INSTANCE), "SOPInstanceUID")
+        sop_class = require_uid(_text(ds, _SOP_CLASS), "SOPClassUID")
+        study = require_uid(_text(ds, _STUDY), "StudyInstanceUID")
+        series = require_uid(_text(ds, _SERIES), "SeriesInstanceUID")
+    except InvalidUIDError as exc:
+        raise InstanceRefusedError(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
+    if sop != command_sop:
+        raise InstanceRefusedError(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID differs from the command's")
+    if sop_class != command_class:
+        raise InstanceRefusedError(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the command's")
+    frames = _check_pixels(ds, UID(transfer_syntax).is_encapsulated) if sop_class in MR_IMAGE_STORAGE else 1
+    return InstanceInfo(sop, sop_class, study, series, frames, _int(ds, "ImagesInAcquisition", None),
+                        str(transfer_syntax))
+
+
+def read_instance_info(path: Path) -> InstanceInfo:
+    """The :class:`InstanceInfo` of a spooled file (headers only)."""
+    ds = dcmread(path, stop_before_pixels=True)
+    frames = _int(ds, "NumberOfFrames", 1) or 1
+    return InstanceInfo(str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.StudyInstanceUID),
+                        str(ds.SeriesInstanceUID), frames, _int(ds, "ImagesInAcquisition", None),
+                        str(ds.file_meta.get("TransferSyntaxUID", "")))
+
+
+def is_complete_file(path: Path, sop_uid: str) -> bool:
+    """True if ``path`` is a whole DICOM file of instance ``sop_uid`` (pixel data complete for MR images)."""
+    try:
+        ds = dcmread(path)
+        if str(ds.get("SOPInstanceUID", "")) != sop_uid:
+            return False
+        _check_complete(ds)
+        if str(ds.get("SOPClassUID", "")) in MR_IMAGE_STORAGE:
+            _check_pixels(ds, UID(ds.file_meta.TransferSyntaxUID).is_encapsulated)
+        return True
+    except Exception:  # unreadable or cut short: a partial write
+        return False

@@ -1,0 +1,49 @@
+"""Log output for ``synthmrf serve``: text or one JSON object per line, with the identifiers passed in ``extra``.
+
+Messages carry UIDs, AE titles and job ids, never patient names or other patient data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+IDENTIFIERS = ("study_uid", "series_uid", "sop_uid", "job_id", "destination", "calling_aet")
+
+
+class JsonFormatter(logging.Formatter):
+    """``{"time", "level", "logger", "message", <identifiers>, "exception"}`` per record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in IDENTIFIERS:
+            value = getattr(record, key, None)
+            if value:
+                out[key] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Root logging to stderr in ``fmt`` ('text' or 'json') at ``level`` (called by ``serve``, not at import)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level)
+    quiet = max(logging.getLevelNamesMapping()[level], logging.WARNING)
+    logging.getLogger("pynetdicom").setLevel(quiet)  # per-PDU chatter; the node logs associations itself
+    logging.getLogger("huey").setLevel(quiet)  # "Executing task ..." for every job; the node logs jobs itself

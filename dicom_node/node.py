@@ -1,0 +1,259 @@
+"""The node in one object: listener, series assembler, job workers, dispatcher, retention, metrics.
+
+``Node(config).start()`` recovers what a previous run left (finishes interrupted claims, creates
+missing jobs, re-queues interrupted jobs and deliveries, tracks partially received series) and starts
+the threads; ``stop()`` drains: no new associations, in-flight associations, jobs and sends get up to
+``node.drain_timeout_s`` to finish, and whatever is left is persisted for the next start.
+``synthmrf serve`` is a thin wrapper; the demo and the tests run a Node in-process (``port = 0``
+picks a free port, see :attr:`Node.port`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+
+from dicom_node.config import NodeConfig
+from dicom_node.dispatch import Dispatcher
+from dicom_node.instances import InstanceInfo, is_complete_file, read_instance_info
+from dicom_node.job_store import DeliveryState, JobState, JobStore
+from dicom_node.jobs import JobQueue, JobRunner, JobWorkers, make_huey
+from dicom_node.metrics import NodeMetrics
+from dicom_node.processor import LazyProcessor, Processor
+from dicom_node.retention import sweep
+from dicom_node.router import Router
+from dicom_node.series_assembly import CompletionHandler, SeriesAssembler
+from dicom_node.spool import Spool
+from dicom_node.storage_scp import Listener, start_listener
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = "node.lock"
+STATE_FILE = "jobs.sqlite"
+
+
+class NodeLockedError(RuntimeError):
+    """Another node process is using the storage folder."""
+
+
+class NodeLock:
+    """An exclusive ``flock`` on ``<storage_dir>/node.lock`` (released by the OS if the process dies)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> NodeLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise NodeLockedError(f"{self.path.parent}: another synthmrf node is running on this storage "
+                                  "folder") from exc
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class Node:
+    """A running synthmrf node (start/stop in-process; also a context manager)."""
+
+    def __init__(self, config: NodeConfig, processor: Processor | None = None) -> None:
+        self.config = config
+        self.storage_dir = Path(config.node.storage_dir)
+        self.processor: Processor = processor or LazyProcessor(config.pipeline)
+        self.metrics = NodeMetrics()
+        self.spool = Spool(self.storage_dir, config.node.min_free_mb * 2**20, config.node.fsync_directories)
+        self._lock = NodeLock(self.storage_dir)
+        self._listener: Listener | None = None
+        self._store: JobStore | None = None
+        self._queue: JobQueue | None = None
+        self._workers: JobWorkers | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._assembler: SeriesAssembler | None = None
+        self._housekeeping: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.metrics_port: int | None = None
+
+    # -- parts (valid after start) ---------------------------------------------------------------------------------
+
+    @property
+    def store(self) -> JobStore:
+        if self._store is None:
+            raise RuntimeError("node not started")
+        return self._store
+
+    @property
+    def port(self) -> int:
+        """The port the listener is bound to (the configured one, or the one picked for port 0)."""
+        if self._listener is None:
+            raise RuntimeError("node not started")
+        return self._listener.port
+
+    @property
+    def assembler(self) -> SeriesAssembler:
+        if self._assembler is None:
+            raise RuntimeError("node not started")
+        return self._assembler
+
+    # -- life cycle ---------------------------------------------------------------------------------------------------
+
+    def start(self) -> Node:
+        cfg = self.config
+        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        try:
+            self._start(cfg)
+        except BaseException:
+            self.stop(drain=False)
+            raise
+        return self
+
+    def _start(self, cfg: NodeConfig) -> None:
+        self._stopping.clear()
+        self.spool.prepare(is_complete_file)
+        store = self._store = JobStore(self.storage_dir / STATE_FILE)
+        dispatcher = self._dispatcher = Dispatcher(cfg, store, observe=self.metrics.observe_delivery)
+        huey = make_huey(cfg)
+        runner = JobRunner(cfg, self.spool, store, self.processor, queue_retry=self._enqueue_later,
+                           on_processed=dispatcher.wake, observe=self.metrics.observe_job)
+        queue = self._queue = JobQueue(huey, runner)
+        router = Router(self.spool, store, cfg.mprage, queue.enqueue)
+        assembler = self._assembler = SeriesAssembler(cfg.series, self._series_complete_handler(router))
+        self._recover(router, store, queue, assembler)
+        self.metrics.track(lambda: float(len(store.queued())), lambda: float(self.spool.free_bytes()))
+        self._workers = JobWorkers(huey, cfg.jobs.workers, cfg.jobs.poll_interval_s)
+        self._workers.start()
+        dispatcher.start()
+        assembler.start()
+        self._housekeeping = threading.Thread(target=self._housekeeping_loop, name="retention", daemon=True)
+        self._housekeeping.start()
+        if cfg.metrics.port is not None:
+            self.metrics_port = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+        self._listener = start_listener(cfg.node, self.spool, assembler.instance_stored, self.metrics.count_instance)
+
+    def _series_complete_handler(self, router: Router) -> CompletionHandler:
+        def complete(series_uid: str, why: str) -> None:
+            job = router.series_complete(series_uid, why)
+            if job is not None:
+                self.metrics.series.labels("queued" if job.state is JobState.QUEUED else "ignored").inc()
+        return complete
+
+    def _enqueue_later(self, job_id: str, delay_s: float) -> None:
+        if self._queue is not None:
+            self._queue.enqueue(job_id, delay_s)
+
+    def _recover(self, router: Router, store: JobStore, queue: JobQueue, assembler: SeriesAssembler) -> None:
+        """Bring the spool, the job store and the queue back in line after any kind of stop."""
+        for claim in self.spool.finish_interrupted_claims():
+            router.route(claim, "claim finished after a restart")
+        for series_uid in self.spool.series_uids():
+            for version in self.spool.versions(series_uid):
+                if not store.has_job(series_uid, version):
+                    router.route(self.spool.claim_of(series_uid, version), "found after a restart")
+            files = self.spool.incoming_files(series_uid)
+            if files:
+                infos: list[InstanceInfo] = []
+                for f in files:
+                    try:
+                        infos.append(read_instance_info(f))
+                    except Exception as exc:  # it was checked when received; count it without details
+                        logger.warning("series %s: cannot re-read %s (%s)", series_uid, f.name, exc)
+                assembler.track(series_uid, infos)
+                logger.info("series %s: %d instances waiting from before the restart", series_uid, len(files),
+                            extra={"series_uid": series_uid})
+        jobs, deliveries = store.recover_interrupted()
+        if jobs or deliveries:
+            logger.warning("recovered %d interrupted jobs and %d interrupted deliveries", jobs, deliveries)
+        queued = store.queued()
+        queue.reset(queued)
+        if queued:
+            logger.info("%d jobs queued", len(queued))
+
+    def _housekeeping_loop(self) -> None:
+        interval = self.config.retention.sweep_interval_s
+        while not self._stopping.is_set():
+            try:
+                sweep(self.store, self.spool, self.config.retention)
+            except Exception:
+                logger.exception("retention sweep failed")
+            self._stopping.wait(interval)
+
+    def stop(self, drain: bool = True, timeout_s: float | None = None) -> None:
+        """Stop; with ``drain``, in-flight work gets up to ``timeout_s`` (default node.drain_timeout_s)."""
+        timeout = self.config.node.drain_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + (timeout if drain else 0.0)
+        self._stopping.set()
+        if self._listener is not None:
+            listener = self._listener
+            self._listener = None
+            listener.stop_accepting()  # no new associations; running ones continue
+            while listener.active_associations and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for assoc in listener.active_associations:
+                logger.warning("aborting association from %s at shutdown", assoc.requestor.ae_title)
+                assoc.abort()
+        if self._assembler is not None:
+            self._assembler.stop()
+        if self._workers is not None:
+            self._workers.stop(max(1.5, deadline - time.monotonic()))  # idle threads notice within ~1 s
+            self._workers = None
+        if self._dispatcher is not None:
+            self._dispatcher.stop(max(0.0, deadline - time.monotonic()) + 1.0)
+            self._dispatcher = None
+        if self._housekeeping is not None:
+            self._housekeeping.join(5.0)
+            self._housekeeping = None
+        self.metrics.shutdown()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        self._lock.release()
+        logger.info("node stopped")
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    # -- for the demo and tests ---------------------------------------------------------------------------------------
+
+    def idle(self) -> bool:
+        """True when nothing is arriving, queued, processing or waiting to be sent."""
+        if self._assembler is not None and self._assembler.pending():
+            return False
+        counts = self.store.counts()
+        busy = [JobState.QUEUED, JobState.PROCESSING]
+        if any(counts.get(f"job:{s}", 0) for s in busy):
+            return False
+        return not any(counts.get(f"delivery:{s}", 0) for s in (DeliveryState.PENDING, DeliveryState.SENDING))
+
+    def wait_idle(self, timeout_s: float, poll_s: float = 0.1) -> bool:
+        """Wait until :meth:`idle` (polled); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.idle():
+                return True
+            time.sleep(poll_s)
+        return self.idle()

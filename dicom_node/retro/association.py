@@ -1,0 +1,256 @@
+"""Associations with an archive: named DIMSE statuses, errors that say which archive and what, and
+per-source association slots shared by every synthmrf process on the machine.
+
+A *slot* is an ``flock`` on ``<storage_dir>/retro/locks/<source>.<n>.lock`` (n < max_associations):
+an association to a source is opened only while its holder has a slot, so ``max_associations = 1``
+means one association at a time to that archive, whether the pass runs in ``synthmrf serve`` or on
+the command line. The OS releases the lock of a process that dies.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.uid import UID
+from pynetdicom import AE, build_role, evt
+from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from dicom_node.retro.config import SourceConfig
+from dicom_node.storage_scp import TRANSFER_SYNTAXES
+
+logger = logging.getLogger(__name__)
+
+# -- DIMSE statuses of the Query/Retrieve service class (PS3.4 Annex C.4), general ones from PS3.7 Annex C --
+SUCCESS = 0x0000  # C.4.1.1.4 / C.4.2.1.5 / C.4.3.1.4: matching or sub-operations complete
+PENDING = 0xFF00  # C.4.1.1.4: matches are continuing; C.4.2.1.5: sub-operations are continuing
+PENDING_OPTIONAL_KEYS = 0xFF01  # C.4.1.1.4: matches continuing, one or more optional keys not supported
+CANCELLED = 0xFE00  # C.4.1.1.4 / C.4.2.1.5: terminated by a C-CANCEL
+SUBOPERATIONS_WARNING = 0xB000  # C.4.2.1.5 / C.4.3.1.4: sub-operations complete, one or more failures or warnings
+OUT_OF_RESOURCES = 0xA700  # C.4.1.1.4: C-FIND refused, out of resources
+OUT_OF_RESOURCES_MATCHES = 0xA701  # C.4.2.1.5: refused, unable to calculate the number of matches
+OUT_OF_RESOURCES_SUBOPERATIONS = 0xA702  # C.4.2.1.5: refused, unable to perform sub-operations
+MOVE_DESTINATION_UNKNOWN = 0xA801  # C.4.2.1.5: refused, move destination unknown
+IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # C.4.1.1.4 / C.4.2.1.5: identifier does not match SOP class
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.7 C: refused, SOP class not supported
+UNABLE_TO_PROCESS_FIRST, UNABLE_TO_PROCESS_LAST = 0xC000, 0xCFFF  # C.4.1.1.4 / C.4.2.1.5: failed, unable to process
+
+STATUS_NAMES = {
+    SUCCESS: "success",
+    PENDING: "pending",
+    PENDING_OPTIONAL_KEYS: "pending (optional keys not supported)",
+    CANCELLED: "cancelled",
+    SUBOPERATIONS_WARNING: "warning: some sub-operations failed",
+    OUT_OF_RESOURCES: "refused: out of resources",
+    OUT_OF_RESOURCES_MATCHES: "refused: out of resources (cannot count matches)",
+    OUT_OF_RESOURCES_SUBOPERATIONS: "refused: out of resources (cannot perform sub-operations)",
+    MOVE_DESTINATION_UNKNOWN: "refused: move destination unknown",
+    IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS: "failed: identifier does not match SOP class",
+    SOP_CLASS_NOT_SUPPORTED: "refused: SOP class not supported",
+}
+
+# Storage SOP classes we accept on a C-GET association (SCP role): MR images and the MRF Parametric Maps
+MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4")
+ENHANCED_MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4.1")
+LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4.4")
+PARAMETRIC_MAP_STORAGE = UID("1.2.840.10008.5.1.4.1.1.30")
+SECONDARY_CAPTURE_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7")
+GET_STORAGE_CLASSES = (MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE,
+                       PARAMETRIC_MAP_STORAGE, SECONDARY_CAPTURE_IMAGE_STORAGE)
+
+FIND_MODEL = StudyRootQueryRetrieveInformationModelFind
+MOVE_MODEL = StudyRootQueryRetrieveInformationModelMove
+GET_MODEL = StudyRootQueryRetrieveInformationModelGet
+
+StoreHandler = Callable[[Event], int]
+
+
+def status_text(code: int | None) -> str:
+    """A status code as ``0xA801 (refused: move destination unknown)``."""
+    if code is None:
+        return "no response (timeout or abort)"
+    if UNABLE_TO_PROCESS_FIRST <= code <= UNABLE_TO_PROCESS_LAST:
+        return f"0x{code:04X} (failed: unable to process)"
+    return f"0x{code:04X} ({STATUS_NAMES.get(code, 'unknown status')})"
+
+
+class ArchiveError(Exception):
+    """Talking to an archive failed; the message names the source and what happened."""
+
+
+class ArchiveUnavailableError(ArchiveError):
+    """The archive could not be reached, refused the association, or went away: try again later."""
+
+
+@dataclass(frozen=True)
+class Archive:
+    """A source with the AE titles we use towards it."""
+
+    source: SourceConfig
+    calling_ae_title: str
+    move_destination: str
+
+    def __str__(self) -> str:
+        s = self.source
+        return f"source {s.name!r} ({s.ae_title}@{s.host}:{s.port})"
+
+
+def archive_for(source: SourceConfig, node_ae_title: str) -> Archive:
+    return Archive(source, source.calling_ae_title or node_ae_title, source.move_destination or node_ae_title)
+
+
+class SourceSlots:
+    """Association slots of one source: at most ``max_associations`` holders on this machine."""
+
+    def __init__(self, lock_dir: Path, source: SourceConfig) -> None:
+        self.lock_dir = Path(lock_dir)
+        self.source = source
+
+    @contextmanager
+    def slot(self, stop: threading.Event | None = None, poll_s: float = 0.2) -> Iterator[int]:
+        """Hold a free slot (waiting for one, polled); returns early with ArchiveError if ``stop`` is set."""
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        waited = False
+        while True:
+            for n in range(self.source.max_associations):
+                fd = os.open(self.lock_dir / f"{self.source.name}.{n}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                try:
+                    yield n
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    os.close(fd)
+                return
+            if not waited:
+                logger.info("source %s: all %d association slots busy, waiting", self.source.name,
+                            self.source.max_associations)
+                waited = True
+            if stop is not None and stop.wait(poll_s):
+                raise ArchiveError(f"source {self.source.name!r}: stopped while waiting for a free association")
+            if stop is None:
+                time.sleep(poll_s)
+
+
+def _ae(archive: Archive, dimse_timeout_s: float) -> AE:
+    s = archive.source
+    ae = AE(ae_title=archive.calling_ae_title)
+    ae.connection_timeout = s.connect_timeout_s
+    ae.acse_timeout = s.connect_timeout_s
+    ae.dimse_timeout = dimse_timeout_s
+    ae.network_timeout = max(dimse_timeout_s, s.connect_timeout_s)
+    ae.maximum_pdu_size = 0  # accept any PDU size the archive sends
+    return ae
+
+
+def _why_not_established(source: SourceConfig) -> str:
+    """pynetdicom reports a refused TCP connection as an abort; tell the two apart with a plain connect."""
+    try:
+        with socket.create_connection((source.host, source.port), timeout=source.connect_timeout_s):
+            pass
+    except OSError as exc:
+        return f"cannot connect ({exc.strerror or type(exc).__name__}): is the archive running and the address right?"
+    return "association aborted by the archive (or no answer within connect_timeout_s)"
+
+
+@contextmanager
+def associate(archive: Archive, *, get_handler: StoreHandler | None = None,
+              storage_classes: Sequence[UID] = GET_STORAGE_CLASSES) -> Iterator[Association]:
+    """An association offering C-FIND and C-MOVE (and, with ``get_handler``, C-GET with SCP role for
+    ``storage_classes``, each C-STORE sub-operation handed to ``get_handler``); released at the end,
+    aborted if the block raised. :class:`ArchiveUnavailableError` if it cannot be established."""
+    s = archive.source
+    ae = _ae(archive, max(s.find_timeout_s, s.retrieve_timeout_s))
+    ae.add_requested_context(FIND_MODEL)
+    ae.add_requested_context(MOVE_MODEL)
+    roles = []
+    handlers: list[tuple[evt.EventType, object]] = []
+    if get_handler is not None:
+        ae.add_requested_context(GET_MODEL)
+        for sop_class in storage_classes:
+            ae.add_requested_context(sop_class, list(TRANSFER_SYNTAXES))
+            roles.append(build_role(sop_class, scp_role=True))
+        handlers.append((evt.EVT_C_STORE, get_handler))
+    try:
+        assoc = ae.associate(s.host, s.port, ae_title=s.ae_title, ext_neg=roles or None,  # type: ignore[arg-type]
+                             evt_handlers=handlers or None)  # type: ignore[arg-type]
+    except OSError as exc:  # name resolution and similar failures before any DICOM is spoken
+        raise ArchiveUnavailableError(f"{archive}: cannot connect ({exc})") from exc
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            why = "association rejected (is our AE title " f"{archive.calling_ae_title!r} known to the archive?)"
+        else:
+            why = _why_not_established(s)
+        raise ArchiveUnavailableError(f"{archive}: {why}")
+    ok = False
+    try:
+        yield assoc
+        ok = True
+    finally:
+        if assoc.is_established:
+            if ok:
+                assoc.release()
+            else:
+                assoc.abort()
+
+
+class ArchiveSession:
+    """An association to the archive opened on demand (holding a source slot), closed for long waits;
+    with ``get_dir``, C-GET sub-operations are filed there (``retrieve.store_to_folder``)."""
+
+    def __init__(self, archive: Archive, slots: SourceSlots, stop: threading.Event, get_dir: Path | None) -> None:
+        self.archive = archive
+        self.slots = slots
+        self.stop = stop
+        self.get_dir = get_dir
+        self._stack: ExitStack | None = None
+        self._assoc: Association | None = None
+        self.last_study_start: float | None = None  # the rate limit's clock within the pass
+        self.node_checked = False  # the node answered C-ECHO during this session's pass
+
+    def assoc(self) -> Association:
+        if self._assoc is not None and self._assoc.is_established:
+            return self._assoc
+        self.close()
+        stack = ExitStack()
+        try:
+            stack.enter_context(self.slots.slot(self.stop))
+            handler = None
+            if self.get_dir is not None:
+                from dicom_node.retro.retrieve import store_to_folder
+
+                folder = self.get_dir
+
+                def handler(event: Event) -> int:
+                    return store_to_folder(event, folder)
+            self._assoc = stack.enter_context(associate(self.archive, get_handler=handler))
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self._assoc
+
+    def close(self, error: bool = False) -> None:
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            if error and self._assoc is not None and self._assoc.is_established:
+                self._assoc.abort()
+            self._assoc = None
+            stack.close()

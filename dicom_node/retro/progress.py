@@ -1,0 +1,370 @@
+"""Per-series progress of retrospective passes and the history of runs (``<storage_dir>/retro/progress.sqlite``).
+
+A series (keyed by its SeriesInstanceUID, whatever the source) moves
+
+    retrieving -> retrieved                   (the archive reported every sub-operation done)
+               -> failed -> retrieving ...    (tried again by passes that start retry_after_s later)
+               -> gave_up                      (after max_attempts)
+    already_received                           (the node had it before any pass asked: sent prospectively)
+
+A ``retrieving`` series whose run is no longer alive (its process died, or the run ended while the
+series was in flight) is *interrupted*: the next pass asks the archive for its instances and fetches
+only those the node does not hold. Claims are single conditional statements, so two passes never
+fetch one series at the same time. Runs record who ran (schedule, source, pid), when, what came of
+it, and the counts shown by ``synthmrf retro list`` and ``synthmrf status``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+PROGRESS_FILE = "progress.sqlite"
+
+
+class SeriesState(StrEnum):
+    RETRIEVING = "retrieving"
+    RETRIEVED = "retrieved"
+    FAILED = "failed"
+    GAVE_UP = "gave_up"
+    ALREADY_RECEIVED = "already_received"
+
+
+class RunState(StrEnum):
+    RUNNING = "running"
+    FINISHED = "finished"  # everything found was handled (or the cap was reached; see message)
+    STOPPED = "stopped"  # the window closed or the scheduler stopped: the rest is for the next run
+    INTERRUPTED = "interrupted"  # the process died or the run was interrupted mid-series
+    FAILED = "failed"  # the archive could not be reached or refused: nothing (more) was fetched
+    SKIPPED = "skipped"  # outside the run window
+
+
+DONE = (SeriesState.RETRIEVED, SeriesState.GAVE_UP, SeriesState.ALREADY_RECEIVED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    source TEXT NOT NULL,
+    state TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    expected INTEGER,
+    completed INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    run_id INTEGER,
+    next_attempt_at REAL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS series_state ON series (state);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    schedule TEXT,
+    source TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    spec TEXT NOT NULL DEFAULT '{}',
+    dry_run INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    message TEXT NOT NULL DEFAULT '',
+    studies INTEGER NOT NULL DEFAULT 0,
+    series_fetched INTEGER NOT NULL DEFAULT 0,
+    series_skipped INTEGER NOT NULL DEFAULT 0,
+    series_failed INTEGER NOT NULL DEFAULT 0,
+    instances INTEGER NOT NULL DEFAULT 0,
+    started_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS runs_schedule ON runs (schedule, started_at);
+"""
+
+
+@dataclass(frozen=True)
+class SeriesProgress:
+    series_uid: str
+    study_uid: str
+    source: str
+    state: SeriesState
+    description: str
+    expected: int | None
+    completed: int
+    failed: int
+    attempts: int
+    last_error: str
+    run_id: int | None
+    next_attempt_at: float | None
+    created_at: float  # when a pass first claimed (or recorded) it
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    kind: str
+    schedule: str | None
+    source: str
+    pid: int
+    state: RunState
+    message: str
+    dry_run: bool
+    studies: int
+    series_fetched: int
+    series_skipped: int
+    series_failed: int
+    instances: int
+    started_at: float
+    finished_at: float | None
+    spec: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "schedule": self.schedule, "source": self.source,
+                "state": str(self.state), "message": self.message, "dry_run": self.dry_run, "studies": self.studies,
+                "series_fetched": self.series_fetched, "series_skipped": self.series_skipped,
+                "series_failed": self.series_failed, "instances": self.instances, "started_at": self.started_at,
+                "finished_at": self.finished_at}
+
+
+def _series(row: sqlite3.Row) -> SeriesProgress:
+    return SeriesProgress(row["series_uid"], row["study_uid"], row["source"], SeriesState(row["state"]),
+                          row["description"], row["expected"], row["completed"], row["failed"], row["attempts"],
+                          row["last_error"], row["run_id"], row["next_attempt_at"], row["created_at"],
+                          row["updated_at"])
+
+
+def _run(row: sqlite3.Row) -> Run:
+    return Run(row["id"], row["kind"], row["schedule"], row["source"], row["pid"], RunState(row["state"]),
+               row["message"], bool(row["dry_run"]), row["studies"], row["series_fetched"], row["series_skipped"],
+               row["series_failed"], row["instances"], row["started_at"], row["finished_at"], json.loads(row["spec"]))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ProgressStore:
+    """The progress database; thread-safe, shared by the node's scheduler and command-line passes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._host = socket.gethostname()
+        self._active: set[int] = set()  # runs of this process (their pid is ours, so alive by pid alone)
+
+    @classmethod
+    def open(cls, storage_dir: Path) -> ProgressStore:
+        return cls(Path(storage_dir) / "retro" / PROGRESS_FILE)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- runs ---------------------------------------------------------------------------------------------------
+
+    def start_run(self, kind: str, source: str, spec: Mapping[str, Any], *, schedule: str | None = None,
+                  dry_run: bool = False) -> int:
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute("INSERT INTO runs (kind, schedule, source, pid, host, spec, dry_run, state, started_at) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (kind, schedule, source, os.getpid(), self._host, json.dumps(dict(spec), default=str),
+                              int(dry_run), str(RunState.RUNNING), now))
+            run_id = int(cur.lastrowid or 0)
+        self._active.add(run_id)
+        return run_id
+
+    def update_run(self, run_id: int, **counts: int) -> None:
+        allowed = {"studies", "series_fetched", "series_skipped", "series_failed", "instances"}
+        if not set(counts) <= allowed:
+            raise ValueError(f"counts: unknown keys {sorted(set(counts) - allowed)}")
+        if not counts:
+            return
+        sets = ", ".join(f"{k} = ?" for k in counts)
+        with self._tx() as db:
+            db.execute(f"UPDATE runs SET {sets} WHERE id = ?", (*counts.values(), run_id))
+
+    def finish_run(self, run_id: int, state: RunState, message: str = "") -> None:
+        with self._tx() as db:
+            db.execute("UPDATE runs SET state = ?, message = ?, finished_at = ? WHERE id = ? AND state = ?",
+                       (str(state), message[:2000], time.time(), run_id, str(RunState.RUNNING)))
+        self._active.discard(run_id)
+
+    def run(self, run_id: int) -> Run | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return None if row is None else _run(row)
+
+    def runs(self, schedule: str | None = None, limit: int = 20) -> list[Run]:
+        sql, args = "SELECT * FROM runs", []
+        if schedule is not None:
+            sql += " WHERE schedule = ?"
+            args.append(schedule)
+        sql += " ORDER BY started_at DESC, id DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(sql, (*args, limit)).fetchall()
+        return [_run(r) for r in rows]
+
+    def last_runs(self) -> dict[str, Run]:
+        """The latest run of each schedule."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM runs WHERE id IN (SELECT MAX(id) FROM runs "
+                                    "WHERE schedule IS NOT NULL GROUP BY schedule)").fetchall()
+        return {r["schedule"]: _run(r) for r in rows}
+
+    def _alive(self, run_id: int | None, rows: Mapping[int, sqlite3.Row]) -> bool:
+        if run_id is None:
+            return False
+        if run_id in self._active:
+            return True
+        row = rows.get(run_id)
+        return (row is not None and row["state"] == str(RunState.RUNNING) and row["host"] == self._host
+                and row["pid"] != os.getpid() and _pid_alive(int(row["pid"])))
+
+    def reap_dead_runs(self) -> int:
+        """Runs left 'running' by a process that died (or by this process, outside an active run) -> interrupted."""
+        with self._lock:
+            rows = {r["id"]: r for r in self._db.execute("SELECT * FROM runs WHERE state = ?",
+                                                         (str(RunState.RUNNING),))}
+        dead = [i for i in rows if not self._alive(i, rows)]
+        now = time.time()
+        with self._tx() as db:
+            for run_id in dead:
+                db.execute("UPDATE runs SET state = ?, message = ?, finished_at = ? WHERE id = ? AND state = ?",
+                           (str(RunState.INTERRUPTED), "the process running it ended", now, run_id,
+                            str(RunState.RUNNING)))
+        return len(dead)
+
+    # -- series -------------------------------------------------------------------------------------------------
+
+    def series(self, series_uid: str) -> SeriesProgress | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+        return None if row is None else _series(row)
+
+    def all_series(self, states: tuple[SeriesState, ...] = ()) -> list[SeriesProgress]:
+        sql, args = "SELECT * FROM series", [str(s) for s in states]
+        if states:
+            sql += f" WHERE state IN ({','.join('?' * len(states))})"
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY updated_at", args).fetchall()
+        return [_series(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {r["state"]: r["n"] for r in self._db.execute(
+                "SELECT state, COUNT(*) AS n FROM series GROUP BY state")}
+
+    def interrupted(self) -> list[SeriesProgress]:
+        """Series left 'retrieving' by a run that is no longer alive."""
+        with self._lock:
+            runs = {r["id"]: r for r in self._db.execute("SELECT * FROM runs WHERE state = ?",
+                                                         (str(RunState.RUNNING),))}
+        return [s for s in self.all_series((SeriesState.RETRIEVING,)) if not self._alive(s.run_id, runs)]
+
+    def claim(self, series_uid: str, study_uid: str, source: str, run_id: int, *, description: str = "",
+              expected: int | None = None, now: float | None = None) -> SeriesProgress | None:
+        """Take a series for retrieval by ``run_id``: new, failed and due, or interrupted. None if not available."""
+        now = time.time() if now is None else now
+        with self._lock:
+            current = self.series(series_uid)
+            if current is not None and current.state is SeriesState.RETRIEVING:
+                runs = {r["id"]: r for r in self._db.execute("SELECT * FROM runs WHERE id = ?", (current.run_id,))}
+                if self._alive(current.run_id, runs):
+                    return None
+            with self._tx() as db:
+                if current is None:
+                    db.execute("INSERT OR IGNORE INTO series (series_uid, study_uid, source, state, description, "
+                               "expected, attempts, run_id, created_at, updated_at) "
+                               "VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?)",
+                               (series_uid, study_uid, source, str(SeriesState.RETRIEVING), description[:200],
+                                expected, run_id, now, now))
+                else:
+                    n = db.execute("UPDATE series SET state = ?, source = ?, run_id = ?, attempts = attempts + 1, "
+                                   "expected = COALESCE(?, expected), updated_at = ? WHERE series_uid = ? AND "
+                                   "(state = ? OR (state = ? AND (next_attempt_at IS NULL OR next_attempt_at <= ?)))",
+                                   (str(SeriesState.RETRIEVING), source, run_id, expected, now, series_uid,
+                                    str(SeriesState.RETRIEVING), str(SeriesState.FAILED), now)).rowcount
+                    if n != 1:
+                        return None
+            claimed = self.series(series_uid)
+        return claimed if claimed is not None and claimed.run_id == run_id else None
+
+    def record_progress(self, series_uid: str, completed: int, failed: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE series SET completed = ?, failed = ?, updated_at = ? WHERE series_uid = ?",
+                       (completed, failed, time.time(), series_uid))
+
+    def retrieved(self, series_uid: str, completed: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE series SET state = ?, completed = ?, failed = 0, last_error = '', "
+                       "next_attempt_at = NULL, updated_at = ? WHERE series_uid = ?",
+                       (str(SeriesState.RETRIEVED), completed, time.time(), series_uid))
+
+    def failed(self, series_uid: str, error: str, *, retry_after_s: float, max_attempts: int) -> SeriesState:
+        """retrieving -> failed (due again after ``retry_after_s``) or gave_up after ``max_attempts``."""
+        now = time.time()
+        current = self.series(series_uid)
+        attempts = current.attempts if current is not None else max_attempts
+        state = SeriesState.GAVE_UP if attempts >= max_attempts else SeriesState.FAILED
+        with self._tx() as db:
+            db.execute("UPDATE series SET state = ?, last_error = ?, next_attempt_at = ?, updated_at = ? "
+                       "WHERE series_uid = ?",
+                       (str(state), error[:500], now + retry_after_s, now, series_uid))
+        return state
+
+    def already_received(self, series_uid: str, study_uid: str, source: str, description: str = "") -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO series (series_uid, study_uid, source, state, description, created_at, "
+                       "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (series_uid, study_uid, source, str(SeriesState.ALREADY_RECEIVED), description[:200], now, now))
+
+    def retry(self, series_uid: str) -> bool:
+        """Make a failed or given-up series due now (attempts reset)."""
+        with self._tx() as db:
+            return db.execute("UPDATE series SET state = ?, attempts = 0, next_attempt_at = NULL, updated_at = ? "
+                              "WHERE series_uid = ? AND state IN (?, ?)",
+                              (str(SeriesState.FAILED), time.time(), series_uid, str(SeriesState.FAILED),
+                               str(SeriesState.GAVE_UP))).rowcount == 1
+
+    def last_study_started_at(self, source: str) -> float | None:
+        """The latest retrieval activity for ``source`` (so the rate limit also spans passes)."""
+        with self._lock:
+            row = self._db.execute("SELECT MAX(updated_at) AS t FROM series WHERE source = ? AND attempts > 0",
+                                   (source,)).fetchone()
+        return None if row["t"] is None else float(row["t"])

@@ -1,0 +1,70 @@
+"""From a complete series to a job: claim the spooled instances, apply the MPRAGE rules, queue or ignore.
+
+Policies (deliberate, visible in ``synthmrf jobs``):
+
+- Duplicates: an instance whose SOP Instance UID the series already holds is acknowledged (Success)
+  and dropped by the spool; a series sent twice therefore makes no new version, no job, no result.
+- Late instances: new instances of a series that was already claimed start a new version once the
+  series is quiet again. Version N+1 holds every instance (the earlier ones are hard-linked), is
+  judged by the rules again and, if it is an MPRAGE, processed again: the destination receives a new
+  result series (new UIDs) that references the same source series, so the latest result covers the
+  whole series. Job ids are ``<SeriesInstanceUID>-v<N>``.
+- Other series (not an MPRAGE by the rules, or an unreadable header) get an ``ignored`` job with the
+  reason, a log line, and are deleted after ``retention.ignored_days``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from pydicom import dcmread
+
+from dicom_node.config import MprageSection
+from dicom_node.job_store import Job, JobState, JobStore
+from dicom_node.series_rules import Decision, classify
+from dicom_node.spool import SUFFIX, Claim, Spool
+
+logger = logging.getLogger(__name__)
+
+
+class Router:
+    """Turns claimed series versions into jobs; ``enqueue(job_id)`` hands MPRAGE jobs to the queue."""
+
+    def __init__(self, spool: Spool, store: JobStore, rules: MprageSection, enqueue: Callable[[str], None]) -> None:
+        self.spool = spool
+        self.store = store
+        self.rules = rules
+        self.enqueue = enqueue
+
+    def series_complete(self, series_uid: str, why: str) -> Job | None:
+        """The assembler's callback: claim what arrived and route it (None if nothing was waiting)."""
+        claim = self.spool.claim(series_uid, at_least=self.store.next_version(series_uid))
+        if claim is None:
+            return None
+        return self.route(claim, why)
+
+    def route(self, claim: Claim, why: str) -> Job:
+        """Create the job of a claimed version (idempotent) and queue it if it is an MPRAGE."""
+        first = min((p for p in claim.input_dir.iterdir() if p.name.endswith(SUFFIX)), default=None)
+        study = ""
+        try:
+            if first is None:
+                raise FileNotFoundError(f"{claim.input_dir}: no instances")
+            header = dcmread(first, stop_before_pixels=True)
+            study = str(header.get("StudyInstanceUID", ""))
+            decision = classify(header, self.rules)
+        except Exception as exc:
+            decision = Decision(False, f"header unreadable ({type(exc).__name__}: {exc})")
+        state = JobState.QUEUED if decision.accepted else JobState.IGNORED
+        job = self.store.create_job(claim.series_uid, claim.version, study, claim.total_instances, state,
+                                    decision.reason)
+        extra = {"series_uid": claim.series_uid, "study_uid": study, "job_id": job.id}
+        if job.state is JobState.QUEUED:
+            logger.info("series %s version %d complete (%s): %d instances, %s; job %s queued", claim.series_uid,
+                        claim.version, why, claim.total_instances, decision.reason, job.id, extra=extra)
+            self.enqueue(job.id)
+        else:
+            logger.info("series %s version %d complete (%s): %d instances, ignored: %s", claim.series_uid,
+                        claim.version, why, claim.total_instances, job.reason, extra=extra)
+        return job

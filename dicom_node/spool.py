@@ -1,0 +1,333 @@
+"""The durable spool: received instances on disk, grouped by series, claimed into numbered versions.
+
+Layout under the storage folder (every name below ``series/`` is a validated UID or a fixed word)::
+
+    tmp/                                   partial writes; emptied at start
+    series/<SeriesUID>/incoming/<SOPUID>.dcm  acknowledged instances not yet claimed
+    series/<SeriesUID>/v0001/input/*.dcm      a claimed version: the series as it was processed
+    series/<SeriesUID>/v0001/output/          what the processor wrote for that version
+    series/<SeriesUID>/.v0002.claim/           a claim in progress (finished on the next start)
+
+An instance is written to ``tmp/<SeriesUID>_<SOPUID>.<n>.part`` and fsynced, then renamed into
+``incoming/``; only then is it acknowledged. The fsync makes the bytes and the temporary name durable
+(ext4, XFS and btrfs commit a new file's directory entry with its fsync); if a crash loses the rename,
+the next start finds the complete file in ``tmp/`` and rolls it forward. ``fsync_directories`` adds
+an fsync of ``incoming/`` after each rename (strict POSIX, about twice the flushes per instance).
+A *claim* renames ``incoming/`` into a new version and links the previous version's instances next to
+it, so every version holds the whole series; the final rename of ``.vNNNN.claim`` to ``vNNNN`` is the
+commit point. SOP Instance UIDs seen in any version or in ``incoming/`` are duplicates: they are
+acknowledged and dropped (the first copy wins), for as long as the series is kept (see retention).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import re
+import shutil
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from dicom_node.uids import require_uid
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = ".dcm"
+_VERSION = re.compile(r"v(\d{4,})")
+_CLAIM = re.compile(r"\.v(\d{4,})\.claim")
+_PART = re.compile(r"([0-9.]+)_([0-9.]+)\.\d+\.part")
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class SpoolFullError(Exception):
+    """Storing would leave less free space than the configured minimum, or the disk is full."""
+
+
+class StoreOutcome(Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A version of a series, claimed from ``incoming/``: ``input`` holds the whole series."""
+
+    series_uid: str
+    version: int
+    folder: Path
+    new_instances: int
+    total_instances: int
+
+    @property
+    def input_dir(self) -> Path:
+        return self.folder / "input"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.folder / "output"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of folder ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mkdir_durable(path: Path) -> None:
+    """Create ``path`` (and missing parents) and fsync each parent whose listing changed."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        fsync_dir(folder.parent)
+
+
+def _write_all(fd: int, parts: list[bytes | memoryview], size: int) -> None:
+    """``writev`` until all ``size`` bytes of ``parts`` are written."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    written = 0
+    while views:
+        n = os.writev(fd, views)
+        written += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+    if written != size:
+        raise OSError(errno.EIO, f"wrote {written} of {size} bytes")
+
+
+def version_name(version: int) -> str:
+    return f"v{version:04d}"
+
+
+class Spool:
+    """The spool folder of one node. Thread-safe; one node process per folder (see ``node.NodeLock``)."""
+
+    def __init__(self, root: Path, min_free_bytes: int = 0, fsync_directories: bool = False) -> None:
+        self.root = Path(root)
+        self.min_free_bytes = int(min_free_bytes)
+        self.fsync_directories = fsync_directories
+        self.tmp_dir = self.root / "tmp"
+        self.series_root = self.root / "series"
+        self._tmp, self._series = str(self.tmp_dir), str(self.series_root)
+        self._lock = threading.Lock()
+        self._known: dict[str, set[str]] = {}
+        self._counter = itertools.count()
+
+    # -- start-up -------------------------------------------------------------------------------------------
+
+    def prepare(self, is_complete: Callable[[Path, str], bool] = lambda path, sop_uid: False) -> int:
+        """Create the folders and settle what a crash left in ``tmp/``; return how many were rolled forward.
+
+        A leftover ``<series>_<sop>.<n>.part`` that ``is_complete(path, sop_uid)`` accepts was fsynced
+        (possibly acknowledged) before its rename was lost: it is moved into place. Anything else in
+        ``tmp/`` is a partial write and is deleted.
+        """
+        _mkdir_durable(self.tmp_dir)
+        _mkdir_durable(self.series_root)
+        rolled = 0
+        for leftover in sorted(self.tmp_dir.iterdir()):
+            m = _PART.fullmatch(leftover.name)
+            if m and leftover.is_file() and is_complete(leftover, m.group(2)):
+                outcome = self._place(m.group(1), m.group(2), leftover)
+                if outcome is StoreOutcome.STORED:
+                    rolled += 1
+                    logger.warning("rolled forward %s of series %s (its rename was lost in a crash)", m.group(2),
+                                   m.group(1), extra={"series_uid": m.group(1), "sop_uid": m.group(2)})
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        return rolled
+
+    def finish_interrupted_claims(self) -> list[Claim]:
+        """Complete claims a crash interrupted (their ``incoming/`` was already moved) and return them."""
+        done = []
+        for series in self.series_uids():
+            folder = self.series_dir(series)
+            for entry in sorted(folder.iterdir()):
+                m = _CLAIM.fullmatch(entry.name)
+                if not m:
+                    continue
+                if not (entry / "input").is_dir():
+                    shutil.rmtree(entry)  # crashed before incoming/ was moved: nothing was claimed
+                    continue
+                done.append(self._commit_claim(series, int(m.group(1)), entry))
+                logger.info("series %s: finished interrupted claim of version %s", series, m.group(1),
+                            extra={"series_uid": series})
+        return done
+
+    # -- receiving ------------------------------------------------------------------------------------------
+
+    def series_dir(self, series_uid: str) -> Path:
+        return self.series_root / require_uid(series_uid, "SeriesInstanceUID")
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def check_space(self, nbytes: int) -> None:
+        """Raise :class:`SpoolFullError` if writing ``nbytes`` would leave less than the minimum free."""
+        free = self.free_bytes()
+        if free - nbytes < self.min_free_bytes:
+            raise SpoolFullError(f"{free // 2**20} MiB free, {nbytes} bytes to store, minimum free "
+                            f"{self.min_free_bytes // 2**20} MiB")
+
+    def _known_for(self, series_uid: str) -> set[str]:
+        """SOP Instance UIDs already held for the series (call with the lock held)."""
+        known = self._known.get(series_uid)
+        if known is None:
+            known = set()
+            folder = self.series_root / series_uid
+            if folder.is_dir():
+                for sub in [folder / "incoming", *(p / "input" for p in folder.iterdir() if p.name != "incoming")]:
+                    if sub.is_dir():
+                        known.update(f.name[:-len(SUFFIX)] for f in os.scandir(sub) if f.name.endswith(SUFFIX))
+            self._known[series_uid] = known
+        return known
+
+    def is_duplicate(self, series_uid: str, sop_uid: str) -> bool:
+        with self._lock:
+            return sop_uid in self._known_for(series_uid)
+
+    def store(self, series_uid: str, sop_uid: str, data: bytes | Sequence[bytes | memoryview]) -> StoreOutcome:
+        """Write one instance (DICOM file bytes, or parts written in order) durably.
+
+        :class:`SpoolFullError` when space is short.
+
+        Returns DUPLICATE, writing nothing, if the series already holds that SOP Instance UID. The
+        bytes go to ``tmp/`` and are fsynced before the rename into ``incoming/``: from then on a crash
+        cannot lose them (``prepare`` rolls a fsynced leftover forward).
+        """
+        series_uid = require_uid(series_uid, "SeriesInstanceUID")
+        sop_uid = require_uid(sop_uid, "SOPInstanceUID")
+        if self.is_duplicate(series_uid, sop_uid):
+            return StoreOutcome.DUPLICATE
+        parts: list[bytes | memoryview] = [data] if isinstance(data, bytes) else list(data)
+        size = sum(len(p) for p in parts)
+        self.check_space(size)
+        tmp = os.path.join(self._tmp, f"{series_uid}_{sop_uid}.{next(self._counter)}.part")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                _write_all(fd, parts, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return self._place(series_uid, sop_uid, tmp)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if exc.errno in _NO_SPACE:
+                raise SpoolFullError(f"disk full while writing {size} bytes ({exc.strerror})") from exc
+            raise
+
+    def _place(self, series_uid: str, sop_uid: str, tmp: str | Path) -> StoreOutcome:
+        """Rename a fsynced file from ``tmp/`` into the series' ``incoming/`` unless it is a duplicate."""
+        incoming = os.path.join(self._series, series_uid, "incoming")
+        with self._lock:
+            known = self._known_for(series_uid)
+            if sop_uid in known:
+                os.unlink(tmp)
+                return StoreOutcome.DUPLICATE
+            if not os.path.isdir(incoming):
+                _mkdir_durable(Path(incoming))
+            os.rename(tmp, os.path.join(incoming, sop_uid + SUFFIX))
+            known.add(sop_uid)
+            if self.fsync_directories:
+                fsync_dir(Path(incoming))
+        return StoreOutcome.STORED
+
+    # -- series and versions ----------------------------------------------------------------------------------
+
+    def series_uids(self) -> list[str]:
+        if not self.series_root.is_dir():
+            return []
+        return sorted(p.name for p in self.series_root.iterdir() if p.is_dir())
+
+    def incoming_files(self, series_uid: str) -> list[Path]:
+        incoming = self.series_dir(series_uid) / "incoming"
+        if not incoming.is_dir():
+            return []
+        return sorted(p for p in incoming.iterdir() if p.name.endswith(SUFFIX))
+
+    def versions(self, series_uid: str) -> list[int]:
+        folder = self.series_dir(series_uid)
+        if not folder.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _VERSION.fullmatch(p.name)))
+
+    def version_dir(self, series_uid: str, version: int) -> Path:
+        return self.series_dir(series_uid) / version_name(version)
+
+    def claim_of(self, series_uid: str, version: int) -> Claim:
+        folder = self.version_dir(series_uid, version)
+        n = sum(1 for p in (folder / "input").iterdir() if p.name.endswith(SUFFIX))
+        return Claim(series_uid, version, folder, n, n)
+
+    def claim(self, series_uid: str, at_least: int = 1) -> Claim | None:
+        """Move the series' incoming instances into a new version (with the earlier ones); None if none.
+
+        The version number is one more than any in the folder and at least ``at_least`` (the job store
+        remembers versions whose folders retention has deleted).
+        """
+        folder = self.series_dir(series_uid)
+        with self._lock:
+            incoming = folder / "incoming"
+            if not incoming.is_dir() or not any(incoming.iterdir()):
+                return None
+            taken = {int(m.group(1)) for p in folder.iterdir()
+                     if (m := _VERSION.fullmatch(p.name) or _CLAIM.fullmatch(p.name))}
+            version = max(max(taken, default=0) + 1, at_least)
+            staging = folder / f".{version_name(version)}.claim"
+            staging.mkdir()
+            new = sum(1 for _ in incoming.iterdir())
+            os.rename(incoming, staging / "input")
+        claim = self._commit_claim(series_uid, version, staging)
+        return Claim(series_uid, version, claim.folder, new, claim.total_instances)
+
+    def _commit_claim(self, series_uid: str, version: int, staging: Path) -> Claim:
+        folder = staging.parent
+        inputs = staging / "input"
+        earlier = [v for v in self.versions(series_uid) if v < version]
+        if earlier:
+            previous = folder / version_name(earlier[-1]) / "input"
+            for f in previous.iterdir():
+                target = inputs / f.name
+                if not target.exists():
+                    os.link(f, target)
+        fsync_dir(inputs)
+        fsync_dir(staging)
+        final = folder / version_name(version)
+        os.rename(staging, final)
+        fsync_dir(folder)
+        n = sum(1 for p in (final / "input").iterdir() if p.name.endswith(SUFFIX))
+        return Claim(series_uid, version, final, n, n)
+
+    # -- retention ------------------------------------------------------------------------------------------------
+
+    def purge_version(self, series_uid: str, version: int) -> None:
+        """Delete one version folder; the series folder goes with its last version and no incoming."""
+        folder = self.series_dir(series_uid)
+        with self._lock:
+            shutil.rmtree(folder / version_name(version), ignore_errors=True)
+            self._known.pop(series_uid, None)
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()

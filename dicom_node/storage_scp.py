@@ -1,0 +1,263 @@
+"""The DICOM listener: C-ECHO and C-STORE handlers (plain functions) and the AE that binds them.
+
+A C-STORE is answered Success only after the instance is on disk (see ``spool``). Every handler has
+one boundary that turns an exception into a named failure status and a log line; the association
+never sees a Python exception, and a handler never waits for the pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import ssl
+import threading
+from collections import Counter
+from collections.abc import Callable
+from io import BytesIO
+from typing import Any, cast
+
+import pynetdicom
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pydicom.uid import (
+    JPEGLossless as JPEGLosslessP14,
+)
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node import fast_acceptor
+from dicom_node.config import NodeSection
+from dicom_node.dimse_status import OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
+from dicom_node.instances import MR_IMAGE_STORAGE, InstanceInfo, InstanceRefusedError, file_meta_bytes, inspect_instance
+from dicom_node.spool import Spool, SpoolFullError, StoreOutcome
+
+logger = logging.getLogger(__name__)
+
+VERIFICATION = UID("1.2.840.10008.1.1")  # Verification SOP Class (PS3.4 Annex A)
+TRANSFER_SYNTAXES: tuple[UID, ...] = (
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessP14, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000Lossless, JPEG2000, RLELossless, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K,
+)
+MAX_ERROR_COMMENT = 64  # (0000,0902) Error Comment is LO
+
+def status(code: int, comment: str | None = None) -> Dataset:
+    """A C-STORE/C-ECHO response status dataset, with an Error Comment for failures."""
+    ds = Dataset()
+    ds.Status = code
+    if comment and code != SUCCESS:
+        ds.ErrorComment = comment[:MAX_ERROR_COMMENT]
+    return ds
+
+
+# -- handlers ------------------------------------------------------------------------------------------------
+
+
+InstanceSink = Callable[[InstanceInfo], None]
+StoreCounter = Callable[[str, int], None]
+
+
+class AssociationTally:
+    """Per-association counts of C-STORE outcomes, logged once when the association ends; each outcome is
+    also passed to ``count`` (the metrics)."""
+
+    def __init__(self, count: StoreCounter) -> None:
+        self._count = count
+        self._lock = threading.Lock()
+        self._tallies: dict[int, Counter[str]] = {}
+
+    def record(self, assoc: Association, outcome: str, nbytes: int) -> None:
+        self._count(outcome, nbytes)
+        with self._lock:
+            self._tallies.setdefault(id(assoc), Counter())[outcome] += 1
+
+    def pop(self, assoc: Association) -> str:
+        with self._lock:
+            tally = self._tallies.pop(id(assoc), Counter())
+        return ", ".join(f"{n} {outcome}" for outcome, n in sorted(tally.items())) or "no instances"
+
+
+def handle_store(event: Event, spool: Spool, on_stored: InstanceSink, tally: AssociationTally) -> Dataset:
+    """EVT_C_STORE: check, write durably, tell the series assembler; return the status."""
+    calling = event.assoc.requestor.ae_title
+    request = cast(C_STORE, event.request)
+    sop_uid = request.AffectedSOPInstanceUID
+    try:
+        info = inspect_instance(event)
+        meta = file_meta_bytes(info.sop_class_uid, info.sop_instance_uid, info.transfer_syntax, calling)
+        with cast(BytesIO, request.DataSet).getbuffer() as dataset:  # the bytes as received, not copied
+            outcome = spool.store(info.series_instance_uid, info.sop_instance_uid, (meta, dataset))
+            size = len(meta) + len(dataset)
+        if outcome is StoreOutcome.STORED:
+            on_stored(info)
+        logger.debug("%s %s of series %s from %s", outcome.value, info.sop_instance_uid, info.series_instance_uid,
+                     calling, extra={"sop_uid": info.sop_instance_uid, "series_uid": info.series_instance_uid})
+        tally.record(event.assoc, outcome.value, size)
+        return status(SUCCESS)
+    except InstanceRefusedError as exc:
+        logger.warning("refused instance %s from %s: %s (status 0x%04X)", sop_uid, calling, exc.reason, exc.status,
+                       extra={"sop_uid": str(sop_uid), "calling_aet": calling})
+        tally.record(event.assoc, "refused", 0)
+        return status(exc.status, exc.reason)
+    except SpoolFullError as exc:
+        logger.error("out of resources, refused instance %s from %s: %s", sop_uid, calling, exc,
+                     extra={"sop_uid": str(sop_uid), "calling_aet": calling})
+        tally.record(event.assoc, "out_of_resources", 0)
+        return status(OUT_OF_RESOURCES, "storage full")
+    except Exception:
+        logger.exception("failed to store instance %s from %s", sop_uid, calling,
+                         extra={"sop_uid": str(sop_uid), "calling_aet": calling})
+        tally.record(event.assoc, "error", 0)
+        return status(PROCESSING_FAILURE, "internal error")
+
+
+def handle_echo(event: Event) -> int:
+    """EVT_C_ECHO: the node is alive."""
+    return SUCCESS
+
+
+def handle_connection_open(event: Event) -> None:
+    """EVT_CONN_OPEN: no Nagle delay on the small C-STORE responses."""
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket is not None else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def handle_accepted(event: Event) -> None:
+    r = event.assoc.requestor
+    logger.info("association from %s at %s:%s accepted", r.ae_title, r.address, r.port)
+
+
+def handle_rejected(event: Event) -> None:
+    r = event.assoc.requestor
+    logger.warning("association from %s at %s:%s rejected (calling AE title not allowed, or called AE title "
+                   "not ours)", r.ae_title, r.address, r.port)
+
+
+def handle_released(event: Event, tally: AssociationTally) -> None:
+    logger.info("association from %s released: %s", event.assoc.requestor.ae_title, tally.pop(event.assoc),
+                extra={"calling_aet": event.assoc.requestor.ae_title})
+
+
+def handle_aborted(event: Event, tally: AssociationTally) -> None:
+    logger.warning("association from %s aborted: %s", event.assoc.requestor.ae_title, tally.pop(event.assoc),
+                   extra={"calling_aet": event.assoc.requestor.ae_title})
+
+
+# -- the listener -------------------------------------------------------------------------------------------------
+
+
+def ssl_context_for(cfg: NodeSection) -> ssl.SSLContext | None:
+    """A server TLS context from the node's certificate and key, or None when TLS is off."""
+    if cfg.tls_cert is None or cfg.tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+    if cfg.tls_ca is not None:
+        ctx.load_verify_locations(str(cfg.tls_ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def make_ae(cfg: NodeSection) -> AE:
+    """The application entity: contexts, allow-list, limits and timeouts from ``cfg``."""
+    ae = AE(ae_title=cfg.ae_title)
+    ae.add_supported_context(VERIFICATION, DEFAULT_TRANSFER_SYNTAXES)
+    classes = [UID(cx.abstract_syntax) for cx in StoragePresentationContexts if cx.abstract_syntax]
+    if not cfg.accept_non_mr:
+        classes = []
+    for sop_class in [*sorted(MR_IMAGE_STORAGE), *(c for c in classes if c not in MR_IMAGE_STORAGE)]:
+        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+    ae.require_calling_aet = list(cfg.allowed_calling_aets)
+    ae.require_called_aet = True
+    ae.maximum_associations = cfg.max_associations
+    ae.maximum_pdu_size = cfg.max_pdu
+    ae.acse_timeout = cfg.acse_timeout_s
+    ae.dimse_timeout = cfg.dimse_timeout_s
+    ae.network_timeout = cfg.network_timeout_s
+    return ae
+
+
+class Listener:
+    """The running C-ECHO/C-STORE server: its port, its associations, and stopping it."""
+
+    def __init__(self, server: ThreadedAssociationServer) -> None:
+        self.server = server
+        self._thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="dicom-listener",
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    @property
+    def active_associations(self) -> list[Association]:
+        return list(self.server.active_associations)
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; associations already running continue."""
+        socketserver.BaseServer.shutdown(self.server)
+        self.server.server_close()
+        self._thread.join(5.0)
+
+
+def _unbind_debug_loggers(server: Any) -> None:
+    """Drop pynetdicom's per-PDU/per-message debug log handlers (they take the AE-wide lock each time);
+    the node logs associations and instances itself."""
+    from pynetdicom import _handlers
+
+    for event, handler in ((evt.EVT_PDU_RECV, _handlers.standard_pdu_recv_handler),
+                           (evt.EVT_PDU_SENT, _handlers.standard_pdu_sent_handler),
+                           (evt.EVT_DIMSE_RECV, _handlers.standard_dimse_recv_handler),
+                           (evt.EVT_DIMSE_SENT, _handlers.standard_dimse_sent_handler)):
+        if any(h[0] is handler for h in server.get_handlers(event)):
+            server.unbind(event, handler)
+
+
+def start_listener(cfg: NodeSection, spool: Spool, on_stored: InstanceSink, count: StoreCounter) -> Listener:
+    """Start the C-ECHO/C-STORE SCP on ``cfg.host:cfg.port`` in background threads."""
+    ae = make_ae(cfg)
+    tally = AssociationTally(count)
+    handlers: list[Any] = [
+        (evt.EVT_C_STORE, handle_store, [spool, on_stored, tally]),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_CONN_OPEN, handle_connection_open),
+        (evt.EVT_ACCEPTED, handle_accepted),
+        (evt.EVT_REJECTED, handle_rejected),
+        (evt.EVT_RELEASED, handle_released, [tally]),
+        (evt.EVT_ABORTED, handle_aborted, [tally]),
+    ]
+    event_driven = cfg.event_driven and fast_acceptor.supported()
+    if cfg.event_driven and not event_driven:
+        logger.warning("pynetdicom %s: event-driven reactors are written for 3.0; using the stock (polling) ones",
+                       pynetdicom.__version__)
+    server = ae.make_server((cfg.host, cfg.port), evt_handlers=handlers, ssl_context=ssl_context_for(cfg),
+                            server_class=ThreadedAssociationServer,
+                            request_handler=fast_acceptor.EventDrivenRequestHandler if event_driven else None)
+    _unbind_debug_loggers(server)
+    listener = Listener(cast(ThreadedAssociationServer, server))
+    logger.info("listening as %s on %s:%d%s", cfg.ae_title, cfg.host, listener.port,
+                "" if event_driven else " (polling reactors)")
+    return listener

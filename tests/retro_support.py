@@ -1,0 +1,219 @@
+"""Helpers for the retro tests: an Orthanc archive preloaded with phantom studies, and a node config with sources.
+
+Not a test module.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from node_support import TOOL_ENV, free_port, mr_datasets, node_config, tool, wait_until
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from dicom_node.config import NodeConfig
+from dicom_node.retro.config import RetroSection, SourceConfig
+
+ARCHIVE_AET = "ARCHIVE"
+NODE_AET = "SYNTHMRF"
+HARVEST_AET = "SYNTHMRF_HARVEST"
+
+
+@dataclass
+class ArchiveOrthanc:
+    """A real Orthanc (Debian package) on loopback: free DICOM and HTTP ports, temp storage, known peers."""
+
+    folder: Path
+    modalities: Mapping[str, tuple[str, int]]  # AE title -> (host, port)
+    dicom_port: int = 0
+    http_port: int = 0
+    ae_title: str = ARCHIVE_AET
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ArchiveOrthanc:
+        self.dicom_port = self.dicom_port or free_port()
+        self.http_port = self.http_port or free_port()
+        db = self.folder / "db"
+        db.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "synthmrf-retro-archive", "DicomAet": self.ae_title, "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port, "StorageDirectory": str(db), "IndexDirectory": str(db),
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+            "DicomModalities": {aet.lower(): [aet, host, port] for aet, (host, port) in self.modalities.items()},
+            "ConcurrentJobs": 1, "Plugins": [], "StorageCompression": False, "StorageAccessOnFind": "Always",
+        }
+        path = self.folder / "orthanc.json"
+        path.write_text(json.dumps(config))
+        log = (self.folder / "orthanc.log").open("wb")
+        self.process = subprocess.Popen([tool("Orthanc"), str(path)], stdout=log, stderr=subprocess.STDOUT,
+                                        env=TOOL_ENV)
+        wait_until(self._ready, 30.0, 0.1, "Orthanc REST API")
+        return self
+
+    def _ready(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            pytest.fail(f"Orthanc exited with {self.process.returncode}: {(self.folder / 'orthanc.log').read_text()}")
+        try:
+            self.get("/system")
+            return True
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    def _url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self._url(path), timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: object) -> Any:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        with urllib.request.urlopen(urllib.request.Request(self._url(path), data=data, method="POST"),
+                                    timeout=60) as r:
+            return json.loads(r.read())
+
+    def upload(self, files: Sequence[Path]) -> None:
+        for f in files:
+            self.post("/instances", f.read_bytes())
+
+    def series_by_description(self, description: str) -> list[dict[str, Any]]:
+        """Series (with their main tags and instance count) whose SeriesDescription matches (Orthanc wildcards)."""
+        found = self.post("/tools/find", {"Level": "Series", "Query": {"SeriesDescription": description},
+                                          "Expand": True})
+        return [s for s in found if isinstance(s, dict)]
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+            self.process = None
+
+    def source(self, name: str = "archive", **extra: object) -> SourceConfig:
+        return SourceConfig.model_validate({"name": name, "ae_title": self.ae_title, "host": "127.0.0.1",
+                                            "port": self.dicom_port, "find_timeout_s": 30,
+                                            "retrieve_timeout_s": 60, "connect_timeout_s": 5, **extra})
+
+
+@dataclass(frozen=True)
+class ArchiveStudy:
+    patient_id: str
+    study_uid: str
+    mprage_series_uid: str
+    distractor_series_uids: list[str] = field(default_factory=list)
+
+
+def clone_series(source_files: Sequence[Path], out: Path, *, patient_id: str, study_uid: str,
+                 series_uid: str | None = None, images_in_acquisition: bool = True) -> list[Path]:
+    """The series in ``source_files`` as a new patient/study/series (new SOP Instance UIDs), written to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    series_uid = series_uid or generate_uid()
+    frame_uid = generate_uid()
+    paths = []
+    for f in source_files:
+        ds = pydicom.dcmread(f)
+        ds.PatientID = patient_id
+        ds.PatientName = f"SECRET^{patient_id}"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if images_in_acquisition:
+            ds.ImagesInAcquisition = len(source_files)
+        path = out / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def distractors(out: Path, *, patient_id: str, study_uid: str, seed: int) -> tuple[list[Path], list[str]]:
+    """A 3-slice localizer and a 2D T2 series in the study (neither is an MPRAGE)."""
+    files: list[Path] = []
+    uids = []
+    for kind, n in (("localizer", 3), ("t2", 6)):
+        datasets = mr_datasets(n, 32, patient_id=patient_id, seed=seed, mprage=False, study_uid=study_uid)
+        for ds in datasets:
+            if kind == "localizer":
+                ds.SeriesDescription = ds.ProtocolName = "AAHead_Scout localizer"
+                ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+                ds.MRAcquisitionType = "2D"
+                ds.ScanningSequence = "GR"
+                ds.SeriesNumber = 1
+            else:
+                ds.SeriesNumber = 5
+        folder = out / f"{kind}-{datasets[0].SeriesInstanceUID}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for ds in datasets:
+            path = folder / f"{ds.SOPInstanceUID}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+        uids.append(str(datasets[0].SeriesInstanceUID))
+    return files, uids
+
+
+def make_archive_studies(mprage_files: Sequence[Path], out: Path, n: int, *, prefix: str = "RETRO"
+                         ) -> tuple[list[ArchiveStudy], list[Path]]:
+    """``n`` studies, each with a copy of the phantom MPRAGE series and two distractor series."""
+    studies = []
+    files: list[Path] = []
+    for k in range(n):
+        patient_id = f"{prefix}{k:03d}"
+        study_uid = generate_uid()
+        series_uid = generate_uid()
+        files += clone_series(mprage_files, out / patient_id / "mprage", patient_id=patient_id, study_uid=study_uid,
+                              series_uid=series_uid)
+        extra, uids = distractors(out / patient_id, patient_id=patient_id, study_uid=study_uid, seed=k)
+        files += extra
+        studies.append(ArchiveStudy(patient_id, study_uid, series_uid, uids))
+    return studies, files
+
+
+def retro_config(storage: Path, *, node_port: int, sources: Sequence[SourceConfig],
+                 destinations: Sequence[dict[str, object]] = (), retro: Mapping[str, object] | None = None,
+                 **sections: dict[str, object]) -> NodeConfig:
+    """A node test configuration (fast processor, loopback) with sources and a ``[retro]`` section."""
+    base = node_config(storage, destinations=destinations, **sections)
+    node = base.node.model_copy(update={"port": node_port, "ae_title": NODE_AET})
+    return base.model_copy(update={"node": node, "sources": list(sources),
+                                   "retro": RetroSection.model_validate(dict(retro or {}))})
+
+
+def config_toml(cfg: NodeConfig, path: Path) -> Path:
+    """Write ``cfg`` as a TOML file the CLI can read (only what differs from the defaults matters)."""
+    data = cfg.model_dump(mode="json", exclude_none=True)
+    lines: list[str] = []
+
+    def value(v: object) -> str:
+        return json.dumps(v)
+
+    for section, body in data.items():
+        if isinstance(body, dict):
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {value(v)}" for k, v in body.items()]
+            lines.append("")
+    for section in ("destinations", "sources"):
+        for entry in data.get(section, []):
+            lines.append(f"[[{section}]]")
+            lines += [f"{k} = {value(v)}" for k, v in entry.items()]
+            lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def series_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*.dcm") if p.is_file())
+
+
+def dataset_of(path: Path) -> Dataset:
+    return pydicom.dcmread(path, stop_before_pixels=True)

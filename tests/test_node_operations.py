@@ -1,0 +1,112 @@
+"""Operations: the Prometheus endpoint, JSON logs, TLS, the stock (polling) reactors, the Redis backend check."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from node_support import fast_processor, make_series, node_config, result_sink, tool, wait_until
+
+from dicom_node.config import ConfigError
+from dicom_node.dicom_client import AssociationError, Peer, echo, store_files
+from dicom_node.jobs import make_huey
+from dicom_node.logs import JsonFormatter
+from dicom_node.node import Node, NodeLockedError
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[list[Node]]:
+    nodes: list[Node] = []
+    yield nodes
+    for n in nodes:
+        n.stop(drain=False)
+
+
+def test_metrics_endpoint_counts_instances(tmp_path: Path, node_factory: list[Node]) -> None:
+    node = Node(node_config(tmp_path / "n", metrics={"port": 0}), processor=fast_processor).start()
+    node_factory.append(node)
+    series = make_series(tmp_path / "s", n=5, patient_id="MET")
+    report = store_files(series.files, Peer("SYNTHMRF", "127.0.0.1", node.port), "METRICS")
+    assert report.ok and len(report.stored) == 5
+    assert node.metrics_port is not None
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    assert 'synthmrf_instances_total{outcome="stored"} 5.0' in text
+    assert "synthmrf_spool_free_bytes" in text and "synthmrf_jobs_queued" in text
+
+
+def test_one_node_per_storage_folder(tmp_path: Path, node_factory: list[Node]) -> None:
+    cfg = node_config(tmp_path / "n")
+    node_factory.append(Node(cfg, processor=fast_processor).start())
+    with pytest.raises(NodeLockedError, match=r"another synthmrf node is running on this storage folder"):
+        Node(cfg, processor=fast_processor).start()
+
+
+def test_stock_polling_reactors_still_work(tmp_path: Path, node_factory: list[Node]) -> None:
+    with result_sink() as sink:
+        node = Node(node_config(tmp_path / "n", destinations=[sink.destination()], node={"event_driven": False}),
+                    processor=fast_processor).start()
+        node_factory.append(node)
+        series = make_series(tmp_path / "s", n=10, patient_id="POLL")
+        assert store_files(series.files, Peer("SYNTHMRF", "127.0.0.1", node.port), "POLLING").ok
+        [result] = wait_until(sink.results, 30, what="the result")
+        assert result.comments == "from 10 frames of 10 instances"
+
+
+def test_tls_listener(tmp_path: Path, node_factory: list[Node]) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([tool("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    node = Node(node_config(tmp_path / "n", node={"tls_cert": str(cert), "tls_key": str(key)}),
+                processor=fast_processor).start()
+    node_factory.append(node)
+    tls_peer = Peer("SYNTHMRF", "127.0.0.1", node.port, tls=True, tls_ca=cert)
+    assert echo(tls_peer, "TLSCLIENT") == 0
+    series = make_series(tmp_path / "s", n=3, patient_id="TLS")
+    report = store_files(series.files, tls_peer, "TLSCLIENT")
+    assert report.ok and len(report.stored) == 3
+    with pytest.raises(AssociationError, match=r"association with SYNTHMRF@127.0.0.1:\d+ failed"):
+        echo(Peer("SYNTHMRF", "127.0.0.1", node.port), "PLAIN", timeout_s=3)
+
+
+def test_redis_backend_needs_its_package(tmp_path: Path) -> None:
+    cfg = node_config(tmp_path / "n", jobs={"backend": "redis"})
+    with pytest.raises(ConfigError, match=r"jobs.backend 'redis' needs the 'redis' package"):
+        make_huey(cfg)
+
+
+def test_json_log_lines_carry_identifiers() -> None:
+    record = logging.LogRecord("dicom_node.router", logging.INFO, __file__, 1, "series %s complete", ("1.2.3",),
+                               None)
+    record.series_uid = "1.2.3"
+    record.job_id = "1.2.3-v1"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "series 1.2.3 complete"
+    assert (line["series_uid"], line["job_id"], line["level"]) == ("1.2.3", "1.2.3-v1", "INFO")
+    assert "study_uid" not in line
+
+
+def test_rejected_series_is_not_retried(tmp_path: Path, node_factory: list[Node]) -> None:
+    from dicom_node.job_store import JobState
+    from dicom_node.processor import ProcessResult
+    from pipeline.dicom_series import SeriesRejected
+
+    calls: list[Path] = []
+
+    def refuse(input_dir: Path, out_dir: Path, *, model: str | None = None) -> ProcessResult:
+        calls.append(input_dir)
+        raise SeriesRejected(f"{input_dir.name}: too few slices for a 3D volume: 5 (need at least 40)")
+
+    node = Node(node_config(tmp_path / "n", jobs={"max_attempts": 3}), processor=refuse).start()
+    node_factory.append(node)
+    series = make_series(tmp_path / "s", n=5, patient_id="REJ")
+    assert store_files(series.files, Peer("SYNTHMRF", "127.0.0.1", node.port), "REJECT").ok
+    [job] = wait_until(lambda: node.store.jobs([JobState.REJECTED]), 30, what="the rejection")
+    assert job.reason == "input: too few slices for a 3D volume: 5 (need at least 40)"
+    assert job.attempts == 1 and len(calls) == 1

@@ -1,0 +1,289 @@
+"""The node in-process with real peers on loopback: dcmtk storescu/echoscu and pynetdicom as senders,
+a pynetdicom storage SCP as the destination that records every result it receives."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from node_support import (
+    TOOL_ENV,
+    ResultSink,
+    Series,
+    fast_processor,
+    legacy_multiframe,
+    make_series,
+    mr_datasets,
+    node_config,
+    result_sink,
+    run_tool,
+    tool,
+    wait_until,
+    write_series,
+)
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    MRImageStorage,
+    RLELossless,
+    generate_uid,
+)
+from pynetdicom import AE, _config
+
+from dicom_node.dimse_status import (
+    CANNOT_UNDERSTAND,
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+    OUT_OF_RESOURCES,
+)
+from dicom_node.job_store import JobState
+from dicom_node.node import Node
+from dicom_node.retention import sweep
+
+N = 40
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory: pytest.TempPathFactory) -> Series:
+    """One 40-slice 96x96 MPRAGE-like series, built once for the module."""
+    return make_series(tmp_path_factory.mktemp("mprage"), n=N, patient_id="SCP001", seed=1)
+
+
+@pytest.fixture
+def sink() -> Iterator[ResultSink]:
+    with result_sink() as s:
+        yield s
+
+
+StartNode = Callable[..., Node]
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[StartNode]:
+    nodes: list[Node] = []
+
+    def start(sink: ResultSink | None = None, **sections: Any) -> Node:
+        destinations = [sink.destination()] if sink is not None else []
+        cfg = node_config(tmp_path / f"node{len(nodes)}", destinations=destinations, **sections)
+        node = Node(cfg, processor=fast_processor).start()
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop(drain=False)
+
+
+def storescu(node: Node, files: list[Path], aet: str = "STORESCU", *options: str) -> subprocess.CompletedProcess[str]:
+    return run_tool(["storescu", *options, "-aet", aet, "-aec", "SYNTHMRF", "127.0.0.1", str(node.port),
+                     *map(str, files)])
+
+
+def echoscu(node: Node, aet: str = "ECHOSCU", called: str = "SYNTHMRF") -> subprocess.CompletedProcess[str]:
+    return run_tool(["echoscu", "-aet", aet, "-aec", called, "127.0.0.1", str(node.port)])
+
+
+def spooled(node: Node) -> list[Path]:
+    return sorted(p for p in (node.storage_dir / "series").rglob("*.dcm"))
+
+
+def test_series_in_result_out(start_node: StartNode, sink: ResultSink, series: Series) -> None:
+    node = start_node(sink)
+    assert echoscu(node).returncode == 0
+    r = storescu(node, series.files)
+    assert r.returncode == 0, r.stderr
+    [result] = wait_until(sink.results, 30, what="the result")
+    assert (result.patient_id, result.study_uid, result.frame_of_reference_uid) == (
+        series.patient_id, series.study_uid, series.frame_of_reference_uid)
+    assert result.series_uid != series.series_uid
+    assert result.referenced_series == series.series_uid
+    assert result.comments == f"from {N} frames of {N} instances"
+    wait_until(node.idle, 10, what="the node to be idle")
+    [job] = node.store.jobs()
+    assert (job.state, job.instances, job.version) == (JobState.DELIVERED, N, 1)
+
+
+def test_allow_list_and_called_ae_title(start_node: StartNode, series: Series) -> None:
+    node = start_node(node={"allowed_calling_aets": ["GOODPACS"]})
+    bad = echoscu(node, aet="EVIL")
+    assert bad.returncode != 0 and "Association Rejected" in bad.stderr
+    assert storescu(node, series.files[:2], aet="EVIL").returncode != 0
+    wrong_called = echoscu(node, aet="GOODPACS", called="NOTSYNTHMRF")
+    assert wrong_called.returncode != 0 and "Called AE Title Not Recognized" in wrong_called.stderr
+    assert echoscu(node, aet="GOODPACS").returncode == 0
+    assert spooled(node) == []
+
+
+def send_with_pynetdicom(node: Node, items: list[Path | Dataset], chunked: bool,
+                         monkeypatch: pytest.MonkeyPatch) -> list[Dataset]:
+    """C-STORE each item (a raw file sent byte-for-byte when ``chunked``); return the responses."""
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", chunked)
+    ae = AE("PYNETDICOM")
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="SYNTHMRF")
+    assert assoc.is_established
+    try:
+        return [assoc.send_c_store(item) for item in items]
+    finally:
+        assoc.release()
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:Expected explicit VR")
+def test_malformed_instances_are_refused_and_the_node_keeps_serving(
+        start_node: StartNode, sink: ResultSink, series: Series, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    node = start_node(sink)
+    source = series.files[0].read_bytes()
+    meta = pydicom.dcmread(series.files[0])
+    header_end = 132 + 12 + int(meta.file_meta.FileMetaInformationGroupLength)
+
+    def variant(name: str, data: bytes) -> Path:
+        ds = pydicom.dcmread(series.files[0])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(tmp_path / "base.dcm", enforce_file_format=True)
+        fresh = (tmp_path / "base.dcm").read_bytes()
+        path = tmp_path / name
+        path.write_bytes(fresh[:header_end] + data if data else fresh[: len(fresh) * 3 // 5])
+        return path
+
+    truncated = variant("truncated.dcm", b"")
+    garbage = variant("garbage.dcm", bytes(range(256)) * 40)
+    no_pixels = pydicom.dcmread(series.files[1])
+    no_pixels.SOPInstanceUID = generate_uid()
+    del no_pixels.PixelData
+    bad_uid = pydicom.dcmread(series.files[2])
+    bad_uid.SOPInstanceUID = generate_uid()
+    bad_uid.SeriesInstanceUID = "1.2.3/../../../../tmp/evil"
+    raw = send_with_pynetdicom(node, [truncated, garbage], True, monkeypatch)
+    decoded = send_with_pynetdicom(node, [no_pixels, bad_uid], False, monkeypatch)
+    codes = [int(r.Status) for r in raw + decoded]
+    comments = [str(r.get("ErrorComment", "")) for r in raw + decoded]
+    assert codes == [CANNOT_UNDERSTAND, CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+                     DATA_SET_DOES_NOT_MATCH_SOP_CLASS], comments
+    assert comments[0].startswith("data set truncated in (7FE0,0010)")
+    assert comments[2] == "no pixel data"
+    assert comments[3].startswith("SeriesInstanceUID: not a valid UID")
+    assert spooled(node) == [] and list((node.storage_dir / "tmp").iterdir()) == []
+    assert len(source) > header_end
+    r = storescu(node, series.files)  # a good series after the bad ones
+    assert r.returncode == 0, r.stderr
+    [result] = wait_until(sink.results, 30, what="the result of the good series")
+    assert result.comments == f"from {N} frames of {N} instances"
+
+
+def test_disk_full_is_out_of_resources_and_nothing_is_half_written(
+        start_node: StartNode, series: Series, monkeypatch: pytest.MonkeyPatch) -> None:
+    node = start_node(node={"min_free_mb": 2**40})  # a floor above any real free space
+    [rsp] = send_with_pynetdicom(node, [series.files[0]], False, monkeypatch)
+    assert int(rsp.Status) == OUT_OF_RESOURCES
+    assert rsp.ErrorComment == "storage full"
+    r = storescu(node, series.files[:3])
+    assert r.returncode != 0
+    assert spooled(node) == [] and list((node.storage_dir / "tmp").iterdir()) == []
+    assert echoscu(node).returncode == 0  # still serving
+
+
+def test_duplicate_series_gives_one_result(start_node: StartNode, sink: ResultSink, series: Series) -> None:
+    node = start_node(sink)
+    assert storescu(node, series.files).returncode == 0
+    assert storescu(node, series.files[:10]).returncode == 0  # duplicates while the first copy is pending
+    wait_until(sink.results, 30, what="the result")
+    wait_until(node.idle, 10, what="the node to be idle")
+    assert storescu(node, series.files).returncode == 0  # the whole series again, after processing
+    assert node.assembler.pending() == []  # nothing new arrived: no new series version
+    wait_until(node.idle, 10, what="the node to be idle")
+    assert len(sink.results()) == 1
+    assert [j.version for j in node.store.jobs()] == [1]
+
+
+def test_concurrent_studies_keep_their_own_patient_and_study(start_node: StartNode, sink: ResultSink,
+                                                             tmp_path: Path) -> None:
+    node = start_node(sink)
+    studies = [make_series(tmp_path / f"s{i}", n=40, patient_id=f"CONC{i}", seed=10 + i) for i in range(3)]
+    procs = [subprocess.Popen([tool("storescu"), "-aet", f"MOD{i}", "-aec", "SYNTHMRF", "127.0.0.1", str(node.port),
+                               *map(str, s.files)], env=TOOL_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i, s in enumerate(studies)]
+    for p in procs:
+        assert p.wait(60) == 0, p.stderr.read() if p.stderr else ""
+    results = wait_until(lambda: len(sink.results()) == 3 and sink.results(), 30, what="three results")
+    by_source = {r.referenced_series: r for r in results}
+    for s in studies:
+        r = by_source[s.series_uid]
+        assert (r.patient_id, r.study_uid, r.frame_of_reference_uid) == (s.patient_id, s.study_uid,
+                                                                         s.frame_of_reference_uid)
+        assert r.comments == "from 40 frames of 40 instances"
+
+
+def test_other_series_are_ignored_with_a_reason_and_expire(start_node: StartNode, sink: ResultSink, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    node = start_node(sink, retention={"ignored_days": 0})
+    t2 = make_series(tmp_path / "t2", n=20, mprage=False, patient_id="T2")
+    with caplog.at_level(logging.INFO, logger="dicom_node"):
+        assert storescu(node, t2.files).returncode == 0
+        wait_until(lambda: any("ignored: not a 3D acquisition" in r.getMessage() for r in caplog.records), 10,
+                   what="the log line saying why the series is ignored")
+    [job] = node.store.jobs()
+    assert job.state is JobState.IGNORED
+    assert job.reason == "not a 3D acquisition (MRAcquisitionType 2D)"
+    assert not any("SECRET" in r.getMessage() for r in caplog.records)  # no patient names in the log
+    assert sweep(node.store, node.spool, node.config.retention) == 1
+    assert not (node.storage_dir / "series" / t2.series_uid).exists()
+    assert node.store.jobs()[0].purged_at is not None
+    assert sink.results() == []
+
+
+def test_late_instance_makes_a_new_version_with_the_whole_series(start_node: StartNode, sink: ResultSink,
+                                                                 tmp_path: Path) -> None:
+    node = start_node(sink)
+    s = make_series(tmp_path / "late", n=N, patient_id="LATE", seed=3)
+    assert storescu(node, s.files[:-1]).returncode == 0  # Images in Acquisition says 40: waits for quiet
+    wait_until(lambda: len(sink.results()) == 1, 30, what="the first result")
+    assert storescu(node, s.files[-1:]).returncode == 0
+    results = wait_until(lambda: len(sink.results()) == 2 and sink.results(), 30, what="the second result")
+    assert [r.comments for r in results] == [f"from {N - 1} frames of {N - 1} instances",
+                                            f"from {N} frames of {N} instances"]
+    assert {r.referenced_series for r in results} == {s.series_uid}
+    assert len({r.series_uid for r in results}) == 2
+    assert [j.version for j in node.store.jobs()] == [2, 1]
+
+
+def test_compressed_transfer_syntaxes(start_node: StartNode, sink: ResultSink, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    node = start_node(sink)
+    ae = AE("PROBE")
+    for ts in (JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless, RLELossless):
+        ae.add_requested_context(MRImageStorage, ts)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="SYNTHMRF")
+    accepted = sorted(str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts)
+    assoc.release()
+    assert accepted == sorted(str(ts) for ts in (JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless,
+                                                 RLELossless))
+    sources = []
+    # storescu proposes the compressed syntax with -xt (JPEG-LS lossless), -xr (RLE), -xv (JPEG 2000 lossless)
+    for i, (ts, option) in enumerate(((JPEGLSLossless, "-xt"), (RLELossless, "-xr"), (JPEG2000Lossless, "-xv"))):
+        datasets = mr_datasets(10, 32, patient_id=f"COMP{i}", seed=20 + i)
+        for ds in datasets:
+            ds.compress(ts)
+        sources.append(write_series(datasets, tmp_path / f"c{i}"))
+        r = storescu(node, sources[-1].files, "STORESCU", option)
+        assert r.returncode == 0, r.stderr
+    results = wait_until(lambda: len(sink.results()) == 3 and sink.results(), 60, what="three results")
+    assert {r.referenced_series for r in results} == {s.series_uid for s in sources}
+    assert {r.comments for r in results} == {"from 10 frames of 10 instances"}
+
+
+def test_legacy_multiframe_object_completes_early(start_node: StartNode, sink: ResultSink, tmp_path: Path) -> None:
+    node = start_node(sink, series={"quiet_seconds": 300})  # only the early trigger can complete it in time
+    mf = legacy_multiframe(mr_datasets(N, 32, patient_id="MF1", seed=4), tmp_path / "mf")
+    r = storescu(node, mf.files, "STORESCU", "-R")  # -R: propose the file's own SOP class (not in dcmtk's list)
+    assert r.returncode == 0, r.stderr
+    [result] = wait_until(sink.results, 30, what="the result")
+    assert result.comments == f"from {N} frames of 1 instances"
+    assert result.study_uid == mf.study_uid

@@ -259,33 +259,37 @@ def _coerce_list(value: Any) -> Any:
     return value
 
 
+TABLE_LISTS = ("destinations", "sources")  # [[destinations]], [[sources]]: lists of named tables
+
+
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    sections = {name: info.annotation for name, info in NodeConfig.model_fields.items() if name != "destinations"}
-    destinations = [dict(d) for d in out.get("destinations", [])]
+    sections = {name: info.annotation for name, info in NodeConfig.model_fields.items() if name not in TABLE_LISTS}
+    tables = {name: [dict(d) for d in out.get(name, [])] for name in TABLE_LISTS}
     for key in sorted(environ):
         if not key.upper().startswith(ENV_PREFIX):
             continue
         rest = key[len(ENV_PREFIX):].lower()
-        if rest == "destinations":
+        if rest in TABLE_LISTS:
             parsed = _env_value(environ[key])
-            if not isinstance(parsed, list):
-                raise ConfigError(f"{key}: expected a JSON list of destination tables")
-            destinations = [dict(d) for d in parsed]
+            if not isinstance(parsed, list) or not all(isinstance(d, dict) for d in parsed):
+                raise ConfigError(f"{key}: expected a JSON list of {rest} tables")
+            tables[rest] = [dict(d) for d in parsed]
             continue
         if "__" not in rest:
             continue  # other SYNTHMRF_* variables (cache and model folders) are not node configuration
         section, field = rest.split("__", 1)
-        if section == "destinations":
-            name, _, dest_key = field.partition("__")
-            match = [d for d in destinations if str(d.get("name", "")).lower() == name]
-            if not match or not dest_key:
-                raise ConfigError(f"{key}: no destination named {name!r} to override (or no key after the name)")
-            match[0][dest_key] = _env_value(environ[key])
+        if section in TABLE_LISTS:
+            name, _, entry_key = field.partition("__")
+            match = [d for d in tables[section] if str(d.get("name", "")).lower() == name]
+            if not match or not entry_key:
+                raise ConfigError(f"{key}: no {section[:-1]} named {name!r} to override (or no key after the name)")
+            match[0][entry_key] = _env_value(environ[key])
             continue
         model = sections.get(section)
         if model is None:
-            raise ConfigError(f"{key}: unknown section {section!r} (sections: {sorted(sections)}, destinations)")
+            raise ConfigError(f"{key}: unknown section {section!r} (sections: {sorted(sections)}, "
+                              f"{', '.join(TABLE_LISTS)})")
         fields = model.model_fields  # type: ignore[union-attr]
         if field not in fields:
             raise ConfigError(f"{key}: unknown key {field!r} in [{section}] (keys: {sorted(fields)})")
@@ -296,8 +300,9 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, An
         elif value == "" and type(None) in get_args(annotation):
             value = None
         out.setdefault(section, {})[field] = value
-    if destinations or "destinations" in out:
-        out["destinations"] = destinations
+    for name, entries in tables.items():
+        if entries or name in out:
+            out[name] = entries
     return out
 
 

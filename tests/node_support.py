@@ -342,6 +342,7 @@ class Orthanc:
     dicom_port: int = 0
     http_port: int = 0
     ae_title: str = "ORTHANC"
+    extra_config: dict[str, object] = field(default_factory=dict)  # e.g. LuaScripts, StableAge
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Orthanc:
@@ -355,6 +356,7 @@ class Orthanc:
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
             "DicomModalities": {"synthmrf": ["SYNTHMRF", "127.0.0.1", self.node_port]},
             "ConcurrentJobs": 1, "Plugins": [], "StorageCompression": False,
+            **self.extra_config,
         }
         config = {k: v for k, v in config.items() if v is not None}
         path = self.folder / "orthanc.json"

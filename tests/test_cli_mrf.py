@@ -32,7 +32,7 @@ def maps(tmp_path: Path) -> dict[str, Path]:
 
 def test_help_on_every_level() -> None:
     runner = CliRunner()
-    for args in ([], ["mrf"], ["mrf", "simulate"], ["mrf", "match"], ["mrf", "dictionary"], ["demo"]):
+    for args in ([], ["mrf"], ["mrf", "simulate"], ["mrf", "match"], ["mrf", "dictionary"], ["mrf", "demo"], ["demo"]):
         result = runner.invoke(cli, [*args, "--help"])
         assert result.exit_code == 0, result.output
         assert "Usage:" in result.output
@@ -97,10 +97,10 @@ def test_dictionary_command_reports_grid_and_energy(default_dictionary: Dictiona
     assert 0.99 < info["energy_fraction"]["4"] < info["energy_fraction"]["8"] <= 1
 
 
-def test_demo_runs_end_to_end_as_a_console_script(tmp_path: Path, default_dictionary: Dictionary) -> None:
+def test_physics_demo_runs_end_to_end_as_a_console_script(tmp_path: Path, default_dictionary: Dictionary) -> None:
     exe = Path(sys.executable).with_name("synthmrf")
-    done = subprocess.run([str(exe), "demo", "--workdir", str(tmp_path / "demo")], capture_output=True, text=True,
-                          timeout=600, check=False)
+    done = subprocess.run([str(exe), "mrf", "demo", "--workdir", str(tmp_path / "demo")], capture_output=True,
+                          text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "white matter" in done.stdout and "NO" not in done.stdout
     assert (tmp_path / "demo" / "qc.png").stat().st_size > 10_000

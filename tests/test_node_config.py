@@ -66,6 +66,13 @@ def test_environment_replaces_destinations_with_json() -> None:
     assert [d.name for d in cfg.destinations] == ["a", "b"]
 
 
+def test_environment_sets_and_overrides_sources() -> None:
+    env = {"SYNTHMRF_SOURCES": '[{"name": "archive", "ae_title": "PACS", "host": "h", "port": 104}]',
+           "SYNTHMRF_SOURCES__ARCHIVE__RETRIEVE": "get"}
+    cfg = load_config(DEFAULTS_FILE, environ=env)
+    assert [(s.name, s.port, s.retrieve) for s in cfg.sources] == [("archive", 104, "get")]
+
+
 @pytest.mark.parametrize(("data", "env", "message"), [
     ({"node": {"portt": 1}}, {}, r"node\.portt: Extra inputs are not permitted"),
     ({"nodes": {}}, {}, r"nodes: Extra inputs are not permitted"),
@@ -78,6 +85,8 @@ def test_environment_replaces_destinations_with_json() -> None:
     ({}, {"SYNTHMRF_NODE__NOPE": "1"}, r"SYNTHMRF_NODE__NOPE: unknown key 'nope' in \[node\]"),
     ({}, {"SYNTHMRF_NOSUCH__PORT": "1"}, r"SYNTHMRF_NOSUCH__PORT: unknown section 'nosuch'"),
     ({}, {"SYNTHMRF_DESTINATIONS__GHOST__PORT": "1"}, r"no destination named 'ghost'"),
+    ({}, {"SYNTHMRF_SOURCES__GHOST__PORT": "1"}, r"no source named 'ghost'"),
+    ({}, {"SYNTHMRF_SOURCES": '{"name": "x"}'}, r"SYNTHMRF_SOURCES: expected a JSON list of sources tables"),
     ({}, {"SYNTHMRF_NODE__PORT": "eleven"}, r"node\.port: .*(integer|int).*'eleven'"),
 ])
 def test_invalid_configuration_names_the_key(data: dict[str, object], env: dict[str, str], message: str) -> None:

@@ -72,7 +72,7 @@ def test_end_to_end_dicom_in_maps_out(subject: Path, package: ModelPackage, tmp_
 
     # Maps on the source grid, in ms, agree with the phantom's truth per tissue.
     source_mprage, source_affine = load_volume(subject / "mprage.nii.gz")
-    labels, label_affine = load_volume(subject / "labels.nii.gz")
+    labels, _ = load_volume(subject / "labels.nii.gz")  # on the truth (MRF) grid
     names = {int(k): v for k, v in json.loads((subject.parent / "manifest.json").read_text())["labels"].items()}
     tissues = tissue_masks_from_labels(labels.astype(int), names)
     report = []

@@ -31,6 +31,9 @@ function OnStableSeries(seriesId, tags, metadata)
   local named = looks_like_mprage(tags["SeriesDescription"]) or looks_like_mprage(shared["ProtocolName"])
   if threeD and named then
     print("synthmrf: forwarding series " .. (tags["SeriesInstanceUID"] or seriesId))
-    SendToModality(seriesId, TARGET)
+    -- An asynchronous store job (visible under /jobs, retried from there) rather than SendToModality,
+    -- which sends inside the Lua callback and blocks Orthanc's other Lua events meanwhile.
+    RestApiPost("/modalities/" .. TARGET .. "/store",
+                DumpJson({ Resources = { seriesId }, Asynchronous = true, Synchronous = false }, true))
   end
 end

@@ -15,13 +15,15 @@ from dicom_node.commands.options import config_option, load
 @click.command()
 @config_option()
 def serve(config_path: Path | None) -> None:
-    """Receive series, process MPRAGEs, send the maps to the destinations.
+    """Receive series, process MPRAGEs, send the maps to the destinations, and run the retrospective
+    schedules ('synthmrf retro add').
 
-    SIGTERM or SIGINT stops accepting associations and lets in-flight associations, jobs and sends
-    finish (up to node.drain_timeout_s); anything left is picked up at the next start.
+    SIGTERM or SIGINT stops accepting associations and lets in-flight associations, jobs, sends and
+    retrievals finish (up to node.drain_timeout_s); anything left is picked up at the next start.
     """
     from dicom_node.logs import configure_logging
     from dicom_node.node import Node, NodeLockedError
+    from dicom_node.retro.schedules import start_scheduler
 
     cfg = load(config_path)
     configure_logging(cfg.logging.level, cfg.logging.format)
@@ -38,7 +40,13 @@ def serve(config_path: Path | None) -> None:
     except NodeLockedError as exc:
         raise click.ClickException(str(exc)) from exc
     try:
+        retro = start_scheduler(cfg, node)
+    except BaseException:
+        node.stop(drain=True)
+        raise
+    try:
         while not stop.wait(1.0):
             pass
     finally:
+        retro.stop(timeout_s=cfg.node.drain_timeout_s)  # series in flight are resumed at the next start
         node.stop(drain=True)

@@ -20,6 +20,7 @@ def status(config_path: Path | None, recent: int, as_json: bool) -> None:
     from dicom_node.dicom_client import AssociationError, Peer, echo
     from dicom_node.job_store import DeliveryState, JobState
     from dicom_node.jobs import JobQueue, make_huey
+    from dicom_node.retro.schedules import schedule_summary
     from dicom_node.spool import Spool
 
     cfg = load(config_path)
@@ -46,10 +47,12 @@ def status(config_path: Path | None, recent: int, as_json: bool) -> None:
     failures += [{"id": j.id, "state": "dead delivery",
                   "reason": "; ".join(d.last_error for d in j.deliveries if d.last_error)} for j in dead]
     free_mb = spool.free_bytes() // 2**20
+    schedules = schedule_summary(cfg)
     if as_json:
         click.echo(json.dumps({"node": listening, "storage_dir": str(cfg.node.storage_dir), "free_mb": free_mb,
                                "series_arriving": len(arriving), "queue_depth": queue_depth, "jobs": job_counts,
-                               "deliveries": delivery_counts, "recent": recent_rows, "failures": failures}, indent=1))
+                               "deliveries": delivery_counts, "recent": recent_rows, "failures": failures,
+                               "schedules": schedules}, indent=1))
         return
     click.echo(f"node         {listening}\nstorage      {cfg.node.storage_dir} ({free_mb} MiB free)\n"
                f"arriving     {len(arriving)} series\nqueue        "
@@ -60,3 +63,8 @@ def status(config_path: Path | None, recent: int, as_json: bool) -> None:
         click.echo(f"recent       {r['id']}  {r['state']}  {r['created']}  {r['deliveries']}  {r['reason']}")
     for f in failures:
         click.echo(f"FAILURE      {f['id']}  {f['state']}  {f['reason']}")
+    for sch in schedules:
+        last = sch["last_run"]
+        last_text = f"last run {last['state']} ({last['studies']} studies)" if last else "never run"
+        paused = " (paused)" if sch["paused"] else ""
+        click.echo(f"schedule     {sch['name']}{paused}  '{sch['cron']}'  next {sch['next_run'] or '-'}  {last_text}")

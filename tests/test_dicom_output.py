@@ -8,8 +8,10 @@ grid, never against ``pipeline.dicom_series``.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -389,6 +391,21 @@ def test_source_without_slice_thickness_or_series_number(classic: Written, tmp_p
     pm = pydicom.dcmread(path, stop_before_pixels=True)
     assert int(pm.SeriesNumber) == 9002
     assert not [line for line in _dciodvfy(path) if line.startswith("Error")]
+
+
+def test_no_patient_name_reaches_warnings_or_logs(classic: Written, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """highdicom warns about single-component names with the name in the text; none may escape."""
+    for path in classic.source_files:
+        ds = pydicom.dcmread(path)
+        ds.PatientName = "SECRETNAME"
+        ds.save_as(tmp_path / path.name, enforce_file_format=True)
+    series = read_series(tmp_path)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")
+        write_result_series(series, classic.maps, tmp_path / "out", PROVENANCE, quantities=("T1",))
+    assert not [w for w in caught if "SECRETNAME" in str(w.message)]
+    assert "SECRETNAME" not in caplog.text
 
 
 # ---- constructor validation ----------------------------------------------------------------------------

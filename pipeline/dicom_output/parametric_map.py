@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -75,38 +76,41 @@ def build_parametric_map(series: DicomSeries, values: np.ndarray, quantity: str,
         main, further = sources, []
     grid = series.grid
     now = datetime.datetime.now()
-    pm = ParametricMap(
-        source_images=main,
-        further_source_images=further or None,
-        pixel_array=frames,
-        series_instance_uid=generate_uid(),
-        series_number=series_number,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MANUFACTURER_MODEL_NAME,
-        software_versions=provenance.software_versions[0],  # all three set below (highdicom types one)
-        device_serial_number=DEVICE_SERIAL_NUMBER,
-        contains_recognizable_visual_features=True,  # a head volume: the skin surface may show the face
-        real_world_value_mappings=[real_world_value_mapping(spec, (float(frames.min()), float(frames.max())))],
-        # lists: highdicom 0.28 splits a str window_explanation into characters
-        voi_lut_transformations=[VOILUTTransformation(window_center=[spec.window_center],
-                                                      window_width=[spec.window_width],
-                                                      window_explanation=[f"{spec.name} [{spec.unit_label}]"])],
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        content_label=f"{spec.name}_MAP",
-        content_description=provenance.content_description(spec.name),
-        plane_orientation=PlaneOrientationSequence(CoordinateSystemNames.PATIENT, grid.orientation.tolist()),
-        plane_positions=[PlanePositionSequence(CoordinateSystemNames.PATIENT, p.tolist()) for p in grid.positions],
-        pixel_measures=PixelMeasuresSequence(pixel_spacing=list(grid.pixel_spacing),
-                                             slice_thickness=slice_thickness(series.header, grid.slice_spacing),
-                                             spacing_between_slices=grid.slice_spacing),
-        series_description=f"synthMRF {spec.name} map [{spec.unit_label}]",
-        series_date=now.date(),
-        series_time=now.time(),
-        content_date=now.date(),
-        content_time=now.time(),
-    )
+    with warnings.catch_warnings():
+        # highdicom warns about single-component person names *with the name in the message*: no PHI in logs.
+        warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represent", category=UserWarning)
+        pm = ParametricMap(
+            source_images=main,
+            further_source_images=further or None,
+            pixel_array=frames,
+            series_instance_uid=generate_uid(),
+            series_number=series_number,
+            sop_instance_uid=generate_uid(),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=MANUFACTURER_MODEL_NAME,
+            software_versions=provenance.software_versions[0],  # all three set below (highdicom types one)
+            device_serial_number=DEVICE_SERIAL_NUMBER,
+            contains_recognizable_visual_features=True,  # a head volume: the skin surface may show the face
+            real_world_value_mappings=[real_world_value_mapping(spec, (float(frames.min()), float(frames.max())))],
+            # lists: highdicom 0.28 splits a str window_explanation into characters
+            voi_lut_transformations=[VOILUTTransformation(window_center=[spec.window_center],
+                                                          window_width=[spec.window_width],
+                                                          window_explanation=[f"{spec.name} [{spec.unit_label}]"])],
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            content_label=f"{spec.name}_MAP",
+            content_description=provenance.content_description(spec.name),
+            plane_orientation=PlaneOrientationSequence(CoordinateSystemNames.PATIENT, grid.orientation.tolist()),
+            plane_positions=[PlanePositionSequence(CoordinateSystemNames.PATIENT, p.tolist()) for p in grid.positions],
+            pixel_measures=PixelMeasuresSequence(pixel_spacing=list(grid.pixel_spacing),
+                                                 slice_thickness=slice_thickness(series.header, grid.slice_spacing),
+                                                 spacing_between_slices=grid.slice_spacing),
+            series_description=f"synthMRF {spec.name} map [{spec.unit_label}]",
+            series_date=now.date(),
+            series_time=now.time(),
+            content_date=now.date(),
+            content_time=now.time(),
+        )
     pm["SoftwareVersions"].value = list(provenance.software_versions)
     pm.DerivationDescription = provenance.derivation_description(spec.name)
     # highdicom only knows the generic QUANTITY; the MR terms say which map it is

@@ -55,7 +55,7 @@ class ProcessOptions:
     derived_series: bool = True  # viewer-friendly derived MR series beside the Parametric Maps
     pd_dicom: bool = False  # a PD Parametric Map too
     keep_working: bool = False  # also write the working-grid volumes (input, mask, maps) under working/
-    batch: int = 4
+    batch: int | None = None  # slices per forward pass; None: 1 on CPU, 16 on CUDA
     precision: str = "auto"  # float32, bfloat16, or auto: bfloat16 where the hardware has it natively
 
 

@@ -381,9 +381,10 @@ class Orthanc:
             return json.loads(r.read())
 
     def post(self, path: str, body: object) -> Any:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=json.dumps(body).encode(),
-                                     method="POST")
-        with urllib.request.urlopen(req, timeout=10) as r:
+        """POST JSON (or raw bytes, e.g. a DICOM file to /instances)."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method="POST")
+        with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read())
 
     def series_tags(self, description: str = RESULT_DESCRIPTION) -> list[dict[str, str]]:

@@ -6,17 +6,13 @@ Not a test module.
 from __future__ import annotations
 
 import json
-import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pydicom
-import pytest
-from node_support import TOOL_ENV, free_port, mr_datasets, node_config, tool, wait_until
+from node_support import Orthanc, mr_datasets, node_config
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -28,58 +24,19 @@ NODE_AET = "SYNTHMRF"
 HARVEST_AET = "SYNTHMRF_HARVEST"
 
 
-@dataclass
-class ArchiveOrthanc:
-    """A real Orthanc (Debian package) on loopback: free DICOM and HTTP ports, temp storage, known peers."""
+class ArchiveOrthanc(Orthanc):
+    """The archive: a real Orthanc (node_support.Orthanc) that knows several peers and answers C-FIND from
+    its storage. Constructed as ``ArchiveOrthanc(folder, {AE title: (host, port)})``."""
 
-    folder: Path
-    modalities: Mapping[str, tuple[str, int]]  # AE title -> (host, port)
-    dicom_port: int = 0
-    http_port: int = 0
-    ae_title: str = ARCHIVE_AET
-    process: subprocess.Popen[bytes] | None = None
+    def __init__(self, folder: Path, modalities: Mapping[str, tuple[str, int]]) -> None:
+        super().__init__(folder, node_port=0, ae_title=ARCHIVE_AET, extra_config={
+            "Name": "synthmrf-retro-archive", "StorageAccessOnFind": "Always",
+            "DicomModalities": {aet.lower(): [aet, host, port] for aet, (host, port) in modalities.items()}})
+        self.modalities = modalities
 
     def start(self) -> ArchiveOrthanc:
-        self.dicom_port = self.dicom_port or free_port()
-        self.http_port = self.http_port or free_port()
-        db = self.folder / "db"
-        db.mkdir(parents=True, exist_ok=True)
-        config = {
-            "Name": "synthmrf-retro-archive", "DicomAet": self.ae_title, "DicomPort": self.dicom_port,
-            "HttpPort": self.http_port, "StorageDirectory": str(db), "IndexDirectory": str(db),
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
-            "DicomModalities": {aet.lower(): [aet, host, port] for aet, (host, port) in self.modalities.items()},
-            "ConcurrentJobs": 1, "Plugins": [], "StorageCompression": False, "StorageAccessOnFind": "Always",
-        }
-        path = self.folder / "orthanc.json"
-        path.write_text(json.dumps(config))
-        log = (self.folder / "orthanc.log").open("wb")
-        self.process = subprocess.Popen([tool("Orthanc"), str(path)], stdout=log, stderr=subprocess.STDOUT,
-                                        env=TOOL_ENV)
-        wait_until(self._ready, 30.0, 0.1, "Orthanc REST API")
+        super().start()
         return self
-
-    def _ready(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            pytest.fail(f"Orthanc exited with {self.process.returncode}: {(self.folder / 'orthanc.log').read_text()}")
-        try:
-            self.get("/system")
-            return True
-        except (urllib.error.URLError, ConnectionError, OSError):
-            return False
-
-    def _url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.http_port}{path}"
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self._url(path), timeout=30) as r:
-            return json.loads(r.read())
-
-    def post(self, path: str, body: object) -> Any:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        with urllib.request.urlopen(urllib.request.Request(self._url(path), data=data, method="POST"),
-                                    timeout=60) as r:
-            return json.loads(r.read())
 
     def upload(self, files: Sequence[Path]) -> None:
         for f in files:
@@ -90,16 +47,6 @@ class ArchiveOrthanc:
         found = self.post("/tools/find", {"Level": "Series", "Query": {"SeriesDescription": description},
                                           "Expand": True})
         return [s for s in found if isinstance(s, dict)]
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-            self.process = None
 
     def source(self, name: str = "archive", **extra: object) -> SourceConfig:
         return SourceConfig.model_validate({"name": name, "ae_title": self.ae_title, "host": "127.0.0.1",

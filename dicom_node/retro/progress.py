@@ -20,14 +20,14 @@ import json
 import os
 import socket
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+from dicom_node.sqlite_state import SqliteState
 
 PROGRESS_FILE = "progress.sqlite"
 
@@ -160,39 +160,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class ProgressStore:
+class ProgressStore(SqliteState):
     """The progress database; thread-safe, shared by the node's scheduler and command-line passes."""
 
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        super().__init__(path, _SCHEMA)
         self._host = socket.gethostname()
         self._active: set[int] = set()  # runs of this process (their pid is ours, so alive by pid alone)
 
     @classmethod
     def open(cls, storage_dir: Path) -> ProgressStore:
         return cls(Path(storage_dir) / "retro" / PROGRESS_FILE)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
 
     # -- runs ---------------------------------------------------------------------------------------------------
 

@@ -21,21 +21,14 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dicom_node.retro.config import RetroSection, SourceConfig
+from dicom_node.retro.config import RetroSection, SourceConfig, check_ae_title
 
 ENV_PREFIX = "SYNTHMRF_"
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: 16 chars, no backslash, no control chars
 _PROCESSOR = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 class ConfigError(ValueError):
     """The configuration file or an environment override is invalid; the message names the key."""
-
-
-def _check_ae_title(value: str, what: str) -> str:
-    if not _AE_TITLE.match(value) or not value.strip():
-        raise ValueError(f"{what}: an AE title is 1 to 16 printable characters without backslash, got {value!r}")
-    return value.strip()
 
 
 class _Section(BaseModel):
@@ -67,12 +60,12 @@ class NodeSection(_Section):
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, value: str) -> str:
-        return _check_ae_title(value, "node.ae_title")
+        return check_ae_title(value, "node.ae_title")
 
     @field_validator("allowed_calling_aets")
     @classmethod
     def _aets(cls, values: list[str]) -> list[str]:
-        return [_check_ae_title(v, "node.allowed_calling_aets") for v in values]
+        return [check_ae_title(v, "node.allowed_calling_aets") for v in values]
 
     @model_validator(mode="after")
     def _tls_pair(self) -> NodeSection:
@@ -178,7 +171,7 @@ class DispatchSection(_Section):
     @field_validator("calling_ae_title")
     @classmethod
     def _ae(cls, value: str | None) -> str | None:
-        return None if value is None else _check_ae_title(value, "dispatch.calling_ae_title")
+        return None if value is None else check_ae_title(value, "dispatch.calling_ae_title")
 
 
 class MetricsSection(_Section):
@@ -208,7 +201,7 @@ class Destination(_Section):
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, value: str) -> str:
-        return _check_ae_title(value, "destinations.ae_title")
+        return check_ae_title(value, "destinations.ae_title")
 
 
 class NodeConfig(_Section):

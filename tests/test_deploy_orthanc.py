@@ -71,3 +71,11 @@ def test_lua_rule_forwards_mprage_only_and_results_come_back(node_and_orthanc: t
         assert node.spool.series_uids() == [mprage.series_uid]
         time.sleep(0.2)
     assert f"forwarding series {mprage.series_uid}" in (orthanc.folder / "orthanc.log").read_text()
+
+
+def test_compose_node_configuration_loads() -> None:
+    from dicom_node.config import load_config
+
+    cfg = load_config(LUA.parents[1] / "synthmrf.toml", environ={})
+    assert cfg.node.allowed_calling_aets == ["ORTHANC"]
+    assert [(d.ae_title, d.host, d.port) for d in cfg.destinations] == [("ORTHANC", "orthanc", 4242)]

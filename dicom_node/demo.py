@@ -68,6 +68,7 @@ class _Sink:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.received: list[Path] = []
+        self._maps: list[tuple[str, str, Path]] = []  # (study UID, quantity, path) of Parametric Maps
         self._lock = threading.Lock()
         ae = AE(ae_title=DESTINATION_AE)
         ae.supported_contexts = AllStoragePresentationContexts
@@ -86,6 +87,8 @@ class _Sink:
             return OUT_OF_RESOURCES
         with self._lock:
             self.received.append(path)
+            if ds.SOPClassUID == ParametricMapStorage:
+                self._maps.append((str(ds.StudyInstanceUID), _quantity(ds), path))
         return SUCCESS
 
     def start(self) -> int:
@@ -100,15 +103,10 @@ class _Sink:
         if self._server is not None:
             self._server.shutdown()
 
-    def maps(self) -> dict[str, Path]:
+    def maps(self, study_uid: str | None = None) -> dict[str, Path]:
+        """The Parametric Maps received so far (of one study), by quantity (T1, T2, PD)."""
         with self._lock:
-            paths = list(self.received)
-        out = {}
-        for path in paths:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            if ds.SOPClassUID == ParametricMapStorage:
-                out[_quantity(ds)] = path
-        return out
+            return {q: path for study, q, path in self._maps if study_uid in (None, study)}
 
 
 def _quantity(ds: Dataset) -> str:

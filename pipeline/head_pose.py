@@ -21,7 +21,7 @@ from pipeline.template import WORKING_SHAPE, load_template, working_grid_in_temp
 
 BRAIN_MASK_THRESHOLD = 0.5
 DEMONS_SPACING_MM = 2.0
-DEMONS_ITERATIONS = 30
+DEMONS_ITERATIONS = 10  # Dice vs phantom truth 0.9851 at 10, 0.9857 at 20, 0.9858 at 30 (2.8 vs 5.7 s)
 DEMONS_SMOOTHING_MM = 1.5  # standard deviation of the field smoothing, in voxels of the 2 mm grid
 STRIP_DILATION_VOXELS = 2  # keep 4 mm around the affine-fitted brain: the outline, not the scalp
 

@@ -327,7 +327,8 @@ def test_identity_references_and_description(results: Callable[[str], Written], 
 
 def test_file_names_are_deterministic(classic: Written) -> None:
     names = [p.name for p in classic.paths]
-    assert names[:2] == ["T1_map.dcm", "T1_mr_0001.dcm"] and "PD_mr_0042.dcm" in names
+    assert names[:4] == ["T1_map.dcm", "T2_map.dcm", "PD_map.dcm", "T1_mr_0001.dcm"]  # the maps go first
+    assert "PD_mr_0042.dcm" in names
     assert len(set(names)) == len(names) == 3 * (1 + MATRIX[2])
 
 

@@ -70,7 +70,10 @@ def write_result_series(series: DicomSeries, maps: Mapping[str, np.ndarray], out
         map_frames(maps[spec.name], series.grid, f"maps[{spec.name!r}]")
     out_dir = Path(out_dir)
     headers = read_source_headers(series)
+    # The Parametric Maps come first in the returned list (and so in what the node sends): they are the
+    # result; the derived images, hundreds of files, follow.
     files: list[tuple[Path, Dataset]] = []
+    derived_files: list[tuple[Path, Dataset]] = []
     for spec in specs:
         values = maps[spec.name]
         pm = build_parametric_map(series, values, spec.name, provenance, source_images=headers,
@@ -79,7 +82,9 @@ def write_result_series(series: DicomSeries, maps: Mapping[str, np.ndarray], out
         if derived:
             images = build_derived_series(series, values, spec.name, provenance,
                                           series_number=result_series_number(series, spec, derived=True))
-            files.extend((out_dir / derived_file_name(spec.name, int(im.InstanceNumber)), im) for im in images)
+            derived_files.extend((out_dir / derived_file_name(spec.name, int(im.InstanceNumber)), im)
+                                 for im in images)
+    files += derived_files
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     try:

@@ -20,7 +20,7 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from dicom_node.config import Destination, NodeConfig, NodeSection, PipelineSection, SeriesSection
-from dicom_node.demo import DESTINATION_AE, SENDER_AE, _phantom, _Sink
+from dicom_node.demo import DESTINATION_AE, SENDER_AE, ResultSink, phantom_subject
 from dicom_node.dicom_client import Peer, store_files
 from dicom_node.node import Node
 
@@ -46,8 +46,8 @@ def main() -> None:
     parser.add_argument("--quiet-seconds", type=float, default=2.0)
     args = parser.parse_args()
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="bench-latency-"))).resolve()
-    source = sorted((_phantom(workdir) / "mprage_dicom").iterdir())
-    sink = _Sink(workdir / "received")
+    source = sorted((phantom_subject(workdir) / "mprage_dicom").iterdir())
+    sink = ResultSink(workdir / "received")
     port = sink.start()
     config = NodeConfig(
         node=NodeSection(host="127.0.0.1", port=0, storage_dir=workdir / "node", min_free_mb=256),

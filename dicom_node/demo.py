@@ -62,7 +62,7 @@ class DemoReport:
         return "\n".join(lines)
 
 
-class _Sink:
+class ResultSink:
     """The embedded destination: a storage SCP writing what it receives into a folder."""
 
     def __init__(self, folder: Path) -> None:
@@ -118,7 +118,8 @@ def _quantity(ds: Dataset) -> str:
     return str(ds.get("SeriesDescription", "?"))
 
 
-def _phantom(workdir: Path) -> Path:
+def phantom_subject(workdir: Path) -> Path:
+    """The demo's phantom subject folder in ``workdir`` (made once, seed 2024, full resolution)."""
     from training.phantom.dataset import make_dataset
     from training.phantom.subject import PhantomOptions
 
@@ -191,9 +192,9 @@ def run_demo(workdir: Path, *, say: Callable[[str], None] = print, device: str =
         clock = time.monotonic()
 
     say("1/4 making a phantom subject (MPRAGE 192x192x150 DICOM, ground truth T1/T2/PD) ...")
-    subject = _phantom(workdir)
+    subject = phantom_subject(workdir)
     lap("phantom")
-    sink = _Sink(workdir / "received")
+    sink = ResultSink(workdir / "received")
     sink_port = sink.start()
     config = NodeConfig(
         node=NodeSection(ae_title="SYNTHMRF", host="127.0.0.1", port=0, storage_dir=workdir / "node",

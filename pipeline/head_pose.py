@@ -28,12 +28,11 @@ STRIP_DILATION_VOXELS = 2  # keep 4 mm around the affine-fitted brain: the outli
 
 @dataclass(frozen=True)
 class WorkingSpace:
-    """The working grid in patient space, the template fits that define it, and the brain mask."""
+    """The working grid in patient space, the head pose that defines it, and the brain mask."""
 
     affine: np.ndarray  # working voxel -> patient RAS mm
     shape: tuple[int, int, int]
     rigid: np.ndarray  # template -> patient RAS mm (head pose)
-    fitted: np.ndarray  # template -> patient RAS mm (affine fit)
     mask: np.ndarray  # bool brain mask on the working grid
 
     def resample(self, volume: np.ndarray, affine: np.ndarray, *, order: int = 1) -> np.ndarray:
@@ -93,4 +92,4 @@ def place_head(volume: np.ndarray, affine: np.ndarray) -> WorkingSpace:
     fitted = register_to_template(volume, affine, kind="affine", initial=rigid)
     working_affine = rigid @ working_grid_in_template()
     mask = _brain_mask(volume, affine, working_affine, fitted)
-    return WorkingSpace(working_affine, WORKING_SHAPE, rigid, fitted, mask)
+    return WorkingSpace(working_affine, WORKING_SHAPE, rigid, mask)

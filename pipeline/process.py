@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.convert import convert_series
-from pipeline.dicom_series import DicomSeries, SeriesRejected, read_series
+from pipeline.dicom_series import MAX_VOXEL_MM, MIN_FRAMES, DicomSeries, SeriesRejected, read_series
 from pipeline.geometry import resample_to_grid
 from pipeline.head_pose import WorkingSpace, place_head
 from pipeline.model.inference import synthesise_channels
@@ -114,9 +114,10 @@ def _source(path: Path, stages: _Stages) -> tuple[np.ndarray, np.ndarray, DicomS
             volume = volume[..., 0]
         if volume.ndim != 3 or np.iscomplexobj(volume):
             raise SeriesRejected(f"{path}: expected a real 3-D volume, got shape {volume.shape} {volume.dtype}")
-        if min(volume.shape) < 40 or np.max(np.linalg.norm(affine[:3, :3], axis=0)) > 3.0:
+        voxel_mm = np.linalg.norm(affine[:3, :3], axis=0)
+        if min(volume.shape) < MIN_FRAMES or voxel_mm.max() > MAX_VOXEL_MM:  # the DICOM checks' limits
             raise SeriesRejected(f"{path}: not a 3D T1 volume (shape {volume.shape}, voxel "
-                                 f"{np.round(np.linalg.norm(affine[:3, :3], axis=0), 2).tolist()} mm)")
+                                 f"{np.round(voxel_mm, 2).tolist()} mm)")
         return volume, affine, None
     with stages.stage("read"):
         series = read_series(path)

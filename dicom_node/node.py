@@ -26,6 +26,7 @@ from dicom_node.jobs import JobQueue, JobRunner, JobWorkers, make_huey
 from dicom_node.metrics import NodeMetrics
 from dicom_node.processor import LazyProcessor, Processor
 from dicom_node.retention import sweep
+from dicom_node.retro.progress import PROGRESS_FILE, ProgressStore
 from dicom_node.router import Router
 from dicom_node.series_assembly import CompletionHandler, SeriesAssembler
 from dicom_node.spool import Spool
@@ -90,6 +91,7 @@ class Node:
         self._workers: JobWorkers | None = None
         self._dispatcher: Dispatcher | None = None
         self._assembler: SeriesAssembler | None = None
+        self._progress: ProgressStore | None = None  # retrospective progress, opened once a pass has run
         self._housekeeping: threading.Thread | None = None
         self._stopping = threading.Event()
         self.metrics_port: int | None = None
@@ -152,11 +154,24 @@ class Node:
         self._listener = start_listener(cfg.node, self.spool, assembler.instance_stored, self.metrics.count_instance)
 
     def _series_complete_handler(self, router: Router) -> CompletionHandler:
-        def complete(series_uid: str, why: str) -> None:
+        def complete(series_uid: str, why: str) -> str | None:
+            not_yet = self._incomplete_retrieval(series_uid)
+            if not_yet is not None:
+                return not_yet
             job = router.series_complete(series_uid, why)
             if job is not None:
                 self.metrics.series.labels("queued" if job.state is JobState.QUEUED else "ignored").inc()
+            return None
         return complete
+
+    def _incomplete_retrieval(self, series_uid: str) -> str | None:
+        """Why a quiet series is still incomplete because a retrospective pass has not fetched it all."""
+        if self._progress is None:
+            path = self.storage_dir / "retro" / PROGRESS_FILE
+            if not path.exists():  # no pass ever ran here
+                return None
+            self._progress = ProgressStore(path)
+        return self._progress.incomplete_retrieval(series_uid, self.config.retro.hold_incomplete_s)
 
     def _enqueue_later(self, job_id: str, delay_s: float) -> None:
         if self._queue is not None:
@@ -227,6 +242,9 @@ class Node:
         if self._store is not None:
             self._store.close()
             self._store = None
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
         self._lock.release()
         logger.info("node stopped")
 

@@ -10,8 +10,10 @@ and frames came. A series is complete when
 
 The state is in memory only: the instances themselves are in the spool, and after a restart every
 series with instances in ``incoming/`` is tracked again from the restart (a full quiet period).
-The assembler calls ``on_complete(series_uid, why)`` from its own thread; a failing callback is
-logged and the series is tried again after another quiet period.
+The assembler calls ``on_complete(series_uid, why)`` from its own thread. The callback returns None
+when it took the series, or a reason why the series is not complete after all (a retrospective
+retrieval still under way, say): the series then waits another quiet period, as it does when the
+callback fails (which is logged).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dicom_node.instances import InstanceInfo
 
 logger = logging.getLogger(__name__)
 
-CompletionHandler = Callable[[str, str], None]
+CompletionHandler = Callable[[str, str], str | None]
 
 
 @dataclass
@@ -71,6 +73,7 @@ class SeriesAssembler:
         self.on_complete = on_complete
         self.clock = clock
         self._series: dict[str, SeriesProgress] = {}
+        self._handing_over: dict[str, SeriesProgress] = {}  # complete, with on_complete still running
         self._cond = threading.Condition(threading.RLock())
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -105,7 +108,11 @@ class SeriesAssembler:
         return deadline
 
     def due(self, now: float | None = None) -> list[tuple[str, str]]:
-        """Remove and return the series complete at ``now`` with the reason."""
+        """Remove and return the series complete at ``now`` with the reason.
+
+        They stay :meth:`pending` until their completion has been handled, so that nobody sees the node
+        idle between a series leaving the assembler and its job existing.
+        """
         now = self.clock() if now is None else now
         out = []
         with self._cond:
@@ -117,16 +124,36 @@ class SeriesAssembler:
                 why = (f"{early}, settled {quiet:.1f} s" if early and quiet < self.cfg.quiet_seconds
                        else f"quiet for {quiet:.1f} s")
                 out.append((uid, f"{p.instances} new instances; {why}"))
-                del self._series[uid]
+                self._handing_over[uid] = self._series.pop(uid)
         return out
 
     def next_deadline(self) -> float | None:
         with self._cond:
             return min((self._deadline(p) for p in self._series.values()), default=None)
 
-    def pending(self) -> list[str]:
+    def _wait_again(self, series_uid: str) -> None:
+        """A series :meth:`due` gave out is not complete after all: another quiet period from now."""
+        now = self.clock()
         with self._cond:
-            return sorted(self._series)
+            progress = self._handing_over.pop(series_uid, None) or SeriesProgress(series_uid, now, now)
+            arrived = self._series.pop(series_uid, None)  # instances that came during the hand-over
+            if arrived is not None:
+                progress.instances += arrived.instances
+                progress.frames += arrived.frames
+                progress.multiframe_instances += arrived.multiframe_instances
+                progress.images_in_acquisition = arrived.images_in_acquisition or progress.images_in_acquisition
+            progress.last_seen = now
+            self._series[series_uid] = progress
+            self._cond.notify()
+
+    def _handed_over(self, series_uid: str) -> None:
+        with self._cond:
+            self._handing_over.pop(series_uid, None)
+
+    def pending(self) -> list[str]:
+        """Series still arriving, or complete and not yet handed over."""
+        with self._cond:
+            return sorted(self._series.keys() | self._handing_over)
 
     # -- thread ------------------------------------------------------------------------------------------------------
 
@@ -135,12 +162,19 @@ class SeriesAssembler:
         done = 0
         for uid, why in self.due(now):
             try:
-                self.on_complete(uid, why)
-                done += 1
+                not_yet = self.on_complete(uid, why)
             except Exception:
                 logger.exception("series %s: completion failed; trying again after the quiet period", uid,
                                  extra={"series_uid": uid})
-                self.track(uid)
+                self._wait_again(uid)
+                continue
+            if not_yet is None:
+                self._handed_over(uid)
+                done += 1
+            else:
+                logger.info("series %s: not complete yet: %s; waiting another quiet period", uid, not_yet,
+                            extra={"series_uid": uid})
+                self._wait_again(uid)
         return done
 
     def _loop(self) -> None:

@@ -115,3 +115,41 @@ def test_failed_hand_over_is_retried_after_another_quiet_period() -> None:
     clock.now += 10.0
     assert a.run_once() == 1
     assert calls == [SERIES, SERIES]
+
+
+def test_a_series_stays_pending_until_its_hand_over_returns() -> None:
+    """Nobody may see the node idle between a series leaving the assembler and its job existing."""
+    clock, seen = Clock(), []
+    a: SeriesAssembler
+
+    def hand_over(uid: str, why: str) -> None:
+        seen.append(a.pending())
+
+    a = SeriesAssembler(SeriesSection(quiet_seconds=10.0), hand_over, clock=clock)
+    a.instance_stored(info(0))
+    clock.now += 10.0
+    assert a.run_once() == 1
+    assert seen == [[SERIES]]
+    assert a.pending() == []
+
+
+def test_a_series_not_complete_after_all_waits_another_quiet_period_with_its_counts() -> None:
+    clock, calls = Clock(), []
+
+    def hand_over(uid: str, why: str) -> str | None:
+        calls.append(why)
+        return "retrieval under way" if len(calls) == 1 else None
+
+    a = SeriesAssembler(SeriesSection(quiet_seconds=10.0), hand_over, clock=clock)
+    for n in range(3):
+        a.instance_stored(info(n))
+    clock.now += 10.0
+    assert a.run_once() == 0
+    assert a.pending() == [SERIES]
+    a.instance_stored(info(3))
+    clock.now += 9.9
+    assert a.run_once() == 0
+    clock.now += 0.2
+    assert a.run_once() == 1
+    assert calls[1].startswith("4 new instances")
+    assert a.pending() == []

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,25 @@ def test_claims_retries_and_dead_runs(tmp_path: Path) -> None:
     assert store.run(b).state is RunState.RUNNING  # type: ignore[union-attr]
     store.close()
     assert os.getpid() != int(dead.stdout)
+
+
+def test_a_series_whose_retrieval_is_unfinished_is_held_for_a_while(tmp_path: Path) -> None:
+    store = ProgressStore(tmp_path / "progress.sqlite")
+    run = store.start_run("pass", "pacs", {})
+    assert store.incomplete_retrieval("1.2.3", 60) is None  # never retrieved: sent prospectively
+    store.claim("1.2.3", "1.2", "pacs", run, expected=176)
+    store.record_progress("1.2.3", 40, 0)
+    assert "under way or was interrupted (40 of 176 instances)" in (store.incomplete_retrieval("1.2.3", 60) or "")
+    later = time.time() + 61
+    assert store.incomplete_retrieval("1.2.3", 60, now=later) is None  # held 60 s after the last activity
+    store.failed("1.2.3", "0xA702 out of resources", retry_after_s=600, max_attempts=3)
+    assert "failed after 40 of 176 instances (0xA702" in (store.incomplete_retrieval("1.2.3", 60) or "")
+    store.claim("1.2.3", "1.2", "pacs", run, now=9e12)
+    store.retrieved("1.2.3", 176)
+    assert store.incomplete_retrieval("1.2.3", 60) is None
+    store.failed("1.2.3", "boom", retry_after_s=0, max_attempts=1)  # gave up: process what there is
+    assert store.incomplete_retrieval("1.2.3", 60) is None
+    store.close()
 
 
 def test_one_association_slot_per_source(tmp_path: Path) -> None:

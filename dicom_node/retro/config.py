@@ -114,6 +114,7 @@ class RetroSection(_Model):
     max_queued_jobs: int = Field(default=4, ge=1)
     retry_after_s: float = Field(default=3600.0, ge=0)
     max_attempts: int = Field(default=5, ge=1)
+    hold_incomplete_s: float = Field(default=86400.0, ge=0)
     archive_retry_s: float = Field(default=900.0, gt=0)
     scheduler_poll_s: float = Field(default=30.0, gt=0)
     misfire_grace_s: float = Field(default=3600.0, gt=0)

@@ -340,6 +340,25 @@ class ProgressStore(SqliteState):
                               (str(SeriesState.FAILED), time.time(), series_uid, str(SeriesState.FAILED),
                                str(SeriesState.GAVE_UP))).rowcount == 1
 
+    def incomplete_retrieval(self, series_uid: str, max_hold_s: float, now: float | None = None) -> str | None:
+        """Why the node should not process ``series_uid`` yet, or None.
+
+        A series still being retrieved, interrupted mid-retrieval, or failed part-way with a retry to come
+        is incomplete in the node's spool: a later pass fetches the missing instances. Held for at most
+        ``max_hold_s`` after the last retrieval activity (then the node processes what it has).
+        """
+        record = self.series(series_uid)
+        if record is None or record.state not in (SeriesState.RETRIEVING, SeriesState.FAILED):
+            return None
+        now = time.time() if now is None else now
+        if now - record.updated_at >= max_hold_s:
+            return None
+        of = f" of {record.expected}" if record.expected else ""
+        if record.state is SeriesState.FAILED:
+            return (f"its retrieval from {record.source} failed after {record.completed}{of} instances "
+                    f"({record.last_error}); a later pass fetches the rest")
+        return f"its retrieval from {record.source} is under way or was interrupted ({record.completed}{of} instances)"
+
     def last_study_started_at(self, source: str) -> float | None:
         """The latest retrieval activity for ``source`` (so the rate limit also spans passes)."""
         with self._lock:

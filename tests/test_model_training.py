@@ -18,7 +18,7 @@ from pipeline.model.unet import UNetConfig, UNetEnsemble, network_slice, paramet
 from pipeline.mrf.dictionary import Dictionary
 from training.packaging import package_run
 from training.preprocess import channel_ranges, load_dataset, normalise_mprage
-from training.train import TrainConfig, train
+from training.train import TrainConfig, learning_rate_at, train
 
 TINY = UNetConfig(n_nets=7, base_filters=4, depth=4, dropout=0.1)
 
@@ -97,6 +97,38 @@ def test_training_runs_resumes_and_packages(tiny_dataset: Path, tmp_path: Path,
     inside = channels[mask]
     assert np.all(inside >= loaded.channel_ranges[:, 0] - 1e-3) and np.all(inside <= loaded.channel_ranges[:, 1] + 1e-3)
     assert np.all(channels[~mask] == 0)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor() -> None:
+    config = TrainConfig(epochs=10, iterations_per_epoch=100, learning_rate=1e-4, min_learning_rate=1e-6,
+                         warmup_iterations=100, lr_schedule="cosine")
+    assert learning_rate_at(0, config) == pytest.approx(1e-6)  # warm-up: 1/100 of the cosine start
+    assert learning_rate_at(99, config) == pytest.approx(1e-4)
+    assert learning_rate_at(100 + 450, config) == pytest.approx((1e-4 + 1e-6) / 2)  # half-way: the mean
+    assert learning_rate_at(999, config) == pytest.approx(1e-6, rel=1e-3)
+    assert learning_rate_at(5000, config) == pytest.approx(1e-6)  # past the plan (more epochs): the floor
+    constant = TrainConfig(learning_rate=3e-4, warmup_iterations=10)
+    assert [learning_rate_at(k, constant) for k in (4, 9, 10_000)] == pytest.approx([1.5e-4, 3e-4, 3e-4])
+
+
+def test_fine_tuning_starts_from_a_package_and_keeps_its_ranges(tiny_dataset: Path, tmp_path: Path) -> None:
+    dataset = load_dataset(tiny_dataset, tmp_path / "cache")
+    base = TrainConfig(epochs=1, iterations_per_epoch=2, batch_size=2, crop=32, validation_slices=2, unet=TINY)
+    train(dataset, tmp_path / "base", base, progress=False)
+    package = load_package(package_run(tmp_path / "base", tiny_dataset, tmp_path / "pkg", name="tiny", version="0.0"))
+    tuned = TrainConfig(**{**base.__dict__, "learning_rate": 1e-12, "warmup_iterations": 1,
+                           "init_from": package.name})
+    train(dataset, tmp_path / "tuned", tuned, progress=False, initial=package)
+    best = torch.load(tmp_path / "tuned" / "best.pt", weights_only=False)
+    assert np.array_equal(np.asarray(best["channel_ranges"], np.float32), package.channel_ranges)
+    for name, start in package.model.named_parameters():  # a learning rate of 1e-12 leaves the weights as they were
+        assert torch.allclose(best["state"][name].float(), start.float(), atol=1e-6), name
+    with pytest.raises(ValueError, match=r"architecture"):
+        other = TrainConfig(**{**tuned.__dict__, "unet": UNetConfig(n_nets=7, base_filters=8, depth=4)})
+        train(dataset, tmp_path / "other", other, progress=False, initial=package)
+    result = CliRunner().invoke(cli, ["train", "--data", str(tiny_dataset), "--run-dir", str(tmp_path / "cli"),
+                                      "--init-from", str(tmp_path / "nowhere-0.0")])
+    assert result.exit_code == 2 and "--init-from" in result.output, result.output
 
 
 def test_same_seed_same_training(tiny_dataset: Path, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from pipeline.model.package import ModelPackage
 from pipeline.model.unet import UNetConfig, UNetEnsemble, network_slice
 from pipeline.mrf.coefficients import CHANNEL_NAMES
 from pipeline.mrf.epg import resolve_device
@@ -46,6 +47,9 @@ class TrainConfig:
     bf16: bool = True  # autocast on CPU (measured 2x faster here); CUDA uses its own autocast
     validation_slices: int = 32
     warmup_iterations: int = 100  # linear learning-rate warm-up from 0
+    lr_schedule: str = "constant"  # or "cosine": from learning_rate down to min_learning_rate at the last epoch
+    min_learning_rate: float = 0.0
+    init_from: str | None = None  # the model package (NAME-VERSION) whose weights and channel ranges start the run
     max_minutes: float | None = None  # stop cleanly (checkpoint saved) after this much wall time
     unet: UNetConfig = field(default_factory=UNetConfig)
 
@@ -89,6 +93,20 @@ def _validation_set(subjects: list[PreparedSubject], n: int, ranges: np.ndarray)
     return torch.from_numpy(x)[:, None], torch.from_numpy(y.astype(np.float32))
 
 
+def learning_rate_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then constant or cosine decay to ``min_learning_rate`` over all planned iterations."""
+    warm = min(1.0, (step + 1) / max(1, config.warmup_iterations))
+    if config.lr_schedule == "constant":
+        return config.learning_rate * warm
+    if config.lr_schedule != "cosine":
+        raise ValueError(f"lr_schedule: 'constant' or 'cosine', got {config.lr_schedule!r}")
+    total = max(1, config.epochs * config.iterations_per_epoch - config.warmup_iterations)
+    done = min(1.0, max(0.0, (step - config.warmup_iterations) / total))
+    cosine = config.min_learning_rate + 0.5 * (config.learning_rate - config.min_learning_rate) * (
+        1 + math.cos(math.pi * done))
+    return cosine * warm
+
+
 def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
     dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
@@ -130,16 +148,39 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank() if world > 1 else 0), world
 
 
+def _check_initial(initial: ModelPackage, dataset: Dataset, config: TrainConfig) -> None:
+    """A run may start from a package of the same architecture and the dataset's sequence only."""
+    if initial.model.config != config.unet:
+        raise ValueError(f"--init-from {initial.name}: its architecture {initial.model.config} differs from the "
+                         f"run's {config.unet}")
+    if initial.sequence.hash() != dataset.sequence_hash:
+        raise ValueError(f"--init-from {initial.name}: trained for sequence {initial.sequence.name} "
+                         f"({initial.sequence.hash()[:12]}), the dataset has {dataset.sequence_hash[:12]}: "
+                         "its outputs mean another signal")
+    if config.init_from != initial.name:
+        raise ValueError(f"config.init_from is {config.init_from!r} but the package is {initial.name!r}")
+
+
 def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), *, device: str = "auto",
-          resume: bool = True, progress: bool = True) -> dict[str, object]:
-    """Train (or resume) in ``run_dir``; returns a summary. Best weights: ``run_dir/best.pt``."""
+          resume: bool = True, progress: bool = True, initial: ModelPackage | None = None) -> dict[str, object]:
+    """Train (or resume) in ``run_dir``; returns a summary. Best weights: ``run_dir/best.pt``.
+
+    ``initial`` (named by ``config.init_from``) fine-tunes a model package: the run starts from its
+    weights and keeps its channel ranges, so its outputs keep their meaning.
+    """
+    if (initial is None) != (config.init_from is None):
+        raise ValueError("config.init_from and initial must be given together")
     rank, world = _distributed()
     dev = resolve_device(device)
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     run_dir.mkdir(parents=True, exist_ok=True)
     train_subjects, val_subjects = dataset.subjects["train"], dataset.subjects["val"] or dataset.subjects["train"]
-    ranges = channel_ranges(train_subjects)
+    if initial is not None:
+        _check_initial(initial, dataset, config)
+        ranges = initial.channel_ranges.astype(np.float64)
+    else:
+        ranges = channel_ranges(train_subjects)
     torch.manual_seed(config.seed)
     model = UNetEnsemble(config.unet).to(dev)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
@@ -155,12 +196,18 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
         optimiser.load_state_dict(saved["optimiser"])
         state = _State(saved["epoch"], saved["best_val"], saved["best_state"])
         logger.info("resuming %s at epoch %d", run_dir, state.epoch)
+    elif initial is not None:
+        model.load_state_dict(initial.model.state_dict())
+        state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        logger.info("starting from the weights of %s", initial.name)
     else:
         _initialise_output_bias(model, train_subjects, ranges, config)
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     val_x, val_y = _validation_set(val_subjects, config.validation_slices, ranges)
+    if initial is not None and state.epoch == 0 and rank == 0:  # the package's weights are the best so far
+        state.best_val = [float(v) for v in validation_mse(model, val_x, val_y, dev)]
     metrics_path = run_dir / METRICS
     started = time.monotonic()
     stopped_early = False
@@ -173,7 +220,7 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
         for it in bar:
             step = state.epoch * config.iterations_per_epoch + it
             for group in optimiser.param_groups:
-                group["lr"] = config.learning_rate * min(1.0, (step + 1) / max(1, config.warmup_iterations))
+                group["lr"] = learning_rate_at(step, config)
             x, y = _sample_batch(train_subjects, rng, config.batch_size // world, config.crop, ranges)
             with _autocast(dev, config.bf16):
                 out = net(x.to(dev))

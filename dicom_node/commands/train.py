@@ -25,6 +25,14 @@ from training.train import train as run_training
 @click.option("--crop", default=128, show_default=True, type=click.IntRange(min=0),
               help="Random square crops inside the brain (multiple of 16); 0 = whole slices.")
 @click.option("--learning-rate", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+              help="After the warm-up: constant, or cosine decay to --min-learning-rate at the last epoch.")
+@click.option("--min-learning-rate", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--init-from", "init_from", default=None, metavar="PKG|NAME",
+              help="Fine-tune: start from this model package (folder, or installed/built-in NAME-VERSION) and keep "
+                   "its channel ranges. Same architecture and sequence as the dataset's.")
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("var/synthmrf/models"),
+              envvar="SYNTHMRF_MODELS_DIR", show_default=True, help="Model registry for --init-from NAME.")
 @click.option("--validation-slices", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--bf16/--no-bf16", default=True, show_default=True, help="Mixed precision (bf16 on CPU).")
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -32,17 +40,34 @@ from training.train import train as run_training
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, iterations_per_epoch: int,
-          batch_size: int, crop: int, learning_rate: float, validation_slices: int, bf16: bool,
-          max_minutes: float | None, seed: int, device: str) -> None:
+          batch_size: int, crop: int, learning_rate: float, lr_schedule: str, min_learning_rate: float,
+          init_from: str | None, models_dir: Path, validation_slices: int, bf16: bool, max_minutes: float | None,
+          seed: int, device: str) -> None:
     """Train (or resume) the ensemble: Adam, MSE per network, best weights per network by validation MSE.
 
     Several GPUs: torchrun --nproc-per-node N $(which synthmrf) train ... (DistributedDataParallel).
     """
     if crop % 16:
         raise click.BadParameter(f"must be a multiple of 16, got {crop}", param_hint="--crop")
+    if min_learning_rate > learning_rate:
+        raise click.BadParameter(f"{min_learning_rate} is above --learning-rate {learning_rate}",
+                                 param_hint="--min-learning-rate")
+    initial = None
+    if init_from is not None:
+        from dicom_node.model_registry import load_model
+        from pipeline.model.package import PackageError
+
+        try:
+            initial = load_model(init_from, models_dir)
+        except (PackageError, FileNotFoundError, KeyError, ValueError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--init-from") from exc
     dataset = load_dataset(data_dir, cache_dir or run_dir.parent / "cache", progress=True)
     config = TrainConfig(epochs=epochs, iterations_per_epoch=iterations_per_epoch, batch_size=batch_size, crop=crop,
-                         learning_rate=learning_rate, seed=seed, bf16=bf16, validation_slices=validation_slices,
-                         max_minutes=max_minutes)
-    summary = run_training(dataset, run_dir, config, device=device)
+                         learning_rate=learning_rate, lr_schedule=lr_schedule, min_learning_rate=min_learning_rate,
+                         init_from=None if initial is None else initial.name, seed=seed, bf16=bf16,
+                         validation_slices=validation_slices, max_minutes=max_minutes)
+    try:
+        summary = run_training(dataset, run_dir, config, device=device, initial=initial)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(summary, indent=1))

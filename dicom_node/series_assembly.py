@@ -74,6 +74,7 @@ class SeriesAssembler:
         self.clock = clock
         self._series: dict[str, SeriesProgress] = {}
         self._handing_over: dict[str, SeriesProgress] = {}  # complete, with on_complete still running
+        self._waited: set[str] = set()  # series told 'not complete yet' (logged once at INFO)
         self._cond = threading.Condition(threading.RLock())
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -169,11 +170,14 @@ class SeriesAssembler:
                 self._wait_again(uid)
                 continue
             if not_yet is None:
+                self._waited.discard(uid)
                 self._handed_over(uid)
                 done += 1
             else:
-                logger.info("series %s: not complete yet: %s; waiting another quiet period", uid, not_yet,
-                            extra={"series_uid": uid})
+                first = uid not in self._waited
+                self._waited.add(uid)
+                logger.log(logging.INFO if first else logging.DEBUG, "series %s: not complete yet: %s; waiting",
+                           uid, not_yet, extra={"series_uid": uid})
                 self._wait_again(uid)
         return done
 

@@ -49,9 +49,9 @@ class NodeSection(_Section):
     max_associations: int = Field(default=16, ge=1)
     max_pdu: int = Field(default=0, ge=0)  # bytes we accept per PDU; 0: unlimited (fewest PDUs per instance)
     event_driven: bool = True  # event-driven association reactors (fast_acceptor); false: pynetdicom's polling
-    acse_timeout_s: float = Field(default=30.0, gt=0)
+    acse_timeout_s: float = Field(default=30.0, gt=0)  # also bounds a caller's TLS handshake
     dimse_timeout_s: float = Field(default=60.0, gt=0)
-    network_timeout_s: float = Field(default=120.0, gt=0)
+    network_timeout_s: float = Field(default=120.0, gt=0)  # idle association, or one read from a silent peer
     drain_timeout_s: float = Field(default=60.0, ge=0)  # SIGTERM: how long in-flight associations and jobs may finish
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key: the listener speaks TLS only
     tls_key: Path | None = None

@@ -3,7 +3,8 @@
 Deliveries live in the job store (one per job and destination). The dispatcher thread picks the due
 ones, at most one association per destination at a time, and records the outcome: ``sent``; or a
 later attempt after ``backoff_initial_s * 2**(attempt-1)`` (at most ``backoff_max_s``); or ``dead``
-after ``max_attempts`` attempts (``synthmrf jobs retry`` makes it pending again). A resend carries
+after ``max_attempts`` attempts (``synthmrf jobs retry`` makes it pending again). An attempt that
+could not send every result file (one is missing or unreadable) is a failed attempt. A resend carries
 the same SOP Instance UIDs, so a destination that already has an object keeps one copy.
 """
 
@@ -101,8 +102,9 @@ class Dispatcher:
                                    self.cfg.dispatch.connect_timeout_s, self.cfg.dispatch.dimse_timeout_s)
                 if not report.ok:
                     error = "; ".join(f"{p.name}: {why}" for p, why in report.failed[:3])
-                elif not report.stored:
-                    error = "nothing stored: " + "; ".join(f"{p.name}: {why}" for p, why in report.skipped[:3])
+                elif report.skipped:  # a partial result is not a delivery
+                    error = (f"{len(report.skipped)} of {len(files)} result files unreadable, not sent: "
+                             + "; ".join(f"{p.name}: {why}" for p, why in report.skipped[:3]))
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
         if not error:

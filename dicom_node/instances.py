@@ -9,6 +9,8 @@ file back after a restart.
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,8 @@ MR_IMAGE_STORAGE = frozenset({MRImageStorage, EnhancedMRImageStorage, LegacyConv
 _PIXEL_TAGS = (Tag(0x7FE0, 0x0010), Tag(0x7FE0, 0x0008), Tag(0x7FE0, 0x0009))
 _SOP_CLASS, _SOP_INSTANCE = Tag(0x0008, 0x0016), Tag(0x0008, 0x0018)
 _STUDY, _SERIES = Tag(0x0020, 0x000D), Tag(0x0020, 0x000E)
+_PATIENT_ID = Tag(0x0010, 0x0020)
+_PATIENT_KEY = secrets.token_bytes(16)  # per process: a digest means nothing outside it
 
 
 class InstanceRefusedError(Exception):
@@ -52,6 +56,12 @@ class InstanceInfo:
     frames: int
     images_in_acquisition: int | None
     transfer_syntax: str
+    patient_key: str = ""  # a keyed digest of the PatientID (see patient_key), to compare instances by
+
+
+def patient_key(patient_id: str) -> str:
+    """A digest of a PatientID, keyed per process: equal IDs give equal keys, and the ID is not kept."""
+    return hashlib.blake2b(patient_id.encode(), key=_PATIENT_KEY, digest_size=16).hexdigest()
 
 
 def _element(group_elem: int, vr: bytes, value: bytes) -> bytes:
@@ -169,7 +179,7 @@ def inspect_instance(event: Event) -> InstanceInfo:
         raise InstanceRefusedError(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the command's")
     frames = _check_pixels(ds, UID(transfer_syntax).is_encapsulated) if sop_class in MR_IMAGE_STORAGE else 1
     return InstanceInfo(sop, sop_class, study, series, frames, _int(ds, "ImagesInAcquisition", None),
-                        str(transfer_syntax))
+                        str(transfer_syntax), patient_key(_text(ds, _PATIENT_ID)))
 
 
 def read_instance_info(path: Path) -> InstanceInfo:
@@ -178,7 +188,7 @@ def read_instance_info(path: Path) -> InstanceInfo:
     frames = _int(ds, "NumberOfFrames", 1) or 1
     return InstanceInfo(str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.StudyInstanceUID),
                         str(ds.SeriesInstanceUID), frames, _int(ds, "ImagesInAcquisition", None),
-                        str(ds.file_meta.get("TransferSyntaxUID", "")))
+                        str(ds.file_meta.get("TransferSyntaxUID", "")), patient_key(_text(ds, _PATIENT_ID)))
 
 
 def is_complete_file(path: Path, sop_uid: str) -> bool:

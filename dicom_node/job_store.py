@@ -11,8 +11,8 @@ Each job with results has one delivery per destination: ``pending -> sending -> 
 ``pending`` with a later ``next_attempt_at`` after a failed attempt, and ``dead`` after the last
 allowed attempt. Transitions are single conditional UPDATEs, so a stage that finds the row in an
 unexpected state does nothing: a task delivered twice by the queue runs once. After a crash,
-``recover_interrupted`` puts ``processing`` jobs back to ``queued`` and ``sending`` deliveries back to
-``pending``.
+``recover_interrupted`` puts ``processing`` jobs back to ``queued`` (``failed`` once they have had
+``jobs.max_attempts`` runs) and ``sending`` deliveries back to ``pending``.
 """
 
 from __future__ import annotations
@@ -209,10 +209,15 @@ class JobStore(SqliteState):
         assert job is not None
         return job
 
-    def queued(self) -> list[str]:
+    def queued(self, series_uid: str | None = None) -> list[str]:
+        """Ids of the queued jobs, oldest first; of every series or of ``series_uid``."""
+        sql = "SELECT id FROM jobs WHERE state = ?"
+        args = [str(JobState.QUEUED)]
+        if series_uid is not None:
+            sql += " AND series_uid = ?"
+            args.append(series_uid)
         with self._lock:
-            return [r["id"] for r in self._db.execute(
-                "SELECT id FROM jobs WHERE state = ? ORDER BY created_at", (str(JobState.QUEUED),))]
+            return [r["id"] for r in self._db.execute(sql + " ORDER BY created_at", args)]
 
     def start_job(self, job_id: str) -> Job | None:
         """queued -> processing (one more attempt); None if the job is not queued (already taken or done)."""
@@ -250,15 +255,26 @@ class JobStore(SqliteState):
                        "WHERE id = ? AND state = ?",
                        (str(state), reason, now, finished, job_id, str(JobState.PROCESSING)))
 
-    def recover_interrupted(self) -> tuple[int, int]:
-        """After a crash: processing jobs -> queued, sending deliveries -> pending. Returns the two counts."""
+    def recover_interrupted(self, max_attempts: int) -> tuple[int, list[str], int]:
+        """After a crash: processing jobs -> queued, or -> failed once they have had ``max_attempts`` runs (a
+        series that kills the process must not be run at every restart); sending deliveries -> pending.
+
+        Returns (jobs queued again, ids of the jobs failed, deliveries pending again).
+        """
         now = time.time()
+        processing = str(JobState.PROCESSING)
         with self._tx() as db:
+            failed = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE state = ? AND attempts >= ? ORDER BY id",
+                                                  (processing, max_attempts))]
+            db.execute("UPDATE jobs SET state = :failed, reason = 'the process died while processing it (attempt ' "
+                       "|| attempts || ' of ' || :max || ')', updated_at = :now, finished_at = :now "
+                       "WHERE state = :processing AND attempts >= :max",
+                       {"failed": str(JobState.FAILED), "max": max_attempts, "now": now, "processing": processing})
             jobs = db.execute("UPDATE jobs SET state = ?, updated_at = ? WHERE state = ?",
-                              (str(JobState.QUEUED), now, str(JobState.PROCESSING))).rowcount
+                              (str(JobState.QUEUED), now, processing)).rowcount
             dels = db.execute("UPDATE deliveries SET state = ?, updated_at = ? WHERE state = ?",
                               (str(DeliveryState.PENDING), now, str(DeliveryState.SENDING))).rowcount
-        return jobs, dels
+        return jobs, failed, dels
 
     def retry(self, job_id: str) -> list[str]:
         """Make a failed/rejected job or its dead/pending deliveries go again now; say what was changed."""

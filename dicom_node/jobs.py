@@ -66,6 +66,11 @@ class JobQueue:
         else:
             self._task(job_id)
 
+    def held(self) -> set[str]:
+        """Ids of the jobs with a task waiting in the queue or its schedule."""
+        tasks = [*self.huey.pending(), *self.huey.scheduled()]
+        return {str(t.args[0]) for t in tasks if t.name == TASK_NAME and t.args}
+
     def depth(self) -> int:
         """Tasks waiting in the queue or its schedule."""
         return int(self.huey.pending_count()) + int(self.huey.scheduled_count())

@@ -21,6 +21,9 @@ class NodeMetrics:
                                  registry=self.registry)
         self.bytes = Counter("synthmrf_received_bytes_total", "Bytes of instances written to the spool",
                              registry=self.registry)
+        self.identity_mismatches = Counter("synthmrf_identity_mismatches_total",
+                                           "Instances whose StudyInstanceUID or PatientID differs from their series'",
+                                           ["attribute"], registry=self.registry)
         self.series = Counter("synthmrf_series_total", "Completed series by decision", ["decision"],
                               registry=self.registry)
         self.jobs = Counter("synthmrf_job_runs_total", "Processing runs by outcome", ["outcome"],
@@ -39,6 +42,9 @@ class NodeMetrics:
         self.instances.labels(outcome).inc()
         if nbytes:
             self.bytes.inc(nbytes)
+
+    def count_identity_mismatch(self, attribute: str) -> None:
+        self.identity_mismatches.labels(attribute).inc()
 
     def observe_job(self, outcome: str, seconds: float) -> None:
         self.jobs.labels(outcome).inc()

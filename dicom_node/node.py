@@ -1,9 +1,12 @@
 """The node in one object: listener, series assembler, job workers, dispatcher, retention, metrics.
 
 ``Node(config).start()`` recovers what a previous run left (finishes interrupted claims, creates
-missing jobs, re-queues interrupted jobs and deliveries, tracks partially received series) and starts
-the threads; ``stop()`` drains: no new associations, in-flight associations, jobs and sends get up to
-``node.drain_timeout_s`` to finish, and whatever is left is persisted for the next start.
+missing jobs, re-queues interrupted jobs and deliveries, fails jobs whose runs killed the process
+``jobs.max_attempts`` times, tracks partially received series) and starts the threads. The
+housekeeping thread repeats the first steps every ``RECONCILE_INTERVAL_S`` (for a claim, job
+creation or enqueue that failed at run time) and applies retention. ``stop()`` drains: no new
+associations, in-flight associations, jobs and sends get up to ``node.drain_timeout_s`` to finish,
+and whatever is left is persisted for the next start.
 ``synthmrf serve`` is a thin wrapper; the demo and the tests run a Node in-process (``port = 0``
 picks a free port, see :attr:`Node.port`).
 """
@@ -29,6 +32,7 @@ from dicom_node.retention import sweep
 from dicom_node.retro.progress import PROGRESS_FILE, ProgressStore
 from dicom_node.router import Router
 from dicom_node.series_assembly import CompletionHandler, SeriesAssembler
+from dicom_node.series_identity import SeriesIdentities
 from dicom_node.spool import Spool
 from dicom_node.storage_scp import Listener, start_listener
 
@@ -36,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = "node.lock"
 STATE_FILE = "jobs.sqlite"
+RECONCILE_INTERVAL_S = 60.0  # how often every series is checked for work a failure left unfinished
 
 
 class NodeLockedError(RuntimeError):
@@ -92,6 +97,7 @@ class Node:
         self._dispatcher: Dispatcher | None = None
         self._assembler: SeriesAssembler | None = None
         self._progress: ProgressStore | None = None  # retrospective progress, opened once a pass has run
+        self._router: Router | None = None
         self._housekeeping: threading.Thread | None = None
         self._stopping = threading.Event()
         self.metrics_port: int | None = None
@@ -139,7 +145,7 @@ class Node:
         runner = JobRunner(cfg, self.spool, store, self.processor, queue_retry=self._enqueue_later,
                            on_processed=dispatcher.wake, observe=self.metrics.observe_job)
         queue = self._queue = JobQueue(huey, runner)
-        router = Router(self.spool, store, cfg.mprage, queue.enqueue)
+        router = self._router = Router(self.spool, store, cfg.mprage, queue.enqueue, queue.held)
         assembler = self._assembler = SeriesAssembler(cfg.series, self._series_complete_handler(router))
         self._recover(router, store, queue, assembler)
         self.metrics.track(lambda: float(len(store.queued())), lambda: float(self.spool.free_bytes()))
@@ -147,11 +153,12 @@ class Node:
         self._workers.start()
         dispatcher.start()
         assembler.start()
-        self._housekeeping = threading.Thread(target=self._housekeeping_loop, name="retention", daemon=True)
+        self._housekeeping = threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True)
         self._housekeeping.start()
         if cfg.metrics.port is not None:
             self.metrics_port = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
-        self._listener = start_listener(cfg.node, self.spool, assembler.instance_stored, self.metrics.count_instance)
+        identities = SeriesIdentities(self.spool, self.metrics.count_identity_mismatch)
+        self._listener = start_listener(cfg.node, self.spool, assembler, identities, self.metrics.count_instance)
 
     def _series_complete_handler(self, router: Router) -> CompletionHandler:
         def complete(series_uid: str, why: str) -> str | None:
@@ -179,12 +186,8 @@ class Node:
 
     def _recover(self, router: Router, store: JobStore, queue: JobQueue, assembler: SeriesAssembler) -> None:
         """Bring the spool, the job store and the queue back in line after any kind of stop."""
-        for claim in self.spool.finish_interrupted_claims():
-            router.route(claim, "claim finished after a restart")
         for series_uid in self.spool.series_uids():
-            for version in self.spool.versions(series_uid):
-                if not store.has_job(series_uid, version):
-                    router.route(self.spool.claim_of(series_uid, version), "found after a restart")
+            router.settle(series_uid)
             files = self.spool.incoming_files(series_uid)
             if files:
                 infos: list[InstanceInfo] = []
@@ -196,22 +199,38 @@ class Node:
                 assembler.track(series_uid, infos)
                 logger.info("series %s: %d instances waiting from before the restart", series_uid, len(files),
                             extra={"series_uid": series_uid})
-        jobs, deliveries = store.recover_interrupted()
+        jobs, failed, deliveries = store.recover_interrupted(self.config.jobs.max_attempts)
         if jobs or deliveries:
             logger.warning("recovered %d interrupted jobs and %d interrupted deliveries", jobs, deliveries)
+        for job_id in failed:
+            logger.error("job %s failed: the process died while processing it in its last allowed attempt "
+                         "(jobs.max_attempts = %d); not run again ('synthmrf jobs retry %s' runs it again)", job_id,
+                         self.config.jobs.max_attempts, job_id, extra={"job_id": job_id})
         queued = store.queued()
         queue.reset(queued)
         if queued:
             logger.info("%d jobs queued", len(queued))
 
     def _housekeeping_loop(self) -> None:
-        interval = self.config.retention.sweep_interval_s
+        """Reconcile every ``RECONCILE_INTERVAL_S`` (start-up has just done so) and sweep every
+        ``retention.sweep_interval_s`` (from start-up)."""
+        next_reconcile = time.monotonic() + RECONCILE_INTERVAL_S
+        next_sweep = time.monotonic()
         while not self._stopping.is_set():
-            try:
-                sweep(self.store, self.spool, self.config.retention)
-            except Exception:
-                logger.exception("retention sweep failed")
-            self._stopping.wait(interval)
+            if time.monotonic() >= next_reconcile:
+                next_reconcile = time.monotonic() + RECONCILE_INTERVAL_S
+                try:
+                    if self._router is not None and (n := self._router.reconcile()):
+                        logger.warning("housekeeping: %d jobs that a failure had left behind routed or enqueued", n)
+                except Exception:
+                    logger.exception("reconciling the spool, the job store and the queue failed")
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + self.config.retention.sweep_interval_s
+                try:
+                    sweep(self.store, self.spool, self.config.retention)
+                except Exception:
+                    logger.exception("retention sweep failed")
+            self._stopping.wait(max(0.0, min(next_reconcile, next_sweep) - time.monotonic()))
 
     def stop(self, drain: bool = True, timeout_s: float | None = None) -> None:
         """Stop; with ``drain``, in-flight work gets up to ``timeout_s`` (default node.drain_timeout_s)."""

@@ -11,11 +11,17 @@ Policies (deliberate, visible in ``synthmrf jobs``):
   whole series. Job ids are ``<SeriesInstanceUID>-v<N>``.
 - Other series (not an MPRAGE by the rules, or an unreadable header) get an ``ignored`` job with the
   reason, a log line, and are deleted after ``retention.ignored_days``.
+- Failures: a claim or a job creation or an enqueue that raised leaves a ``.vN.claim`` folder, a
+  version without a job, or a queued job the queue does not hold. Before each hand-over of a series,
+  and for every series from the node's housekeeping loop, :meth:`Router.reconcile` settles these as a
+  restart would (finishes the claim, creates the job, enqueues the job again); a version is therefore
+  never claimed while the previous one is unfinished.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 from pydicom import dcmread
@@ -29,20 +35,53 @@ logger = logging.getLogger(__name__)
 
 
 class Router:
-    """Turns claimed series versions into jobs; ``enqueue(job_id)`` hands MPRAGE jobs to the queue."""
+    """Turns claimed series versions into jobs; ``enqueue(job_id)`` hands MPRAGE jobs to the queue, ``held()``
+    says which job ids the queue holds."""
 
-    def __init__(self, spool: Spool, store: JobStore, rules: MprageSection, enqueue: Callable[[str], None]) -> None:
+    def __init__(self, spool: Spool, store: JobStore, rules: MprageSection, enqueue: Callable[[str], None],
+                 held: Callable[[], set[str]]) -> None:
         self.spool = spool
         self.store = store
         self.rules = rules
         self.enqueue = enqueue
+        self.held = held
+        self._lock = threading.Lock()  # one hand-over or reconciliation at a time
 
     def series_complete(self, series_uid: str, why: str) -> Job | None:
-        """The assembler's callback: claim what arrived and route it (None if nothing was waiting)."""
-        claim = self.spool.claim(series_uid, at_least=self.store.next_version(series_uid))
-        if claim is None:
-            return None
-        return self.route(claim, why)
+        """The assembler's callback: reconcile the series, then claim what arrived and route it (None if nothing
+        was waiting)."""
+        with self._lock:
+            self._reconcile(series_uid, self.held())
+            claim = self.spool.claim(series_uid, at_least=self.store.next_version(series_uid))
+            if claim is None:
+                return None
+            return self.route(claim, why)
+
+    def settle(self, series_uid: str) -> list[Job]:
+        """Finish an interrupted claim of the series and create the jobs its versions lack (the jobs routed)."""
+        jobs = [self.route(claim, "claim finished after an interruption")
+                for claim in self.spool.finish_interrupted_claims([series_uid])]
+        for version in self.spool.versions(series_uid):
+            if not self.store.has_job(series_uid, version):
+                jobs.append(self.route(self.spool.claim_of(series_uid, version), "version found without a job"))
+        return jobs
+
+    def reconcile(self, series_uid: str | None = None) -> int:
+        """:meth:`settle` the series (default: every series) and enqueue again its queued jobs the queue does not
+        hold; return how many jobs were routed or enqueued."""
+        with self._lock:
+            held = self.held()
+            return sum(self._reconcile(uid, held) for uid in (
+                self.spool.series_uids() if series_uid is None else [series_uid]))
+
+    def _reconcile(self, series_uid: str, held: set[str]) -> int:
+        routed = {job.id for job in self.settle(series_uid)}
+        lost = [job_id for job_id in self.store.queued(series_uid) if job_id not in held and job_id not in routed]
+        for job_id in lost:
+            logger.warning("job %s: queued, but not in the queue; enqueued again", job_id,
+                           extra={"series_uid": series_uid, "job_id": job_id})
+            self.enqueue(job_id)
+        return len(routed) + len(lost)
 
     def route(self, claim: Claim, why: str) -> Job:
         """Create the job of a claimed version (idempotent) and queue it if it is an MPRAGE."""

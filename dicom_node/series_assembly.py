@@ -91,6 +91,13 @@ class SeriesAssembler:
             if self.cfg.early_trigger and progress.expected_reached():
                 self._cond.notify()
 
+    def instance_waiting(self, info: InstanceInfo) -> None:
+        """A duplicate of an instance still in ``incoming/``: track its series if nothing does, so that what
+        waits in the spool is claimed without waiting for a restart."""
+        with self._cond:
+            if info.series_instance_uid not in self._series and info.series_instance_uid not in self._handing_over:
+                self.instance_stored(info)
+
     def track(self, series_uid: str, instances: list[InstanceInfo] | None = None) -> None:
         """Track a series found in the spool at start (its quiet period starts now)."""
         now = self.clock()

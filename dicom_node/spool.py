@@ -29,7 +29,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -47,6 +47,11 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 class SpoolFullError(Exception):
     """Storing would leave less free space than the configured minimum, or the disk is full."""
+
+
+class StoredNotSyncedError(Exception):
+    """The instance was renamed into ``incoming/`` but fsyncing the folder failed: the file is kept (it
+    counts as received, and a resend is a duplicate) but must not be acknowledged."""
 
 
 class StoreOutcome(Enum):
@@ -127,7 +132,8 @@ class Spool:
         self.tmp_dir = self.root / "tmp"
         self.series_root = self.root / "series"
         self._tmp, self._series = str(self.tmp_dir), str(self.series_root)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # incoming/ and the known SOP Instance UIDs
+        self._versions_lock = threading.Lock()  # a claim linking a version's files vs. retention deleting it
         self._known: dict[str, set[str]] = {}
         self._counter = itertools.count()
 
@@ -157,11 +163,14 @@ class Spool:
                 leftover.unlink(missing_ok=True)
         return rolled
 
-    def finish_interrupted_claims(self) -> list[Claim]:
-        """Complete claims a crash interrupted (their ``incoming/`` was already moved) and return them."""
+    def finish_interrupted_claims(self, series_uids: Iterable[str] | None = None) -> list[Claim]:
+        """Complete claims a crash or an error interrupted (their ``incoming/`` was already moved) and return
+        them; of every series, or of ``series_uids``."""
         done = []
-        for series in self.series_uids():
+        for series in self.series_uids() if series_uids is None else series_uids:
             folder = self.series_dir(series)
+            if not folder.is_dir():
+                continue
             for entry in sorted(folder.iterdir()):
                 m = _CLAIM.fullmatch(entry.name)
                 if not m:
@@ -170,8 +179,8 @@ class Spool:
                     shutil.rmtree(entry)  # crashed before incoming/ was moved: nothing was claimed
                     continue
                 done.append(self._commit_claim(series, int(m.group(1)), entry))
-                logger.info("series %s: finished interrupted claim of version %s", series, m.group(1),
-                            extra={"series_uid": series})
+                logger.warning("series %s: finished the interrupted claim of version %s", series, m.group(1),
+                               extra={"series_uid": series})
         return done
 
     # -- receiving ------------------------------------------------------------------------------------------
@@ -210,7 +219,8 @@ class Spool:
     def store(self, series_uid: str, sop_uid: str, data: bytes | Sequence[bytes | memoryview]) -> StoreOutcome:
         """Write one instance (DICOM file bytes, or parts written in order) durably.
 
-        :class:`SpoolFullError` when space is short.
+        :class:`SpoolFullError` when space is short; :class:`StoredNotSyncedError` when the instance is
+        in ``incoming/`` but the folder's fsync (``fsync_directories``) failed.
 
         Returns DUPLICATE, writing nothing, if the series already holds that SOP Instance UID. The
         bytes go to ``tmp/`` and are fsynced before the rename into ``incoming/``: from then on a crash
@@ -232,7 +242,7 @@ class Spool:
             finally:
                 os.close(fd)
             return self._place(series_uid, sop_uid, tmp)
-        except OSError as exc:
+        except OSError as exc:  # before the rename (StoredNotSyncedError comes after it)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             if exc.errno in _NO_SPACE:
@@ -252,8 +262,16 @@ class Spool:
             os.rename(tmp, os.path.join(incoming, sop_uid + SUFFIX))
             known.add(sop_uid)
             if self.fsync_directories:
-                fsync_dir(Path(incoming))
+                try:
+                    fsync_dir(Path(incoming))
+                except OSError as exc:
+                    raise StoredNotSyncedError(f"series {series_uid}: fsync of incoming/ failed after the rename "
+                                               f"({exc.strerror})") from exc
         return StoreOutcome.STORED
+
+    def is_waiting(self, series_uid: str, sop_uid: str) -> bool:
+        """True if the instance is in the series' ``incoming/`` (received, not yet claimed)."""
+        return (self.series_dir(series_uid) / "incoming" / (require_uid(sop_uid, "SOPInstanceUID") + SUFFIX)).exists()
 
     # -- series and versions ----------------------------------------------------------------------------------
 
@@ -306,13 +324,14 @@ class Spool:
     def _commit_claim(self, series_uid: str, version: int, staging: Path) -> Claim:
         folder = staging.parent
         inputs = staging / "input"
-        earlier = [v for v in self.versions(series_uid) if v < version]
-        if earlier:
-            previous = folder / version_name(earlier[-1]) / "input"
-            for f in previous.iterdir():
-                target = inputs / f.name
-                if not target.exists():
-                    os.link(f, target)
+        with self._versions_lock:  # retention cannot delete the previous version while its files are linked
+            earlier = [v for v in self.versions(series_uid) if v < version]
+            if earlier:
+                previous = folder / version_name(earlier[-1]) / "input"
+                for f in previous.iterdir():
+                    target = inputs / f.name
+                    if not target.exists():
+                        os.link(f, target)
         fsync_dir(inputs)
         fsync_dir(staging)
         final = folder / version_name(version)
@@ -326,7 +345,7 @@ class Spool:
     def purge_version(self, series_uid: str, version: int) -> None:
         """Delete one version folder; the series folder goes with its last version and no incoming."""
         folder = self.series_dir(series_uid)
-        with self._lock:
+        with self._versions_lock, self._lock:
             shutil.rmtree(folder / version_name(version), ignore_errors=True)
             self._known.pop(series_uid, None)
             if folder.is_dir() and not any(folder.iterdir()):

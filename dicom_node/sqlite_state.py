@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -32,11 +32,20 @@ class SqliteState:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` ... ``COMMIT``; rolled back on any error, which is re-raised as it was.
+
+        SQLite rolls back by itself on some errors (``database or disk is full``), and a failed COMMIT can
+        leave the transaction open: ROLLBACK only while one is active, so the shared connection is never
+        left inside a transaction and the original error is the one reported.
+        """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
+                yield db
+                db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if db.in_transaction:
+                    with suppress(sqlite3.Error):  # the original error matters more
+                        db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")

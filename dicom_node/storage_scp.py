@@ -15,7 +15,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from io import BytesIO
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import pynetdicom
 from pydicom.dataset import Dataset
@@ -50,7 +50,8 @@ from dicom_node import fast_acceptor
 from dicom_node.config import NodeSection
 from dicom_node.dimse_status import OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
 from dicom_node.instances import MR_IMAGE_STORAGE, InstanceInfo, InstanceRefusedError, file_meta_bytes, inspect_instance
-from dicom_node.spool import Spool, SpoolFullError, StoreOutcome
+from dicom_node.series_identity import SeriesIdentities
+from dicom_node.spool import Spool, SpoolFullError, StoredNotSyncedError, StoreOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,17 @@ def status(code: int, comment: str | None = None) -> Dataset:
 # -- handlers ------------------------------------------------------------------------------------------------
 
 
-InstanceSink = Callable[[InstanceInfo], None]
 StoreCounter = Callable[[str, int], None]
+
+
+class Arrivals(Protocol):
+    """Where the handler reports instances (the series assembler)."""
+
+    def instance_stored(self, info: InstanceInfo) -> None:
+        """A new instance is in the spool."""
+
+    def instance_waiting(self, info: InstanceInfo) -> None:
+        """A duplicate of an instance that is still in ``incoming/`` arrived."""
 
 
 class AssociationTally:
@@ -98,19 +108,27 @@ class AssociationTally:
         return ", ".join(f"{n} {outcome}" for outcome, n in sorted(tally.items())) or "no instances"
 
 
-def handle_store(event: Event, spool: Spool, on_stored: InstanceSink, tally: AssociationTally) -> Dataset:
-    """EVT_C_STORE: check, write durably, tell the series assembler; return the status."""
+def handle_store(event: Event, spool: Spool, arrivals: Arrivals, identities: SeriesIdentities,
+                 tally: AssociationTally) -> Dataset:
+    """EVT_C_STORE: check, write durably, tell the series assembler; return the status.
+
+    Every instance that ends up in ``incoming/`` is reported, also when it could not be acknowledged, and
+    so is a duplicate of one still there: a series in the spool is never left untracked.
+    """
     calling = event.assoc.requestor.ae_title
     request = cast(C_STORE, event.request)
     sop_uid = request.AffectedSOPInstanceUID
     try:
         info = inspect_instance(event)
+        identities.check(info)
         meta = file_meta_bytes(info.sop_class_uid, info.sop_instance_uid, info.transfer_syntax, calling)
         with cast(BytesIO, request.DataSet).getbuffer() as dataset:  # the bytes as received, not copied
             outcome = spool.store(info.series_instance_uid, info.sop_instance_uid, (meta, dataset))
             size = len(meta) + len(dataset)
         if outcome is StoreOutcome.STORED:
-            on_stored(info)
+            arrivals.instance_stored(info)
+        elif spool.is_waiting(info.series_instance_uid, info.sop_instance_uid):
+            arrivals.instance_waiting(info)
         logger.debug("%s %s of series %s from %s", outcome.value, info.sop_instance_uid, info.series_instance_uid,
                      calling, extra={"sop_uid": info.sop_instance_uid, "series_uid": info.series_instance_uid})
         tally.record(event.assoc, outcome.value, size)
@@ -120,6 +138,12 @@ def handle_store(event: Event, spool: Spool, on_stored: InstanceSink, tally: Ass
                        extra={"sop_uid": str(sop_uid), "calling_aet": calling})
         tally.record(event.assoc, "refused", 0)
         return status(exc.status, exc.reason)
+    except StoredNotSyncedError as exc:
+        arrivals.instance_stored(info)  # kept: the resend will be a duplicate
+        logger.error("instance %s from %s kept but not acknowledged: %s", sop_uid, calling, exc,
+                     extra={"sop_uid": str(sop_uid), "calling_aet": calling})
+        tally.record(event.assoc, "error", 0)
+        return status(PROCESSING_FAILURE, "storage error")
     except SpoolFullError as exc:
         logger.error("out of resources, refused instance %s from %s: %s", sop_uid, calling, exc,
                      extra={"sop_uid": str(sop_uid), "calling_aet": calling})
@@ -137,11 +161,15 @@ def handle_echo(event: Event) -> int:
     return SUCCESS
 
 
-def handle_connection_open(event: Event) -> None:
-    """EVT_CONN_OPEN: no Nagle delay on the small C-STORE responses."""
+def handle_connection_open(event: Event, read_timeout_s: float) -> None:
+    """EVT_CONN_OPEN: no Nagle delay on the small C-STORE responses; a read waits at most ``read_timeout_s``
+    (a peer gone silent in the middle of a PDU would otherwise hold its thread and its association slot
+    forever) and TCP keepalive probes an idle peer."""
     sock = event.assoc.dul.socket.socket if event.assoc.dul.socket is not None else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.settimeout(read_timeout_s)
 
 
 def handle_accepted(event: Event) -> None:
@@ -149,10 +177,28 @@ def handle_accepted(event: Event) -> None:
     logger.info("association from %s at %s:%s accepted", r.ae_title, r.address, r.port)
 
 
+# (Result Source, Diagnostic) of the A-ASSOCIATE-RJ pynetdicom's acceptor sends (PS3.8 9.3.4)
+_REJECTIONS = {
+    (1, 3): "calling AE title not allowed (node.allowed_calling_aets)",
+    (1, 7): "called AE title not ours",
+    (2, 1): "user identity not accepted",
+    (3, 1): "temporary congestion",
+}
+
+
+def rejection_reason(event: Event) -> str:
+    """Why the acceptor rejected the association, from the A-ASSOCIATE-RJ it sent."""
+    rj = event.assoc.acceptor.primitive
+    key = (int(rj.result_source or 0), int(rj.diagnostic or 0)) if rj is not None else (0, 0)
+    if key == (3, 2):
+        return f"association limit reached (node.max_associations = {event.assoc.ae.maximum_associations})"
+    return _REJECTIONS.get(key, f"result source {key[0]}, diagnostic {key[1]}")
+
+
 def handle_rejected(event: Event) -> None:
     r = event.assoc.requestor
-    logger.warning("association from %s at %s:%s rejected (calling AE title not allowed, or called AE title "
-                   "not ours)", r.ae_title, r.address, r.port)
+    logger.warning("association from %s at %s:%s rejected: %s", r.ae_title, r.address, r.port,
+                   rejection_reason(event), extra={"calling_aet": r.ae_title})
 
 
 def handle_released(event: Event, tally: AssociationTally) -> None:
@@ -199,6 +245,41 @@ def make_ae(cfg: NodeSection) -> AE:
     return ae
 
 
+class NodeAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the TLS handshake moved out of the listener thread.
+
+    pynetdicom 3.0 wraps each accepted socket with the handshake done at once, in the one thread that
+    accepts connections and without a timeout: a peer that connects and sends nothing stops every
+    later association. Here the listener only wraps the socket; the handshake runs in the connection's
+    own thread and gives up after ``handshake_timeout_s``.
+    """
+
+    daemon_threads = True  # a handshake in progress delays neither stopping nor exiting
+    block_on_close = False
+
+    def __init__(self, *args: Any, handshake_timeout_s: float = 30.0, **kwargs: Any) -> None:
+        self.handshake_timeout_s = handshake_timeout_s
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        sock, address = cast(socket.socket, self.socket).accept()
+        if self.ssl_context:
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    def process_request_thread(self, request: socket.socket | tuple[bytes, socket.socket],
+                               client_address: tuple[str, int] | str) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(self.handshake_timeout_s)
+                request.do_handshake()
+            except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
+                logger.warning("TLS handshake with %s failed: %s", client_address, exc)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+
 class Listener:
     """The running C-ECHO/C-STORE server: its port, its associations, and stopping it."""
 
@@ -236,14 +317,15 @@ def _unbind_debug_loggers(server: Any) -> None:
             server.unbind(event, handler)
 
 
-def start_listener(cfg: NodeSection, spool: Spool, on_stored: InstanceSink, count: StoreCounter) -> Listener:
+def start_listener(cfg: NodeSection, spool: Spool, arrivals: Arrivals, identities: SeriesIdentities,
+                   count: StoreCounter) -> Listener:
     """Start the C-ECHO/C-STORE SCP on ``cfg.host:cfg.port`` in background threads."""
     ae = make_ae(cfg)
     tally = AssociationTally(count)
     handlers: list[Any] = [
-        (evt.EVT_C_STORE, handle_store, [spool, on_stored, tally]),
+        (evt.EVT_C_STORE, handle_store, [spool, arrivals, identities, tally]),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_CONN_OPEN, handle_connection_open),
+        (evt.EVT_CONN_OPEN, handle_connection_open, [cfg.network_timeout_s]),
         (evt.EVT_ACCEPTED, handle_accepted),
         (evt.EVT_REJECTED, handle_rejected),
         (evt.EVT_RELEASED, handle_released, [tally]),
@@ -254,10 +336,10 @@ def start_listener(cfg: NodeSection, spool: Spool, on_stored: InstanceSink, coun
         logger.warning("pynetdicom %s: event-driven reactors are written for 3.0; using the stock (polling) ones",
                        pynetdicom.__version__)
     server = ae.make_server((cfg.host, cfg.port), evt_handlers=handlers, ssl_context=ssl_context_for(cfg),
-                            server_class=ThreadedAssociationServer,
+                            server_class=NodeAssociationServer, handshake_timeout_s=cfg.acse_timeout_s,
                             request_handler=fast_acceptor.EventDrivenRequestHandler if event_driven else None)
     _unbind_debug_loggers(server)
-    listener = Listener(cast(ThreadedAssociationServer, server))
+    listener = Listener(server)
     logger.info("listening as %s on %s:%d%s", cfg.ae_title, cfg.host, listener.port,
                 "" if event_driven else " (polling reactors)")
     return listener

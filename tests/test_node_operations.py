@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import subprocess
+import time
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from node_support import fast_processor, make_series, node_config, result_sink, tool, wait_until
+from pydicom.dataset import Dataset
 
 from dicom_node.config import ConfigError
 from dicom_node.dicom_client import AssociationError, Peer, echo, store_files
 from dicom_node.jobs import make_huey
-from dicom_node.logs import JsonFormatter
+from dicom_node.logs import JsonFormatter, configure_logging
 from dicom_node.node import Node, NodeLockedError
 
 
@@ -58,11 +63,17 @@ def test_stock_polling_reactors_still_work(tmp_path: Path, node_factory: list[No
         assert result.comments == "from 10 frames of 10 instances"
 
 
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (EC: quick to make)."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run([tool("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
 def test_tls_listener(tmp_path: Path, node_factory: list[Node]) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run([tool("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    cert, key = self_signed(tmp_path)
     node = Node(node_config(tmp_path / "n", node={"tls_cert": str(cert), "tls_key": str(key)}),
                 processor=fast_processor).start()
     node_factory.append(node)
@@ -73,6 +84,19 @@ def test_tls_listener(tmp_path: Path, node_factory: list[Node]) -> None:
     assert report.ok and len(report.stored) == 3
     with pytest.raises(AssociationError, match=r"association with SYNTHMRF@127.0.0.1:\d+ failed"):
         echo(Peer("SYNTHMRF", "127.0.0.1", node.port), "PLAIN", timeout_s=3)
+
+
+def test_a_silent_tls_connection_does_not_block_the_listener(tmp_path: Path, node_factory: list[Node]) -> None:
+    cert, key = self_signed(tmp_path)
+    node = Node(node_config(tmp_path / "n", node={"tls_cert": str(cert), "tls_key": str(key), "acse_timeout_s": 1}),
+                processor=fast_processor).start()
+    node_factory.append(node)
+    with socket.create_connection(("127.0.0.1", node.port)) as silent:  # connects, never says hello
+        time.sleep(0.2)  # accepted by now
+        assert echo(Peer("SYNTHMRF", "127.0.0.1", node.port, tls=True, tls_ca=cert), "TLSCLIENT", timeout_s=3) == 0
+        silent.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):  # the node gave up on its handshake (acse_timeout_s)
+            assert silent.recv(1) == b""
 
 
 def test_redis_backend_needs_its_package(tmp_path: Path) -> None:
@@ -90,6 +114,33 @@ def test_json_log_lines_carry_identifiers() -> None:
     assert line["message"] == "series 1.2.3 complete"
     assert (line["series_uid"], line["job_id"], line["level"]) == ("1.2.3", "1.2.3-v1", "INFO")
     assert "study_uid" not in line
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in ("pydicom", "pynetdicom", "huey")}
+    yield
+    for h in root.handlers[:]:
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)
+    for name, lvl in levels.items():
+        logging.getLogger(name).setLevel(lvl)
+
+
+def test_pydicom_messages_quoting_values_never_reach_the_log(restore_logging: None,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    with warnings.catch_warnings(record=True) as seen:
+        configure_logging("DEBUG", "text")
+        Dataset().PatientBirthDate = "1970013X"  # pydicom logs and warns "Invalid value for VR DA: '1970013X'"
+        logging.getLogger("dicom_node.test").warning("a line of our own")
+    err = capsys.readouterr().err
+    assert "a line of our own" in err
+    assert "1970013X" not in err
+    assert not [w for w in seen if "1970013X" in str(w.message)]
 
 
 def test_rejected_series_is_not_retried(tmp_path: Path, node_factory: list[Node]) -> None:

@@ -3,7 +3,10 @@ a pynetdicom storage SCP as the destination that records every result it receive
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
+import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,14 +41,19 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config
 
+from dicom_node import spool as spool_module
+from dicom_node.dicom_client import AssociationError, Peer, echo
 from dicom_node.dimse_status import (
     CANNOT_UNDERSTAND,
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
     OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
 )
+from dicom_node.instances import InstanceInfo, patient_key
 from dicom_node.job_store import JobState
 from dicom_node.node import Node
 from dicom_node.retention import sweep
+from dicom_node.series_identity import SeriesIdentities
 
 N = 40
 
@@ -119,6 +127,32 @@ def test_allow_list_and_called_ae_title(start_node: StartNode, series: Series) -
     assert wrong_called.returncode != 0 and "Called AE Title Not Recognized" in wrong_called.stderr
     assert echoscu(node, aet="GOODPACS").returncode == 0
     assert spooled(node) == []
+
+
+def test_peers_silent_in_the_middle_of_a_pdu_do_not_use_up_the_associations(
+        start_node: StartNode, caplog: pytest.LogCaptureFixture) -> None:
+    node = start_node(node={"max_associations": 2, "acse_timeout_s": 1, "network_timeout_s": 2})
+    peer = Peer("SYNTHMRF", "127.0.0.1", node.port)
+    stalled = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(2)]
+    try:
+        for s in stalled:  # an A-ASSOCIATE-RQ announcing 1000 bytes, cut short (a pulled cable, a NAT timeout)
+            s.sendall(struct.pack(">BBL", 0x01, 0, 1000) + b"\x00\x01")
+        with caplog.at_level(logging.WARNING, logger="dicom_node"):
+            with pytest.raises(AssociationError):  # both slots taken
+                echo(peer, "ECHOSCU", timeout_s=2)
+            wait_until(lambda: _echo_ok(peer), 8, 0.2, what="the stalled associations to be dropped")
+        assert any("rejected: association limit reached (node.max_associations = 2)" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        for s in stalled:
+            s.close()
+
+
+def _echo_ok(peer: Peer) -> bool:
+    try:
+        return echo(peer, "ECHOSCU", timeout_s=2) == 0
+    except AssociationError:
+        return False
 
 
 def send_with_pynetdicom(node: Node, items: list[Path | Dataset], chunked: bool,
@@ -287,3 +321,55 @@ def test_legacy_multiframe_object_completes_early(start_node: StartNode, sink: R
     [result] = wait_until(sink.results, 30, what="the result")
     assert result.comments == f"from {N} frames of 1 instances"
     assert result.study_uid == mf.study_uid
+
+
+def test_an_instance_of_another_study_or_patient_in_a_series_is_logged_and_counted(
+        start_node: StartNode, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    node = start_node(series={"quiet_seconds": 300})
+    datasets = mr_datasets(3, 16, patient_id="IDENT1")
+    odd = datasets[2]
+    odd.PatientID, odd.StudyInstanceUID = "IDENT2", generate_uid()
+    uid = str(odd.SeriesInstanceUID)
+    with caplog.at_level(logging.DEBUG, logger="dicom_node"):
+        assert [int(r.Status) for r in send_with_pynetdicom(node, datasets, False, monkeypatch)] == [0, 0, 0]
+    [line] = [r.getMessage() for r in caplog.records if "differs from" in r.getMessage()]
+    assert line.startswith(f"series {uid}: instance {odd.SOPInstanceUID} differs from the instances the series "
+                           "holds in StudyInstanceUID and PatientID")
+    assert not any("IDENT" in r.getMessage() or "SECRET" in r.getMessage() for r in caplog.records)
+    for attribute in ("StudyInstanceUID", "PatientID"):
+        assert node.metrics.registry.get_sample_value("synthmrf_identity_mismatches_total",
+                                                      {"attribute": attribute}) == 1
+    assert node.assembler.pending() == [uid]  # stored all the same
+    # a process that has not seen the series yet compares with what the spool holds
+    fresh = SeriesIdentities(node.spool, lambda attribute: None)
+    stranger = InstanceInfo(generate_uid(), str(odd.SOPClassUID), generate_uid(), uid, 1, None,
+                            str(odd.file_meta.TransferSyntaxUID), patient_key("SOMEONE"))
+    assert fresh.check(stranger) == ["StudyInstanceUID", "PatientID"]
+
+
+def test_an_instance_kept_but_not_acknowledged_and_a_waiting_duplicate_are_tracked(
+        start_node: StartNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    node = start_node(node={"fsync_directories": True}, series={"quiet_seconds": 300})
+    kept, waiting = mr_datasets(1, 16, patient_id="SYNC"), mr_datasets(1, 16, patient_id="WAIT")
+    real = spool_module.fsync_dir
+    failed: list[Path] = []
+
+    def fail_once(path: Path) -> None:
+        if path.name == "incoming" and not failed:
+            failed.append(path)
+            raise OSError(errno.EIO, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(spool_module, "fsync_dir", fail_once)
+    [rsp] = send_with_pynetdicom(node, kept, False, monkeypatch)
+    assert int(rsp.Status) == PROCESSING_FAILURE  # on disk, but not known to be durable: not acknowledged
+    assert node.assembler.pending() == [str(kept[0].SeriesInstanceUID)]  # ... and still tracked
+    [rsp] = send_with_pynetdicom(node, kept, False, monkeypatch)  # the sender's retry: a duplicate
+    assert int(rsp.Status) == 0
+    # an instance in incoming/ that nothing tracks; its resend makes the assembler track it
+    [path] = write_series(waiting, tmp_path / "w").files
+    node.spool.store(str(waiting[0].SeriesInstanceUID), str(waiting[0].SOPInstanceUID), path.read_bytes())
+    assert str(waiting[0].SeriesInstanceUID) not in node.assembler.pending()
+    [rsp] = send_with_pynetdicom(node, waiting, False, monkeypatch)
+    assert int(rsp.Status) == 0
+    assert str(waiting[0].SeriesInstanceUID) in node.assembler.pending()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
-from dicom_node.spool import Spool, SpoolFullError, StoreOutcome
+from dicom_node import spool as spool_module
+from dicom_node.spool import Spool, SpoolFullError, StoredNotSyncedError, StoreOutcome
 from dicom_node.uids import InvalidUIDError, is_uid, require_uid
 
 SERIES = "1.2.826.0.1.3680043.8.498.1"
@@ -147,3 +150,49 @@ def test_parts_are_written_in_order(tmp_path: Path) -> None:
     big = bytes(range(256)) * 4000
     assert spool.store(SERIES, "1.2.3.7", (b"head", memoryview(big), b"", b"tail")) is StoreOutcome.STORED
     assert (spool.series_root / SERIES / "incoming" / "1.2.3.7.dcm").read_bytes() == b"head" + big + b"tail"
+
+
+def test_retention_cannot_delete_a_version_while_a_claim_links_its_files(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = spool_at(tmp_path)
+    for i in range(3):
+        spool.store(SERIES, f"1.2.3.{i}", DATA)
+    assert spool.claim(SERIES) is not None
+    spool.store(SERIES, "1.2.3.9", DATA)  # a late instance: version 2 links version 1's files
+    link = os.link
+    purge: list[threading.Thread] = []
+
+    def link_while_purging(src: str | Path, dst: str | Path) -> None:
+        if not purge:  # retention purges version 1 in the middle of the linking
+            purge.append(threading.Thread(target=spool.purge_version, args=(SERIES, 1)))
+            purge[0].start()
+            purge[0].join(0.2)
+        link(src, dst)
+
+    monkeypatch.setattr(os, "link", link_while_purging)
+    second = spool.claim(SERIES)
+    purge[0].join(5)
+    assert second is not None and (second.version, second.total_instances) == (2, 4)
+    assert sorted(p.name for p in second.input_dir.iterdir()) == [f"1.2.3.{i}.dcm" for i in (0, 1, 2, 9)]
+    assert spool.versions(SERIES) == [2]
+
+
+def test_an_instance_kept_when_the_folder_sync_failed_is_a_duplicate_later(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path / "spool", 0, fsync_directories=True)
+    spool.prepare()
+    real = spool_module.fsync_dir
+
+    def failing(path: Path) -> None:
+        if path.name == "incoming":
+            raise OSError(errno.EIO, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(spool_module, "fsync_dir", failing)
+    with pytest.raises(StoredNotSyncedError, match=r"fsync of incoming/ failed after the rename"):
+        spool.store(SERIES, "1.2.3.4", DATA)
+    assert spool.is_waiting(SERIES, "1.2.3.4")
+    assert (spool.series_root / SERIES / "incoming" / "1.2.3.4.dcm").read_bytes() == DATA
+    assert list(spool.tmp_dir.iterdir()) == []
+    monkeypatch.setattr(spool_module, "fsync_dir", real)
+    assert spool.store(SERIES, "1.2.3.4", DATA) is StoreOutcome.DUPLICATE

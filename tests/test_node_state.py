@@ -1,0 +1,204 @@
+"""State that a failure must not wedge: crash-looping jobs, failed hand-overs, a full state database,
+partial deliveries."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from node_support import fast_processor, mr_datasets, node_config, result_sink, wait_until, write_series
+from pydicom.dataset import Dataset
+
+from dicom_node import node as node_module
+from dicom_node.config import MprageSection
+from dicom_node.dispatch import Dispatcher
+from dicom_node.job_store import DeliveryState, JobState, JobStore
+from dicom_node.node import STATE_FILE, Node
+from dicom_node.router import Router
+from dicom_node.spool import Spool
+
+
+def spool_series(spool: Spool, datasets: list[Dataset], folder: Path) -> None:
+    """Put instances in the spool's incoming/ as the listener would."""
+    for path, ds in zip(write_series(datasets, folder).files, datasets, strict=True):
+        spool.store(str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), path.read_bytes())
+
+
+def failing_once(real: Callable[..., Any], exc: Exception) -> Callable[..., Any]:
+    calls = []
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise exc
+        return real(*args, **kwargs)
+    return call
+
+
+class FakeQueue:
+    """Records enqueued job ids; everything enqueued stays held; ``fail`` enqueues raise first."""
+
+    def __init__(self) -> None:
+        self.enqueued: list[str] = []
+        self.fail = 0
+
+    def enqueue(self, job_id: str) -> None:
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionError("queue unavailable")
+        self.enqueued.append(job_id)
+
+    def held(self) -> set[str]:
+        return set(self.enqueued)
+
+
+# -- jobs whose runs kill the process (finding: re-run at every restart forever) ---------------------------------
+
+
+def test_a_job_that_killed_the_process_max_attempts_times_is_failed_at_start(tmp_path: Path) -> None:
+    storage = tmp_path / "n"
+    spool = Spool(storage)
+    spool.prepare()
+    store = JobStore(storage / STATE_FILE)
+    for i, attempts in enumerate((1, 2)):  # two series, each died in its run number `attempts`
+        datasets = mr_datasets(3, 16, patient_id=f"DIE{i}", seed=i)
+        spool_series(spool, datasets, tmp_path / f"s{i}")
+        claim = spool.claim(str(datasets[0].SeriesInstanceUID))
+        assert claim is not None
+        job = store.create_job(claim.series_uid, 1, "1.2", 3, JobState.QUEUED, "")
+        for _ in range(attempts):
+            store.end_job(job.id, JobState.QUEUED, "")
+            assert store.start_job(job.id) is not None  # ... and then the process died
+    store.close()
+    calls: list[Path] = []
+
+    def processor(input_dir: Path, out_dir: Path, *, model: str | None = None) -> Any:
+        calls.append(input_dir)
+        return fast_processor(input_dir, out_dir, model=model)
+
+    node = Node(node_config(storage, jobs={"max_attempts": 2}), processor=processor).start()
+    try:
+        wait_until(node.idle, 10, what="the node to be idle")
+        assert sorted((j.state, j.attempts, j.reason) for j in node.store.jobs()) == [
+            (JobState.DELIVERED, 2, ""),  # died once: run again
+            (JobState.FAILED, 2, "the process died while processing it (attempt 2 of 2)")]
+        assert len(calls) == 1
+    finally:
+        node.stop(drain=False)
+
+
+# -- failed hand-overs are settled (claim, job, enqueue) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failure", ["link", "create_job", "enqueue"])
+def test_a_failed_hand_over_is_settled_before_the_next_version_is_claimed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    store = JobStore(tmp_path / "jobs.sqlite")
+    queue = FakeQueue()
+    router = Router(spool, store, MprageSection(), queue.enqueue, queue.held)
+    datasets = mr_datasets(4, 16, patient_id="FAIL")
+    uid = str(datasets[0].SeriesInstanceUID)
+    spool_series(spool, datasets[:2], tmp_path / "a")
+    assert router.series_complete(uid, "test") is not None  # version 1
+    spool_series(spool, datasets[2:3], tmp_path / "b")
+    if failure == "link":  # the disk filled up while the claim linked version 1's files
+        monkeypatch.setattr(os, "link", failing_once(os.link, OSError(errno.ENOSPC, "No space left on device")))
+    elif failure == "create_job":
+        monkeypatch.setattr(store, "create_job", failing_once(store.create_job,
+                                                              sqlite3.OperationalError("database or disk is full")))
+    else:
+        queue.fail = 1
+    with pytest.raises((OSError, sqlite3.Error, ConnectionError)):
+        router.series_complete(uid, "test")  # version 2: stuck claim, no job, or not enqueued
+    spool_series(spool, datasets[3:], tmp_path / "c")  # a late instance
+    job = router.series_complete(uid, "the assembler's retry")
+    assert job is not None and job.version == 3
+    assert queue.enqueued == [f"{uid}-v1", f"{uid}-v2", f"{uid}-v3"]
+    assert [(j.version, j.state, j.instances) for j in sorted(store.jobs(), key=lambda j: j.version)] == [
+        (1, JobState.QUEUED, 2), (2, JobState.QUEUED, 3), (3, JobState.QUEUED, 4)]
+    assert len(list(spool.version_dir(uid, 3).joinpath("input").iterdir())) == 4  # nothing of version 2 is lost
+    assert router.reconcile() == 0  # all settled
+
+
+def test_housekeeping_enqueues_jobs_the_queue_lost_and_settles_versions_without_a_job(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    store = JobStore(tmp_path / "jobs.sqlite")
+    queue = FakeQueue()
+    router = Router(spool, store, MprageSection(), queue.enqueue, queue.held)
+    a, b = mr_datasets(2, 16, patient_id="LOSTA"), mr_datasets(2, 16, patient_id="LOSTB")
+    spool_series(spool, a, tmp_path / "a")
+    queue.fail = 1
+    with pytest.raises(ConnectionError):
+        router.series_complete(str(a[0].SeriesInstanceUID), "test")
+    spool_series(spool, b, tmp_path / "b")
+    assert spool.claim(str(b[0].SeriesInstanceUID)) is not None  # as if create_job had failed
+    assert router.reconcile() == 2
+    assert sorted(queue.enqueued) == sorted(f"{d[0].SeriesInstanceUID}-v1" for d in (a, b))
+    assert router.reconcile() == 0
+
+    # the node runs it from its housekeeping thread
+    monkeypatch.setattr(node_module, "RECONCILE_INTERVAL_S", 0.2)
+    node = Node(node_config(tmp_path / "n"), processor=fast_processor).start()
+    try:
+        c = mr_datasets(2, 16, patient_id="LOSTC")
+        spool_series(node.spool, c, tmp_path / "c")
+        assert node._router is not None
+        with node._router._lock:  # claimed as a hand-over would, whose job creation then failed
+            assert node.spool.claim(str(c[0].SeriesInstanceUID)) is not None
+        [job] = wait_until(lambda: node.store.jobs([JobState.DELIVERED]), 10, what="the job to be made and run")
+        assert job.series_uid == str(c[0].SeriesInstanceUID)
+    finally:
+        node.stop(drain=False)
+
+
+# -- a full state database (finding: the real error was hidden, the connection left in a transaction) -------------
+
+
+def test_a_full_database_reports_itself_and_leaves_the_connection_usable(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite")
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+        for i in range(200):
+            store.create_job(f"1.2.{i}", 1, "1.2", 1, JobState.QUEUED, "x" * 2000)
+    assert not store._db.in_transaction
+    store._db.execute(f"PRAGMA max_page_count = {pages * 100}")
+    store.create_job("1.3", 1, "1.2", 1, JobState.QUEUED, "after")
+    assert store.job("1.3-v1") is not None
+    store.close()
+
+
+# -- a partial delivery is a failed attempt ----------------------------------------------------------------------
+
+
+def test_a_delivery_missing_a_result_file_is_retried_then_dead_lettered(tmp_path: Path) -> None:
+    datasets = mr_datasets(1, 16, patient_id="PART")
+    [present] = write_series(datasets, tmp_path / "out").files
+    missing = tmp_path / "out" / "gone.dcm"
+    with result_sink() as sink:
+        cfg = node_config(tmp_path / "n", destinations=[sink.destination()],
+                          dispatch={"max_attempts": 2, "backoff_initial_s": 0})
+        store = JobStore(tmp_path / "jobs.sqlite")
+        job = store.create_job("1.2.3", 1, "1.2", 1, JobState.QUEUED, "")
+        assert store.start_job(job.id) is not None
+        store.finish_job(job.id, [present, missing], ["sink"])
+        dispatcher = Dispatcher(cfg, store)
+        assert dispatcher.run_once() == 1
+        [delivery] = store.job(job.id).deliveries  # type: ignore[union-attr]
+        assert (delivery.state, delivery.attempts) == (DeliveryState.PENDING, 1)
+        assert delivery.last_error.startswith("1 of 2 result files unreadable, not sent: gone.dcm")
+        assert dispatcher.run_once() == 1
+        after = store.job(job.id)
+        assert after is not None and after.deliveries[0].state is DeliveryState.DEAD
+        assert after.state is JobState.PROCESSED
+        assert len(sink.received) == 2  # the readable file, sent at each attempt
+        store.close()

@@ -2,8 +2,9 @@
 
 Reads headers only (no pixel data). A folder must hold exactly one series of MR Image, Enhanced MR
 Image or Legacy Converted Enhanced MR Image objects (single-frame or multi-frame, any transfer
-syntax) that stack into one regular 3D grid. Anything else raises :class:`SeriesRejected`, whose
-message names the reason, so a user or the node can tell "not an MPRAGE" from a failure.
+syntax) of one patient, study and frame of reference that stack into one regular 3D grid. Anything
+else raises :class:`SeriesRejected`, whose message names the reason, so a user or the node can tell
+"not an MPRAGE" from a failure.
 
 Grid convention (as nibabel and the phantom world): voxel ``(i, j, k)`` is column ``i``, row ``j`` of
 frame ``k``; frames are sorted along the slice normal (row direction x column direction).
@@ -20,6 +21,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.uid import (
     EnhancedMRImageStorage,
     LegacyConvertedEnhancedMRImageStorage,
@@ -40,6 +42,9 @@ MAX_VOXEL_MM = 3.0  # coarser than this is not a 3D T1 the model can use
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines
 SPACING_TOLERANCE = 0.01  # relative deviation of slice gaps (and absolute mm for in-plane drift)
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Every file of a series must agree on these (absent counts as empty): one patient, study and space.
+SAME_IN_EVERY_FILE = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID",
+                      "FrameOfReferenceUID")
 
 
 class SeriesRejected(ValueError):  # noqa: N818 (a verdict on the input, not a failure)
@@ -220,6 +225,27 @@ def _read_headers(paths: Iterable[Path]) -> list[tuple[Path, Dataset]]:
     return out
 
 
+def _identity_value(ds: Dataset, keyword: str) -> object:
+    """``keyword`` of ``ds`` as comparable text (a tuple for several values); None where absent or empty."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, MultiValue):
+        return tuple(str(v) for v in value)
+    return str(value)
+
+
+def _check_same_patient_and_study(headers: list[tuple[Path, Dataset]], root: Path) -> None:
+    """Refuse a series whose files disagree on patient, study or frame of reference (names, never values)."""
+    first_path, first = headers[0]
+    expected = {keyword: _identity_value(first, keyword) for keyword in SAME_IN_EVERY_FILE}
+    for path, ds in headers[1:]:
+        differing = [keyword for keyword in SAME_IN_EVERY_FILE if _identity_value(ds, keyword) != expected[keyword]]
+        if differing:
+            raise SeriesRejected(f"{root}: mixed patients, studies or frames of reference in one series: "
+                                 f"{', '.join(differing)} not the same in {first_path.name} and {path.name}")
+
+
 def read_series(folder: str | Path) -> DicomSeries:
     """Read and check the series in ``folder`` (or one multi-frame file)."""
     root = Path(folder)
@@ -230,6 +256,7 @@ def read_series(folder: str | Path) -> DicomSeries:
     if len(series_uids) > 1:
         raise SeriesRejected(f"{root}: mixed series: {len(series_uids)} Series Instance UIDs "
                              f"({', '.join(series_uids)})")
+    _check_same_patient_and_study(headers, root)
     first = headers[0][1]
     for path, ds in headers:
         sop_class = str(ds.SOPClassUID)

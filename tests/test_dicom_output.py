@@ -8,6 +8,7 @@ grid, never against ``pipeline.dicom_series``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import subprocess
@@ -31,6 +32,7 @@ from pipeline.dicom_output import (
     write_result_series,
 )
 from pipeline.dicom_output import writer as writer_module
+from pipeline.dicom_output.source import PATIENT_STUDY_TYPE2
 from pipeline.dicom_series import DicomSeries, read_series
 from training.phantom.dicom_series import DicomStyle, SeriesIdentity, Vendor, make_identity, write_mprage_series
 from training.phantom.geometry import Orientation, VolumeGrid, acquisition_grid
@@ -407,6 +409,142 @@ def test_no_patient_name_reaches_warnings_or_logs(classic: Written, tmp_path: Pa
         write_result_series(series, classic.maps, tmp_path / "out", PROVENANCE, quantities=("T1",))
     assert not [w for w in caught if "SECRETNAME" in str(w.message)]
     assert "SECRETNAME" not in caplog.text
+
+
+# ---- sources as scanners send them (each a phantom series edited as one scanner or PACS writes it) -------
+
+
+def _edited_results(written: Written, tmp_path: Path, edit: Callable[[Dataset], None], *,
+                    derived: bool = True) -> tuple[Dataset, Dataset | None]:
+    """``written``'s source with ``edit`` on every file, its T1 results written: (map, first MR image).
+
+    Both are asserted free of dciodvfy errors.
+    """
+    source = tmp_path / "source"
+    source.mkdir()
+    for path in written.source_files:
+        ds = pydicom.dcmread(path)
+        edit(ds)
+        ds.save_as(source / path.name, enforce_file_format=True)
+    paths = write_result_series(read_series(source), written.maps, tmp_path / "out", PROVENANCE, derived=derived,
+                                quantities=("T1",))
+    for path in paths[:2]:
+        assert not [line for line in _dciodvfy(path) if line.startswith("Error")], path.name
+    return pydicom.dcmread(paths[0]), pydicom.dcmread(paths[1]) if derived else None
+
+
+@pytest.mark.parametrize("sequence", ["PlaneOrientationSequence", "PixelMeasuresSequence"])
+def test_enhanced_source_with_per_frame_geometry(results: Callable[[str], Written], tmp_path: Path,
+                                                 sequence: str) -> None:
+    """Philips-style Enhanced MR: orientation or pixel measures in every frame's group, none shared."""
+    written = results("oblique-enhanced")
+
+    def per_frame(ds: Dataset) -> None:
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        item = shared[sequence].value[0]
+        if sequence == "PixelMeasuresSequence":
+            item.SliceThickness = "2.2"
+        for frame in ds.PerFrameFunctionalGroupsSequence:
+            setattr(frame, sequence, [copy.deepcopy(item)])
+        delattr(shared, sequence)
+
+    pm, _ = _edited_results(written, tmp_path, per_frame, derived=False)
+    shared = pm.SharedFunctionalGroupsSequence[0]
+    np.testing.assert_allclose(np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, float),
+                               _truth_orientation(written.truth), atol=1e-5)
+    measures = shared.PixelMeasuresSequence[0]
+    assert [float(v) for v in measures.PixelSpacing] == [2.5, 2.5]
+    assert float(measures.SliceThickness) == (2.2 if sequence == "PixelMeasuresSequence" else 2.4)
+
+
+@pytest.mark.parametrize(("charset", "name"), [(["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"),
+                                               (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동")],
+                         ids=["japanese", "korean"])
+def test_character_set_with_empty_first_value(classic: Written, tmp_path: Path, charset: list[str],
+                                              name: str) -> None:
+    """Japanese and Korean scanners write the default repertoire as an empty first value."""
+    def japanese_or_korean(ds: Dataset) -> None:
+        ds.SpecificCharacterSet = charset
+        ds.PatientName = name
+
+    for ds in _edited_results(classic, tmp_path, japanese_or_korean):
+        assert ds is not None
+        assert list(ds.SpecificCharacterSet) == ["ISO 2022 IR 6", charset[1]]
+        assert str(ds.PatientName) == name
+
+
+def test_absent_type2_patient_and_study_attributes_are_written_empty(classic: Written, tmp_path: Path) -> None:
+    """Type 2 attributes left out altogether (not empty), as some archives store them."""
+    def strip(ds: Dataset) -> None:
+        for keyword in PATIENT_STUDY_TYPE2:
+            delattr(ds, keyword)
+
+    for ds in _edited_results(classic, tmp_path, strip):
+        assert ds is not None
+        for keyword in PATIENT_STUDY_TYPE2:
+            assert keyword in ds and ds[keyword].value in (None, ""), keyword
+
+
+def test_map_pixel_measures_are_the_grids_not_the_sources(classic: Written, tmp_path: Path) -> None:
+    """A negative SpacingBetweenSlices (a known scanner habit) must not reach the map; the thickness does."""
+    def signed_spacing(ds: Dataset) -> None:
+        ds.SpacingBetweenSlices = "-2.4"
+        ds.SliceThickness = "1.0"
+
+    pm, _ = _edited_results(classic, tmp_path, signed_spacing, derived=False)
+    measures = pm.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SpacingBetweenSlices) == pytest.approx(2.4)
+    assert float(measures.SliceThickness) == 1.0
+    assert [float(v) for v in measures.PixelSpacing] == [2.5, 2.5]
+
+
+def test_orientation_within_tolerance_is_written_as_the_grids(classic: Written, tmp_path: Path) -> None:
+    """read_series allows direction cosines 1e-3 apart; highdicom wants them equal: the map gets the grid's."""
+    def jitter(ds: Dataset) -> None:
+        if int(ds.InstanceNumber) % 2:
+            orientation = [float(v) for v in ds.ImageOrientationPatient]
+            orientation[1] += 1e-5
+            ds.ImageOrientationPatient = [f"{v:.6f}" for v in orientation]
+
+    pm, _ = _edited_results(classic, tmp_path, jitter, derived=False)
+    orientation = pm.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+    np.testing.assert_allclose(np.asarray(orientation, float), _truth_orientation(classic.truth), atol=1e-5)
+
+
+def test_lossy_compression_of_the_source_is_kept(classic: Written, tmp_path: Path) -> None:
+    """A map of a lossy compressed source stays marked lossy, with ratio and method (PS3.3 C.7.6.1.1.5)."""
+    def lossy(ds: Dataset) -> None:
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionRatio = "10"
+        ds.LossyImageCompressionMethod = "ISO_10918_1"
+
+    for ds in _edited_results(classic, tmp_path, lossy):
+        assert ds is not None
+        assert (ds.LossyImageCompression, ds.LossyImageCompressionRatio, ds.LossyImageCompressionMethod) == (
+            "01", 10.0, "ISO_10918_1")
+
+
+def test_retired_other_patient_ids_are_kept(classic: Written, tmp_path: Path) -> None:
+    """Other Patient IDs (0010,1000) is retired, but archives still match patients on it."""
+    def other_ids(ds: Dataset) -> None:
+        ds.OtherPatientIDs = ["X123", "Y456"]
+
+    for ds in _edited_results(classic, tmp_path, other_ids):
+        assert ds is not None
+        assert list(ds.OtherPatientIDs) == ["X123", "Y456"]
+
+
+def test_source_without_body_part_gets_no_laterality(classic: Written, tmp_path: Path) -> None:
+    """Laterality is for paired body parts: absent, with the body part (a head) saying why."""
+    def no_body_part(ds: Dataset) -> None:
+        del ds.BodyPartExamined
+
+    pm, mr = _edited_results(classic, tmp_path, no_body_part)
+    for ds in (pm, mr):
+        assert ds is not None
+        assert "Laterality" not in ds and ds.BodyPartExamined == "HEAD"
+    for path in (tmp_path / "out" / "T1_map.dcm", tmp_path / "out" / "T1_mr_0001.dcm"):
+        assert not [line for line in _dciodvfy(path) if "Laterality" in line]
 
 
 # ---- constructor validation ----------------------------------------------------------------------------

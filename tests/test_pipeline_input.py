@@ -183,3 +183,38 @@ def test_non_dicom_files_are_skipped(phantoms: dict[str, Path], tmp_path: Path) 
     folder = _copy(phantoms["classic"] / "mprage_dicom", tmp_path / "s")
     (folder / "README.txt").write_text("exported by a PACS viewer")
     assert read_series(folder).grid.n_frames == len(list((phantoms["classic"] / "mprage_dicom").iterdir()))
+
+
+OTHER_PATIENT_OR_STUDY = {"PatientID": "OTHER0001", "IssuerOfPatientID": "OTHER_HOSPITAL",
+                          "PatientName": "INTRUDER^OTHER", "PatientBirthDate": "19010101",
+                          "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.7",
+                          "FrameOfReferenceUID": "1.2.826.0.1.3680043.8.498.8"}
+
+
+@pytest.mark.parametrize(("keyword", "value"), OTHER_PATIENT_OR_STUDY.items(), ids=list(OTHER_PATIENT_OR_STUDY))
+def test_files_of_other_patients_or_studies_are_refused_by_attribute_name(phantoms: dict[str, Path], tmp_path: Path,
+                                                                          keyword: str, value: str) -> None:
+    """One series UID is not enough: every file must be the same patient, study and frame of reference."""
+    def other(ds: pydicom.Dataset, n: int) -> pydicom.Dataset:
+        if n == 7:
+            setattr(ds, keyword, value)
+        return ds
+
+    reason = f"mixed patients, studies or frames of reference in one series: {keyword} not the same"
+    with pytest.raises(SeriesRejected, match=reason) as caught:
+        read_series(_copy(phantoms["classic"] / "mprage_dicom", tmp_path / "s", other))
+    source = pydicom.dcmread(next((phantoms["classic"] / "mprage_dicom").iterdir()), stop_before_pixels=True)
+    assert value not in str(caught.value)  # names the attribute, never a value (PHI)
+    assert keyword not in source or str(source[keyword].value) not in str(caught.value)
+
+
+def test_absent_and_empty_identity_attributes_agree(phantoms: dict[str, Path], tmp_path: Path) -> None:
+    def unknown_birth_date(ds: pydicom.Dataset, n: int) -> pydicom.Dataset:
+        if n % 2:
+            del ds.PatientBirthDate
+        else:
+            ds.PatientBirthDate = ""
+        return ds
+
+    series = read_series(_copy(phantoms["classic"] / "mprage_dicom", tmp_path / "s", unknown_birth_date))
+    assert series.grid.n_frames == len(list((phantoms["classic"] / "mprage_dicom").iterdir()))

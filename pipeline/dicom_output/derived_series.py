@@ -48,7 +48,15 @@ from pipeline.dicom_output.quantities import (
     quantity_spec,
     real_world_value_mapping,
 )
-from pipeline.dicom_output.source import copy_anatomy, slice_thickness, source_attribute
+from pipeline.dicom_output.source import (
+    copy_anatomy,
+    copy_character_set,
+    copy_lossy_compression,
+    copy_retired_patient_attributes,
+    slice_thickness,
+    source_attribute,
+    source_header,
+)
 from pipeline.dicom_series import DicomSeries, SourceFrame
 
 logger = logging.getLogger(__name__)
@@ -68,7 +76,10 @@ def _ds(value: float) -> str:
 
 
 class DerivedMRImage(SOPClass):
-    """One slice of a derived map series: MR Image Storage, ImageType DERIVED\\SECONDARY\\<map>."""
+    """One slice of a derived map series: MR Image Storage, ImageType DERIVED\\SECONDARY\\<map>.
+
+    ``source`` is the source series' header as :func:`~pipeline.dicom_output.source.source_header` prepares it.
+    """
 
     def __init__(self, *, source: Dataset, source_frame: SourceFrame, pixel_array: np.ndarray,
                  position: Sequence[float], orientation: Sequence[float], pixel_spacing: Sequence[float],
@@ -93,9 +104,10 @@ class DerivedMRImage(SOPClass):
             transfer_syntax_uid=ExplicitVRLittleEndian,
             series_description=f"synthMRF {quantity.name} map [{quantity.unit_label}] (MR image)",
             series_date=series_datetime.date(), series_time=series_datetime.time(),
-            content_date=series_datetime.date(), content_time=series_datetime.time(),
-            specific_character_set=source.get("SpecificCharacterSet"))
+            content_date=series_datetime.date(), content_time=series_datetime.time())
+        copy_character_set(self, source)
         self.copy_patient_and_study_information(source)
+        copy_retired_patient_attributes(self, source)
         self["SoftwareVersions"].value = list(provenance.software_versions)
         # General Series, Frame of Reference
         if "PatientPosition" in source:
@@ -107,7 +119,7 @@ class DerivedMRImage(SOPClass):
         self.ImageType = ["DERIVED", "SECONDARY", quantity.mr_image_type]
         self.BurnedInAnnotation = "NO"
         self.RecognizableVisualFeatures = "YES"  # a head volume: the skin surface may show the face
-        self.LossyImageCompression = "00"
+        copy_lossy_compression(self, source)
         self.RealWorldValueMappingSequence = [
             real_world_value_mapping(quantity, (0, STORED_MAX), slope=quantity.derived_slope)]
         reference = Dataset()
@@ -182,8 +194,9 @@ def build_derived_series(series: DicomSeries, values: np.ndarray, quantity: str,
                        spec.derived_max, spec.unit_label)
     now = datetime.datetime.now()
     thickness = slice_thickness(series.header, grid.slice_spacing)
+    source = source_header(series)
     images = [
-        DerivedMRImage(source=series.header, source_frame=source_frame, pixel_array=stored[k],
+        DerivedMRImage(source=source, source_frame=source_frame, pixel_array=stored[k],
                        position=grid.positions[k].tolist(), orientation=grid.orientation.tolist(),
                        pixel_spacing=list(grid.pixel_spacing), slice_thickness=thickness,
                        spacing_between_slices=grid.slice_spacing, quantity=spec, provenance=provenance,

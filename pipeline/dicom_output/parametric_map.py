@@ -16,13 +16,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from highdicom import (
-    CoordinateSystemNames,
-    PixelMeasuresSequence,
-    PlaneOrientationSequence,
-    PlanePositionSequence,
-    VOILUTTransformation,
-)
+from highdicom import CoordinateSystemNames, PlanePositionSequence, VOILUTTransformation
 from highdicom.pm import ParametricMap
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -39,7 +33,14 @@ from pipeline.dicom_output.quantities import (
     quantity_spec,
     real_world_value_mapping,
 )
-from pipeline.dicom_output.source import copy_anatomy, read_source_headers, slice_thickness
+from pipeline.dicom_output.source import (
+    copy_anatomy,
+    copy_character_set,
+    copy_retired_patient_attributes,
+    grid_orientation,
+    grid_pixel_measures,
+    read_source_headers,
+)
 from pipeline.dicom_series import DicomSeries
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,8 @@ def build_parametric_map(series: DicomSeries, values: np.ndarray, quantity: str,
                          series_number: int, source_images: Sequence[Dataset] | None = None) -> ParametricMap:
     """A Parametric Map of ``values`` ((i, j, k) on ``series.grid``, in the quantity's unit) in a new series.
 
-    ``source_images`` are the headers of ``series.files`` (read when not given; pass them to share one
-    read between several maps).
+    ``source_images`` are the headers of ``series.files`` as :func:`read_source_headers` prepares them (read
+    when not given; pass them to share one read between several maps).
     """
     spec = quantity_spec(quantity)
     frames = map_frames(values, series.grid)
@@ -75,6 +76,7 @@ def build_parametric_map(series: DicomSeries, values: np.ndarray, quantity: str,
     else:
         main, further = sources, []
     grid = series.grid
+    measures = grid_pixel_measures(series)
     now = datetime.datetime.now()
     with warnings.catch_warnings():
         # highdicom warns about single-component person names *with the name in the message*: no PHI in logs.
@@ -100,17 +102,19 @@ def build_parametric_map(series: DicomSeries, values: np.ndarray, quantity: str,
             transfer_syntax_uid=ExplicitVRLittleEndian,
             content_label=f"{spec.name}_MAP",
             content_description=provenance.content_description(spec.name),
-            plane_orientation=PlaneOrientationSequence(CoordinateSystemNames.PATIENT, grid.orientation.tolist()),
+            plane_orientation=grid_orientation(series),
             plane_positions=[PlanePositionSequence(CoordinateSystemNames.PATIENT, p.tolist()) for p in grid.positions],
-            pixel_measures=PixelMeasuresSequence(pixel_spacing=list(grid.pixel_spacing),
-                                                 slice_thickness=slice_thickness(series.header, grid.slice_spacing),
-                                                 spacing_between_slices=grid.slice_spacing),
+            pixel_measures=measures,
             series_description=f"synthMRF {spec.name} map [{spec.unit_label}]",
             series_date=now.date(),
             series_time=now.time(),
             content_date=now.date(),
             content_time=now.time(),
+            specific_character_set=None,  # not highdicom's check: copy_character_set below
         )
+    copy_character_set(pm, main[0])
+    # highdicom takes the source's pixel measures where the pixel spacing matches: the grid's are the map's
+    pm.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence = measures
     pm["SoftwareVersions"].value = list(provenance.software_versions)
     pm.DerivationDescription = provenance.derivation_description(spec.name)
     # highdicom only knows the generic QUANTITY; the MR terms say which map it is
@@ -118,6 +122,7 @@ def build_parametric_map(series: DicomSeries, values: np.ndarray, quantity: str,
     pm.ImageType = image_type
     pm.SharedFunctionalGroupsSequence[0].ParametricMapFrameTypeSequence[0].FrameType = image_type
     copy_anatomy(pm, series.header, multiframe=True)
+    copy_retired_patient_attributes(pm, series.header)
     logger.info("parametric map %s: series %s in study %s, %d frames", spec.name, pm.SeriesInstanceUID,
                 series.study_instance_uid, int(pm.NumberOfFrames))
     return pm

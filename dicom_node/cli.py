@@ -28,6 +28,7 @@ def cli(verbose: int) -> None:
     """synthmrf: quantitative T1/T2/PD maps from routine MPRAGE via synthetic MR fingerprinting."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # per-PDU chatter (and identifiers) at INFO/DEBUG
 
 
 cli.add_command(mrf)

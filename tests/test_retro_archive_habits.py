@@ -1,10 +1,12 @@
 """An archive's habits, played by a pynetdicom Query/Retrieve SCP on loopback: slow pending responses,
-silence past the timeout, partial C-MOVE failures (then a resume of the missing instances only), and an
-unknown move destination. The node is real (in-process, fast processor)."""
+silence past the timeout, partial C-MOVE failures (then a resume of the missing instances only), an
+unknown move destination, and silence mid-series while the node stops. The node is real (in-process,
+fast processor)."""
 
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from node_support import fast_processor, free_port, mr_datasets
+from node_support import fast_processor, free_port, mr_datasets, wait_until
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import CTImageStorage, MRImageStorage
@@ -28,7 +30,8 @@ from dicom_node.config import NodeConfig
 from dicom_node.node import Node
 from dicom_node.retro.association import SUBOPERATIONS_WARNING
 from dicom_node.retro.progress import ProgressStore, RunState, SeriesState
-from dicom_node.retro.runner import NodeView, PassRunner, PassSpec
+from dicom_node.retro.runner import NodeView, PassReport, PassRunner, PassSpec
+from dicom_node.retro.schedules import RetroScheduler, ScheduleSpec
 
 PENDING = 0xFF00  # PS3.4 C.4.1.1.4: matches / sub-operations continuing
 SUCCESS = 0x0000
@@ -44,6 +47,8 @@ class FakeArchive:
     silent_s: float = 0.0  # pause before the first study-level response
     fail_every_other: bool = False  # C-MOVE sub-operations 2 and 4 fail (sent with a class the node was not offered)
     unknown_destination: bool = False
+    stall_after: int | None = None  # C-MOVE: silent after this many sub-operations until `release` (then cancelled)
+    release: threading.Event = field(default_factory=threading.Event)
     moved: list[str] = field(default_factory=list)
     port: int = 0
     _server: Any = None
@@ -87,7 +92,9 @@ class FakeArchive:
             selected = [ds for ds in self.datasets if ds.SOPInstanceUID in wanted]
         yield len(selected)
         for i, ds in enumerate(selected):
-            if event.is_cancelled:
+            if i == self.stall_after:
+                self.release.wait(10)
+            if event.is_cancelled or i == self.stall_after:
                 yield 0xFE00, None  # PS3.4 C.4.2.1.5: cancelled
                 return
             self.moved.append(str(ds.SOPInstanceUID))
@@ -123,6 +130,7 @@ def fake(node_port: int) -> Iterator[FakeArchive]:
     try:
         yield archive
     finally:
+        archive.release.set()
         archive.stop()
 
 
@@ -189,3 +197,32 @@ def test_unknown_move_destination_says_what_to_configure(tmp_path: Path, fake: F
         assert "does not know the move destination 'SYNTHMRF'" in report.message
         assert "add it (AE title, host, port of the node)" in report.message
         runner.progress.close()
+
+
+def test_a_stop_aborts_the_series_in_flight_on_a_silent_archive(tmp_path: Path, fake: FakeArchive) -> None:
+    """The archive goes silent mid-series (no pending responses to check a cancel on): stopping the scheduler
+    aborts the association, so the stop takes its drain time, not retrieve_timeout_s; the series is resumed."""
+    fake.stall_after = 1
+    cfg = config(tmp_path, fake, retrieve_timeout_s=30)
+    uid = str(fake.datasets[0].SeriesInstanceUID)
+    spec = ScheduleSpec(name="nightly", source="fake", cron="0 1 * * *", query={"Modality": "MR"})
+    with Node(cfg, processor=fast_processor) as node:
+        scheduler = RetroScheduler(cfg, node.port).start()
+        reports: list[PassReport | None] = []
+        thread = threading.Thread(target=lambda: reports.append(scheduler.run_schedule(spec)))
+        thread.start()
+        progress = ProgressStore.open(cfg.node.storage_dir)
+        assert wait_until(lambda: len(fake.moved) == 1 and progress.series(uid) is not None, 20, 0.05,
+                          "the archive to fall silent mid-series")
+        time.sleep(0.3)  # the retrieve now waits for the next response
+        started = time.monotonic()
+        scheduler.stop(timeout_s=0.5)
+        took = time.monotonic() - started
+        thread.join(10)
+        assert not thread.is_alive() and took < 5.0, took
+        [report] = reports
+        assert report is not None and report.state is RunState.INTERRUPTED, report
+        assert "cancelled mid-series" in report.message
+        assert [s.series_uid for s in progress.interrupted()] == [uid]  # left 'retrieving' to be resumed
+        progress.close()
+        fake.release.set()  # the archive ends its side (its storage association to the node closes)

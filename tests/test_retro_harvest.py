@@ -4,6 +4,7 @@ the dataset layout 'synthmrf train' reads out, equal to what went in, geometry i
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from node_support import free_port, mr_datasets
 from retro_support import HARVEST_AET, NODE_AET, ArchiveOrthanc, config_toml, distractors, retro_config
 
 from dicom_node.cli import cli
-from dicom_node.retro.harvest import FILES, Harvester, HarvestSpec, subject_id
+from dicom_node.retro.harvest import FILES, Harvester, HarvestSpec, patient_group, subject_id
 from dicom_node.retro.mrf_dicom import MrfFormatError, read_mrf_series, write_mrf_series
 from dicom_node.retro.progress import ProgressStore, RunState
 from pipeline.volume_io import load_volume
@@ -122,7 +123,7 @@ def test_harvest_round_trip_with_c_get(tmp_path: Path, archive: ArchiveOrthanc, 
 
 
 def test_harvest_with_c_move_to_its_own_scp_and_dry_run(tmp_path: Path, archive: ArchiveOrthanc, tiny_dataset: Path,
-                                                        harvest_port: int) -> None:
+                                                        harvest_port: int, caplog: pytest.LogCaptureFixture) -> None:
     cfg = retro_config(tmp_path / "node", node_port=free_port(), sources=[archive.source(retrieve="move")],
                        retro={"harvest_port": harvest_port})
     progress = ProgressStore.open(cfg.node.storage_dir)
@@ -136,9 +137,24 @@ def test_harvest_with_c_move_to_its_own_scp_and_dry_run(tmp_path: Path, archive:
     dry = harvester.run(HarvestSpec("archive", out, {"PatientID": "SMRF*"}, dry_run=True))
     assert dry.state is RunState.FINISHED and len(dry.pairs) == 1 and dry.harvested == []
     assert dry.skipped == {"no MPRAGE and MRF pair": 1} and not out.exists()
+    caplog.set_level(logging.INFO)
     report = harvester.run(HarvestSpec("archive", out, {"PatientID": "SMRF*"}))
     assert report.state is RunState.FINISHED, report.summary()
     [sid] = report.harvested
+    # split by patient: the group is a keyed hash of the PatientID, which is written nowhere
+    source = pydicom.dcmread(next((tiny_dataset / "sub-001" / "mprage_dicom").glob("*.dcm")), stop_before_pixels=True)
+    patient_id = str(source.PatientID)
+    manifest = json.loads((out / "manifest.json").read_text())
+    info = json.loads((out / sid / "subject.json").read_text())
+    assert info["group"] == patient_group(patient_id, "", manifest["group_salt"])
+    assert manifest["split"]["train"] == [sid] and manifest["subjects"][0]["group"] == info["group"]
+    written = [p.read_text() for p in out.rglob("*.json")]
+    assert not [text for text in written if patient_id in text] and patient_id not in caplog.text
+    group = info.pop("group")  # as harvested before groups existed: the next harvest records it
+    (out / sid / "subject.json").write_text(json.dumps(info))
+    again = harvester.run(HarvestSpec("archive", out, {"PatientID": "SMRF*"}))
+    assert again.skipped.get("already harvested") == 1 and again.harvested == []
+    assert json.loads((out / sid / "subject.json").read_text())["group"] == group
     coeffs, _ = load_volume(out / sid / FILES["mrf"])
     true_coeffs, _ = load_volume(tiny_dataset / "sub-001" / "mrf_svd.nii.gz")
     assert np.array_equal(coeffs, true_coeffs)

@@ -5,6 +5,7 @@ in the archive, a second pass fetches nothing, an interrupted pass resumes witho
 from __future__ import annotations
 
 import datetime
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -121,6 +122,30 @@ def test_pass_fetches_exactly_the_mprage_series_and_results_land_in_the_archive(
     progress = ProgressStore.open(cfg.node.storage_dir)
     assert {s.series_uid for s in progress.all_series((SeriesState.RETRIEVED,))} == mprage
     assert [r.state for r in progress.runs()] == [RunState.FINISHED] * 3
+
+
+def test_verbose_passes_log_no_patient_identifiers(tmp_path: Path, archive: tuple[ArchiveOrthanc, list[ArchiveStudy]],
+                                                    node_port: int, caplog: pytest.LogCaptureFixture) -> None:
+    """pynetdicom logs every C-FIND identifier at INFO by default (PatientID, PatientName): not ours."""
+    orthanc, studies = archive
+    cfg = make_config(tmp_path, orthanc, node_port)
+    config_file = config_toml(cfg, tmp_path / "synthmrf.toml")
+    caplog.set_level(logging.DEBUG)
+    result = CliRunner().invoke(cli, ["-v", "retro", "run", "--config", str(config_file), "--source", "archive",
+                                      "--query", "Modality=MR", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert all(s.mprage_series_uid in result.output for s in studies)  # it found them: the answers were read
+    said = result.output + caplog.text
+    assert not [s.patient_id for s in studies if s.patient_id in said]
+    assert "SECRET^" not in said
+
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger="pynetdicom")  # whatever the level, the identifiers stay out
+    progress = ProgressStore.open(cfg.node.storage_dir)
+    report = PassRunner(cfg, progress, NodeView(cfg, node_port)).run(PassSpec("archive", QUERY, dry_run=True))
+    progress.close()
+    assert len(report.planned) == N_STUDIES and "Find SCP Response" in caplog.text
+    assert not [s.patient_id for s in studies if s.patient_id in caplog.text] and "SECRET^" not in caplog.text
 
 
 def instances(node: Node, outcome: str) -> float:

@@ -5,6 +5,10 @@ A *slot* is an ``flock`` on ``<storage_dir>/retro/locks/<source>.<n>.lock`` (n <
 an association to a source is opened only while its holder has a slot, so ``max_associations = 1``
 means one association at a time to that archive, whether the pass runs in ``synthmrf serve`` or on
 the command line. The OS releases the lock of a process that dies.
+
+Every Query/Retrieve association of synthmrf is made here (query, retrieve and harvest import this
+module), so this is where pynetdicom is told not to log C-FIND/C-MOVE/C-GET identifiers: it logs them
+at INFO by default, PatientID and PatientName included.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.uid import UID
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -34,6 +38,9 @@ from dicom_node.retro.config import SourceConfig
 from dicom_node.storage_scp import TRANSFER_SYNTAXES
 
 logger = logging.getLogger(__name__)
+
+_config.LOG_REQUEST_IDENTIFIERS = False  # no patient identifiers in pynetdicom's log, whatever its level
+_config.LOG_RESPONSE_IDENTIFIERS = False
 
 # -- DIMSE statuses of the Query/Retrieve service class (PS3.4 Annex C.4), general ones from PS3.7 Annex C --
 SUCCESS = 0x0000  # C.4.1.1.4 / C.4.2.1.5 / C.4.3.1.4: matching or sub-operations complete
@@ -120,33 +127,49 @@ class SourceSlots:
         self.lock_dir = Path(lock_dir)
         self.source = source
 
+    def _take(self) -> tuple[int, int] | None:
+        """(slot number, locked descriptor) of a free slot, or None."""
+        for n in range(self.source.max_associations):
+            fd = os.open(self.lock_dir / f"{self.source.name}.{n}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            return n, fd
+        return None
+
     @contextmanager
-    def slot(self, stop: threading.Event | None = None, poll_s: float = 0.2) -> Iterator[int]:
-        """Hold a free slot (waiting for one, polled); returns early with ArchiveError if ``stop`` is set."""
+    def slot(self, stop: threading.Event | None = None, *, check: Callable[[], None] | None = None,
+             max_wait_s: float | None = None, poll_s: float = 0.2) -> Iterator[int]:
+        """Hold a free slot, waiting for one (polled, logged once at WARNING). While waiting, ``check()``
+        may raise to give up (a run window that closed), a set ``stop`` raises :class:`ArchiveError`, and
+        after ``max_wait_s`` (default: the source's ``slot_wait_s``) :class:`ArchiveUnavailableError`."""
         self.lock_dir.mkdir(parents=True, exist_ok=True)
-        waited = False
-        while True:
-            for n in range(self.source.max_associations):
-                fd = os.open(self.lock_dir / f"{self.source.name}.{n}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)
-                    continue
-                try:
-                    yield n
-                finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                    os.close(fd)
-                return
-            if not waited:
-                logger.info("source %s: all %d association slots busy, waiting", self.source.name,
-                            self.source.max_associations)
-                waited = True
-            if stop is not None and stop.wait(poll_s):
-                raise ArchiveError(f"source {self.source.name!r}: stopped while waiting for a free association")
+        wait_s = self.source.slot_wait_s if max_wait_s is None else max_wait_s
+        deadline = time.monotonic() + wait_s
+        warned = False
+        while (taken := self._take()) is None:
+            if not warned:
+                logger.warning("source %s: all %d association slots are busy (other passes or harvests); waiting "
+                               "up to %g s", self.source.name, self.source.max_associations, wait_s)
+                warned = True
+            if check is not None:
+                check()
+            if time.monotonic() >= deadline:
+                raise ArchiveUnavailableError(
+                    f"source {self.source.name!r}: all {self.source.max_associations} association slots stayed busy "
+                    f"for {wait_s:g} s (other passes or harvests hold them); try again later")
             if stop is None:
                 time.sleep(poll_s)
+            elif stop.wait(poll_s):
+                raise ArchiveError(f"source {self.source.name!r}: stopped while waiting for a free association")
+        n, fd = taken
+        try:
+            yield n
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
 
 def _ae(archive: Archive, dimse_timeout_s: float) -> AE:
@@ -213,25 +236,31 @@ def associate(archive: Archive, *, get_handler: StoreHandler | None = None,
 
 class ArchiveSession:
     """An association to the archive opened on demand (holding a source slot), closed for long waits;
-    with ``get_dir``, C-GET sub-operations are filed there (``retrieve.store_to_folder``)."""
+    with ``get_dir``, C-GET sub-operations are filed there (``retrieve.store_to_folder``). ``check`` is
+    called while waiting for a slot and may raise to give up (see :meth:`SourceSlots.slot`)."""
 
-    def __init__(self, archive: Archive, slots: SourceSlots, stop: threading.Event, get_dir: Path | None) -> None:
+    def __init__(self, archive: Archive, slots: SourceSlots, stop: threading.Event, get_dir: Path | None, *,
+                 check: Callable[[], None] | None = None) -> None:
         self.archive = archive
         self.slots = slots
         self.stop = stop
         self.get_dir = get_dir
+        self.check = check
         self._stack: ExitStack | None = None
         self._assoc: Association | None = None
+        self._aborted = False
         self.last_study_start: float | None = None  # the rate limit's clock within the pass
         self.node_checked = False  # the node answered C-ECHO during this session's pass
 
     def assoc(self) -> Association:
+        if self._aborted:
+            raise ArchiveUnavailableError(f"{self.archive}: the association was aborted by a stop")
         if self._assoc is not None and self._assoc.is_established:
             return self._assoc
         self.close()
         stack = ExitStack()
         try:
-            stack.enter_context(self.slots.slot(self.stop))
+            stack.enter_context(self.slots.slot(self.stop, check=self.check))
             handler = None
             if self.get_dir is not None:
                 from dicom_node.retro.retrieve import store_to_folder
@@ -245,7 +274,20 @@ class ArchiveSession:
             stack.close()
             raise
         self._stack = stack
+        if self._aborted:  # aborted while this association was being set up
+            self.abort()
         return self._assoc
+
+    def abort(self) -> None:
+        """From another thread (a stop): abort the open association, so that a C-FIND, C-MOVE or C-GET
+        waiting on it returns at once (as if the archive had gone), and open no other."""
+        self._aborted = True
+        assoc = self._assoc
+        if assoc is None:
+            return
+        if assoc.is_established:
+            assoc.abort()
+        assoc.dimse.msg_queue.put((None, None))  # wake the waiting thread, as pynetdicom does for a peer's abort
 
     def close(self, error: bool = False) -> None:
         if self._stack is not None:

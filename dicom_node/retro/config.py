@@ -15,6 +15,8 @@ module imports nothing from ``dicom_node.config`` so that the two can be loaded 
     find_timeout_s = 120.0           # longest silence allowed between two C-FIND responses
     retrieve_timeout_s = 900.0       # longest silence between two C-MOVE/C-GET responses (tape, slow archives)
     max_associations = 1             # associations open at once to this archive (all synthmrf processes)
+    slot_wait_s = 600.0              # longest wait for a free association (held by other passes or harvests);
+                                     # then the pass fails and is retried (scheduled: after archive_retry_s)
 
     [retro]
     max_studies_per_run = 50         # a pass stops after this many studies with something to fetch
@@ -93,6 +95,7 @@ class SourceConfig(_Model):
     find_timeout_s: float = Field(default=120.0, gt=0)
     retrieve_timeout_s: float = Field(default=900.0, gt=0)
     max_associations: int = Field(default=1, ge=1, le=16)
+    slot_wait_s: float = Field(default=600.0, gt=0)
 
     @field_validator("ae_title")
     @classmethod

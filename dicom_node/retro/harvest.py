@@ -16,15 +16,22 @@ Each subject is written to ``OUT/.partial-<id>/`` and renamed to ``OUT/<id>/`` w
     OUT/<id>/mrf_svd.nii.gz      the MRF coefficients (complex64, X x Y x Z x K) on the MRF grid
     OUT/<id>/brain_mask.nii.gz   uint8 on the MRF grid: the atlas brain mask of the MPRAGE's head pose
                                  (``pipeline.head_pose.place_head(...).mask``, resampled to the MRF grid)
-    OUT/<id>/subject.json        source UIDs, the sequence hash and rank (no names, no patient IDs)
-    OUT/manifest.json            format, sequence {name, hash, rank}, split {train, val, test}, subjects
+    OUT/<id>/subject.json        source UIDs, the sequence hash and rank, the group (no names, no patient IDs)
+    OUT/manifest.json            format, sequence {name, hash, rank}, split {train, val, test}, group salt,
+                                 subjects
 
 ``<id>`` is ``sub-`` and the first 12 hex characters of the SHA-256 of the StudyInstanceUID: stable, so
 repeated harvests skip subjects already there and add new ones; the manifest is rewritten from the
-subject folders each time. Every subject of a dataset must share one sequence hash (the first subject,
-or the existing manifest, decides; others are refused with a message). The split assigns each subject
-by a hash of (``retro.harvest_split_seed``, id) in the proportions of the paper (30/2/5), so adding
-subjects never moves existing ones; at least one subject is always in ``train``.
+subject folders after each subject. Every subject of a dataset must share one sequence hash (the first
+subject, or the existing manifest, decides; others are refused with a message).
+
+One volunteer scanned twice gives two subjects, so the split is by *group*: a keyed hash (HMAC-SHA-256
+with the dataset's random ``group_salt``, recorded in the manifest) of the study's IssuerOfPatientID and
+PatientID from the study-level C-FIND; the PatientID itself is never written to disk or to a log. A
+study whose answer lacks a PatientID is a group of its own. Each new group goes to the split a hash of
+(``retro.harvest_split_seed``, group) picks, in the proportions of the paper (30/2/5); a new subject of a
+known group joins its group's split; and a split once recorded in the manifest never changes, so a
+subject trained on never moves to ``test``. While ``train`` is empty, one new group is put there.
 The dataset is pseudonymised by its folder names only: ``subject.json`` keeps the source UIDs.
 """
 
@@ -32,9 +39,11 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import hmac
 import json
 import logging
 import re
+import secrets
 import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -59,7 +68,16 @@ from dicom_node.retro.association import (
 )
 from dicom_node.retro.mrf_dicom import MrfFormatError, read_mrf_series
 from dicom_node.retro.progress import ProgressStore, RunState
-from dicom_node.retro.query import Query, find_instances, find_series, find_studies, matches, parse_query, prefilter
+from dicom_node.retro.query import (
+    Query,
+    find_instances,
+    find_series,
+    find_studies,
+    matches,
+    parse_query,
+    prefilter,
+    redacted,
+)
 from dicom_node.retro.retrieve import RetrieveResult, retrieve, store_to_folder
 from dicom_node.retro.runner import NoEvents, PassEvents, PlannedSeries, source_config
 from dicom_node.storage_scp import TRANSFER_SYNTAXES
@@ -89,8 +107,15 @@ def subject_id(study_uid: str) -> str:
     return "sub-" + hashlib.sha256(study_uid.encode()).hexdigest()[:12]
 
 
-def split_of(subject: str, seed: int) -> str:
-    u = int(hashlib.sha256(f"{seed}:{subject}".encode()).hexdigest()[:12], 16) / 16**12
+def patient_group(patient_id: str, issuer: str, salt: str) -> str:
+    """The group of a patient in a dataset: a keyed hash of (issuer, PatientID); never the ID itself."""
+    digest = hmac.new(salt.encode(), f"{issuer.strip()}\\{patient_id.strip()}".encode(), hashlib.sha256)
+    return "grp-" + digest.hexdigest()[:16]
+
+
+def split_of(group: str, seed: int) -> str:
+    """The split a new group goes to (stable for a seed)."""
+    u = int(hashlib.sha256(f"{seed}:{group}".encode()).hexdigest()[:12], 16) / 16**12
     if u < SPLIT_FRACTIONS["test"]:
         return "test"
     if u < SPLIT_FRACTIONS["test"] + SPLIT_FRACTIONS["val"]:
@@ -130,6 +155,7 @@ class Pair:
     study_uid: str
     mprage: PlannedSeries
     mrf: PlannedSeries
+    group: str  # the patient's group (patient_group), or the subject itself when the archive gave no PatientID
 
 
 @dataclass
@@ -201,14 +227,15 @@ class Harvester:
         self.stop = stop or threading.Event()
         self.pattern = re.compile(config.retro.harvest_mrf_pattern, re.IGNORECASE)
 
-    def pair(self, study_uid: str, series: list[Dataset], query: Query) -> Pair | None:
+    def pair(self, study_uid: str, series: list[Dataset], query: Query, group: str | None = None) -> Pair | None:
         mprage = sorted((ds for ds in series if prefilter(ds, self.config.mprage).accepted and
                          matches(ds, query.series)), key=_number)
         mrf = sorted((ds for ds in series if self.pattern.search(str(ds.get("SeriesDescription", "")))), key=_number)
         if not mprage or not mrf:
             return None
-        return Pair(subject_id(study_uid), study_uid, _planned(study_uid, mprage[0], "MPRAGE"),
-                    _planned(study_uid, mrf[-1], "MRF SVD"))
+        subject = subject_id(study_uid)
+        return Pair(subject, study_uid, _planned(study_uid, mprage[0], "MPRAGE"),
+                    _planned(study_uid, mrf[-1], "MRF SVD"), group or subject)
 
     def run(self, spec: HarvestSpec, events: PassEvents | None = None) -> HarvestReport:
         events = events or NoEvents()
@@ -218,7 +245,9 @@ class Harvester:
         archive = Archive(source, source.calling_ae_title or self.config.node.ae_title, retro.harvest_ae_title)
         out = Path(spec.out_dir)
         incoming = out / INCOMING
-        run_id = self.progress.start_run("harvest", source.name, {**spec.__dict__, "out_dir": str(out)},
+        salt = _group_salt(out)
+        run_id = self.progress.start_run("harvest", source.name, {**spec.__dict__, "out_dir": str(out),
+                                                                  "query": redacted(spec.query)},
                                          dry_run=spec.dry_run)
         report = HarvestReport(run_id)
         get_dir = incoming if source.retrieve == "get" else None
@@ -226,7 +255,7 @@ class Harvester:
                                  self.stop, get_dir)
         try:
             with self._receiver(source.retrieve, incoming, spec.dry_run):
-                self._harvest(spec, query, archive, session, incoming, report, events)
+                self._harvest(spec, query, archive, session, incoming, salt, report, events)
             if report.state is RunState.RUNNING:
                 report.state = RunState.FINISHED
         except ArchiveError as exc:
@@ -237,7 +266,7 @@ class Harvester:
         finally:
             session.close(error=report.state is RunState.INTERRUPTED)
             if not spec.dry_run and out.is_dir():
-                report.manifest = write_manifest(out, retro.harvest_split_seed)
+                report.manifest = write_manifest(out, retro.harvest_split_seed, salt)
             self.progress.update_run(run_id, studies=report.studies_found, series_fetched=2 * len(report.harvested),
                                      series_failed=len(report.failed))
             self.progress.finish_run(run_id, report.state, report.message)
@@ -254,7 +283,7 @@ class Harvester:
             yield
 
     def _harvest(self, spec: HarvestSpec, query: Query, archive: Archive, session: ArchiveSession, incoming: Path,
-                 report: HarvestReport, events: PassEvents) -> None:
+                 salt: str, report: HarvestReport, events: PassEvents) -> None:
         out = Path(spec.out_dir)
         dataset_hash = _dataset_hash(out)
         studies = find_studies(session.assoc(), archive, query)
@@ -268,7 +297,8 @@ class Harvester:
                 report.message = f"{spec.max_subjects} subjects harvested (the cap)"
                 break
             study_uid = str(study.StudyInstanceUID)
-            pair = self.pair(study_uid, find_series(session.assoc(), archive, study_uid, Query({}, {})), query)
+            group = self._group(study, salt)
+            pair = self.pair(study_uid, find_series(session.assoc(), archive, study_uid, Query({}, {})), query, group)
             events.study_done()
             if pair is None:
                 report.skip("no MPRAGE and MRF pair")
@@ -276,6 +306,8 @@ class Harvester:
             report.pairs.append(pair)
             if (out / pair.subject / SUBJECT_FILE).is_file():
                 report.skip("already harvested")
+                if not spec.dry_run:
+                    _record_group(out / pair.subject / SUBJECT_FILE, pair.group)
                 continue
             if spec.dry_run:
                 continue
@@ -294,6 +326,17 @@ class Harvester:
                 for item in (pair.mprage, pair.mrf):
                     shutil.rmtree(incoming / item.series_uid, ignore_errors=True)
             report.harvested.append(pair.subject)
+            write_manifest(out, self.config.retro.harvest_split_seed, salt)  # the salt and split on record at once
+
+    @staticmethod
+    def _group(study: Dataset, salt: str) -> str | None:
+        """The study's patient group, or None (with a warning) when the archive returned no PatientID."""
+        patient_id = str(study.get("PatientID", "") or "")
+        if not patient_id.strip():
+            logger.warning("study %s: the archive returned no PatientID; the study is a group of its own in the "
+                           "split", study.StudyInstanceUID, extra={"study_uid": str(study.StudyInstanceUID)})
+            return None
+        return patient_group(patient_id, str(study.get("IssuerOfPatientID", "") or ""), salt)
 
     def _fetch(self, session: ArchiveSession, archive: Archive, item: PlannedSeries, folder: Path,
                events: PassEvents) -> None:
@@ -339,7 +382,8 @@ class Harvester:
         save_volume(partial / FILES["mprage"], volume, mprage_affine)
         save_volume(partial / FILES["mrf"], mrf.coefficients, mrf.affine)
         _save_mask(partial / FILES["brain_mask"], mask, mrf.affine)
-        info = {"id": pair.subject, "source": archive.source.name, "study_instance_uid": pair.study_uid,
+        info = {"id": pair.subject, "group": pair.group, "source": archive.source.name,
+                "study_instance_uid": pair.study_uid,
                 "mprage_series_instance_uid": pair.mprage.series_uid, "mrf_series_instance_uid": pair.mrf.series_uid,
                 "sequence_hash": mrf.sequence_hash, "rank": mrf.rank, "files": FILES,
                 "mrf_grid": {"shape": list(mrf.coefficients.shape[:3]), "affine_ras": np.round(mrf.affine, 6).tolist()},
@@ -373,18 +417,57 @@ def _subjects(out: Path) -> list[dict[str, Any]]:
     return found
 
 
+def _record_group(info_file: Path, group: str) -> None:
+    """Give a subject harvested before groups existed its group (its recorded split stays)."""
+    info = json.loads(info_file.read_text())
+    if info.get("group"):
+        return
+    info["group"] = group
+    tmp = info_file.with_name(f".{info_file.name}.partial")
+    tmp.write_text(json.dumps(info, indent=1) + "\n")
+    tmp.replace(info_file)
+
+
+def _manifest(out: Path) -> dict[str, Any]:
+    path = out / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _dataset_hash(out: Path) -> str | None:
-    manifest = out / "manifest.json"
-    if manifest.is_file():
-        sequence = json.loads(manifest.read_text()).get("sequence") or {}
-        if sequence.get("hash"):
-            return str(sequence["hash"])
+    sequence = _manifest(out).get("sequence") or {}
+    if sequence.get("hash"):
+        return str(sequence["hash"])
     subjects = _subjects(out) if out.is_dir() else []
     return str(subjects[0]["sequence_hash"]) if subjects else None
 
 
-def write_manifest(out: Path, seed: int) -> Path | None:
-    """(Re)write ``out/manifest.json`` from the subject folders; None (and no file) when there are none."""
+def _group_salt(out: Path) -> str:
+    """The dataset's group salt (from its manifest), or a new random one for a new dataset."""
+    return str(_manifest(out).get("group_salt") or secrets.token_hex(16))
+
+
+def _assign(subjects: list[dict[str, Any]], recorded: Mapping[str, str], seed: int) -> dict[str, str]:
+    """Subject id -> split: recorded ones kept, new ones with their group (see the module's docstring)."""
+    group_of = {s["id"]: str(s.get("group") or s["id"]) for s in subjects}
+    where = {sid: recorded[sid] for sid in group_of if sid in recorded}
+    group_split: dict[str, str] = {}
+    for sid, part in sorted(where.items()):
+        if group_split.setdefault(group_of[sid], part) != part:
+            logger.warning("subject %s: recorded in %s while its group is in %s (an earlier harvest); kept, "
+                           "recorded splits never change", sid, part, group_split[group_of[sid]])
+    fresh = sorted({g for sid, g in group_of.items() if sid not in where and g not in group_split})
+    group_split.update({g: split_of(g, seed) for g in fresh})
+    if fresh and "train" not in group_split.values():  # training needs one: a new group from the larger part
+        test = [g for g in fresh if group_split[g] == "test"]
+        val = [g for g in fresh if group_split[g] == "val"]
+        group_split[(test if len(test) >= len(val) else val)[-1]] = "train"
+    return {sid: where.get(sid) or group_split[g] for sid, g in group_of.items()}
+
+
+def write_manifest(out: Path, seed: int, salt: str | None = None) -> Path | None:
+    """(Re)write ``out/manifest.json`` from the subject folders; None (and no file) when there are none.
+
+    Splits recorded in the existing manifest are kept; ``salt`` (default: the manifest's) is recorded."""
     subjects = _subjects(out)
     if not subjects:
         return None
@@ -392,21 +475,19 @@ def write_manifest(out: Path, seed: int) -> Path | None:
     if len(hashes) != 1:
         raise ValueError(f"{out}: subjects with different sequence hashes {sorted(hashes)}; one dataset, one sequence")
     digest = hashes.pop()
-    split: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    for s in subjects:
-        split[split_of(s["id"], seed)].append(s["id"])
-    if not split["train"]:  # training needs one; take it from the larger of the other two
-        donor = "test" if len(split["test"]) >= len(split["val"]) else "val"
-        split["train"].append(split[donor].pop())
-    where = {sid: part for part, ids in split.items() for sid in ids}
+    previous = _manifest(out)
+    recorded = {sid: part for part, ids in (previous.get("split") or {}).items() if part in ("train", "val", "test")
+                for sid in ids}
+    where = _assign(subjects, recorded, seed)
     manifest = {
         "format": MANIFEST_FORMAT,
         "sequence": {"name": sequence_name_for(digest), "hash": digest, "rank": subjects[0]["rank"]},
-        "split": {k: sorted(v) for k, v in split.items()},
+        "split": {part: sorted(sid for sid, p in where.items() if p == part) for part in ("train", "val", "test")},
         "split_seed": seed,
+        "group_salt": salt or previous.get("group_salt"),
         "files": FILES,
         "grids": {"mrf": subjects[0]["mrf_grid"]},
-        "subjects": [{"id": s["id"], "split": where[s["id"]], "files": FILES,
+        "subjects": [{"id": s["id"], "group": s.get("group") or s["id"], "split": where[s["id"]], "files": FILES,
                       "study_instance_uid": s["study_instance_uid"], "source": s["source"]} for s in subjects],
         "written_at": datetime.datetime.now().isoformat(timespec="seconds"),
     }

@@ -9,13 +9,20 @@ A series (keyed by its SeriesInstanceUID, whatever the source) moves
 
 A ``retrieving`` series whose run is no longer alive (its process died, or the run ended while the
 series was in flight) is *interrupted*: the next pass asks the archive for its instances and fetches
-only those the node does not hold. Claims are single conditional statements, so two passes never
-fetch one series at the same time. Runs record who ran (schedule, source, pid), when, what came of
-it, and the counts shown by ``synthmrf retro list`` and ``synthmrf status``.
+only those the node does not hold. A claim is a compare-and-swap in one immediate transaction (read,
+liveness check, conditional update), so two passes, in any processes, never fetch one series at the
+same time. Runs record who ran (schedule, source, pid), when, what came of it, and the counts shown by
+``synthmrf retro list`` and ``synthmrf status``.
+
+A run is *alive* while its process holds an ``flock`` on ``<storage_dir>/retro/locks/run-<id>.lock``
+(taken before the run is visible to others, released by ``finish_run``, by closing the store, or by the
+OS when the process dies): no PIDs, so PID reuse and other hosts or containers sharing the storage
+folder do not fool it. The storage folder must be on a file system with working ``flock`` (local disk).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -50,6 +57,7 @@ class RunState(StrEnum):
 
 
 DONE = (SeriesState.RETRIEVED, SeriesState.GAVE_UP, SeriesState.ALREADY_RECEIVED)
+HELD = (SeriesState.RETRIEVING, SeriesState.FAILED)  # the node waits for a later pass to fetch the rest
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
@@ -150,14 +158,19 @@ def _run(row: sqlite3.Row) -> Run:
                row["series_failed"], row["instances"], row["started_at"], row["finished_at"], json.loads(row["spec"]))
 
 
-def _pid_alive(pid: int) -> bool:
+def _lock_held(path: Path) -> bool:
+    """Does some process (this one included, through another descriptor) hold an flock on ``path``?"""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
         return False
-    except PermissionError:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
-    return True
+    finally:
+        os.close(fd)  # closing also drops the probe's own shared lock
+    return False
 
 
 class ProgressStore(SqliteState):
@@ -166,7 +179,24 @@ class ProgressStore(SqliteState):
     def __init__(self, path: Path) -> None:
         super().__init__(path, _SCHEMA)
         self._host = socket.gethostname()
-        self._active: set[int] = set()  # runs of this process (their pid is ours, so alive by pid alone)
+        self._lock_dir = self.path.parent / "locks"
+        self._run_locks: dict[int, int] = {}  # run id -> descriptor holding its liveness lock
+
+    def close(self) -> None:
+        """Close the database; runs still held by this store are no longer alive (they count as interrupted)."""
+        with self._lock:
+            for run_id in list(self._run_locks):
+                self._release(run_id)
+        super().close()
+
+    def _run_lock(self, run_id: int) -> Path:
+        return self._lock_dir / f"run-{run_id}.lock"
+
+    def _release(self, run_id: int) -> None:
+        fd = self._run_locks.pop(run_id, None)
+        if fd is not None:
+            self._run_lock(run_id).unlink(missing_ok=True)
+            os.close(fd)  # releases the flock
 
     @classmethod
     def open(cls, storage_dir: Path) -> ProgressStore:
@@ -177,13 +207,24 @@ class ProgressStore(SqliteState):
     def start_run(self, kind: str, source: str, spec: Mapping[str, Any], *, schedule: str | None = None,
                   dry_run: bool = False) -> int:
         now = time.time()
-        with self._tx() as db:
-            cur = db.execute("INSERT INTO runs (kind, schedule, source, pid, host, spec, dry_run, state, started_at) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                             (kind, schedule, source, os.getpid(), self._host, json.dumps(dict(spec), default=str),
-                              int(dry_run), str(RunState.RUNNING), now))
-            run_id = int(cur.lastrowid or 0)
-        self._active.add(run_id)
+        self._lock_dir.mkdir(parents=True, exist_ok=True)
+        fd = -1
+        try:
+            with self._tx() as db:
+                cur = db.execute("INSERT INTO runs (kind, schedule, source, pid, host, spec, dry_run, state, "
+                                 "started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 (kind, schedule, source, os.getpid(), self._host,
+                                  json.dumps(dict(spec), default=str), int(dry_run), str(RunState.RUNNING), now))
+                run_id = int(cur.lastrowid or 0)
+                # locked before the commit: no other process sees the run without its lock held
+                fd = os.open(self._run_lock(run_id), os.O_RDWR | os.O_CREAT, 0o644)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
+        with self._lock:
+            self._run_locks[run_id] = fd
         return run_id
 
     def update_run(self, run_id: int, **counts: int) -> None:
@@ -200,7 +241,8 @@ class ProgressStore(SqliteState):
         with self._tx() as db:
             db.execute("UPDATE runs SET state = ?, message = ?, finished_at = ? WHERE id = ? AND state = ?",
                        (str(state), message[:2000], time.time(), run_id, str(RunState.RUNNING)))
-        self._active.discard(run_id)
+        with self._lock:
+            self._release(run_id)
 
     def run(self, run_id: int) -> Run | None:
         with self._lock:
@@ -224,27 +266,20 @@ class ProgressStore(SqliteState):
                                     "WHERE schedule IS NOT NULL GROUP BY schedule)").fetchall()
         return {r["schedule"]: _run(r) for r in rows}
 
-    def _alive(self, run_id: int | None, rows: Mapping[int, sqlite3.Row]) -> bool:
-        if run_id is None:
-            return False
-        if run_id in self._active:
-            return True
-        row = rows.get(run_id)
-        return (row is not None and row["state"] == str(RunState.RUNNING) and row["host"] == self._host
-                and row["pid"] != os.getpid() and _pid_alive(int(row["pid"])))
+    def _alive(self, run_id: int | None) -> bool:
+        """Is run ``run_id`` still running somewhere (its liveness lock is held)?"""
+        return run_id is not None and (run_id in self._run_locks or _lock_held(self._run_lock(run_id)))
 
     def reap_dead_runs(self) -> int:
-        """Runs left 'running' by a process that died (or by this process, outside an active run) -> interrupted."""
-        with self._lock:
-            rows = {r["id"]: r for r in self._db.execute("SELECT * FROM runs WHERE state = ?",
-                                                         (str(RunState.RUNNING),))}
-        dead = [i for i in rows if not self._alive(i, rows)]
+        """Runs left 'running' whose lock nobody holds (their process died, or closed its store) -> interrupted."""
         now = time.time()
         with self._tx() as db:
+            running = [r["id"] for r in db.execute("SELECT id FROM runs WHERE state = ?", (str(RunState.RUNNING),))]
+            dead = [run_id for run_id in running if not self._alive(run_id)]
             for run_id in dead:
-                db.execute("UPDATE runs SET state = ?, message = ?, finished_at = ? WHERE id = ? AND state = ?",
-                           (str(RunState.INTERRUPTED), "the process running it ended", now, run_id,
-                            str(RunState.RUNNING)))
+                db.execute("UPDATE runs SET state = ?, message = ?, finished_at = ? WHERE id = ?",
+                           (str(RunState.INTERRUPTED), "the process running it ended", now, run_id))
+                self._run_lock(run_id).unlink(missing_ok=True)
         return len(dead)
 
     # -- series -------------------------------------------------------------------------------------------------
@@ -269,38 +304,39 @@ class ProgressStore(SqliteState):
 
     def interrupted(self) -> list[SeriesProgress]:
         """Series left 'retrieving' by a run that is no longer alive."""
-        with self._lock:
-            runs = {r["id"]: r for r in self._db.execute("SELECT * FROM runs WHERE state = ?",
-                                                         (str(RunState.RUNNING),))}
-        return [s for s in self.all_series((SeriesState.RETRIEVING,)) if not self._alive(s.run_id, runs)]
+        return [s for s in self.all_series((SeriesState.RETRIEVING,)) if not self._alive(s.run_id)]
 
     def claim(self, series_uid: str, study_uid: str, source: str, run_id: int, *, description: str = "",
               expected: int | None = None, now: float | None = None) -> SeriesProgress | None:
-        """Take a series for retrieval by ``run_id``: new, failed and due, or interrupted. None if not available."""
+        """Take a series for retrieval by ``run_id``: new, failed and due, or interrupted. None if not available.
+
+        A compare-and-swap in one immediate transaction (no other writer in between, in any process): the
+        update only applies to the state observed, and an interrupted series only to the dead run observed.
+        """
         now = time.time() if now is None else now
-        with self._lock:
-            current = self.series(series_uid)
-            if current is not None and current.state is SeriesState.RETRIEVING:
-                runs = {r["id"]: r for r in self._db.execute("SELECT * FROM runs WHERE id = ?", (current.run_id,))}
-                if self._alive(current.run_id, runs):
-                    return None
-            with self._tx() as db:
-                if current is None:
-                    db.execute("INSERT OR IGNORE INTO series (series_uid, study_uid, source, state, description, "
-                               "expected, attempts, run_id, created_at, updated_at) "
-                               "VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?)",
-                               (series_uid, study_uid, source, str(SeriesState.RETRIEVING), description[:200],
-                                expected, run_id, now, now))
+        with self._tx() as db:
+            current = db.execute("SELECT state, run_id, next_attempt_at FROM series WHERE series_uid = ?",
+                                 (series_uid,)).fetchone()
+            if current is None:
+                db.execute("INSERT INTO series (series_uid, study_uid, source, state, description, expected, "
+                           "attempts, run_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?)",
+                           (series_uid, study_uid, source, str(SeriesState.RETRIEVING), description[:200],
+                            expected, run_id, now, now))
+            else:
+                state, held_by, due_at = current["state"], current["run_id"], current["next_attempt_at"]
+                if state == SeriesState.RETRIEVING and not self._alive(held_by):
+                    condition, args = "state = ? AND run_id IS ?", (state, held_by)
+                elif state == SeriesState.FAILED and (due_at is None or due_at <= now):
+                    condition, args = "state = ? AND next_attempt_at IS ?", (state, due_at)
                 else:
-                    n = db.execute("UPDATE series SET state = ?, source = ?, run_id = ?, attempts = attempts + 1, "
-                                   "expected = COALESCE(?, expected), updated_at = ? WHERE series_uid = ? AND "
-                                   "(state = ? OR (state = ? AND (next_attempt_at IS NULL OR next_attempt_at <= ?)))",
-                                   (str(SeriesState.RETRIEVING), source, run_id, expected, now, series_uid,
-                                    str(SeriesState.RETRIEVING), str(SeriesState.FAILED), now)).rowcount
-                    if n != 1:
-                        return None
-            claimed = self.series(series_uid)
-        return claimed if claimed is not None and claimed.run_id == run_id else None
+                    return None
+                n = db.execute("UPDATE series SET state = ?, source = ?, run_id = ?, attempts = attempts + 1, "
+                               f"expected = COALESCE(?, expected), updated_at = ? WHERE series_uid = ? AND {condition}",
+                               (str(SeriesState.RETRIEVING), source, run_id, expected, now, series_uid, *args)).rowcount
+                if n != 1:
+                    return None
+            row = db.execute("SELECT * FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+        return _series(row)
 
     def record_progress(self, series_uid: str, completed: int, failed: int) -> None:
         with self._tx() as db:
@@ -316,10 +352,10 @@ class ProgressStore(SqliteState):
     def failed(self, series_uid: str, error: str, *, retry_after_s: float, max_attempts: int) -> SeriesState:
         """retrieving -> failed (due again after ``retry_after_s``) or gave_up after ``max_attempts``."""
         now = time.time()
-        current = self.series(series_uid)
-        attempts = current.attempts if current is not None else max_attempts
-        state = SeriesState.GAVE_UP if attempts >= max_attempts else SeriesState.FAILED
         with self._tx() as db:
+            row = db.execute("SELECT attempts FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+            attempts = row["attempts"] if row is not None else max_attempts
+            state = SeriesState.GAVE_UP if attempts >= max_attempts else SeriesState.FAILED
             db.execute("UPDATE series SET state = ?, last_error = ?, next_attempt_at = ?, updated_at = ? "
                        "WHERE series_uid = ?",
                        (str(state), error[:500], now + retry_after_s, now, series_uid))
@@ -348,7 +384,7 @@ class ProgressStore(SqliteState):
         ``max_hold_s`` after the last retrieval activity (then the node processes what it has).
         """
         record = self.series(series_uid)
-        if record is None or record.state not in (SeriesState.RETRIEVING, SeriesState.FAILED):
+        if record is None or record.state not in HELD:
             return None
         now = time.time() if now is None else now
         if now - record.updated_at >= max_hold_s:
@@ -358,6 +394,14 @@ class ProgressStore(SqliteState):
             return (f"its retrieval from {record.source} failed after {record.completed}{of} instances "
                     f"({record.last_error}); a later pass fetches the rest")
         return f"its retrieval from {record.source} is under way or was interrupted ({record.completed}{of} instances)"
+
+    def held_series(self, max_hold_s: float, now: float | None = None) -> set[str]:
+        """The series :meth:`incomplete_retrieval` holds back from processing now."""
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(f"SELECT series_uid FROM series WHERE state IN ({','.join('?' * len(HELD))}) "
+                                    "AND updated_at > ?", (*map(str, HELD), now - max_hold_s)).fetchall()
+        return {r["series_uid"] for r in rows}
 
     def last_study_started_at(self, source: str) -> float | None:
         """The latest retrieval activity for ``source`` (so the rate limit also spans passes)."""

@@ -6,7 +6,8 @@ AccessionNumber, StudyDescription, ModalitiesInStudy ...) go into the study-leve
 keyword (Modality, SeriesDescription, ProtocolName, SeriesNumber ...) into the series-level query.
 ``Modality=MR`` also narrows the study level (``ModalitiesInStudy=MR``). Values use DICOM matching
 (PS3.4 C.2.2.2): ``*`` and ``?`` wildcards, ``A-B`` ranges for dates and times, ``\\``-separated UID
-lists. Archives differ in what they honour, so every key is checked again on what comes back
+lists; a query with a non-ASCII value is sent as UTF-8 (SpecificCharacterSet ``ISO_IR 192``).
+Archives differ in what they honour, so every key is checked again on what comes back
 (case-insensitively; an attribute the archive did not return is not held against a match). Series-level
 text keys with wildcards (``SeriesDescription=*MPRAGE*``) are not sent to the archive at all but matched
 here, case-insensitively: archives match them case-sensitively and vendors differ in case. Study-level
@@ -54,12 +55,13 @@ STUDY_KEYS = frozenset({
     "ModalitiesInStudy", "ReferringPhysicianName", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
     "SOPClassesInStudy", "InstitutionName",
 })
-STUDY_RETURN = ("StudyInstanceUID", "PatientID", "StudyDate", "StudyDescription", "ModalitiesInStudy",
-                "NumberOfStudyRelatedSeries")
+STUDY_RETURN = ("StudyInstanceUID", "PatientID", "IssuerOfPatientID", "StudyDate", "StudyDescription",
+                "ModalitiesInStudy", "NumberOfStudyRelatedSeries")
 SERIES_RETURN = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "ProtocolName", "SequenceName",
                  "ImageType", "MRAcquisitionType", "ScanningSequence", "SequenceVariant", "InversionTime",
                  "NumberOfSeriesRelatedInstances", "BodyPartExamined", "SeriesDate")
 RESERVED = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet"})
+UTF8 = "ISO_IR 192"  # PS3.3 C.12.1.1.2: Unicode in UTF-8
 
 
 class QueryError(ValueError):
@@ -142,6 +144,8 @@ def matches(ds: Dataset, keys: Mapping[str, str]) -> bool:
 
 def _identifier(level: str, keys: Mapping[str, str], returned: Sequence[str]) -> Dataset:
     ds = Dataset()
+    if not all(value.isascii() for value in keys.values()):
+        ds.SpecificCharacterSet = UTF8  # the values are then encoded as UTF-8 (default repertoire: ASCII)
     ds.QueryRetrieveLevel = level
     for key in returned:
         setattr(ds, key, "")

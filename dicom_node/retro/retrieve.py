@@ -5,9 +5,12 @@ A retrieve reads every response: pending ones (0xFF00) carry the sub-operation c
 silence timer (``retrieve_timeout_s`` is the longest silence allowed, not a limit on the whole
 transfer, so archives that send pending responses for minutes are fine). The final response says
 success, warning (0xB000: some sub-operations failed) or failure; the result keeps the counts, the
-failed SOP Instance UIDs the archive listed, and the status in words. A retrieve interrupted on our
-side (Ctrl-C, an exception) sends C-CANCEL and aborts the association: the caller records the series
-as interrupted, and the next pass fetches what is still missing.
+failed SOP Instance UIDs the archive listed, and the status in words. A retrieve is complete only if
+nothing failed: no failed count, no listed failed instance, and no 0xB000 that leaves out the failed
+count (completeness cannot be shown then); otherwise the series is recorded failed and a later pass
+fetches the instances still missing. A retrieve interrupted on our side (Ctrl-C, an exception) sends
+C-CANCEL and aborts the association: the caller records the series as interrupted, and the next pass
+fetches what is still missing.
 """
 
 from __future__ import annotations
@@ -61,14 +64,20 @@ class RetrieveResult:
     warning: int = 0
     failed_uids: list[str] = field(default_factory=list)
     comment: str = ""
+    failures_uncounted: bool = False  # a final 0xB000 without NumberOfFailedSuboperations
 
     @property
     def ok(self) -> bool:
-        """Every sub-operation succeeded (or ended with a warning: the instance was stored)."""
-        return self.status in (SUCCESS, SUBOPERATIONS_WARNING) and self.failed == 0
+        """Every sub-operation succeeded (or ended with a warning: the instance was stored), provably."""
+        return (self.status in (SUCCESS, SUBOPERATIONS_WARNING) and self.failed == 0 and not self.failed_uids
+                and not self.failures_uncounted)
 
     def describe(self) -> str:
         text = f"{status_text(self.status)}; {self.completed} completed, {self.failed} failed, {self.warning} warning"
+        if self.failed_uids:
+            text += f"; {len(self.failed_uids)} instances listed as failed"
+        if self.failures_uncounted:
+            text += "; the archive did not say how many sub-operations failed"
         return text + (f"; {self.comment}" if self.comment else "")
 
 
@@ -122,6 +131,7 @@ def retrieve(assoc: Association, archive: Archive, study_uid: str, series_uid: s
                     on_progress(done, None if remaining is None else done + remaining)
                 continue
             result.status = code
+            result.failures_uncounted = code == SUBOPERATIONS_WARNING and failed is None
             if status is not None:
                 result.comment = str(status.get("ErrorComment", "")).strip()
             if found is not None and "FailedSOPInstanceUIDList" in found:

@@ -30,7 +30,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -133,15 +133,17 @@ class NodeView:
                 held.update(p.name[:-len(SUFFIX)] for p in folder.iterdir() if p.name.endswith(SUFFIX))
         return held
 
-    def busy(self) -> int:
-        """Jobs queued or processing, plus series still arriving."""
+    def busy(self, held: Collection[str] = ()) -> int:
+        """Jobs queued or processing, plus series still arriving, not counting ``held``: series the node
+        holds until a later pass fetches the rest (``ProgressStore.held_series``). Counting those would
+        let partly failed series fill the queue and stall the very passes that complete them."""
         store = self._jobs()
         n = 0
         if store is not None:
             counts = store.counts()
             n += counts.get(f"job:{JobState.QUEUED}", 0) + counts.get(f"job:{JobState.PROCESSING}", 0)
         spool = Spool(self.storage_dir)
-        n += sum(1 for s in spool.series_uids() if spool.incoming_files(s))
+        n += sum(1 for s in spool.series_uids() if s not in held and spool.incoming_files(s))
         return n
 
     def check_listening(self, calling_ae_title: str) -> None:
@@ -246,6 +248,9 @@ class PassCancelledError(Exception):
     """A stop cancelled the series in flight (it stays 'retrieving' and is resumed)."""
 
 
+CANCELLED_MESSAGE = "cancelled mid-series by a stop; the series is resumed by the next start or pass"
+
+
 class _StopPassError(Exception):
     """The pass stops between series (window closed, stop requested)."""
 
@@ -261,6 +266,18 @@ class PassRunner:
         self.stop = stop or threading.Event()  # set: the pass ends before its next series
         self.cancel = cancel or threading.Event()  # set: the series in flight is cancelled (C-CANCEL) and resumed later
         self.retro_dir = Path(config.node.storage_dir) / "retro"
+        self._sessions: set[ArchiveSession] = set()  # open in running passes (see interrupt)
+        self._sessions_lock = threading.Lock()
+
+    def interrupt(self) -> None:
+        """Cancel the series in flight now, from another thread: set ``cancel`` and abort the passes' archive
+        associations, so a retrieve waiting on a silent archive returns at once. The series stays
+        'retrieving' and is resumed by the next start or pass."""
+        self.cancel.set()
+        with self._sessions_lock:
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.abort()
 
     # -- the pass -----------------------------------------------------------------------------------------------
 
@@ -272,11 +289,14 @@ class PassRunner:
         archive = archive_for(source, self.config.node.ae_title)
         self.progress.reap_dead_runs()
         kind = "resume" if spec.resume_only else "pass"
-        run_id = self.progress.start_run(kind, source.name, spec.as_dict(), schedule=spec.schedule,
-                                         dry_run=spec.dry_run)
+        run_id = self.progress.start_run(kind, source.name, {**spec.as_dict(), "query": redacted(spec.query)},
+                                         schedule=spec.schedule, dry_run=spec.dry_run)
         report = PassReport(run_id)
         get_dir = self.retro_dir / "get" / str(run_id) if source.retrieve == "get" else None
-        session = ArchiveSession(archive, SourceSlots(self.retro_dir / "locks", source), self.stop, get_dir)
+        session = ArchiveSession(archive, SourceSlots(self.retro_dir / "locks", source), self.stop, get_dir,
+                                 check=lambda: self._check_continue(spec))
+        with self._sessions_lock:
+            self._sessions.add(session)
         extra = {"run_id": run_id, "source": source.name}
         logger.info("retro pass %d on %s started: %s", run_id, archive, redacted(spec.query), extra=extra)
         try:
@@ -286,17 +306,21 @@ class PassRunner:
         except _StopPassError as exc:
             report.state, report.message = RunState.STOPPED, str(exc)
         except PassCancelledError:
-            report.state = RunState.INTERRUPTED
-            report.message = "cancelled mid-series by a stop; the series is resumed by the next start or pass"
+            report.state, report.message = RunState.INTERRUPTED, CANCELLED_MESSAGE
         except (ArchiveError, NodeUnavailableError) as exc:
-            report.state, report.message = RunState.FAILED, f"{exc}; the next pass will try again"
-            report.retry_later = True
-            logger.warning("retro pass %d failed: %s", run_id, exc, extra=extra)
+            if self.cancel.is_set():  # interrupt() aborted the association
+                report.state, report.message = RunState.INTERRUPTED, CANCELLED_MESSAGE
+            else:
+                report.state, report.message = RunState.FAILED, f"{exc}; the next pass will try again"
+                report.retry_later = True
+                logger.warning("retro pass %d failed: %s", run_id, exc, extra=extra)
         except BaseException as exc:
             report.state = RunState.INTERRUPTED
             report.message = f"interrupted ({type(exc).__name__}); the next pass resumes"
             raise
         finally:
+            with self._sessions_lock:
+                self._sessions.discard(session)
             session.close(error=report.state is RunState.INTERRUPTED)
             if get_dir is not None:
                 shutil.rmtree(get_dir, ignore_errors=True)
@@ -401,7 +425,7 @@ class PassRunner:
         """Back-pressure (the node's queue) and the rate limit; the association is closed while waiting."""
         limit = self.config.retro.max_queued_jobs
         closed = False
-        while self.node.busy() >= limit:
+        while self.node.busy(self.progress.held_series(self.config.retro.hold_incomplete_s)) >= limit:
             if not closed:
                 logger.info("waiting: the node has %d or more series queued or arriving", limit)
                 session.close()
@@ -498,6 +522,7 @@ class PassRunner:
             total.failed += result.failed
             total.warning += result.warning
             total.failed_uids += result.failed_uids
+            total.failures_uncounted = total.failures_uncounted or result.failures_uncounted
             total.comment = result.comment or total.comment
             if not result.ok:
                 total.status = result.status

@@ -5,7 +5,8 @@ they survive restarts. ``synthmrf retro add|pause|resume|remove`` edit that stor
 (with a scheduler started paused, which never runs anything); the node runs them: ``synthmrf serve``
 calls :func:`start_scheduler` after the node has started and :meth:`RetroScheduler.stop` (with the
 node's drain time) before it stops: passes end after their current series, or, once that time has
-passed, the series in flight is cancelled and resumed at the next start. A running scheduler looks at
+passed, their archive associations are aborted (a silent archive cannot hold the stop up) and the
+series in flight is resumed at the next start. A running scheduler looks at
 the store at least every ``retro.scheduler_poll_s`` seconds, so a schedule added or paused on the
 command line takes effect that soon without a restart.
 
@@ -17,6 +18,12 @@ that a pass left half-retrieved (process killed, node stopped mid-transfer) are 
 
 Cron expressions have 5 fields (``minute hour day month day-of-week``, as crontab) or 6 with seconds
 first (``second minute hour day month day-of-week``); they are read in the machine's local time zone.
+When daylight saving time ends, the local hour before the change comes twice and APScheduler fires a
+cron in it twice (01:30 summer time, then 01:30 winter time). For a cron that fires at most hourly
+(one minute and one second value), a firing is skipped when the same schedule started a run at the
+same local time of day under the other UTC offset less than two hours before (:func:`repeats_wall_clock`):
+a daily 01:30 runs once, an hourly cron skips the repeated hour. Crons that fire more often run on
+through the repeated hour, as their cadence asks.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,6 +58,7 @@ from dicom_node.retro.runner import NodeView, PassReport, PassRunner, PassSpec, 
 logger = logging.getLogger(__name__)
 
 SCHEDULE_FILE = "schedules.sqlite"
+DST_TOLERANCE_S = 600.0  # two firings this close in local time of day, under different UTC offsets, are one
 TABLE = "retro_schedules"
 STORE = "default"  # the persistent store: one job per schedule
 RUNTIME = "runtime"  # in memory: the poll heartbeat, retries, the start-up resume
@@ -227,6 +236,26 @@ _running: dict[str, RetroScheduler] = {}  # storage folder -> the scheduler runn
 _running_lock = threading.Lock()
 
 
+def repeats_wall_clock(previous: float, now: float) -> bool:
+    """Is a firing at ``now`` the repeat of one at ``previous`` (epoch seconds) in the local hour that the
+    end of daylight saving time repeats: the same local time of day (within ``DST_TOLERANCE_S``) under a
+    different UTC offset, at most two hours later?"""
+    if not 0 < now - previous < 7200:
+        return False
+    before = datetime.datetime.fromtimestamp(previous, datetime.UTC).astimezone()
+    after = datetime.datetime.fromtimestamp(now, datetime.UTC).astimezone()
+    if before.utcoffset() == after.utcoffset():
+        return False
+    return abs((after.replace(tzinfo=None) - before.replace(tzinfo=None)).total_seconds()) <= DST_TOLERANCE_S
+
+
+def fires_at_most_hourly(cron: str) -> bool:
+    """Does the cron expression fire at most once an hour (a single minute and a single second value)?"""
+    fields = cron.split()
+    second, minute = ("0", fields[0]) if len(fields) == 5 else (fields[0], fields[1])
+    return second.isdigit() and minute.isdigit()
+
+
 def fire(storage_key: str, name: str, spec: dict[str, Any]) -> None:
     """The stored job: run schedule ``name`` with the scheduler of this process for ``storage_key``."""
     with _running_lock:
@@ -236,7 +265,7 @@ def fire(storage_key: str, name: str, spec: dict[str, Any]) -> None:
     if runtime is None:
         logger.error("schedule %s fired with no retro scheduler running for %s", name, storage_key)
         return
-    runtime.run_schedule(ScheduleSpec.model_validate(spec))
+    runtime.fire(ScheduleSpec.model_validate(spec))
 
 
 class RetroScheduler:
@@ -249,6 +278,7 @@ class RetroScheduler:
         self._stop = threading.Event()
         self._cancel = threading.Event()
         self._active = 0
+        self._runners: set[PassRunner] = set()  # of the passes running now (stop interrupts them)
         self._idle = threading.Condition()
         self._progress: ProgressStore | None = None
         self._scheduler: BackgroundScheduler | None = None
@@ -289,7 +319,8 @@ class RetroScheduler:
 
     def stop(self, timeout_s: float | None = None) -> None:
         """Stop. Running passes end after their current series; after ``timeout_s`` (None: wait for that)
-        the series in flight is cancelled (C-CANCEL) and left to be resumed at the next start."""
+        their archive associations are aborted and the series in flight is left to be resumed at the next
+        start."""
         self._stop.set()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
@@ -297,7 +328,8 @@ class RetroScheduler:
         with self._idle:
             if not self._idle.wait_for(lambda: self._active == 0, timeout_s):
                 logger.warning("retro scheduler: cancelling the retrievals in flight")
-                self._cancel.set()
+                for runner in self._runners:
+                    runner.interrupt()
                 self._idle.wait_for(lambda: self._active == 0, 30.0)
             busy = self._active > 0
         with _running_lock:
@@ -313,20 +345,34 @@ class RetroScheduler:
         """A runner for one pass, counted as active until it ends."""
         if self._progress is None or self._stop.is_set():
             raise RuntimeError("retro scheduler not running")
-        with self._idle:
-            self._active += 1
         runner = PassRunner(self.config, self._progress, NodeView(self.config, self.node_port), stop=self._stop,
                             cancel=self._cancel)
+        with self._idle:
+            self._active += 1
+            self._runners.add(runner)
         try:
             yield runner
         finally:
             runner.node.close()
             with self._idle:
                 self._active -= 1
+                self._runners.discard(runner)
                 self._idle.notify_all()
 
     def _heartbeat(self) -> None:
         """Nothing: the wake-up makes the scheduler read the store again (schedules changed by the CLI)."""
+
+    def fire(self, spec: ScheduleSpec) -> PassReport | None:
+        """A firing of schedule ``spec``: its pass, unless it repeats one of the hour that the end of daylight
+        saving time repeats (see the module's docstring)."""
+        progress = self._progress
+        if progress is not None and fires_at_most_hourly(spec.cron):
+            now = time.time()
+            if any(repeats_wall_clock(run.started_at, now) for run in progress.runs(schedule=spec.name, limit=10)):
+                logger.info("schedule %s: skipped, it already ran at this local time before daylight saving time "
+                            "ended", spec.name)
+                return None
+        return self.run_schedule(spec)
 
     def run_schedule(self, spec: ScheduleSpec) -> PassReport | None:
         """Run one pass of ``spec`` now (in the calling thread)."""

@@ -16,7 +16,7 @@ from node_support import free_port, mr_datasets
 from retro_support import HARVEST_AET, NODE_AET, ArchiveOrthanc, config_toml, distractors, retro_config
 
 from dicom_node.cli import cli
-from dicom_node.retro.harvest import FILES, Harvester, HarvestSpec, patient_group, subject_id
+from dicom_node.retro.harvest import FILES, Harvester, HarvestSpec, harvest_key, patient_group, subject_id
 from dicom_node.retro.mrf_dicom import MrfFormatError, read_mrf_series, write_mrf_series
 from dicom_node.retro.progress import ProgressStore, RunState
 from pipeline.volume_io import load_volume
@@ -146,7 +146,8 @@ def test_harvest_with_c_move_to_its_own_scp_and_dry_run(tmp_path: Path, archive:
     patient_id = str(source.PatientID)
     manifest = json.loads((out / "manifest.json").read_text())
     info = json.loads((out / sid / "subject.json").read_text())
-    assert info["group"] == patient_group(patient_id, "", manifest["group_salt"])
+    assert info["group"] == patient_group(patient_id, "", harvest_key(cfg.node.storage_dir))
+    assert "group_salt" not in manifest  # the key stays with the node, never in the dataset
     assert manifest["split"]["train"] == [sid] and manifest["subjects"][0]["group"] == info["group"]
     written = [p.read_text() for p in out.rglob("*.json")]
     assert not [text for text in written if patient_id in text] and patient_id not in caplog.text

@@ -32,7 +32,7 @@ from dicom_node.retro.association import (
     status_text,
 )
 from dicom_node.retro.config import RetroSection, SourceConfig, in_window, parse_window
-from dicom_node.retro.harvest import patient_group, split_of, write_manifest
+from dicom_node.retro.harvest import harvest_key, patient_group, split_of, write_manifest
 from dicom_node.retro.progress import ProgressStore, RunState, SeriesState
 from dicom_node.retro.query import QueryError, find_studies, matches, parse_query, prefilter, redacted
 from dicom_node.retro.retrieve import retrieve
@@ -437,10 +437,9 @@ def test_the_split_keeps_a_patient_together_and_never_moves_a_subject(tmp_path: 
     b = next(i for i in ids if split_of(i, 0) != "train")
     subject(out, a, test_group)
     subject(out, b, test_group)
-    write_manifest(out, 0, salt)
+    write_manifest(out, 0)
     first = splits(out)
     assert first[a] == first[b] == "train"  # the only group: put in train (training needs one)
-    assert json.loads((out / "manifest.json").read_text())["group_salt"] == salt
 
     for k, g in enumerate(groups[:60]):  # later harvests fill every part by hash
         subject(out, f"sub-new{k:03d}", g)
@@ -450,6 +449,9 @@ def test_the_split_keeps_a_patient_together_and_never_moves_a_subject(tmp_path: 
     assert {later[f"sub-new{k:03d}"] for k in range(60)} == {"train", "val", "test"}
     assert all(later[f"sub-new{k:03d}"] == ("train" if g == test_group else split_of(g, 0))
                for k, g in enumerate(groups[:60]))  # new subjects of a known group join it
-    assert json.loads((out / "manifest.json").read_text())["group_salt"] == salt  # kept
     assert patient_group("VOL001", "", salt) != patient_group("VOL001", "", "6" * 32)
+    key = harvest_key(tmp_path / "node")
+    assert key == harvest_key(tmp_path / "node") and len(key) == 64  # made once, then read
+    assert (tmp_path / "node" / "retro" / "harvest.key").stat().st_mode & 0o777 == 0o600
+    assert key not in (out / "manifest.json").read_text()
     assert "VOL" not in (out / "manifest.json").read_text()

@@ -17,17 +17,18 @@ Each subject is written to ``OUT/.partial-<id>/`` and renamed to ``OUT/<id>/`` w
     OUT/<id>/brain_mask.nii.gz   uint8 on the MRF grid: the atlas brain mask of the MPRAGE's head pose
                                  (``pipeline.head_pose.place_head(...).mask``, resampled to the MRF grid)
     OUT/<id>/subject.json        source UIDs, the sequence hash and rank, the group (no names, no patient IDs)
-    OUT/manifest.json            format, sequence {name, hash, rank}, split {train, val, test}, group salt,
-                                 subjects
+    OUT/manifest.json            format, sequence {name, hash, rank}, split {train, val, test}, subjects
 
 ``<id>`` is ``sub-`` and the first 12 hex characters of the SHA-256 of the StudyInstanceUID: stable, so
 repeated harvests skip subjects already there and add new ones; the manifest is rewritten from the
 subject folders after each subject. Every subject of a dataset must share one sequence hash (the first
 subject, or the existing manifest, decides; others are refused with a message).
 
-One volunteer scanned twice gives two subjects, so the split is by *group*: a keyed hash (HMAC-SHA-256
-with the dataset's random ``group_salt``, recorded in the manifest) of the study's IssuerOfPatientID and
-PatientID from the study-level C-FIND; the PatientID itself is never written to disk or to a log. A
+One volunteer scanned twice gives two subjects, so the split is by *group*: a keyed hash (HMAC-SHA-256)
+of the study's IssuerOfPatientID and PatientID from the study-level C-FIND; the PatientID itself is
+never written to disk or to a log. The key is the node's (``<storage_dir>/retro/harvest.key``, random,
+mode 0600), never the dataset's: patient IDs have so few digits that anyone holding the key could test
+every candidate, so a dataset handed to researchers must not carry it. A
 study whose answer lacks a PatientID is a group of its own. Each new group goes to the split a hash of
 (``retro.harvest_split_seed``, group) picks, in the proportions of the paper (30/2/5); a new subject of a
 known group joins its group's split; and a split once recorded in the manifest never changes, so a
@@ -42,6 +43,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -245,7 +247,7 @@ class Harvester:
         archive = Archive(source, source.calling_ae_title or self.config.node.ae_title, retro.harvest_ae_title)
         out = Path(spec.out_dir)
         incoming = out / INCOMING
-        salt = _group_salt(out)
+        salt = harvest_key(Path(self.config.node.storage_dir))
         run_id = self.progress.start_run("harvest", source.name, {**spec.__dict__, "out_dir": str(out),
                                                                   "query": redacted(spec.query)},
                                          dry_run=spec.dry_run)
@@ -266,7 +268,7 @@ class Harvester:
         finally:
             session.close(error=report.state is RunState.INTERRUPTED)
             if not spec.dry_run and out.is_dir():
-                report.manifest = write_manifest(out, retro.harvest_split_seed, salt)
+                report.manifest = write_manifest(out, retro.harvest_split_seed)
             self.progress.update_run(run_id, studies=report.studies_found, series_fetched=2 * len(report.harvested),
                                      series_failed=len(report.failed))
             self.progress.finish_run(run_id, report.state, report.message)
@@ -326,7 +328,7 @@ class Harvester:
                 for item in (pair.mprage, pair.mrf):
                     shutil.rmtree(incoming / item.series_uid, ignore_errors=True)
             report.harvested.append(pair.subject)
-            write_manifest(out, self.config.retro.harvest_split_seed, salt)  # the salt and split on record at once
+            write_manifest(out, self.config.retro.harvest_split_seed)  # the split on record at once
 
     @staticmethod
     def _group(study: Dataset, salt: str) -> str | None:
@@ -441,9 +443,24 @@ def _dataset_hash(out: Path) -> str | None:
     return str(subjects[0]["sequence_hash"]) if subjects else None
 
 
-def _group_salt(out: Path) -> str:
-    """The dataset's group salt (from its manifest), or a new random one for a new dataset."""
-    return str(_manifest(out).get("group_salt") or secrets.token_hex(16))
+def harvest_key(storage_dir: Path) -> str:
+    """The node's key for patient groups (``retro/harvest.key``), made at first use: random, mode 0600."""
+    path = storage_dir / "retro" / "harvest.key"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".harvest.key.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # the first process to get here decides; the others read its key
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()
 
 
 def _assign(subjects: list[dict[str, Any]], recorded: Mapping[str, str], seed: int) -> dict[str, str]:
@@ -464,10 +481,10 @@ def _assign(subjects: list[dict[str, Any]], recorded: Mapping[str, str], seed: i
     return {sid: where.get(sid) or group_split[g] for sid, g in group_of.items()}
 
 
-def write_manifest(out: Path, seed: int, salt: str | None = None) -> Path | None:
+def write_manifest(out: Path, seed: int) -> Path | None:
     """(Re)write ``out/manifest.json`` from the subject folders; None (and no file) when there are none.
 
-    Splits recorded in the existing manifest are kept; ``salt`` (default: the manifest's) is recorded."""
+    Splits recorded in the existing manifest are kept."""
     subjects = _subjects(out)
     if not subjects:
         return None
@@ -484,7 +501,6 @@ def write_manifest(out: Path, seed: int, salt: str | None = None) -> Path | None
         "sequence": {"name": sequence_name_for(digest), "hash": digest, "rank": subjects[0]["rank"]},
         "split": {part: sorted(sid for sid, p in where.items() if p == part) for part in ("train", "val", "test")},
         "split_seed": seed,
-        "group_salt": salt or previous.get("group_salt"),
         "files": FILES,
         "grids": {"mrf": subjects[0]["mrf_grid"]},
         "subjects": [{"id": s["id"], "group": s.get("group") or s["id"], "split": where[s["id"]], "files": FILES,

@@ -123,9 +123,16 @@ class RetentionSection(_Section):
 
 
 class JobsSection(_Section):
-    """The job queue (``[jobs]``)."""
+    """The job queue (``[jobs]``).
 
-    backend: Literal["sqlite", "redis"] = "sqlite"  # sqlite: <storage_dir>/queue.sqlite
+    ``backend = "redis"`` (needs ``pip install redis``) moves only the queue of job ids to the Redis server at
+    ``redis_url``, under a name unique to this node's AE title and storage folder. The spool and the job store
+    stay in ``node.storage_dir``, and only one node may use a folder (``NodeLock``), so Redis does not spread
+    the work over several machines: multi-machine scale-out is not supported yet. Huey pickles its tasks:
+    whoever can write to that Redis can run code in the node, so it must be a trusted, private server.
+    """
+
+    backend: Literal["sqlite", "redis"] = "sqlite"  # sqlite: <storage_dir>/queue.sqlite; redis: at redis_url
     redis_url: str = "redis://127.0.0.1:6379/0"
     workers: int = Field(default=1, ge=1)  # series processed at the same time
     max_attempts: int = Field(default=2, ge=1)  # a processing error (not a rejection) is retried up to this many runs

@@ -3,12 +3,15 @@
 The queue only carries job ids; the job store holds the truth. A task that finds its job not
 ``queued`` does nothing, so a job enqueued twice (a restart re-enqueues every queued job) runs once.
 At start the node empties the queue and re-enqueues from the store, which also recovers jobs a crash
-took out of the queue while they ran.
+took out of the queue while they ran. The queue is named after the node's AE title and storage folder
+(:func:`queue_name`), so nodes sharing one Redis server never see each other's tasks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import shutil
 import threading
 import time
@@ -29,9 +32,18 @@ TASK_NAME = "process_job"
 QUEUE_FILE = "queue.sqlite"
 
 
+def queue_name(cfg: NodeConfig) -> str:
+    """``synthmrf_<AE title>_<hash of the resolved storage folder>``: one queue per node (one node per folder).
+
+    Only letters, digits and ``_`` (huey's Redis storage drops any other character from the name).
+    """
+    folder = hashlib.sha256(str(cfg.node.storage_dir.resolve()).encode()).hexdigest()[:12]
+    return f"synthmrf_{re.sub(r'[^A-Za-z0-9_]', '_', cfg.node.ae_title)}_{folder}"
+
+
 def make_huey(cfg: NodeConfig) -> Huey:
     """The queue of this node: ``<storage_dir>/queue.sqlite``, or Redis at ``jobs.redis_url``."""
-    name = f"synthmrf-{cfg.node.ae_title}"
+    name = queue_name(cfg)
     if cfg.jobs.backend == "redis":
         try:
             import redis  # noqa: F401  (huey needs it for RedisHuey)

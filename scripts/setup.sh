@@ -2,7 +2,7 @@
 # Set up synthmrf in ./.venv (Python 3.11+).
 #   scripts/setup.sh          the product (enough for `synthmrf demo` and the node)
 #   scripts/setup.sh --test   plus the test tools: pytest/ruff/mypy, and as root the Debian packages the
-#                             integration tests talk to (orthanc, dcmtk, dicom3tools, dcm2niix)
+#                             integration tests talk to (orthanc, dcmtk, dicom3tools, dcm2niix, redis-server)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -10,18 +10,21 @@ extras=""
 if [[ "${1:-}" == "--test" ]]; then
     extras="[test]"
     missing=()
-    for tool in Orthanc storescu dciodvfy dcm2niix; do
+    for tool in Orthanc storescu dciodvfy dcm2niix redis-server; do
         command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
     done
     if ((${#missing[@]})); then
         if [[ $(id -u) -ne 0 ]]; then
-            echo "setup: missing ${missing[*]}: install orthanc dcmtk dicom3tools dcm2niix (needs root)" >&2
+            echo "setup: missing ${missing[*]}: install orthanc dcmtk dicom3tools dcm2niix redis-server (needs root)" >&2
             exit 1
         fi
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc dcmtk dicom3tools dcm2niix >/dev/null
-        # The Debian package starts a system Orthanc on 4242/8042; tests start their own on free ports.
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc dcmtk dicom3tools dcm2niix redis-server \
+            >/dev/null
+        # The Debian packages start a system Orthanc on 4242/8042 and a Redis on 6379; tests start their own
+        # on free ports.
         systemctl stop orthanc 2>/dev/null || service orthanc stop 2>/dev/null || true
+        systemctl stop redis-server 2>/dev/null || service redis-server stop 2>/dev/null || true
     fi
 fi
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv

@@ -1,4 +1,4 @@
-"""Helpers for the node tests: synthetic MR series, a fast honest processor, real peers on loopback.
+"""Helpers for the node tests: synthetic MR series, a fast honest processor, real peers (and Redis) on loopback.
 
 Not a test module. ``fast_processor`` is importable as ``node_support:fast_processor`` by a node
 started in a subprocess (the tests put this folder on its PYTHONPATH).
@@ -410,3 +410,62 @@ class Orthanc:
 
     def destination(self, name: str = "pacs") -> dict[str, object]:
         return {"name": name, "ae_title": self.ae_title, "host": "127.0.0.1", "port": self.dicom_port}
+
+
+# -- Redis ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RedisServer:
+    """A real redis-server on 127.0.0.1 (a free port, no persistence), its files in a temp folder."""
+
+    folder: Path
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        import redis
+
+        self.port = self.port or free_port()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with (self.folder / "redis.log").open("wb") as log:
+            self.process = subprocess.Popen([tool("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+                                             "--save", "", "--appendonly", "no", "--dir", str(self.folder)],
+                                            stdout=log, stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+
+        def ready() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                pytest.fail(f"redis-server exited with {self.process.returncode}: "
+                            f"{(self.folder / 'redis.log').read_text()}")
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_until(ready, 10.0, 0.05, "redis-server to answer PING")
+        client.close()
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+            self.process = None
+
+
+@contextmanager
+def redis_server(folder: Path) -> Iterator[RedisServer]:
+    server = RedisServer(folder).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -7,6 +7,7 @@ import json
 import logging
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 import warnings
@@ -99,7 +100,8 @@ def test_a_silent_tls_connection_does_not_block_the_listener(tmp_path: Path, nod
             assert silent.recv(1) == b""
 
 
-def test_redis_backend_needs_its_package(tmp_path: Path) -> None:
+def test_redis_backend_needs_its_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)  # as if not installed: importing it raises ImportError
     cfg = node_config(tmp_path / "n", jobs={"backend": "redis"})
     with pytest.raises(ConfigError, match=r"jobs.backend 'redis' needs the 'redis' package"):
         make_huey(cfg)

@@ -21,6 +21,7 @@ def serve(config_path: Path | None) -> None:
     SIGTERM or SIGINT stops accepting associations and lets in-flight associations, jobs, sends and
     retrievals finish (up to node.drain_timeout_s); anything left is picked up at the next start.
     """
+    from dicom_node.config import ConfigError
     from dicom_node.logs import configure_logging
     from dicom_node.node import Node, NodeLockedError
     from dicom_node.retro.schedules import start_scheduler
@@ -37,7 +38,7 @@ def serve(config_path: Path | None) -> None:
     node = Node(cfg)
     try:
         node.start()
-    except NodeLockedError as exc:
+    except (NodeLockedError, ConfigError) as exc:  # ConfigError: jobs.backend 'redis' without the redis package
         raise click.ClickException(str(exc)) from exc
     try:
         retro = start_scheduler(cfg, node)

@@ -34,7 +34,11 @@ def status(config_path: Path | None, recent: int, as_json: bool) -> None:
     spool = Spool(cfg.node.storage_dir)
     arriving = [s for s in spool.series_uids() if spool.incoming_files(s)]
     counts = store.counts()
-    queue_depth = JobQueue(make_huey(cfg)).depth() if cfg.jobs.backend == "sqlite" else None
+    try:
+        queue_depth: int | None = JobQueue(make_huey(cfg)).depth()
+        queue_text = f"{queue_depth} task(s) waiting ({cfg.jobs.backend})"
+    except Exception as exc:  # Redis down or its package missing, say; the rest of the report still helps
+        queue_depth, queue_text = None, f"unknown ({cfg.jobs.backend}: {type(exc).__name__}: {exc})"
     recent_jobs = store.jobs(limit=recent)
     failed = store.jobs([JobState.FAILED, JobState.REJECTED], limit=20)
     dead = [j for j in store.jobs([JobState.PROCESSED], limit=200)
@@ -55,8 +59,7 @@ def status(config_path: Path | None, recent: int, as_json: bool) -> None:
                                "schedules": schedules}, indent=1))
         return
     click.echo(f"node         {listening}\nstorage      {cfg.node.storage_dir} ({free_mb} MiB free)\n"
-               f"arriving     {len(arriving)} series\nqueue        "
-               f"{queue_depth if queue_depth is not None else '(redis)'} task(s) waiting")
+               f"arriving     {len(arriving)} series\nqueue        {queue_text}")
     click.echo("jobs         " + (", ".join(f"{k} {v}" for k, v in sorted(job_counts.items())) or "none"))
     click.echo("deliveries   " + (", ".join(f"{k} {v}" for k, v in sorted(delivery_counts.items())) or "none"))
     for r in recent_rows:

@@ -11,8 +11,8 @@ Each job with results has one delivery per destination: ``pending -> sending -> 
 ``pending`` with a later ``next_attempt_at`` after a failed attempt, and ``dead`` after the last
 allowed attempt. Transitions are single conditional UPDATEs, so a stage that finds the row in an
 unexpected state does nothing: a task delivered twice by the queue runs once. After a crash,
-``recover_interrupted`` puts ``processing`` jobs back to ``queued`` (``failed`` once they have had
-``jobs.max_attempts`` runs) and ``sending`` deliveries back to ``pending``.
+``recover_interrupted`` puts ``processing`` jobs back to ``queued`` (``failed`` once the process has
+ended during their run ``jobs.max_attempts`` times) and ``sending`` deliveries back to ``pending``.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     reason TEXT NOT NULL DEFAULT '',
     instances INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
+    interruptions INTEGER NOT NULL DEFAULT 0,
     results TEXT NOT NULL DEFAULT '[]',
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
@@ -133,6 +134,9 @@ class JobStore(SqliteState):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, _SCHEMA)
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        if "interruptions" not in columns:  # a job store written before the column existed
+            self._db.execute("ALTER TABLE jobs ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0")
 
     # -- reading -------------------------------------------------------------------------------------------------
 
@@ -255,21 +259,26 @@ class JobStore(SqliteState):
                        "WHERE id = ? AND state = ?",
                        (str(state), reason, now, finished, job_id, str(JobState.PROCESSING)))
 
-    def recover_interrupted(self, max_attempts: int) -> tuple[int, list[str], int]:
-        """After a crash: processing jobs -> queued, or -> failed once they have had ``max_attempts`` runs (a
-        series that kills the process must not be run at every restart); sending deliveries -> pending.
+    def recover_interrupted(self, max_interruptions: int) -> tuple[int, list[str], int]:
+        """At start: jobs left ``processing`` (the process ended during their run: a crash, kill -9, or a stop
+        whose drain time ran out) go back to ``queued``, their unfinished run not counted as an attempt; a
+        job the process ended in ``max_interruptions`` times is ``failed`` instead (a series that kills the
+        process must not be run at every restart). Sending deliveries go back to pending.
 
         Returns (jobs queued again, ids of the jobs failed, deliveries pending again).
         """
         now = time.time()
         processing = str(JobState.PROCESSING)
         with self._tx() as db:
-            failed = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE state = ? AND attempts >= ? ORDER BY id",
-                                                  (processing, max_attempts))]
-            db.execute("UPDATE jobs SET state = :failed, reason = 'the process died while processing it (attempt ' "
-                       "|| attempts || ' of ' || :max || ')', updated_at = :now, finished_at = :now "
-                       "WHERE state = :processing AND attempts >= :max",
-                       {"failed": str(JobState.FAILED), "max": max_attempts, "now": now, "processing": processing})
+            db.execute("UPDATE jobs SET interruptions = interruptions + 1, attempts = MAX(attempts - 1, 0) "
+                       "WHERE state = ?", (processing,))
+            failed = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE state = ? AND interruptions >= ? "
+                                                  "ORDER BY id", (processing, max_interruptions))]
+            db.execute("UPDATE jobs SET state = :failed, reason = 'the process ended while processing it, ' "
+                       "|| interruptions || ' times', updated_at = :now, finished_at = :now "
+                       "WHERE state = :processing AND interruptions >= :max",
+                       {"failed": str(JobState.FAILED), "max": max_interruptions, "now": now,
+                        "processing": processing})
             jobs = db.execute("UPDATE jobs SET state = ?, updated_at = ? WHERE state = ?",
                               (str(JobState.QUEUED), now, processing)).rowcount
             dels = db.execute("UPDATE deliveries SET state = ?, updated_at = ? WHERE state = ?",
@@ -281,7 +290,8 @@ class JobStore(SqliteState):
         now = time.time()
         done = []
         with self._tx() as db:
-            n = db.execute("UPDATE jobs SET state = ?, attempts = 0, reason = '', updated_at = ?, finished_at = NULL "
+            n = db.execute("UPDATE jobs SET state = ?, attempts = 0, interruptions = 0, reason = '', updated_at = ?, "
+                           "finished_at = NULL "
                            "WHERE id = ? AND state IN (?, ?)",
                            (str(JobState.QUEUED), now, job_id, str(JobState.FAILED), str(JobState.REJECTED))).rowcount
             if n:

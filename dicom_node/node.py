@@ -203,8 +203,8 @@ class Node:
         if jobs or deliveries:
             logger.warning("recovered %d interrupted jobs and %d interrupted deliveries", jobs, deliveries)
         for job_id in failed:
-            logger.error("job %s failed: the process died while processing it in its last allowed attempt "
-                         "(jobs.max_attempts = %d); not run again ('synthmrf jobs retry %s' runs it again)", job_id,
+            logger.error("job %s failed: the process ended while processing it %d times (jobs.max_attempts); not "
+                         "run again ('synthmrf jobs retry %s' runs it again)", job_id,
                          self.config.jobs.max_attempts, job_id, extra={"job_id": job_id})
         queued = store.queued()
         queue.reset(queued)

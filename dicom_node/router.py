@@ -51,7 +51,7 @@ class Router:
         """The assembler's callback: reconcile the series, then claim what arrived and route it (None if nothing
         was waiting)."""
         with self._lock:
-            self._reconcile(series_uid, self.held())
+            self._reconcile(series_uid)
             claim = self.spool.claim(series_uid, at_least=self.store.next_version(series_uid))
             if claim is None:
                 return None
@@ -70,13 +70,16 @@ class Router:
         """:meth:`settle` the series (default: every series) and enqueue again its queued jobs the queue does not
         hold; return how many jobs were routed or enqueued."""
         with self._lock:
-            held = self.held()
-            return sum(self._reconcile(uid, held) for uid in (
+            return sum(self._reconcile(uid) for uid in (
                 self.spool.series_uids() if series_uid is None else [series_uid]))
 
-    def _reconcile(self, series_uid: str, held: set[str]) -> int:
+    def _reconcile(self, series_uid: str) -> int:
         routed = {job.id for job in self.settle(series_uid)}
-        lost = [job_id for job_id in self.store.queued(series_uid) if job_id not in held and job_id not in routed]
+        # The store first, then the queue: a job queued again for a later retry after this read is not taken for
+        # lost (read the other way round, its retry delay would be skipped).
+        queued = self.store.queued(series_uid)
+        held = self.held()
+        lost = [job_id for job_id in queued if job_id not in held and job_id not in routed]
         for job_id in lost:
             logger.warning("job %s: queued, but not in the queue; enqueued again", job_id,
                            extra={"series_uid": series_uid, "job_id": job_id})

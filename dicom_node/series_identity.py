@@ -1,9 +1,11 @@
 """Does an arriving instance belong to the same study and patient as the rest of its series?
 
-The spool groups instances by SeriesInstanceUID alone. An instance whose StudyInstanceUID or PatientID
-differs from what its series already holds (in ``incoming/`` or a claimed version) is logged, with UIDs
-only, and counted; it is still stored, since a PACS may correct a patient and send the series again
-(the pipeline refuses to process a series whose files disagree).
+The spool groups instances by SeriesInstanceUID alone. A stored instance whose StudyInstanceUID or
+PatientID differs from what its series already holds (in ``incoming/`` or a claimed version) is logged,
+with UIDs only, and counted; it is kept (nothing acknowledged is thrown away), and the pipeline then
+refuses to process the series, naming the attributes that disagree, so nobody gets maps filed under
+the wrong patient. A corrected series resent under the same SOP Instance UIDs is a duplicate and
+dropped: a patient correction needs new UIDs or a new series, or an operator.
 
 What a series holds is remembered from its first instance, or read from one of its spooled files the
 first time this process sees it. PatientIDs are kept only as keyed digests (``instances.patient_key``).

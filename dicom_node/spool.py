@@ -135,6 +135,7 @@ class Spool:
         self._lock = threading.Lock()  # incoming/ and the known SOP Instance UIDs
         self._versions_lock = threading.Lock()  # a claim linking a version's files vs. retention deleting it
         self._known: dict[str, set[str]] = {}
+        self._unsynced: set[tuple[str, str]] = set()  # (series, SOP) in incoming/ whose folder fsync failed
         self._counter = itertools.count()
 
     # -- start-up -------------------------------------------------------------------------------------------
@@ -229,6 +230,7 @@ class Spool:
         series_uid = require_uid(series_uid, "SeriesInstanceUID")
         sop_uid = require_uid(sop_uid, "SOPInstanceUID")
         if self.is_duplicate(series_uid, sop_uid):
+            self._sync_unsynced(series_uid, sop_uid)
             return StoreOutcome.DUPLICATE
         parts: list[bytes | memoryview] = [data] if isinstance(data, bytes) else list(data)
         size = sum(len(p) for p in parts)
@@ -265,9 +267,25 @@ class Spool:
                 try:
                     fsync_dir(Path(incoming))
                 except OSError as exc:
+                    self._unsynced.add((series_uid, sop_uid))
                     raise StoredNotSyncedError(f"series {series_uid}: fsync of incoming/ failed after the rename "
                                                f"({exc.strerror})") from exc
         return StoreOutcome.STORED
+
+    def _sync_unsynced(self, series_uid: str, sop_uid: str) -> None:
+        """A duplicate of an instance whose folder fsync failed is acknowledged only once that fsync succeeds:
+        try it again (:class:`StoredNotSyncedError` if it fails again)."""
+        with self._lock:
+            if (series_uid, sop_uid) not in self._unsynced:
+                return
+            incoming = self.series_dir(series_uid) / "incoming"
+            if (incoming / (sop_uid + SUFFIX)).exists():  # otherwise a claim has taken it, durably
+                try:
+                    fsync_dir(incoming)
+                except OSError as exc:
+                    raise StoredNotSyncedError(f"series {series_uid}: fsync of incoming/ failed again "
+                                               f"({exc.strerror})") from exc
+            self._unsynced = {key for key in self._unsynced if key[0] != series_uid}  # one fsync covers them all
 
     def is_waiting(self, series_uid: str, sop_uid: str) -> bool:
         """True if the instance is in the series' ``incoming/`` (received, not yet claimed)."""

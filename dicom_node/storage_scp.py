@@ -120,12 +120,12 @@ def handle_store(event: Event, spool: Spool, arrivals: Arrivals, identities: Ser
     sop_uid = request.AffectedSOPInstanceUID
     try:
         info = inspect_instance(event)
-        identities.check(info)
         meta = file_meta_bytes(info.sop_class_uid, info.sop_instance_uid, info.transfer_syntax, calling)
         with cast(BytesIO, request.DataSet).getbuffer() as dataset:  # the bytes as received, not copied
             outcome = spool.store(info.series_instance_uid, info.sop_instance_uid, (meta, dataset))
             size = len(meta) + len(dataset)
         if outcome is StoreOutcome.STORED:
+            identities.check(info)
             arrivals.instance_stored(info)
         elif spool.is_waiting(info.series_instance_uid, info.sop_instance_uid):
             arrivals.instance_waiting(info)

@@ -106,14 +106,15 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor() -> None:
     assert learning_rate_at(99, config) == pytest.approx(1e-4)
     assert learning_rate_at(100 + 450, config) == pytest.approx((1e-4 + 1e-6) / 2)  # half-way: the mean
     assert learning_rate_at(999, config) == pytest.approx(1e-6, rel=1e-3)
-    assert learning_rate_at(5000, config) == pytest.approx(1e-6)  # past the plan (more epochs): the floor
+    assert learning_rate_at(5000, config) == pytest.approx(1e-6)  # past the plan: the floor
     constant = TrainConfig(learning_rate=3e-4, warmup_iterations=10)
     assert [learning_rate_at(k, constant) for k in (4, 9, 10_000)] == pytest.approx([1.5e-4, 3e-4, 3e-4])
 
 
 def test_fine_tuning_starts_from_a_package_and_keeps_its_ranges(tiny_dataset: Path, tmp_path: Path) -> None:
     dataset = load_dataset(tiny_dataset, tmp_path / "cache")
-    base = TrainConfig(epochs=1, iterations_per_epoch=2, batch_size=2, crop=32, validation_slices=2, unet=TINY)
+    base = TrainConfig(epochs=1, iterations_per_epoch=2, batch_size=2, crop=32, validation_slices=2, unet=TINY,
+                       warmup_iterations=1, learning_rate=1e-2)  # weights far from the seed's initialisation
     train(dataset, tmp_path / "base", base, progress=False)
     package = load_package(package_run(tmp_path / "base", tiny_dataset, tmp_path / "pkg", name="tiny", version="0.0"))
     tuned = TrainConfig(**{**base.__dict__, "learning_rate": 1e-12, "warmup_iterations": 1,
@@ -121,8 +122,18 @@ def test_fine_tuning_starts_from_a_package_and_keeps_its_ranges(tiny_dataset: Pa
     train(dataset, tmp_path / "tuned", tuned, progress=False, initial=package)
     best = torch.load(tmp_path / "tuned" / "best.pt", weights_only=False)
     assert np.array_equal(np.asarray(best["channel_ranges"], np.float32), package.channel_ranges)
+    torch.manual_seed(tuned.seed)
+    fresh = UNetEnsemble(TINY).state_dict()
+    moved = 0.0
     for name, start in package.model.named_parameters():  # a learning rate of 1e-12 leaves the weights as they were
         assert torch.allclose(best["state"][name].float(), start.float(), atol=1e-6), name
+        moved = max(moved, float((start.detach().float() - fresh[name].float()).abs().max()))
+    assert moved > 1e-3  # ... and they are the package's, not a fresh initialisation's
+    cosine = TrainConfig(**{**tuned.__dict__, "lr_schedule": "cosine"})
+    train(dataset, tmp_path / "cosine", cosine, progress=False, initial=package)
+    with pytest.raises(ValueError, match=r"number of epochs is part of it"):  # its schedule was planned for 1 epoch
+        train(dataset, tmp_path / "cosine", TrainConfig(**{**cosine.__dict__, "epochs": 2}), progress=False,
+              initial=package)
     with pytest.raises(ValueError, match=r"architecture"):
         other = TrainConfig(**{**tuned.__dict__, "unet": UNetConfig(n_nets=7, base_filters=8, depth=4)})
         train(dataset, tmp_path / "other", other, progress=False, initial=package)

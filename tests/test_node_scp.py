@@ -340,6 +340,11 @@ def test_an_instance_of_another_study_or_patient_in_a_series_is_logged_and_count
         assert node.metrics.registry.get_sample_value("synthmrf_identity_mismatches_total",
                                                       {"attribute": attribute}) == 1
     assert node.assembler.pending() == [uid]  # stored all the same
+    again = datasets[0]
+    again.PatientID = "IDENT3"  # a duplicate is dropped, so its identity is no news
+    assert [int(r.Status) for r in send_with_pynetdicom(node, [again], False, monkeypatch)] == [0]
+    assert node.metrics.registry.get_sample_value("synthmrf_identity_mismatches_total",
+                                                  {"attribute": "PatientID"}) == 1
     # a process that has not seen the series yet compares with what the spool holds
     fresh = SeriesIdentities(node.spool, lambda attribute: None)
     stranger = InstanceInfo(generate_uid(), str(odd.SOPClassUID), generate_uid(), uid, 1, None,

@@ -194,5 +194,9 @@ def test_an_instance_kept_when_the_folder_sync_failed_is_a_duplicate_later(tmp_p
     assert spool.is_waiting(SERIES, "1.2.3.4")
     assert (spool.series_root / SERIES / "incoming" / "1.2.3.4.dcm").read_bytes() == DATA
     assert list(spool.tmp_dir.iterdir()) == []
+    with pytest.raises(StoredNotSyncedError, match=r"failed again"):  # the resend: still not durable, no ack
+        spool.store(SERIES, "1.2.3.4", DATA)
     monkeypatch.setattr(spool_module, "fsync_dir", real)
-    assert spool.store(SERIES, "1.2.3.4", DATA) is StoreOutcome.DUPLICATE
+    assert spool.store(SERIES, "1.2.3.4", DATA) is StoreOutcome.DUPLICATE  # the folder synced this time
+    monkeypatch.setattr(spool_module, "fsync_dir", failing)
+    assert spool.store(SERIES, "1.2.3.4", DATA) is StoreOutcome.DUPLICATE  # known durable: no second fsync

@@ -65,15 +65,17 @@ def test_a_job_that_killed_the_process_max_attempts_times_is_failed_at_start(tmp
     spool = Spool(storage)
     spool.prepare()
     store = JobStore(storage / STATE_FILE)
-    for i, attempts in enumerate((1, 2)):  # two series, each died in its run number `attempts`
+    for i, deaths in enumerate((1, 2)):  # two series: the process ended once in one's runs, twice in the other's
         datasets = mr_datasets(3, 16, patient_id=f"DIE{i}", seed=i)
         spool_series(spool, datasets, tmp_path / f"s{i}")
         claim = spool.claim(str(datasets[0].SeriesInstanceUID))
         assert claim is not None
         job = store.create_job(claim.series_uid, 1, "1.2", 3, JobState.QUEUED, "")
-        for _ in range(attempts):
-            store.end_job(job.id, JobState.QUEUED, "")
-            assert store.start_job(job.id) is not None  # ... and then the process died
+        assert store.start_job(job.id) is not None and store.end_job(job.id, JobState.QUEUED, "") is None  # an error
+        for death in range(deaths):
+            assert store.start_job(job.id) is not None  # ... and then the process ended
+            if death < deaths - 1:
+                assert store.recover_interrupted(5)[0] == 2  # a start in between (both jobs were running)
     store.close()
     calls: list[Path] = []
 
@@ -85,8 +87,8 @@ def test_a_job_that_killed_the_process_max_attempts_times_is_failed_at_start(tmp
     try:
         wait_until(node.idle, 10, what="the node to be idle")
         assert sorted((j.state, j.attempts, j.reason) for j in node.store.jobs()) == [
-            (JobState.DELIVERED, 2, ""),  # died once: run again
-            (JobState.FAILED, 2, "the process died while processing it (attempt 2 of 2)")]
+            (JobState.DELIVERED, 2, ""),  # the error and the run that completed; the interrupted run not counted
+            (JobState.FAILED, 1, "the process ended while processing it, 2 times")]
         assert len(calls) == 1
     finally:
         node.stop(drain=False)

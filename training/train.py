@@ -148,17 +148,25 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank() if world > 1 else 0), world
 
 
+class InitialModelError(ValueError):
+    """The package given to start a run from does not fit the run."""
+
+
+class RunConfigurationError(ValueError):
+    """The run folder holds a run with another configuration."""
+
+
 def _check_initial(initial: ModelPackage, dataset: Dataset, config: TrainConfig) -> None:
     """A run may start from a package of the same architecture and the dataset's sequence only."""
     if initial.model.config != config.unet:
-        raise ValueError(f"--init-from {initial.name}: its architecture {initial.model.config} differs from the "
+        raise InitialModelError(f"--init-from {initial.name}: its architecture {initial.model.config} differs from the "
                          f"run's {config.unet}")
     if initial.sequence.hash() != dataset.sequence_hash:
-        raise ValueError(f"--init-from {initial.name}: trained for sequence {initial.sequence.name} "
+        raise InitialModelError(f"--init-from {initial.name}: trained for sequence {initial.sequence.name} "
                          f"({initial.sequence.hash()[:12]}), the dataset has {dataset.sequence_hash[:12]}: "
                          "its outputs mean another signal")
     if config.init_from != initial.name:
-        raise ValueError(f"config.init_from is {config.init_from!r} but the package is {initial.name!r}")
+        raise InitialModelError(f"config.init_from is {config.init_from!r} but the package is {initial.name!r}")
 
 
 def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), *, device: str = "auto",
@@ -189,9 +197,11 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
     checkpoint = run_dir / CHECKPOINT
     if resume and checkpoint.is_file():
         saved = torch.load(checkpoint, map_location=dev, weights_only=False)
-        if saved["config"] != asdict(config) | {"epochs": saved["config"]["epochs"],
-                                                "max_minutes": saved["config"]["max_minutes"]}:
-            raise ValueError(f"{checkpoint}: was trained with another configuration; use a new run folder")
+        free = ["max_minutes"] + (["epochs"] if config.lr_schedule == "constant" else [])  # cosine: planned length
+        if saved["config"] != asdict(config) | {key: saved["config"][key] for key in free}:
+            raise RunConfigurationError(f"{checkpoint}: was trained with another configuration (with the cosine "
+                                        "schedule the number of epochs is part of it); use a new run folder, or "
+                                        "--init-from a package of this run to train on")
         model.load_state_dict(saved["model"])
         optimiser.load_state_dict(saved["optimiser"])
         state = _State(saved["epoch"], saved["best_val"], saved["best_state"])

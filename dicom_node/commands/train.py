@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from training.preprocess import load_dataset
-from training.train import TrainConfig
+from training.train import InitialModelError, RunConfigurationError, TrainConfig
 from training.train import train as run_training
 
 
@@ -68,6 +68,6 @@ def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, it
                          validation_slices=validation_slices, max_minutes=max_minutes)
     try:
         summary = run_training(dataset, run_dir, config, device=device, initial=initial)
-    except ValueError as exc:
+    except (InitialModelError, RunConfigurationError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(summary, indent=1))

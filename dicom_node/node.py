@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -97,6 +98,7 @@ class Node:
         self._dispatcher: Dispatcher | None = None
         self._assembler: SeriesAssembler | None = None
         self._progress: ProgressStore | None = None  # retrospective progress, opened once a pass has run
+        self._progress_failed = False  # reading it failed (logged once)
         self._router: Router | None = None
         self._housekeeping: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -172,13 +174,22 @@ class Node:
         return complete
 
     def _incomplete_retrieval(self, series_uid: str) -> str | None:
-        """Why a quiet series is still incomplete because a retrospective pass has not fetched it all."""
-        if self._progress is None:
-            path = self.storage_dir / "retro" / PROGRESS_FILE
-            if not path.exists():  # no pass ever ran here
-                return None
-            self._progress = ProgressStore(path)
-        return self._progress.incomplete_retrieval(series_uid, self.config.retro.hold_incomplete_s)
+        """Why a quiet series is still incomplete because a retrospective pass has not fetched it all.
+
+        The progress store is only advice here: if it cannot be read, the series is processed (logged once)."""
+        try:
+            if self._progress is None:
+                path = self.storage_dir / "retro" / PROGRESS_FILE
+                if not path.exists() or self._stopping.is_set():  # no pass ever ran here, or stopping
+                    return None
+                self._progress = ProgressStore(path)
+            return self._progress.incomplete_retrieval(series_uid, self.config.retro.hold_incomplete_s)
+        except (sqlite3.Error, OSError) as exc:
+            if not self._progress_failed:
+                logger.error("cannot read the retrospective progress store (%s); series are processed without "
+                             "checking for unfinished retrievals", exc)
+                self._progress_failed = True
+            return None
 
     def _enqueue_later(self, job_id: str, delay_s: float) -> None:
         if self._queue is not None:

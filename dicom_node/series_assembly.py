@@ -158,6 +158,11 @@ class SeriesAssembler:
         with self._cond:
             self._handing_over.pop(series_uid, None)
 
+    def not_complete(self) -> list[str]:
+        """Series that were quiet but not complete after all (see ``on_complete``), waiting again."""
+        with self._cond:
+            return sorted(self._waited)
+
     def pending(self) -> list[str]:
         """Series still arriving, or complete and not yet handed over."""
         with self._cond:
@@ -177,12 +182,14 @@ class SeriesAssembler:
                 self._wait_again(uid)
                 continue
             if not_yet is None:
-                self._waited.discard(uid)
+                with self._cond:
+                    self._waited.discard(uid)
                 self._handed_over(uid)
                 done += 1
             else:
-                first = uid not in self._waited
-                self._waited.add(uid)
+                with self._cond:
+                    first = uid not in self._waited
+                    self._waited.add(uid)
                 logger.log(logging.INFO if first else logging.DEBUG, "series %s: not complete yet: %s; waiting",
                            uid, not_yet, extra={"series_uid": uid})
                 self._wait_again(uid)

@@ -145,11 +145,11 @@ def test_a_series_not_complete_after_all_waits_another_quiet_period_with_its_cou
         a.instance_stored(info(n))
     clock.now += 10.0
     assert a.run_once() == 0
-    assert a.pending() == [SERIES]
+    assert a.pending() == [SERIES] and a.not_complete() == [SERIES]
     a.instance_stored(info(3))
     clock.now += 9.9
     assert a.run_once() == 0
     clock.now += 0.2
     assert a.run_once() == 1
     assert calls[1].startswith("4 new instances")
-    assert a.pending() == []
+    assert a.pending() == [] and a.not_complete() == []

@@ -131,16 +131,19 @@ def test_allow_list_and_called_ae_title(start_node: StartNode, series: Series) -
 
 def test_peers_silent_in_the_middle_of_a_pdu_do_not_use_up_the_associations(
         start_node: StartNode, caplog: pytest.LogCaptureFixture) -> None:
-    node = start_node(node={"max_associations": 2, "acse_timeout_s": 1, "network_timeout_s": 2})
+    node = start_node(node={"max_associations": 2, "acse_timeout_s": 1, "network_timeout_s": 5})
     peer = Peer("SYNTHMRF", "127.0.0.1", node.port)
     stalled = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(2)]
     try:
         for s in stalled:  # an A-ASSOCIATE-RQ announcing 1000 bytes, cut short (a pulled cable, a NAT timeout)
             s.sendall(struct.pack(">BBL", 0x01, 0, 1000) + b"\x00\x01")
+        assert node._listener is not None
+        listener = node._listener
+        wait_until(lambda: len(listener.active_associations) == 2, 5, 0.05, what="both stalled peers to be counted")
         with caplog.at_level(logging.WARNING, logger="dicom_node"):
             with pytest.raises(AssociationError):  # both slots taken
                 echo(peer, "ECHOSCU", timeout_s=2)
-            wait_until(lambda: _echo_ok(peer), 8, 0.2, what="the stalled associations to be dropped")
+            wait_until(lambda: _echo_ok(peer), 20, 0.2, what="the stalled associations to be dropped")
         assert any("rejected: association limit reached (node.max_associations = 2)" in r.getMessage()
                    for r in caplog.records)
     finally:

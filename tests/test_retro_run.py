@@ -199,7 +199,8 @@ def test_interrupted_pass_resumes_without_duplicates(tmp_path: Path, archive: tu
         held_before = view.held_instances(cut)
         assert 0 < len(held_before) < expected, "the interruption should leave the series partly fetched"
         assert [r.state for r in progress.runs()] == [RunState.INTERRUPTED]
-        time.sleep(cfg.series.quiet_seconds + 1.0)  # quiet, but incomplete: the node holds it for the resume
+        wait_until(lambda: cut in node.assembler.not_complete(), 30, 0.1,  # quiet, but incomplete: held for the resume
+                   "the node to hold the partly retrieved series")
         assert [j.series_uid for j in node.store.jobs()] == [events.started[0]]
 
         scheduler = start_scheduler(cfg, node)  # what 'synthmrf serve' does after the node started

@@ -6,9 +6,9 @@ an association to a source is opened only while its holder has a slot, so ``max_
 means one association at a time to that archive, whether the pass runs in ``synthmrf serve`` or on
 the command line. The OS releases the lock of a process that dies.
 
-Every Query/Retrieve association of synthmrf is made here (query, retrieve and harvest import this
-module), so this is where pynetdicom is told not to log C-FIND/C-MOVE/C-GET identifiers: it logs them
-at INFO by default, PatientID and PatientName included.
+Every Query/Retrieve association of synthmrf is made here (``_ae``), so this is where pynetdicom is
+told not to log C-FIND/C-MOVE/C-GET identifiers: it logs them at INFO by default, PatientID and
+PatientName included.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ from dicom_node.storage_scp import TRANSFER_SYNTAXES
 
 logger = logging.getLogger(__name__)
 
-_config.LOG_REQUEST_IDENTIFIERS = False  # no patient identifiers in pynetdicom's log, whatever its level
-_config.LOG_RESPONSE_IDENTIFIERS = False
 
 # -- DIMSE statuses of the Query/Retrieve service class (PS3.4 Annex C.4), general ones from PS3.7 Annex C --
 SUCCESS = 0x0000  # C.4.1.1.4 / C.4.2.1.5 / C.4.3.1.4: matching or sub-operations complete
@@ -173,6 +171,9 @@ class SourceSlots:
 
 
 def _ae(archive: Archive, dimse_timeout_s: float) -> AE:
+    # pynetdicom logs C-FIND/C-MOVE/C-GET identifiers (PatientID, PatientName) at INFO unless told otherwise
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
     s = archive.source
     ae = AE(ae_title=archive.calling_ae_title)
     ae.connection_timeout = s.connect_timeout_s

@@ -173,6 +173,11 @@ def _lock_held(path: Path) -> bool:
     return False
 
 
+def _held(state: SeriesState, updated_at: float, max_hold_s: float, now: float) -> bool:
+    """The one rule of :meth:`ProgressStore.incomplete_retrieval`: an unfinished retrieval, recently active."""
+    return state in HELD and now - updated_at < max_hold_s
+
+
 class ProgressStore(SqliteState):
     """The progress database; thread-safe, shared by the node's scheduler and command-line passes."""
 
@@ -384,10 +389,8 @@ class ProgressStore(SqliteState):
         ``max_hold_s`` after the last retrieval activity (then the node processes what it has).
         """
         record = self.series(series_uid)
-        if record is None or record.state not in HELD:
-            return None
         now = time.time() if now is None else now
-        if now - record.updated_at >= max_hold_s:
+        if record is None or not _held(record.state, record.updated_at, max_hold_s, now):
             return None
         of = f" of {record.expected}" if record.expected else ""
         if record.state is SeriesState.FAILED:
@@ -399,9 +402,9 @@ class ProgressStore(SqliteState):
         """The series :meth:`incomplete_retrieval` holds back from processing now."""
         now = time.time() if now is None else now
         with self._lock:
-            rows = self._db.execute(f"SELECT series_uid FROM series WHERE state IN ({','.join('?' * len(HELD))}) "
-                                    "AND updated_at > ?", (*map(str, HELD), now - max_hold_s)).fetchall()
-        return {r["series_uid"] for r in rows}
+            rows = self._db.execute(f"SELECT series_uid, state, updated_at FROM series WHERE state IN "
+                                    f"({','.join('?' * len(HELD))})", tuple(map(str, HELD))).fetchall()
+        return {r["series_uid"] for r in rows if _held(SeriesState(r["state"]), r["updated_at"], max_hold_s, now)}
 
     def last_study_started_at(self, source: str) -> float | None:
         """The latest retrieval activity for ``source`` (so the rate limit also spans passes)."""

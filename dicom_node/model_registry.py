@@ -249,9 +249,24 @@ class ModelRegistry:
         return max(builtins, key=lambda n: (_version_key(str(available[n][2]["version"])), n))
 
     def active_name(self) -> str | None:
-        """The active package's name-version: the activated one, else the newest built-in one."""
+        """The active package's name-version: the activated one, else the newest built-in one.
+
+        An activated built-in package that an upgrade of synthmrf replaced (no longer shipped, never
+        installed) gives way to the newest built-in package of the same model name, with a warning: an
+        upgrade must not leave a node without a model.
+        """
         active = self._state().active
-        return active if active is not None else self._default_builtin(self._available())
+        available = self._available()
+        if active is None:
+            return self._default_builtin(available)
+        if active not in available:
+            newest = self._default_builtin(available)
+            if newest is not None and active.startswith(f"{available[newest][2]['name']}-"):
+                logger.warning("model %s is activated but no longer ships with this installation; using the "
+                               "built-in %s that replaced it ('synthmrf model activate' makes it explicit)",
+                               active, newest)
+                return newest
+        return active
 
     def _find(self, name: str) -> _Found:
         available = self._available()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import tarfile
@@ -125,6 +126,22 @@ def test_builtin_packages_are_listed_and_the_newest_is_active(tmp_path: Path, ma
     assert registry.rollback() == "tiny-1.10"
     with pytest.raises(RegistryError, match=r"'tiny-1\.9': a built-in package has this name"):
         registry.install(shipped / "tiny-1.9")
+
+
+def test_an_activated_builtin_that_an_upgrade_replaced_gives_way_to_its_successor(
+        tmp_path: Path, make_package: MakePackage, caplog: pytest.LogCaptureFixture) -> None:
+    shipped = tmp_path / "shipped"
+    shutil.copytree(make_package("1.0"), shipped / "tiny-1.0")
+    registry = ModelRegistry(tmp_path / "models", shipped_dir=shipped)
+    registry._write_state("tiny-1.0", [])  # activated by name (after another model, say)
+    shutil.rmtree(shipped / "tiny-1.0")  # the upgrade ships 2.0 instead
+    shutil.copytree(make_package("2.0"), shipped / "tiny-2.0")
+    with caplog.at_level(logging.WARNING, logger="dicom_node.model_registry"):
+        assert registry.active_name() == "tiny-2.0"
+    assert "tiny-1.0 is activated but no longer ships" in caplog.text
+    registry._write_state("other-1.0", [])  # an installed package of another name that vanished: no guessing
+    with pytest.raises(RegistryError, match=r"'other-1\.0': not installed and not built in"):
+        registry.active_package()
 
 
 def test_without_any_model_there_is_no_active_one(registry: ModelRegistry) -> None:

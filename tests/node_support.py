@@ -400,16 +400,21 @@ class Orthanc:
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+            end_process(self.process, 15)
             self.process = None
 
     def destination(self, name: str = "pacs") -> dict[str, object]:
         return {"name": name, "ae_title": self.ae_title, "host": "127.0.0.1", "port": self.dicom_port}
+
+
+def end_process(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after ``timeout_s``."""
+    process.terminate()
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
 
 
 # -- Redis ---------------------------------------------------------------------------------------------------------
@@ -453,12 +458,7 @@ class RedisServer:
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+            end_process(self.process, 10)
             self.process = None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -127,14 +128,16 @@ port = {sink.port}
                what="the recovered job to be processing")
     assert node.terminate(60) == 0
     [job] = jobs_of(storage)
-    assert job.state in (JobState.PROCESSED, JobState.DELIVERED) and job.attempts == 2
+    assert job.state in (JobState.PROCESSED, JobState.DELIVERED) and job.attempts == 1  # the killed run not counted
+    with sqlite3.connect(storage / "jobs.sqlite") as db:
+        assert db.execute("SELECT interruptions FROM jobs WHERE id = ?", (job.id,)).fetchone() == (1,)
 
     # 4. restart: whatever was left is delivered; exactly one result, made from all 40 instances
     node = Serve(config, log, port)
     wait_until(lambda: [j for j in jobs_of(storage) if j.state is JobState.DELIVERED], 30, what="delivery")
     assert node.terminate(60) == 0
     [job] = jobs_of(storage)
-    assert (job.version, job.instances, job.attempts) == (1, 40, 2)
+    assert (job.version, job.instances, job.attempts) == (1, 40, 1)  # one counted run (the killed one is not)
     assert len(sink.received) == 1, sink.received
     [result] = sink.results()
     assert result.comments == "from 40 frames of 40 instances"

@@ -134,9 +134,6 @@ class JobStore(SqliteState):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, _SCHEMA)
-        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
-        if "interruptions" not in columns:  # a job store written before the column existed
-            self._db.execute("ALTER TABLE jobs ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0")
 
     # -- reading -------------------------------------------------------------------------------------------------
 

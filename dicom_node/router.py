@@ -70,19 +70,18 @@ class Router:
         """:meth:`settle` the series (default: every series) and enqueue again its queued jobs the queue does not
         hold; return how many jobs were routed or enqueued."""
         with self._lock:
-            return sum(self._reconcile(uid) for uid in (
-                self.spool.series_uids() if series_uid is None else [series_uid]))
+            return self._reconcile(series_uid)
 
-    def _reconcile(self, series_uid: str) -> int:
-        routed = {job.id for job in self.settle(series_uid)}
-        # The store first, then the queue: a job queued again for a later retry after this read is not taken for
-        # lost (read the other way round, its retry delay would be skipped).
+    def _reconcile(self, series_uid: str | None) -> int:
+        uids = self.spool.series_uids() if series_uid is None else [series_uid]
+        routed = {job.id for uid in uids for job in self.settle(uid)}
+        # The store first, then the queue (read once): a job queued again for a later retry after this read is
+        # not taken for lost (read the other way round, its retry delay would be skipped).
         queued = self.store.queued(series_uid)
         held = self.held()
         lost = [job_id for job_id in queued if job_id not in held and job_id not in routed]
         for job_id in lost:
-            logger.warning("job %s: queued, but not in the queue; enqueued again", job_id,
-                           extra={"series_uid": series_uid, "job_id": job_id})
+            logger.warning("job %s: queued, but not in the queue; enqueued again", job_id, extra={"job_id": job_id})
             self.enqueue(job_id)
         return len(routed) + len(lost)
 

@@ -53,6 +53,14 @@ class SeriesProgress:
         if info.images_in_acquisition:
             self.images_in_acquisition = info.images_in_acquisition
 
+    def absorb(self, other: SeriesProgress) -> None:
+        """Add the arrivals ``other`` counted for the same series."""
+        self.last_seen = max(self.last_seen, other.last_seen)
+        self.instances += other.instances
+        self.frames += other.frames
+        self.multiframe_instances += other.multiframe_instances
+        self.images_in_acquisition = other.images_in_acquisition or self.images_in_acquisition
+
     def expected_reached(self) -> str | None:
         """Why the series holds everything expected, or None if that is unknown or not yet so."""
         if self.images_in_acquisition:
@@ -146,10 +154,7 @@ class SeriesAssembler:
             progress = self._handing_over.pop(series_uid, None) or SeriesProgress(series_uid, now, now)
             arrived = self._series.pop(series_uid, None)  # instances that came during the hand-over
             if arrived is not None:
-                progress.instances += arrived.instances
-                progress.frames += arrived.frames
-                progress.multiframe_instances += arrived.multiframe_instances
-                progress.images_in_acquisition = arrived.images_in_acquisition or progress.images_in_acquisition
+                progress.absorb(arrived)
             progress.last_seen = now
             self._series[series_uid] = progress
             self._cond.notify()
@@ -157,6 +162,7 @@ class SeriesAssembler:
     def _handed_over(self, series_uid: str) -> None:
         with self._cond:
             self._handing_over.pop(series_uid, None)
+            self._waited.discard(series_uid)
 
     def not_complete(self) -> list[str]:
         """Series that were quiet but not complete after all (see ``on_complete``), waiting again."""
@@ -182,8 +188,6 @@ class SeriesAssembler:
                 self._wait_again(uid)
                 continue
             if not_yet is None:
-                with self._cond:
-                    self._waited.discard(uid)
                 self._handed_over(uid)
                 done += 1
             else:

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ class TrainConfig:
     warmup_iterations: int = 100  # linear learning-rate warm-up from 0
     lr_schedule: str = "constant"  # or "cosine": from learning_rate down to min_learning_rate at the last epoch
     min_learning_rate: float = 0.0
-    init_from: str | None = None  # the model package (NAME-VERSION) whose weights and channel ranges start the run
+    init_from: str | None = None  # set by train(): the package (NAME-VERSION) whose weights and ranges started it
     max_minutes: float | None = None  # stop cleanly (checkpoint saved) after this much wall time
     unet: UNetConfig = field(default_factory=UNetConfig)
 
@@ -159,25 +159,22 @@ class RunConfigurationError(ValueError):
 def _check_initial(initial: ModelPackage, dataset: Dataset, config: TrainConfig) -> None:
     """A run may start from a package of the same architecture and the dataset's sequence only."""
     if initial.model.config != config.unet:
-        raise InitialModelError(f"--init-from {initial.name}: its architecture {initial.model.config} differs from the "
-                         f"run's {config.unet}")
+        raise InitialModelError(f"--init-from {initial.name}: its architecture {initial.model.config} differs "
+                                f"from the run's {config.unet}")
     if initial.sequence.hash() != dataset.sequence_hash:
         raise InitialModelError(f"--init-from {initial.name}: trained for sequence {initial.sequence.name} "
-                         f"({initial.sequence.hash()[:12]}), the dataset has {dataset.sequence_hash[:12]}: "
-                         "its outputs mean another signal")
-    if config.init_from != initial.name:
-        raise InitialModelError(f"config.init_from is {config.init_from!r} but the package is {initial.name!r}")
+                                f"({initial.sequence.hash()[:12]}), the dataset has {dataset.sequence_hash[:12]}: "
+                                "its outputs mean another signal")
 
 
 def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), *, device: str = "auto",
           resume: bool = True, progress: bool = True, initial: ModelPackage | None = None) -> dict[str, object]:
     """Train (or resume) in ``run_dir``; returns a summary. Best weights: ``run_dir/best.pt``.
 
-    ``initial`` (named by ``config.init_from``) fine-tunes a model package: the run starts from its
-    weights and keeps its channel ranges, so its outputs keep their meaning.
+    ``initial`` fine-tunes a model package: the run starts from its weights and keeps its channel ranges,
+    so its outputs keep their meaning; its name is recorded as ``config.init_from``.
     """
-    if (initial is None) != (config.init_from is None):
-        raise ValueError("config.init_from and initial must be given together")
+    config = replace(config, init_from=None if initial is None else initial.name)
     rank, world = _distributed()
     dev = resolve_device(device)
     if world > 1 and dev.type == "cuda":

@@ -59,13 +59,12 @@ def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, it
 
         try:
             initial = load_model(init_from, models_dir)
-        except (PackageError, FileNotFoundError, KeyError, ValueError) as exc:
+        except (PackageError, ValueError) as exc:
             raise click.BadParameter(str(exc), param_hint="--init-from") from exc
     dataset = load_dataset(data_dir, cache_dir or run_dir.parent / "cache", progress=True)
     config = TrainConfig(epochs=epochs, iterations_per_epoch=iterations_per_epoch, batch_size=batch_size, crop=crop,
                          learning_rate=learning_rate, lr_schedule=lr_schedule, min_learning_rate=min_learning_rate,
-                         init_from=None if initial is None else initial.name, seed=seed, bf16=bf16,
-                         validation_slices=validation_slices, max_minutes=max_minutes)
+                         seed=seed, bf16=bf16, validation_slices=validation_slices, max_minutes=max_minutes)
     try:
         summary = run_training(dataset, run_dir, config, device=device, initial=initial)
     except (InitialModelError, RunConfigurationError) as exc:

@@ -308,8 +308,6 @@ class Harvester:
             report.pairs.append(pair)
             if (out / pair.subject / SUBJECT_FILE).is_file():
                 report.skip("already harvested")
-                if not spec.dry_run:
-                    _record_group(out / pair.subject / SUBJECT_FILE, pair.group)
                 continue
             if spec.dry_run:
                 continue
@@ -419,17 +417,6 @@ def _subjects(out: Path) -> list[dict[str, Any]]:
     return found
 
 
-def _record_group(info_file: Path, group: str) -> None:
-    """Give a subject harvested before groups existed its group (its recorded split stays)."""
-    info = json.loads(info_file.read_text())
-    if info.get("group"):
-        return
-    info["group"] = group
-    tmp = info_file.with_name(f".{info_file.name}.partial")
-    tmp.write_text(json.dumps(info, indent=1) + "\n")
-    tmp.replace(info_file)
-
-
 def _manifest(out: Path) -> dict[str, Any]:
     path = out / "manifest.json"
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -465,7 +452,7 @@ def harvest_key(storage_dir: Path) -> str:
 
 def _assign(subjects: list[dict[str, Any]], recorded: Mapping[str, str], seed: int) -> dict[str, str]:
     """Subject id -> split: recorded ones kept, new ones with their group (see the module's docstring)."""
-    group_of = {s["id"]: str(s.get("group") or s["id"]) for s in subjects}
+    group_of = {s["id"]: str(s["group"]) for s in subjects}
     where = {sid: recorded[sid] for sid in group_of if sid in recorded}
     group_split: dict[str, str] = {}
     for sid, part in sorted(where.items()):
@@ -503,7 +490,7 @@ def write_manifest(out: Path, seed: int) -> Path | None:
         "split_seed": seed,
         "files": FILES,
         "grids": {"mrf": subjects[0]["mrf_grid"]},
-        "subjects": [{"id": s["id"], "group": s.get("group") or s["id"], "split": where[s["id"]], "files": FILES,
+        "subjects": [{"id": s["id"], "group": s["group"], "split": where[s["id"]], "files": FILES,
                       "study_instance_uid": s["study_instance_uid"], "source": s["source"]} for s in subjects],
         "written_at": datetime.datetime.now().isoformat(timespec="seconds"),
     }

@@ -51,7 +51,7 @@ CPU_BATCH, CUDA_BATCH = 1, 16  # slices per forward pass; on this CPU one slice 
 
 def synthesise_channels(volume: np.ndarray, mask: np.ndarray, package: ModelPackage, *, batch: int | None = None,
                         device: str | torch.device | None = None, crop: bool = True,
-                        precision: str = "float32") -> np.ndarray:
+                        precision: str = "float32", protocol: np.ndarray | None = None) -> np.ndarray:
     """The seven MRF channels (X, Y, Z, 7), in coefficient units, zero outside ``mask``.
 
     ``volume`` is the normalised, skull-stripped MPRAGE on the model's grid (slices along axis 2).
@@ -60,6 +60,8 @@ def synthesise_channels(volume: np.ndarray, mask: np.ndarray, package: ModelPack
     the brain is zero, so the brain values change by far less than the model's error
     (bench/bench_pipeline.py --compare-crop). ``precision``: see :func:`inference_dtype`. Tensors are
     channels-last, the layout oneDNN's and cuDNN's convolutions prefer (1.3-1.6x on this CPU).
+    ``protocol``: the acquisition's features (:func:`pipeline.protocol.protocol_features`), required by
+    protocol-conditioned models and refused by the others.
     """
     if volume.shape != mask.shape or volume.ndim != 3:
         raise ValueError(f"volume, mask: expected two 3-D arrays of one shape, got {volume.shape}, {mask.shape}")
@@ -72,13 +74,19 @@ def synthesise_channels(volume: np.ndarray, mask: np.ndarray, package: ModelPack
     out = np.zeros((*volume.shape, len(CHANNEL_NAMES)), dtype=np.float32)
     slices = np.flatnonzero(mask.any(axis=(0, 1)))
     dtype = inference_dtype(dev, precision)
+    needs = model.config.protocol_features
+    if bool(needs) != (protocol is not None):
+        raise ValueError(f"protocol: {package.name} takes {needs} protocol features, got "
+                         f"{'none' if protocol is None else np.shape(protocol)}")
+    features = None if protocol is None else torch.as_tensor(np.asarray(protocol, np.float32), device=dev)[None]
     with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
         for s in range(0, slices.size, batch):
             ks = slices[s : s + batch]
             wx, wy = crop_window(mask[:, :, ks]) if crop else (slice(0, volume.shape[0]), slice(0, volume.shape[1]))
             x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume[wx, wy][:, :, ks], 2, 0), dtype=np.float32))
             # Training targets lie in [0, 1]; tanh may undershoot, so clamp before rescaling.
-            y = model(x[:, None].to(dev, memory_format=torch.channels_last)).clamp_(0.0, 1.0) * span + lo
+            p = None if features is None else features.expand(x.shape[0], -1)
+            y = model(x[:, None].to(dev, memory_format=torch.channels_last), p).clamp_(0.0, 1.0) * span + lo
             out[wx, wy, ks, :] = np.transpose(y.float().cpu().numpy(), (2, 3, 0, 1))
     out[~mask] = 0
     return out

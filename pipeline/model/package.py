@@ -22,6 +22,8 @@ from pipeline.model.unet import UNetConfig, UNetEnsemble
 from pipeline.mrf.coefficients import CHANNEL_NAMES, CHANNEL_RANK
 from pipeline.mrf.dictionary import Dictionary
 from pipeline.mrf.sequence import Sequence, parse_sequence
+from pipeline.normalise import NORMALISATIONS
+from pipeline.protocol import PAPER_PROTOCOL, protocol_ranges
 
 PACKAGE_FORMAT = "synthmrf-model/1"
 MANIFEST = "manifest.json"
@@ -58,16 +60,36 @@ class ModelPackage:
     def name(self) -> str:
         return f"{self.manifest['name']}-{self.manifest['version']}"
 
+    @property
+    def normalisation(self) -> str:
+        """How inputs are scaled (:mod:`pipeline.normalise`); packages before 0.3 divide by the maximum."""
+        pre = self.manifest.get("preprocessing")
+        return str(pre.get("normalisation", "max")) if isinstance(pre, dict) else "max"
+
+    @property
+    def protocol_ranges(self) -> dict[str, object]:
+        """The acquisition protocols the model was trained on (:func:`pipeline.protocol.protocol_ranges`).
+
+        Packages before 0.3 do not record them: they were trained on the paper's protocol alone.
+        """
+        ranges = self.manifest.get("protocol_ranges")
+        if isinstance(ranges, dict):
+            return ranges
+        return protocol_ranges([PAPER_PROTOCOL])
+
 
 def write_package(out_dir: Path, *, name: str, version: str, state: dict[str, torch.Tensor], unet: UNetConfig,
                   channel_ranges: np.ndarray, sequence_json: str, basis: np.ndarray,
-                  training: dict[str, object], metrics: dict[str, object]) -> Path:
+                  training: dict[str, object], metrics: dict[str, object], normalisation: str = "max",
+                  trained_protocols: dict[str, object] | None = None) -> Path:
     """Write a package folder (weights in fp16; basis in fp32) and return its path."""
     sequence = parse_sequence(json.loads(sequence_json))
     if basis.shape != (sequence.n_frames, CHANNEL_RANK):
         raise PackageError(f"basis: expected shape ({sequence.n_frames}, {CHANNEL_RANK}), got {basis.shape}")
     if channel_ranges.shape != (len(CHANNEL_NAMES), 2) or np.any(channel_ranges[:, 1] <= channel_ranges[:, 0]):
         raise PackageError(f"channel_ranges: expected 7 increasing (min, max) pairs, got {channel_ranges.tolist()}")
+    if normalisation not in NORMALISATIONS:
+        raise PackageError(f"normalisation: expected one of {NORMALISATIONS}, got {normalisation!r}")
     out_dir.mkdir(parents=True, exist_ok=False)
     tensors = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous().cpu()
                for k, v in state.items()}
@@ -82,10 +104,14 @@ def write_package(out_dir: Path, *, name: str, version: str, state: dict[str, to
         "basis": {"frames": int(basis.shape[0]), "rank": CHANNEL_RANK, "key": BASIS_KEY},
         "preprocessing": {
             "grid": "axial 256x256x256, 1 mm isotropic; slices along the third axis",
-            "input": "MPRAGE resampled to the grid, multiplied by the brain mask, divided by its maximum in the mask",
+            "input": "MPRAGE resampled to the grid, multiplied by the brain mask, divided by "
+                     + ("its maximum in the mask" if normalisation == "max" else
+                        "the 95th percentile of its brain voxels"),
+            "normalisation": normalisation,
             "output": "tanh outputs in [0, 1] scaled per channel: min + (max - min) * y; phase-normalised coefficients",
         },
         "training": training, "metrics": metrics,
+        **({"protocol_ranges": trained_protocols} if trained_protocols is not None else {}),
         "files": {WEIGHTS: sha256_file(out_dir / WEIGHTS), SEQUENCE: sha256_file(out_dir / SEQUENCE)},
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

@@ -6,6 +6,12 @@ then per level a bilinear up-sampling, a 2x2 conv halving the filters, concatena
 and two 3x3 convs with ReLU and no batch norm; a 1x1 conv and tanh give one output channel.
 Dropout (default 0.1) follows the two deepest levels.
 
+Protocol conditioning (``protocol_features`` > 0, models from 0.3): the acquisition's feature vector
+(:func:`pipeline.protocol.protocol_features`) enters every network as constant input planes beside
+the image, so the first convolution of each network sees (1 + protocol_features) channels. A model
+without them fine-tunes into one with them by :func:`expand_input_planes` (zero weights on the new
+planes: the same outputs as before until training moves them).
+
 The seven networks share no weights. They are stored as grouped convolutions (``groups=n_nets``),
 so one forward pass runs all seven with the same kernels a single network would use; every
 parameter's first dimension is blocked by network, which :func:`network_slice` exposes. Training
@@ -30,6 +36,7 @@ class UNetConfig:
     base_filters: int = 16
     depth: int = 4  # pooling steps; the bottleneck has base_filters * 2**depth filters
     dropout: float = 0.1
+    protocol_features: int = 0  # constant input planes carrying the acquisition protocol
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -69,7 +76,8 @@ class _DecoderLevel(nn.Module):
 
 
 class UNetEnsemble(nn.Module):
-    """Input (B, 1, H, W) with H, W divisible by 2**depth; output (B, n_nets, H, W) in [-1, 1]."""
+    """Input (B, 1, H, W) with H, W divisible by 2**depth, and for a protocol-conditioned model the
+    protocol features (B, protocol_features); output (B, n_nets, H, W) in [-1, 1]."""
 
     def __init__(self, config: UNetConfig = UNetConfig()) -> None:
         super().__init__()
@@ -77,18 +85,29 @@ class UNetEnsemble(nn.Module):
         n, f, depth = config.n_nets, config.base_filters, config.depth
         widths = [f * 2**i for i in range(depth + 1)]
         self.encoders = nn.ModuleList(
-            _EncoderLevel(n, 1 if i == 0 else widths[i - 1], widths[i], config.dropout if i >= depth - 1 else 0.0)
+            _EncoderLevel(n, 1 + config.protocol_features if i == 0 else widths[i - 1], widths[i],
+                          config.dropout if i >= depth - 1 else 0.0)
             for i in range(depth + 1)
         )
         self.decoders = nn.ModuleList(_DecoderLevel(n, widths[i + 1], widths[i]) for i in reversed(range(depth)))
         self.head = nn.Conv2d(n * f, n, 1, groups=n)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, protocol: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"x: expected (B, 1, H, W), got {tuple(x.shape)}")
         step = 2**self.config.depth
         if x.shape[-1] % step or x.shape[-2] % step:
             raise ValueError(f"x: height and width must be multiples of {step}, got {tuple(x.shape[-2:])}")
+        p = self.config.protocol_features
+        if p:
+            if protocol is None or protocol.shape != (x.shape[0], p):
+                got = None if protocol is None else tuple(protocol.shape)
+                raise ValueError(f"protocol: this model needs features of shape ({x.shape[0]}, {p}), got {got}")
+            planes = protocol.to(x).view(x.shape[0], p, 1, 1).expand(-1, -1, *x.shape[-2:])
+            x = torch.cat([x, planes], dim=1)
+        elif protocol is not None:
+            raise ValueError("protocol: this model takes no protocol features")
+        # Per network a block of (1 + p) channels: the grouped first convolution sees its own copy.
         x = x.repeat(1, self.config.n_nets, 1, 1)
         skips = []
         for i, level in enumerate(self.encoders):
@@ -99,6 +118,20 @@ class UNetEnsemble(nn.Module):
         for level, skip in zip(self.decoders, reversed(skips), strict=True):
             x = level(x, skip)
         return torch.tanh(self.head(x))
+
+
+def expand_input_planes(state: dict[str, torch.Tensor], config: UNetConfig) -> dict[str, torch.Tensor]:
+    """A state dict of a model with fewer input planes, widened to ``config``'s (new planes' weights 0)."""
+    key = "encoders.0.conv1.weight"
+    weight = state[key]
+    want = 1 + config.protocol_features
+    if weight.shape[1] == want:
+        return state
+    if weight.shape[1] > want:
+        raise ValueError(f"{key}: {weight.shape[1]} input planes, cannot narrow to {want}")
+    wider = torch.zeros((weight.shape[0], want, *weight.shape[2:]), dtype=weight.dtype)
+    wider[:, : weight.shape[1]] = weight
+    return {**state, key: wider}
 
 
 def network_slice(tensor: torch.Tensor, net: int, n_nets: int) -> slice:

@@ -151,6 +151,9 @@ class PipelineSection(_Section):
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     derived_series: bool = True  # viewer-friendly derived MR series beside the Parametric Maps
     pd_map: bool = False  # also a PD Parametric Map
+    # Process series whose acquisition lies outside the model's trained protocols (field strength, family,
+    # timing) instead of rejecting them; provenance.json lists the reasons.
+    allow_out_of_range: bool = False
 
     @field_validator("processor")
     @classmethod

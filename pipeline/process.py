@@ -1,10 +1,12 @@
 """One MPRAGE series in, T1/T2/PD maps (NIfTI, DICOM, QC figure, provenance) out.
 
-Stages: read and check -> convert (dicom2nifti) -> head pose (rigid + affine registration to MNI) ->
-resample to the working grid -> brain mask (atlas) -> normalise -> seven U-Nets -> dictionary match ->
-maps back on the source grid -> write. Each stage is a function of its inputs; this module only chains
-them, times them and makes the output appear all at once: everything is written to a staging folder
-beside ``out_dir`` and moved in at the end, so a failure leaves nothing half-written.
+Stages: read and check (the acquisition protocol too: :mod:`pipeline.acquisition`, against the model's
+trained ranges) -> convert (dicom2nifti) -> head pose (rigid + affine registration to MNI) -> resample
+to the working grid -> brain mask (atlas) -> normalise (:mod:`pipeline.normalise`, as the package says)
+-> seven U-Nets -> dictionary match -> maps back on the source grid -> write. Each stage is a function
+of its inputs; this module only chains them, times them and makes the output appear all at once:
+everything is written to a staging folder beside ``out_dir`` and moved in at the end, so a failure
+leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import resource
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -25,6 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.acquisition import (
+    ProtocolError,
+    protocol_from_dicom,
+    protocol_from_sidecar,
+    protocol_with_overrides,
+    sidecar_for,
+)
 from pipeline.convert import convert_series
 from pipeline.dicom_series import MAX_VOXEL_MM, MIN_FRAMES, DicomSeries, SeriesRejected, read_series
 from pipeline.geometry import resample_to_grid
@@ -36,6 +45,8 @@ from pipeline.mrf.dictionary import load_or_build_dictionary
 from pipeline.mrf.epg import resolve_device
 from pipeline.mrf.matching import Matcher, match_volume
 from pipeline.mrf.sequence import Sequence
+from pipeline.normalise import normalise
+from pipeline.protocol import AcquisitionProtocol, out_of_range, protocol_features
 from pipeline.qc_figure import qc_figure
 from pipeline.volume_io import load_volume, save_volume
 
@@ -57,6 +68,11 @@ class ProcessOptions:
     keep_working: bool = False  # also write the working-grid volumes (input, mask, maps) under working/
     batch: int | None = None  # slices per forward pass; None: 1 on CPU, 16 on CUDA
     precision: str = "auto"  # float32, bfloat16, or auto: bfloat16 where the hardware has it natively
+    allow_out_of_range: bool = False  # process an acquisition outside the model's trained ranges (and say so)
+    # Acquisition values given by the user (pipeline.acquisition.OVERRIDABLE; None: not given): they replace
+    # what the header or sidecar says, or what it left to the family defaults.
+    protocol_overrides: Mapping[str, float | str | None] = field(default_factory=dict)
+    sidecar: Path | None = None  # NIfTI input: the BIDS sidecar (default: NAME.json beside NAME.nii.gz)
 
 
 @dataclass
@@ -106,24 +122,33 @@ class _Stages:
         logger.info("stage %s: %.2f s (peak RSS %.0f MB)", name, seconds, peak)
 
 
-def _source(path: Path, stages: _Stages) -> tuple[np.ndarray, np.ndarray, DicomSeries | None]:
-    if path.is_file() and path.name.endswith(NIFTI_SUFFIXES):
-        with stages.stage("read"):
-            volume, affine = load_volume(path)
-        if volume.ndim == 4 and volume.shape[3] == 1:
-            volume = volume[..., 0]
-        if volume.ndim != 3 or np.iscomplexobj(volume):
-            raise SeriesRejected(f"{path}: expected a real 3-D volume, got shape {volume.shape} {volume.dtype}")
-        voxel_mm = np.linalg.norm(affine[:3, :3], axis=0)
-        if min(volume.shape) < MIN_FRAMES or voxel_mm.max() > MAX_VOXEL_MM:  # the DICOM checks' limits
-            raise SeriesRejected(f"{path}: not a 3D T1 volume (shape {volume.shape}, voxel "
-                                 f"{np.round(voxel_mm, 2).tolist()} mm)")
-        return volume, affine, None
+def _read_nifti(path: Path, stages: _Stages) -> tuple[np.ndarray, np.ndarray]:
     with stages.stage("read"):
-        series = read_series(path)
-    with stages.stage("convert"):
-        volume = convert_series(series)
-    return volume, series.grid.ras_affine, series
+        volume, affine = load_volume(path)
+    if volume.ndim == 4 and volume.shape[3] == 1:
+        volume = volume[..., 0]
+    if volume.ndim != 3 or np.iscomplexobj(volume):
+        raise SeriesRejected(f"{path}: expected a real 3-D volume, got shape {volume.shape} {volume.dtype}")
+    voxel_mm = np.linalg.norm(affine[:3, :3], axis=0)
+    if min(volume.shape) < MIN_FRAMES or voxel_mm.max() > MAX_VOXEL_MM:  # the DICOM checks' limits
+        raise SeriesRejected(f"{path}: not a 3D T1 volume (shape {volume.shape}, voxel "
+                             f"{np.round(voxel_mm, 2).tolist()} mm)")
+    return volume, affine
+
+
+def _protocol(source: Path, series: DicomSeries | None, options: ProcessOptions) -> AcquisitionProtocol:
+    """The acquisition: the DICOM header or the NIfTI's sidecar, then the user's overrides."""
+    if series is not None and options.sidecar is not None:
+        raise ValueError(f"sidecar: {options.sidecar} given for DICOM input {source} (the header says it all)")
+    try:
+        if series is not None:
+            base: AcquisitionProtocol | None = protocol_from_dicom(series.header)
+        else:
+            sidecar = options.sidecar or sidecar_for(source)
+            base = protocol_from_sidecar(sidecar) if sidecar is not None else None
+        return protocol_with_overrides(base, **options.protocol_overrides)
+    except ProtocolError as exc:
+        raise SeriesRejected(f"{source}: {exc}") from exc
 
 
 def _to_source(maps: dict[str, np.ndarray], mask: np.ndarray, space: WorkingSpace, shape: tuple[int, int, int],
@@ -142,12 +167,29 @@ def process_series(source: str | Path, out_dir: str | Path, package: ModelPackag
                    options: ProcessOptions = ProcessOptions()) -> ProcessResult:
     """Run the whole pipeline on one series folder (or NIfTI file) into ``out_dir``.
 
-    Raises :class:`pipeline.dicom_series.SeriesRejected` for input that cannot be an MPRAGE volume.
+    Raises :class:`pipeline.dicom_series.SeriesRejected` for input that cannot be an MPRAGE volume, and
+    for an acquisition outside the model's trained ranges unless ``options.allow_out_of_range``.
     """
     source, out_dir = Path(source), Path(out_dir)
     device = str(resolve_device(options.device))
     stages = _Stages()
-    volume, affine, series = _source(source, stages)
+    series = None
+    if source.is_file() and source.name.endswith(NIFTI_SUFFIXES):
+        volume, affine = _read_nifti(source, stages)
+    else:
+        with stages.stage("read"):
+            series = read_series(source)
+    protocol = _protocol(source, series, options)
+    ood_reasons = out_of_range(protocol, package.protocol_ranges)
+    if ood_reasons and not options.allow_out_of_range:
+        raise SeriesRejected(f"{source}: acquisition outside what model {package.name} was trained on: "
+                             f"{'; '.join(ood_reasons)}. Its maps would be unvalidated; to process it anyway (the "
+                             "results are marked) use --allow-out-of-range (node: [pipeline] allow_out_of_range)")
+    if ood_reasons:
+        logger.warning("acquisition outside the trained ranges, processed as allowed: %s", "; ".join(ood_reasons))
+    if series is not None:
+        with stages.stage("convert"):
+            volume, affine = convert_series(series), series.grid.ras_affine
     uid = series.series_instance_uid if series is not None else None
     logger.info("processing %s with model %s on %s", uid or source.name, package.name, device)
 
@@ -161,15 +203,15 @@ def process_series(source: str | Path, out_dir: str | Path, package: ModelPackag
         if brain_ml < MIN_BRAIN_ML:
             raise SeriesRejected(f"{source}: brain mask of {brain_ml:.0f} ml after registration (expected >= "
                                  f"{MIN_BRAIN_ML:.0f}): not a head T1 volume, or registration failed")
-        stripped = np.where(mask, working, 0).astype(np.float32)
-        peak = float(stripped.max())
-        if peak <= 0:
-            raise SeriesRejected(f"{source}: no signal inside the brain mask")
-        normalised = stripped / peak
+        try:
+            normalised = normalise(working, mask, package.normalisation)
+        except ValueError as exc:
+            raise SeriesRejected(f"{source}: no signal inside the brain mask ({exc})") from exc
     with stages.stage("inference"):
         package.model.to(device)
+        features = protocol_features(protocol) if package.model.config.protocol_features > 0 else None
         channels = synthesise_channels(normalised, mask, package, batch=options.batch, device=device,
-                                       precision=options.precision)
+                                       precision=options.precision, protocol=features)
     with stages.stage("match"):
         matcher = _matcher(package.sequence, device)
         check_compatible(package, matcher.dictionary)
@@ -177,14 +219,15 @@ def process_series(source: str | Path, out_dir: str | Path, package: ModelPackag
         del channels
     with stages.stage("write"):
         result = _write(out_dir, source, series, volume.shape, affine, space, working, mask, maps, package,
-                        options, stages)
+                        options, protocol, ood_reasons)
     result.stages = stages.record
     _rewrite_stages(result)
     return result
 
 
 def _provenance_doc(source: Path, series: DicomSeries | None, package: ModelPackage, space: WorkingSpace,
-                    brain_ml: float, files: dict[str, object]) -> dict[str, object]:
+                    brain_ml: float, files: dict[str, object], protocol: AcquisitionProtocol,
+                    ood_reasons: list[str]) -> dict[str, object]:
     return {
         "format": "synthmrf-result/1",
         "software": {"name": "synthmrf", "version": software_version(), "torch": torch.__version__},
@@ -195,6 +238,9 @@ def _provenance_doc(source: Path, series: DicomSeries | None, package: ModelPack
                    "series_instance_uid": series.series_instance_uid,
                    "frame_of_reference_uid": series.frame_of_reference_uid, "frames": series.grid.n_frames}
                   if series is not None else {"kind": "nifti", "file": source.name}),
+        "acquisition": protocol.to_dict(),
+        "out_of_range": ood_reasons,  # why the acquisition lies outside the model's trained ranges (allowed)
+        "normalisation": package.normalisation,
         "working_grid": {"shape": list(space.shape), "affine_ras": np.round(space.affine, 6).tolist(),
                          "head_pose_template_to_patient": np.round(space.rigid, 6).tolist()},
         "brain_volume_ml": round(brain_ml, 1),
@@ -204,7 +250,8 @@ def _provenance_doc(source: Path, series: DicomSeries | None, package: ModelPack
 
 def _write(out_dir: Path, source: Path, series: DicomSeries | None, shape: tuple[int, ...], affine: np.ndarray,
            space: WorkingSpace, working: np.ndarray, mask: np.ndarray, maps: dict[str, np.ndarray],
-           package: ModelPackage, options: ProcessOptions, stages: _Stages) -> ProcessResult:
+           package: ModelPackage, options: ProcessOptions, protocol: AcquisitionProtocol,
+           ood_reasons: list[str]) -> ProcessResult:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -223,9 +270,10 @@ def _write(out_dir: Path, source: Path, series: DicomSeries | None, shape: tuple
         qc_figure(staging / "qc.png", working, maps, mask, title=title)
         dicom_files: list[str] = []
         if series is not None and options.dicom:
+            # The one call site of the DICOM writer: ood_reasons go on from here to its out-of-range flag.
             dicom_files = _write_dicom(series, on_source, staging / "dicom", package, options)
         doc = _provenance_doc(source, series, package, space, float(mask.sum()) / 1000.0,
-                              {"maps": written, "qc_figure": "qc.png", "dicom": dicom_files})
+                              {"maps": written, "qc_figure": "qc.png", "dicom": dicom_files}, protocol, ood_reasons)
         (staging / "provenance.json").write_text(json.dumps(doc, indent=1))
         _publish(staging, out_dir)
     except BaseException:

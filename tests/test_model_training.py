@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,12 @@ from click.testing import CliRunner
 from dicom_node.cli import cli
 from pipeline.model.inference import synthesise_channels
 from pipeline.model.package import check_compatible, load_package
-from pipeline.model.unet import UNetConfig, UNetEnsemble, network_slice, parameter_counts
+from pipeline.model.unet import UNetConfig, UNetEnsemble, expand_input_planes, network_slice, parameter_counts
 from pipeline.mrf.dictionary import Dictionary
+from pipeline.normalise import intensity_scale, normalise
+from pipeline.protocol import N_FEATURES, PAPER_PROTOCOL, protocol_features
 from training.packaging import package_run
-from training.preprocess import channel_ranges, load_dataset, normalise_mprage
+from training.preprocess import channel_ranges, load_dataset
 from training.train import TrainConfig, learning_rate_at, train
 
 TINY = UNetConfig(n_nets=7, base_filters=4, depth=4, dropout=0.1)
@@ -57,10 +60,26 @@ def test_input_shape_errors_are_named() -> None:
 def test_normalisation_strips_the_skull_and_scales_to_one() -> None:
     image = np.array([[[5.0, 100.0], [2.0, 4.0]]])
     mask = np.array([[[True, False], [True, True]]])
-    out = normalise_mprage(image, mask)
+    out = normalise(image, mask, "max")
     assert out.max() == 1.0 and out[0, 0, 1] == 0 and out[0, 0, 0] == 1.0
-    with pytest.raises(ValueError, match=r"no positive intensity inside the brain mask"):
-        normalise_mprage(image, np.zeros_like(mask))
+    with pytest.raises(ValueError, match=r"the brain mask is empty"):
+        normalise(image, np.zeros_like(mask), "max")
+    with pytest.raises(ValueError, match=r"no positive intensity"):
+        normalise(np.zeros_like(image), mask, "p95")
+
+
+def test_robust_normalisation_ignores_a_few_hot_voxels() -> None:
+    rng = np.random.default_rng(0)
+    brain = rng.normal(1000.0, 50.0, size=(40, 40, 40))
+    mask = np.ones(brain.shape, dtype=bool)
+    spiked = brain.copy()
+    spiked.flat[rng.choice(brain.size, 100, replace=False)] = 40000.0  # 0.16 % of the brain: vessels, a spike
+    # The maximum moves 20-fold with them; the 95th percentile by well under 1 %.
+    assert intensity_scale(spiked, mask, "max") / intensity_scale(brain, mask, "max") > 20
+    assert intensity_scale(spiked, mask, "p95") / intensity_scale(brain, mask, "p95") == pytest.approx(1, abs=0.01)
+    # Against numpy's own percentile of a plain ramp: 95th percentile of 1..100 = 95.05.
+    ramp = np.arange(1.0, 101.0).reshape(1, 1, 100)
+    assert intensity_scale(ramp, np.ones_like(ramp, bool), "p95") == pytest.approx(95.05)
 
 
 def test_training_runs_resumes_and_packages(tiny_dataset: Path, tmp_path: Path,
@@ -69,7 +88,9 @@ def test_training_runs_resumes_and_packages(tiny_dataset: Path, tmp_path: Path,
     assert [len(dataset.subjects[s]) for s in ("train", "val", "test")] == [1, 1, 1]
     prepared = dataset.subjects["train"][0]
     assert prepared.inputs.shape[1:] == (128, 128) and prepared.targets.shape[1] == 7
-    assert float(np.max(prepared.inputs)) == pytest.approx(1.0, abs=1e-3)
+    inside = np.asarray(prepared.inputs, np.float32)[np.asarray(prepared.masks)]
+    assert float(np.percentile(inside, 95)) == pytest.approx(1.0, abs=0.02)  # p95: slices without brain left out
+    assert float(inside.max()) * prepared.input_factor("max") == pytest.approx(1.0, abs=1e-3)
     ranges = channel_ranges(dataset.subjects["train"])
     assert np.all(ranges[:, 0] <= 0) and np.all(ranges[:, 1] >= 0) and ranges[0, 1] > 0
 
@@ -137,6 +158,18 @@ def test_fine_tuning_starts_from_a_package_and_keeps_its_ranges(tiny_dataset: Pa
     with pytest.raises(ValueError, match=r"architecture"):
         other = TrainConfig(**{**tuned.__dict__, "unet": UNetConfig(n_nets=7, base_filters=8, depth=4)})
         train(dataset, tmp_path / "other", other, progress=False, initial=package)
+    # A package without protocol planes fine-tunes into a protocol-aware model that starts with its outputs
+    # (zero weights on the new planes), whatever the protocol.
+    aware = TrainConfig(**{**tuned.__dict__, "unet": replace(TINY, protocol_features=N_FEATURES)})
+    train(dataset, tmp_path / "aware", aware, progress=False, initial=package)
+    best_aware = torch.load(tmp_path / "aware" / "best.pt", weights_only=False)["state"]
+    assert best_aware["encoders.0.conv1.weight"].shape[1] == 1 + N_FEATURES
+    widened = UNetEnsemble(aware.unet).eval()
+    widened.load_state_dict(expand_input_planes(package.model.state_dict(), aware.unet))
+    x = torch.rand(2, 1, 32, 32)
+    features = torch.from_numpy(np.stack([protocol_features(PAPER_PROTOCOL)] * 2))
+    with torch.no_grad():
+        assert torch.allclose(widened(x, features), package.model.eval()(x), atol=1e-4)
     result = CliRunner().invoke(cli, ["train", "--data", str(tiny_dataset), "--run-dir", str(tmp_path / "cli"),
                                       "--init-from", str(tmp_path / "nowhere-0.0")])
     assert result.exit_code == 2 and "--init-from" in result.output, result.output

@@ -8,6 +8,11 @@ The MPRAGE reaches the MRF grid by a rigid mutual-information registration (Simp
 the MRF's first singular image (magnitude), started from the NIfTI affines (patient space of one
 session); a manifest entry ``"mprage_registration": "none"`` skips it for data known to be co-registered.
 Axial slices are the MRF grid's third axis.
+
+Inputs are cached divided by their 95th percentile in the brain (:mod:`pipeline.normalise`), with the
+volume's maximum and 95th percentile beside them, so a run may use either normalisation. Each subject's
+acquisition protocol comes from its manifest entry (``acquisition``, what a reader of its header would
+learn); entries without one (datasets before world v2) used the paper's protocol.
 """
 
 from __future__ import annotations
@@ -24,13 +29,15 @@ from tqdm import tqdm
 
 from pipeline.geometry import resample_to_grid
 from pipeline.mrf.coefficients import CHANNEL_NAMES, to_channels
+from pipeline.normalise import intensity_scale
+from pipeline.protocol import PAPER_PROTOCOL, AcquisitionProtocol, protocol_features
 from pipeline.registration import register_images
 from pipeline.volume_io import load_volume
 
 logger = logging.getLogger(__name__)
 
 MIN_BRAIN_VOXELS_PER_SLICE = 200
-CACHE_FORMAT = 2  # part of the cache file names: bump when prepared arrays change meaning
+CACHE_FORMAT = 3  # part of the cache file names: bump when prepared arrays change meaning
 REGISTRATION_RIM_VOXELS = 5
 
 
@@ -40,28 +47,34 @@ def _motion(transform: np.ndarray) -> tuple[float, float]:
     return float(np.linalg.norm(transform[:3, 3])), float(angle)
 
 
-def normalise_mprage(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Skull-strip with ``mask`` and divide by the maximum inside it (method.md)."""
-    stripped = np.where(mask, image, 0).astype(np.float32)
-    peak = float(stripped.max())
-    if peak <= 0:
-        raise ValueError("image: no positive intensity inside the brain mask")
-    return stripped / peak
-
-
 @dataclass(frozen=True)
 class PreparedSubject:
     """Cached arrays of one subject: axial slices that contain brain, float16, memory-mapped."""
 
     subject: str
     slices: np.ndarray  # (S,) slice indices k on the MRF grid
-    inputs: np.ndarray  # (S, X, Y) normalised MPRAGE
+    inputs: np.ndarray  # (S, X, Y) skull-stripped MPRAGE divided by its 95th percentile in the brain
     targets: np.ndarray  # (S, 7, X, Y) raw channel values (masked)
     masks: np.ndarray  # (S, X, Y) bool
+    scales: np.ndarray  # (2,): the volume's maximum and 95th percentile in the brain
+    protocol: AcquisitionProtocol
+
+    def input_factor(self, normalisation: str) -> float:
+        """Multiply :attr:`inputs` by this to get the ``normalisation`` ("p95" or "max") of the volume."""
+        if normalisation == "p95":
+            return 1.0
+        if normalisation == "max":
+            return float(self.scales[1] / self.scales[0])
+        raise ValueError(f"normalisation: expected 'p95' or 'max', got {normalisation!r}")
+
+    @property
+    def features(self) -> np.ndarray:
+        return protocol_features(self.protocol)
 
 
 def _cache_paths(cache: Path, subject: str) -> dict[str, Path]:
-    return {name: cache / f"{subject}.v{CACHE_FORMAT}.{name}.npy" for name in ("slices", "inputs", "targets", "masks")}
+    return {name: cache / f"{subject}.v{CACHE_FORMAT}.{name}.npy"
+            for name in ("slices", "inputs", "targets", "masks", "scales")}
 
 
 def mprage_to_mrf(mprage: np.ndarray, mprage_affine: np.ndarray, coeffs: np.ndarray, mrf_affine: np.ndarray,
@@ -73,7 +86,8 @@ def mprage_to_mrf(mprage: np.ndarray, mprage_affine: np.ndarray, coeffs: np.ndar
                            fixed_mask=region)
 
 
-def prepare_subject(subject_dir: Path, cache: Path, *, register: bool = True) -> PreparedSubject:
+def prepare_subject(subject_dir: Path, cache: Path, *, register: bool = True,
+                    protocol: AcquisitionProtocol = PAPER_PROTOCOL) -> PreparedSubject:
     """Load (or build, then cache) one subject's training arrays."""
     subject = subject_dir.name
     paths = _cache_paths(cache, subject)
@@ -86,7 +100,11 @@ def prepare_subject(subject_dir: Path, cache: Path, *, register: bool = True) ->
         mprage, mprage_affine = load_volume(subject_dir / "mprage.nii.gz")
         to_mprage = mprage_to_mrf(mprage, mprage_affine, coeffs, mask_affine, mask) if register else np.eye(4)
         on_grid = resample_to_grid(mprage, mprage_affine, mask.shape, to_mprage @ mask_affine)
-        inputs = normalise_mprage(on_grid, mask)
+        try:
+            scales = np.array([intensity_scale(on_grid, mask, "max"), intensity_scale(on_grid, mask, "p95")])
+        except ValueError as exc:
+            raise ValueError(f"{subject_dir}: {exc}") from exc
+        inputs = np.where(mask, on_grid, 0) / scales[1]
         targets = to_channels(coeffs) * mask[..., None]
         keep = np.flatnonzero(mask.sum(axis=(0, 1)) >= MIN_BRAIN_VOXELS_PER_SLICE)
         cache.mkdir(parents=True, exist_ok=True)
@@ -95,6 +113,7 @@ def prepare_subject(subject_dir: Path, cache: Path, *, register: bool = True) ->
             "inputs": np.moveaxis(inputs[:, :, keep], 2, 0).astype(np.float16),
             "targets": np.transpose(targets[:, :, keep, :], (2, 3, 0, 1)).astype(np.float16),
             "masks": np.moveaxis(mask[:, :, keep], 2, 0),
+            "scales": scales,
         }
         for name, values in arrays.items():
             # Per-process temp name: several ranks (torchrun) may prepare one subject at once.
@@ -105,7 +124,7 @@ def prepare_subject(subject_dir: Path, cache: Path, *, register: bool = True) ->
                     subject, keep.size, *_motion(to_mprage))
     loaded = {name: np.load(p, mmap_mode="r") for name, p in paths.items()}
     return PreparedSubject(subject, np.asarray(loaded["slices"]), loaded["inputs"], loaded["targets"],
-                           loaded["masks"])
+                           loaded["masks"], np.asarray(loaded["scales"]), protocol)
 
 
 @dataclass(frozen=True)
@@ -138,9 +157,17 @@ def load_dataset(root: Path, cache: Path, *, progress: bool = False) -> Dataset:
     registration = manifest.get("mprage_registration", "rigid")
     if registration not in ("rigid", "none"):
         raise ValueError(f"{manifest_path}: mprage_registration must be 'rigid' or 'none', got {registration!r}")
+    entries = {str(e.get("id")): e for e in manifest.get("subjects", []) if isinstance(e, dict)}
     for part, name in tqdm(names, desc="preparing subjects", unit="subject", disable=not progress):
-        subjects[part].append(prepare_subject(root / name, cache, register=registration == "rigid"))
+        subjects[part].append(prepare_subject(root / name, cache, register=registration == "rigid",
+                                              protocol=subject_protocol(entries.get(name, {}))))
     return Dataset(root, manifest, subjects)
+
+
+def subject_protocol(entry: dict[str, object]) -> AcquisitionProtocol:
+    """A manifest entry's acquisition as its header reads; the paper's protocol for entries without one."""
+    doc = entry.get("acquisition")
+    return AcquisitionProtocol.from_dict(doc) if isinstance(doc, dict) else PAPER_PROTOCOL
 
 
 def channel_ranges(subjects: list[PreparedSubject]) -> np.ndarray:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.model.package import ModelPackage
-from pipeline.model.unet import UNetConfig, UNetEnsemble, network_slice
+from pipeline.model.unet import UNetConfig, UNetEnsemble, expand_input_planes, network_slice
 from pipeline.mrf.coefficients import CHANNEL_NAMES
 from pipeline.mrf.epg import resolve_device
 from training.preprocess import Dataset, PreparedSubject, channel_ranges
@@ -51,6 +51,7 @@ class TrainConfig:
     min_learning_rate: float = 0.0
     init_from: str | None = None  # set by train(): the package (NAME-VERSION) whose weights and ranges started it
     max_minutes: float | None = None  # stop cleanly (checkpoint saved) after this much wall time
+    normalisation: str = "p95"  # input scaling (pipeline/normalise.py); packages before 0.3 used "max"
     unet: UNetConfig = field(default_factory=UNetConfig)
 
 
@@ -61,15 +62,21 @@ class _State:
     best_state: dict[str, torch.Tensor]
 
 
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+"""Inputs (B, 1, H, W), scaled targets (B, 7, H, W), protocol features (B, P) or None."""
+
+
 def _sample_batch(subjects: list[PreparedSubject], rng: np.random.Generator, batch: int, crop: int,
-                  ranges: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+                  ranges: np.ndarray, config: TrainConfig) -> Batch:
     """Random slices (random subject, slice, crop inside the brain, left-right flip)."""
-    xs, ys = [], []
+    xs, ys, ps = [], [], []
     lo, span = ranges[:, 0, None, None], (ranges[:, 1] - ranges[:, 0])[:, None, None]
     for _ in range(batch):
         s = subjects[rng.integers(len(subjects))]
         i = int(rng.integers(len(s.slices)))
-        x, y = np.asarray(s.inputs[i], np.float32), np.asarray(s.targets[i], np.float32)
+        x = np.asarray(s.inputs[i], np.float32) * np.float32(s.input_factor(config.normalisation))
+        y = np.asarray(s.targets[i], np.float32)
+        ps.append(s.features)
         if crop:
             rows, cols = np.nonzero(s.masks[i])
             k = int(rng.integers(rows.size))
@@ -80,17 +87,24 @@ def _sample_batch(subjects: list[PreparedSubject], rng: np.random.Generator, bat
             x, y = x[::-1], y[:, ::-1]
         xs.append(x.copy())
         ys.append(((y - lo) / span).copy())
-    return torch.from_numpy(np.stack(xs))[:, None], torch.from_numpy(np.stack(ys))
+    return (torch.from_numpy(np.stack(xs))[:, None], torch.from_numpy(np.stack(ys)),
+            _features(ps, config))
 
 
-def _validation_set(subjects: list[PreparedSubject], n: int, ranges: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _features(rows: list[np.ndarray], config: TrainConfig) -> torch.Tensor | None:
+    return torch.from_numpy(np.stack(rows)) if config.unet.protocol_features else None
+
+
+def _validation_set(subjects: list[PreparedSubject], n: int, ranges: np.ndarray, config: TrainConfig) -> Batch:
     """Whole slices spread evenly over the validation subjects."""
     picks = [(s, i) for s in subjects for i in range(len(s.slices))]
     chosen = [picks[int(j)] for j in np.linspace(0, len(picks) - 1, min(n, len(picks)))]
     lo, span = ranges[:, 0, None, None], (ranges[:, 1] - ranges[:, 0])[:, None, None]
-    x = np.stack([np.asarray(s.inputs[i], np.float32) for s, i in chosen])
+    x = np.stack([np.asarray(s.inputs[i], np.float32) * np.float32(s.input_factor(config.normalisation))
+                  for s, i in chosen])
     y = np.stack([(np.asarray(s.targets[i], np.float32) - lo) / span for s, i in chosen])
-    return torch.from_numpy(x)[:, None], torch.from_numpy(y.astype(np.float32))
+    return (torch.from_numpy(x)[:, None], torch.from_numpy(y.astype(np.float32)),
+            _features([s.features for s, _ in chosen], config))
 
 
 def learning_rate_at(step: int, config: TrainConfig) -> float:
@@ -112,14 +126,15 @@ def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
-def validation_mse(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-                   batch: int = 8) -> np.ndarray:
+def validation_mse(model: torch.nn.Module, data: Batch, device: torch.device, batch: int = 8) -> np.ndarray:
     """Mean squared error per network over whole validation slices (scaled units)."""
+    x, y, p = data
     model.eval()
     total = torch.zeros(y.shape[1], dtype=torch.float64)
     with torch.inference_mode():
         for s in range(0, x.shape[0], batch):
-            out = model(x[s : s + batch].to(device)).float().cpu()
+            features = None if p is None else p[s : s + batch].to(device)
+            out = model(x[s : s + batch].to(device), features).float().cpu()
             total += ((out - y[s : s + batch]) ** 2).mean(dim=(2, 3)).sum(dim=0).double()
     model.train()
     return (total / x.shape[0]).numpy()
@@ -132,7 +147,7 @@ def _initialise_output_bias(model: UNetEnsemble, subjects: list[PreparedSubject]
     Scaled targets sit far from tanh(0) = 0 for some channels (the background of SV2 re is ~0.96);
     starting there produced large early updates that left a whole network with dead ReLUs (seen here).
     """
-    _, y = _sample_batch(subjects, np.random.default_rng([config.seed, 2**31]), 64, config.crop, ranges)
+    _, y, _ = _sample_batch(subjects, np.random.default_rng([config.seed, 2**31]), 64, config.crop, ranges, config)
     mean = y.mean(dim=(0, 2, 3)).clamp(-0.95, 0.95)
     bias = model.head.bias
     assert bias is not None  # the head conv is built with a bias
@@ -157,8 +172,10 @@ class RunConfigurationError(ValueError):
 
 
 def _check_initial(initial: ModelPackage, dataset: Dataset, config: TrainConfig) -> None:
-    """A run may start from a package of the same architecture and the dataset's sequence only."""
-    if initial.model.config != config.unet:
+    """A run may start from a package of the same architecture (a model without protocol planes may gain
+    them) and the dataset's sequence only."""
+    if replace(initial.model.config, protocol_features=config.unet.protocol_features) != config.unet or \
+            initial.model.config.protocol_features not in (0, config.unet.protocol_features):
         raise InitialModelError(f"--init-from {initial.name}: its architecture {initial.model.config} differs "
                                 f"from the run's {config.unet}")
     if initial.sequence.hash() != dataset.sequence_hash:
@@ -204,7 +221,7 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
         state = _State(saved["epoch"], saved["best_val"], saved["best_state"])
         logger.info("resuming %s at epoch %d", run_dir, state.epoch)
     elif initial is not None:
-        model.load_state_dict(initial.model.state_dict())
+        model.load_state_dict(expand_input_planes(initial.model.state_dict(), config.unet))
         state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         logger.info("starting from the weights of %s", initial.name)
     else:
@@ -212,9 +229,9 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    val_x, val_y = _validation_set(val_subjects, config.validation_slices, ranges)
+    validation = _validation_set(val_subjects, config.validation_slices, ranges, config)
     if initial is not None and state.epoch == 0 and rank == 0:  # the package's weights are the best so far
-        state.best_val = [float(v) for v in validation_mse(model, val_x, val_y, dev)]
+        state.best_val = [float(v) for v in validation_mse(model, validation, dev)]
     metrics_path = run_dir / METRICS
     started = time.monotonic()
     stopped_early = False
@@ -228,9 +245,9 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
             step = state.epoch * config.iterations_per_epoch + it
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate_at(step, config)
-            x, y = _sample_batch(train_subjects, rng, config.batch_size // world, config.crop, ranges)
+            x, y, p = _sample_batch(train_subjects, rng, config.batch_size // world, config.crop, ranges, config)
             with _autocast(dev, config.bf16):
-                out = net(x.to(dev))
+                out = net(x.to(dev), None if p is None else p.to(dev))
             per_net = ((out.float() - y.to(dev)) ** 2).mean(dim=(0, 2, 3))
             optimiser.zero_grad(set_to_none=True)
             per_net.sum().backward()
@@ -240,7 +257,7 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
         seconds = time.monotonic() - tick
         state.epoch += 1
         if rank == 0:
-            val = validation_mse(model, val_x, val_y, dev)
+            val = validation_mse(model, validation, dev)
             current = model.state_dict()
             for g in range(n_nets):
                 if val[g] < state.best_val[g]:

@@ -29,18 +29,23 @@ def phantom() -> None:
               show_default=True, help="MPRAGE slice orientation.")
 @click.option("--oblique-deg", type=float, default=15.0, show_default=True,
               help="Tilt of the oblique orientation.")
+@click.option("--world", type=click.Choice(["v1", "v2"]), default="v1", show_default=True,
+              help="v1: the paper's protocol at 3 T, narrow tissue priors, one partial-volume model. v2: protocol "
+                   "family and timing, field strength, grid, tissue values, partial-volume model, anatomy (size, "
+                   "atrophy, ventricles, lesions), bias and noise drawn per subject (ranges in the README); "
+                   "--vendor, --orientation and --oblique-deg are then drawn too unless --vendor is given.")
 @click.option("--mrf/--no-mrf", default=True, show_default=True, help="Simulate the MRF coefficients.")
 @click.option("--fast", is_flag=True, help="Half-resolution grids (smoke tests only, not for training).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Subjects made in parallel (each process peaks at about 2 GB).")
 def make(n_subjects: int, out: Path, seed: int, style: str, vendor: str, orientation: str, oblique_deg: float,
-         mrf: bool, fast: bool, workers: int) -> None:
+         world: str, mrf: bool, fast: bool, workers: int) -> None:
     """Write N phantom subjects and a manifest with a train/val/test split into OUT."""
     from training.phantom.dataset import make_dataset
     from training.phantom.subject import PhantomOptions
 
     options = PhantomOptions(orientation=Orientation(orientation), style=DicomStyle(style),
                              vendor=None if vendor == "mixed" else Vendor(vendor), oblique_deg=oblique_deg,
-                             mrf=mrf, downsample=2 if fast else 1)
+                             mrf=mrf, downsample=2 if fast else 1, world=world)
     manifest = make_dataset(n_subjects, out, seed=seed, options=options, workers=workers)
     click.echo(f"manifest: {manifest}")

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import click
 
+FAMILIES = ("mprage", "ir-fspgr", "tfe")  # pipeline.protocol.Family (not imported: --help stays fast)
+POSITIVE = click.FloatRange(min=0, min_open=True)
+
 
 @click.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
@@ -23,23 +26,59 @@ import click
 @click.option("--derived/--no-derived", default=True, show_default=True,
               help="Viewer-friendly derived MR series (16-bit, rescaled to ms) beside the Parametric Maps.")
 @click.option("--keep-working", is_flag=True, help="Also write the working-grid volumes (OUT/working/).")
+@click.option("--allow-out-of-range", is_flag=True,
+              help="Process an acquisition outside the protocols the model was trained on (field strength, "
+                   "family, TI, timing, flip angle, TE) instead of refusing it; the reasons go into provenance.json.")
+@click.option("--sidecar", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="NIfTI input: its BIDS sidecar as dcm2niix writes it (times in seconds). Default: NAME.json "
+                   "beside NAME.nii.gz; without one, the protocol is the family's typical one, all assumed.")
+@click.option("--field-strength", "field_strength_t", type=POSITIVE, metavar="T",
+              help="Field strength in tesla (1.5, 3, ...).")
+@click.option("--family", type=click.Choice(FAMILIES),
+              help="Sequence family: mprage (Siemens MPRAGE, tfl3d), ir-fspgr (GE IR-FSPGR/BRAVO, efgre3d), tfe "
+                   "(Philips 3D T1-TFE with an inversion prepulse).")
+@click.option("--ti", "ti_ms", type=POSITIVE, metavar="MS",
+              help="InversionTime as the scanner states it (Siemens/Philips: inversion to the k-space centre; "
+                   "GE: the prep time).")
+@click.option("--shot-interval", "shot_interval_ms", type=POSITIVE, metavar="MS",
+              help="Time between inversions: Siemens' RepetitionTime; for GE and Philips from the protocol sheet "
+                   "(their RepetitionTime is the echo spacing).")
+@click.option("--echo-spacing", "echo_spacing_ms", type=POSITIVE, metavar="MS",
+              help="Time between readout pulses: GE's and Philips' RepetitionTime (under 30 ms); for Siemens the "
+                   "echo spacing of the protocol sheet.")
+@click.option("--flip-angle", "flip_angle_deg", type=click.FloatRange(min=0, max=90, min_open=True), metavar="DEG",
+              help="Readout flip angle in degrees.")
+@click.option("--te", "te_ms", type=POSITIVE, metavar="MS", help="Echo time.")
 def process(source: Path, out_dir: Path, model_ref: str | None, models_dir: Path, device: str, precision: str,
-            pd_map: bool, derived: bool, keep_working: bool) -> None:
+            pd_map: bool, derived: bool, keep_working: bool, allow_out_of_range: bool, sidecar: Path | None,
+            **overrides: float | str | None) -> None:
     """Turn SOURCE, a folder holding one 3D T1-weighted (MPRAGE) DICOM series or a NIfTI file, into
     quantitative maps. The series is checked first; input that cannot be an MPRAGE volume (a localiser,
     2D, too few slices, mixed series, inconsistent geometry) is refused with the reason (exit status 2).
+
+    The acquisition protocol comes from the DICOM header (for NIfTI: its BIDS sidecar). Vendors differ:
+    Siemens' RepetitionTime is the time between inversions (about 2000-2700 ms), GE's and Philips' is the
+    echo spacing (about 6-9 ms); any RepetitionTime under 30 ms is read as the echo spacing, over 500 ms as
+    the shot interval. What the header does not say takes the family's typical value (listed as assumed
+    in provenance.json); --field-strength, --family, --ti, --shot-interval, --echo-spacing, --flip-angle
+    and --te replace header values and assumptions alike. An acquisition
+    outside what the model was trained on (e.g. 1.5 T for a 3 T model) is refused (exit status 2) unless
+    --allow-out-of-range.
     """
     from dicom_node.model_registry import load_model
     from pipeline.dicom_series import SeriesRejected
     from pipeline.model.package import PackageError
-    from pipeline.process import ProcessOptions, process_series
+    from pipeline.process import NIFTI_SUFFIXES, ProcessOptions, process_series
 
     try:
         package = load_model(model_ref, models_dir)
     except (PackageError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    if sidecar is not None and not (source.is_file() and source.name.endswith(NIFTI_SUFFIXES)):
+        raise click.UsageError("--sidecar is for NIfTI input; a DICOM series carries its protocol in its header")
     options = ProcessOptions(device=device, precision=precision, derived_series=derived, pd_dicom=pd_map,
-                             keep_working=keep_working)
+                             keep_working=keep_working, allow_out_of_range=allow_out_of_range,
+                             protocol_overrides=overrides, sidecar=sidecar)
     try:
         result = process_series(source, out_dir, package, options=options)
     except SeriesRejected as exc:

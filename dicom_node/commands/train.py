@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from pipeline.model.unet import UNetConfig
+from pipeline.protocol import N_FEATURES
 from training.preprocess import load_dataset
 from training.train import InitialModelError, RunConfigurationError, TrainConfig
 from training.train import train as run_training
@@ -37,12 +39,17 @@ from training.train import train as run_training
 @click.option("--bf16/--no-bf16", default=True, show_default=True, help="Mixed precision (bf16 on CPU).")
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop cleanly after this much wall time (resume later with the same command).")
+@click.option("--protocol-aware/--no-protocol-aware", default=True, show_default=True,
+              help="Give the networks the acquisition protocol (field strength, TI, timing, flip, TE, family) as "
+                   "constant input planes; a package without them gains them when fine-tuned (--init-from).")
+@click.option("--normalisation", type=click.Choice(["p95", "max"]), default="p95", show_default=True,
+              help="Input scaling: the brain's 95th percentile (robust), or its maximum (models before 0.3).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, iterations_per_epoch: int,
           batch_size: int, crop: int, learning_rate: float, lr_schedule: str, min_learning_rate: float,
           init_from: str | None, models_dir: Path, validation_slices: int, bf16: bool, max_minutes: float | None,
-          seed: int, device: str) -> None:
+          protocol_aware: bool, normalisation: str, seed: int, device: str) -> None:
     """Train (or resume) the ensemble: Adam, MSE per network, best weights per network by validation MSE.
 
     Several GPUs: torchrun --nproc-per-node N $(which synthmrf) train ... (DistributedDataParallel).
@@ -64,7 +71,9 @@ def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, it
     dataset = load_dataset(data_dir, cache_dir or run_dir.parent / "cache", progress=True)
     config = TrainConfig(epochs=epochs, iterations_per_epoch=iterations_per_epoch, batch_size=batch_size, crop=crop,
                          learning_rate=learning_rate, lr_schedule=lr_schedule, min_learning_rate=min_learning_rate,
-                         seed=seed, bf16=bf16, validation_slices=validation_slices, max_minutes=max_minutes)
+                         seed=seed, bf16=bf16, validation_slices=validation_slices, max_minutes=max_minutes,
+                         normalisation=normalisation,
+                         unet=UNetConfig(protocol_features=N_FEATURES if protocol_aware else 0))
     try:
         summary = run_training(dataset, run_dir, config, device=device, initial=initial)
     except (InitialModelError, RunConfigurationError) as exc:

@@ -163,7 +163,11 @@ def load_package(path: Path, *, device: str | torch.device = "cpu") -> ModelPack
     if not isinstance(seq_doc, dict) or seq_doc.get("hash") != sequence.hash():
         raise PackageError(f"{path}: {SEQUENCE} does not have the hash the manifest names")
     ranges = np.asarray(manifest["channel_ranges"], dtype=np.float32)
-    return ModelPackage(path, manifest, model, ranges, basis, sequence)
+    package = ModelPackage(path, manifest, model, ranges, basis, sequence)
+    if package.normalisation not in NORMALISATIONS:
+        raise PackageError(f"{path / MANIFEST}: preprocessing.normalisation must be one of {NORMALISATIONS}, "
+                           f"got {package.normalisation!r}")
+    return package
 
 
 def check_compatible(package: ModelPackage, dictionary: Dictionary) -> None:

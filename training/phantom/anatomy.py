@@ -27,8 +27,10 @@ from training.phantom.regions import deep_grey_ids, region_labels
 
 logger = logging.getLogger(__name__)
 
-TISSUES = ("wm", "gm", "deep_gm", "csf", "scalp")
-"""Tissue compartments; fractions of a voxel sum to <= 1 (the rest is empty: skull, air)."""
+TISSUES = ("wm", "gm", "deep_gm", "csf", "scalp", "lesion")
+"""Tissue compartments; fractions of a voxel sum to <= 1 (the rest is empty: skull, air). The template
+has no lesions: world v2 carves them out of white matter per subject (:mod:`training.phantom.world`)."""
+TEMPLATE_TISSUES = TISSUES[:-1]
 
 SCALP_INNER_MM, SCALP_OUTER_MM, SKULL_BASE_Z_MM = 8.0, 14.0, -40.0
 
@@ -37,7 +39,7 @@ SCALP_INNER_MM, SCALP_OUTER_MM, SKULL_BASE_Z_MM = 8.0, 14.0, -40.0
 class Template:
     """Template-space volumes on the MNI grid (``affine``, RAS mm)."""
 
-    fractions: np.ndarray  # (len(TISSUES), X, Y, Z) float32
+    fractions: np.ndarray  # (len(TEMPLATE_TISSUES), X, Y, Z) float32
     labels: np.ndarray  # int16
     brain: np.ndarray  # float32 0/1 brain mask
     support: np.ndarray  # bool: brain or scalp, dilated by the largest expected displacement
@@ -145,7 +147,8 @@ def render(template: Template, warp: Warp, grid: VolumeGrid) -> RenderedAnatomy:
     del coarse
     points = warp.to_template(grid.points_mm(index))
     vox = to_voxel[:3, :3].astype(np.float32) @ points + to_voxel[:3, 3:].astype(np.float32)
-    fractions = np.stack([_sample(f, vox, order=1) for f in template.fractions]).clip(0, 1)
+    fractions = np.stack([*(_sample(f, vox, order=1) for f in template.fractions),
+                          np.zeros(index.size, np.float32)]).clip(0, 1)
     labels = _sample(template.labels, vox, order=0).astype(np.int16)
     brain = _sample(template.brain, vox, order=1) >= 0.5
     return RenderedAnatomy(grid, index, points, fractions.astype(np.float32), labels, brain)

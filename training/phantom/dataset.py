@@ -16,13 +16,14 @@ from pipeline.mrf.dictionary import Dictionary, load_or_build_dictionary
 from pipeline.mrf.sequence import Sequence, load_sequence
 from training.phantom.anatomy import TISSUES, load_template
 from training.phantom.regions import LABEL_NAMES
-from training.phantom.subject import FILES, PhantomOptions, draw_subject, make_subject
+from training.phantom.subject import ENTRY, FILES, PhantomOptions, draw_subject, make_subject
 from training.phantom.tissues import PRIORS
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "synthmrf-phantom/1"
+SETTINGS_NAME = "settings.json"  # seed and options: a rerun into the folder resumes only with the same ones
 SPLIT_FRACTIONS = {"val": 2 / 37, "test": 5 / 37}  # the paper's 30 / 2 / 5 of 37 volunteers
 
 
@@ -54,6 +55,23 @@ def _init_worker(options: PhantomOptions) -> None:
     _worker_state["physics"] = _physics(options)
 
 
+def _made(index: int, out: Path) -> dict[str, object] | None:
+    """The entry of subject ``index`` if an earlier, interrupted run of this dataset completed it."""
+    path = out / f"sub-{index + 1:03d}" / ENTRY
+    return dict(json.loads(path.read_text())) if path.is_file() else None
+
+
+def _claim_folder(out: Path, settings: dict[str, object]) -> None:
+    """Record what the folder is made with; refuse a folder that holds subjects made with other settings."""
+    path = out / SETTINGS_NAME
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != settings:
+            raise ValueError(f"{out}: holds subjects made with other settings ({path}); use another folder")
+        return
+    path.write_text(json.dumps(settings, indent=1) + "\n")
+
+
 def _make_one(seed: int, index: int, options: PhantomOptions, out: Path) -> dict[str, object]:
     physics = _worker_state.get("physics") or _physics(options)
     sequence, dictionary = physics
@@ -67,7 +85,8 @@ def make_dataset(n_subjects: int, out: Path, *, seed: int = 0, options: PhantomO
                  workers: int = 1, progress: bool = True) -> Path:
     """Write ``n_subjects`` subjects and the manifest into ``out``; return the manifest path.
 
-    Subject i depends only on (seed, i), so the result does not depend on ``workers``.
+    Subject i depends only on (seed, i), so the result does not depend on ``workers``. A rerun into the
+    same folder with the same seed and options keeps the subjects an interrupted run completed.
     """
     if n_subjects < 1:
         raise ValueError(f"n_subjects: must be >= 1, got {n_subjects}")
@@ -75,23 +94,28 @@ def make_dataset(n_subjects: int, out: Path, *, seed: int = 0, options: PhantomO
         raise ValueError(f"workers: must be >= 1, got {workers}")
     options = options or PhantomOptions()
     out.mkdir(parents=True, exist_ok=True)
+    _claim_folder(out, json.loads(json.dumps({"seed": seed, "options": _options_doc(options)}, default=str)))
     sequence, dictionary = _physics(options)  # builds the dictionary cache once, before any worker
-    entries: list[dict[str, object]] = []
-    bar = tqdm(total=n_subjects, desc="phantom subjects", unit="subject", disable=not progress)
+    made = {i: entry for i in range(n_subjects) if (entry := _made(i, out)) is not None}
+    todo = [i for i in range(n_subjects) if i not in made]
+    if made:
+        logger.info("%d of %d subjects already made in %s: resuming", len(made), n_subjects, out)
+    bar = tqdm(total=n_subjects, initial=len(made), desc="phantom subjects", unit="subject", disable=not progress)
     if workers == 1:
         _worker_state["physics"] = (sequence, dictionary)
-        for i in range(n_subjects):
-            entries.append(_make_one(seed, i, options, out))
+        for i in todo:
+            made[i] = _make_one(seed, i, options, out)
             bar.update()
     else:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                  initargs=(options,)) as pool:
-            futures = [pool.submit(_make_one, seed, i, options, out) for i in range(n_subjects)]
-            for future in futures:
-                entries.append(future.result())
+            futures = {i: pool.submit(_make_one, seed, i, options, out) for i in todo}
+            for i, future in futures.items():
+                made[i] = future.result()
                 bar.update()
     bar.close()
+    entries = [made[i] for i in range(n_subjects)]
     split = split_subjects([str(e["id"]) for e in entries], seed)
     where = {sid: name for name, ids in split.items() for sid in ids}
     for e in entries:
@@ -104,7 +128,7 @@ def make_dataset(n_subjects: int, out: Path, *, seed: int = 0, options: PhantomO
         "mprage_registration": "none",
         "sequence": None if sequence is None else {"name": sequence.name, "hash": sequence.hash(),
                                                    "rank": options.rank},
-        "options": {**asdict(replace(options, protocol=None)), "protocol": asdict(options.protocol)},  # type: ignore[arg-type]
+        "options": _options_doc(options),
         "grids": {"mrf": _grid_doc(options.mrf_grid()), "mprage": _grid_doc(options.mprage_grid())},
         "files": FILES,
         "tissues": list(TISSUES),
@@ -117,6 +141,10 @@ def make_dataset(n_subjects: int, out: Path, *, seed: int = 0, options: PhantomO
     path.write_text(json.dumps(manifest, indent=1, default=str) + "\n")
     logger.info("phantom dataset of %d subjects written to %s", n_subjects, out)
     return path
+
+
+def _options_doc(options: PhantomOptions) -> dict[str, object]:
+    return {**asdict(replace(options, protocol=None)), "protocol": asdict(options.protocol)}  # type: ignore[arg-type]
 
 
 def _grid_doc(grid: object) -> dict[str, object]:

@@ -18,7 +18,7 @@ UIDs come from ``generate_uid`` with deterministic entropy, so one seed gives id
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 
@@ -41,6 +41,7 @@ class DicomStyle(StrEnum):
 class Vendor(StrEnum):
     SIEMENS = "siemens"
     GE = "ge"
+    PHILIPS = "philips"
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,13 @@ VENDOR_HEADERS = {
                                  "HeadNeck_64", "Neuro^Brain"),
     Vendor.GE: VendorHeader("GE MEDICAL SYSTEMS", "SIGNA Premier", "MR30.1_R01", "Sag 3D MPRAGE",
                             "mprage", ("ORIGINAL", "PRIMARY", "OTHER"), 127.74, "48HN", "BRAIN"),
+    Vendor.PHILIPS: VendorHeader("Philips Medical Systems", "Ingenia", "5.7.1", "sT1W_3D_TFE",
+                                 "T1TFE", ("ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"), 127.77, "dS Head 32ch",
+                                 "Brain"),
 }
+GE_IR_FSPGR = ("Sag 3D BRAVO", "efgre3d")
+"""Series description and sequence name GE writes for its IR-prepared fast SPGR (BRAVO)."""
+
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,9 @@ def classic_datasets(image: np.ndarray, grid: VolumeGrid, protocol: MprageProtoc
     if image.shape != grid.shape or image.dtype != np.uint16:
         raise ValueError(f"image: expected uint16 of shape {grid.shape}, got {image.dtype} {image.shape}")
     head = VENDOR_HEADERS[Vendor(vendor)]
+    family = protocol.family
+    if family == "ir-fspgr":
+        head = replace(head, series_description=GE_IR_FSPGR[0], sequence_name=GE_IR_FSPGR[1])
     orientation, positions, locations = _slice_geometry(grid)
     spacing = grid.spacing_mm
     when = identity.study_datetime
@@ -152,22 +162,27 @@ def classic_datasets(image: np.ndarray, grid: VolumeGrid, protocol: MprageProtoc
         age_years = (when.date() - datetime.date.fromisoformat(
             f"{identity.birth_date[:4]}-{identity.birth_date[4:6]}-{identity.birth_date[6:]}")).days // 365
         ds.PatientAge = f"{age_years:03d}Y"
-        ds.BodyPartExamined = "HEAD" if vendor is Vendor.SIEMENS else "BRAIN"
-        ds.ScanningSequence = ["GR", "IR"]
-        ds.SequenceVariant = ["SK", "SP", "MP"]
-        ds.ScanOptions = "IR"
+        ds.BodyPartExamined = "HEAD" if vendor is not Vendor.GE else "BRAIN"
+        if family == "ir-fspgr":
+            ds.ScanningSequence, ds.SequenceVariant = "GR", ["SS", "SK"]
+            ds.ScanOptions = ["FAST_GEMS", "EDR_GEMS", "IR_GEMS"]
+        elif family == "tfe":
+            ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions = "GR", ["SK", "MP"], ""
+        else:
+            ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions = ["GR", "IR"], ["SK", "SP", "MP"], "IR"
         ds.MRAcquisitionType = "3D"
         ds.SequenceName = head.sequence_name
         ds.AngioFlag = "N"
         ds.SliceThickness = _ds(spacing[2])
-        ds.RepetitionTime = _ds(protocol.tr_ms)
+        ds.RepetitionTime = _ds(protocol.header_tr_ms)
         ds.EchoTime = _ds(protocol.te_ms)
-        ds.InversionTime = _ds(protocol.ti_ms)
+        if not protocol.header_omits_ti:
+            ds.InversionTime = _ds(protocol.header_ti_ms)
         ds.NumberOfAverages = "1"
-        ds.ImagingFrequency = _ds(head.imaging_frequency_mhz)
+        ds.ImagingFrequency = _ds(head.imaging_frequency_mhz * protocol.field_strength_t / 3.0)
         ds.ImagedNucleus = "1H"
         ds.EchoNumbers = "1"
-        ds.MagneticFieldStrength = "3"
+        ds.MagneticFieldStrength = _ds(protocol.field_strength_t)
         ds.SpacingBetweenSlices = _ds(spacing[2])
         ds.EchoTrainLength = "1"
         ds.PercentSampling = "100"

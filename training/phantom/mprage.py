@@ -13,6 +13,10 @@ follows the inversion and free recovery; periodicity of Mz before the inversion 
 state in closed form. The image is the signal of the centre echo, sin(a) A_kc exp(-TE/T2) (T2* taken
 as T2, a < 4 % effect at TE 2.6 ms); the modulation across the train (k-space filter) is ignored.
 
+Phantom world v2 varies all of this per subject (:mod:`training.phantom.world`): the family (MPRAGE,
+GE IR-FSPGR, Philips TFE), every timing, the centre line's position, the inversion efficiency and a
+T2* shorter than T2 (``t2star_factor``: T2* = factor x T2 in the echo-time decay).
+
 Partial volume is mixed in the signal domain: S = sum_t fraction_t PD_t S(T1_t, T2_t), signed
 (CSF is still negative at the centre echo), then the receive bias field, complex Gaussian noise and the
 magnitude (Rician statistics). SNR is defined as the noise-free WM signal over the noise SD per
@@ -25,8 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.phantom.anatomy import TISSUES, RenderedAnatomy
+from pipeline.protocol import FAMILY_DEFAULTS, AcquisitionProtocol, Family
+from training.phantom.anatomy import RenderedAnatomy
 from training.phantom.fields import SmoothField
+from training.phantom.mixing import mixed_signal
 from training.phantom.tissues import TissueModel
 
 WM_PIXEL_VALUE = 1000.0
@@ -45,6 +51,10 @@ class MprageProtocol:
     echo_train_length: int = 192
     centre_echo: int = 96
     inversion_efficiency: float = 0.96
+    family: Family = Family.MPRAGE
+    field_strength_t: float = 3.0
+    t2star_factor: float = 1.0
+    header_omits_ti: bool = False  # Philips does not always write InversionTime
 
     def __post_init__(self) -> None:
         if not 0 <= self.centre_echo < self.echo_train_length:
@@ -64,6 +74,36 @@ class MprageProtocol:
     @property
     def delay_after_train_ms(self) -> float:
         return self.tr_ms - self.delay_before_train_ms - self.echo_train_length * self.echo_spacing_ms
+
+    @property
+    def header_ti_ms(self) -> float:
+        """InversionTime as the vendor writes it: GE's prep time runs to the start of the readout."""
+        return self.delay_before_train_ms if self.family is Family.IR_FSPGR else self.ti_ms
+
+    @property
+    def header_tr_ms(self) -> float:
+        """RepetitionTime as the vendor writes it: the echo spacing for IR-FSPGR and TFE."""
+        return self.tr_ms if self.family is Family.MPRAGE else self.echo_spacing_ms
+
+    def as_read(self, manufacturer: str) -> AcquisitionProtocol:
+        """What a reader of this series' header learns (:mod:`pipeline.acquisition`): fields a header
+        does not carry take the family defaults and are listed as assumed."""
+        family = Family(self.family)
+        defaults = FAMILY_DEFAULTS[family]
+        assumed = []
+        shot, spacing, ti = self.tr_ms, self.echo_spacing_ms, self.header_ti_ms
+        if family is Family.MPRAGE:
+            spacing = defaults["echo_spacing_ms"]
+            assumed.append("echo_spacing_ms")
+        else:
+            shot = defaults["shot_interval_ms"]
+            assumed.append("shot_interval_ms")
+        if self.header_omits_ti:
+            ti = defaults["ti_ms"]
+            assumed.append("ti_ms")
+        return AcquisitionProtocol(family, self.field_strength_t, round(ti, 3), round(shot, 3), round(spacing, 3),
+                                   round(self.flip_angle_deg, 3), round(self.te_ms, 3), manufacturer,
+                                   tuple(assumed))
 
 
 def mprage_signal(protocol: MprageProtocol, t1_ms: np.ndarray, t2_ms: np.ndarray) -> np.ndarray:
@@ -85,18 +125,17 @@ def mprage_signal(protocol: MprageProtocol, t1_ms: np.ndarray, t2_ms: np.ndarray
     mz_pre = (1 - e_td + e_td * (q**n * alpha0 + recovered(n))) / (1 - e_td * q**n * alpha1)
     m_a = alpha0 + alpha1 * mz_pre
     mz_centre = m_a * q**kc + recovered(kc)
-    return np.sin(a) * mz_centre * np.exp(-protocol.te_ms / np.asarray(t2_ms, dtype=np.float64))
+    t2star = protocol.t2star_factor * np.asarray(t2_ms, dtype=np.float64)
+    return np.sin(a) * mz_centre * np.exp(-protocol.te_ms / t2star)
 
 
 def noise_free_image(protocol: MprageProtocol, model: TissueModel, anatomy: RenderedAnatomy) -> np.ndarray:
-    """Signed signal-domain mixture at the anatomy's voxels (N,), float32, M0 units."""
-    g, h = model.level_indices(anatomy)
-    out = np.zeros(anatomy.index.size, dtype=np.float64)
-    for t, name in enumerate(TISSUES):
-        t1_tab, t2_tab, pd_tab = model.level_tables(name)
-        table = pd_tab[:, None] * mprage_signal(protocol, t1_tab[:, None], t2_tab[None, :])
-        out += anatomy.fractions[t] * table[g, h]
-    return out.astype(np.float32)
+    """Signed partial-volume mixture (:func:`training.phantom.mixing.mixed_signal`) at the anatomy's
+    voxels (N,), float32, M0 units."""
+    def signal(t1: np.ndarray, t2: np.ndarray) -> np.ndarray:
+        return mprage_signal(protocol, t1, t2)[:, None]
+
+    return mixed_signal(model, anatomy, signal, 1, np.float64)[:, 0].astype(np.float32)
 
 
 def wm_reference(protocol: MprageProtocol, model: TissueModel) -> float:

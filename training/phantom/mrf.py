@@ -1,11 +1,11 @@
-"""Simulated MRF acquisition on the MRF grid: signal-domain partial volume, coil phase, noise.
+"""Simulated MRF acquisition on the MRF grid: partial volume, coil phase, noise.
 
-Coefficients = sum over tissues of ``simulate_coefficients(seq, dict, T1_t, T2_t, fraction_t x PD_t)``
-(the existing EPG physics, evaluated once per distinct (T1, T2) pair of a tissue's quantised
-modulation), times a smooth unit-magnitude coil phase exp(i phi(x)), plus circular complex Gaussian
-noise, then phase renormalisation (SV1 real and >= 0). SNR is defined on SV1: sigma = |SV1| of pure
-WM at the subject's values / SNR. Voxels outside the head support (the head dilated by 8 mm) are zero,
-as after a reconstruction's background mask, which keeps the files small.
+Coefficients = the subject's partial-volume mixture (:mod:`training.phantom.mixing`) of
+``simulate_coefficients`` atoms (the existing EPG physics, evaluated once per distinct (T1, T2) pair),
+times a smooth unit-magnitude coil phase exp(i phi(x)), plus circular complex Gaussian noise, then
+phase renormalisation (SV1 real and >= 0). SNR is defined on SV1: sigma = |SV1| of pure WM at the
+subject's values / SNR. Voxels outside the head support (the head dilated by 8 mm) are zero, as after a
+reconstruction's background mask, which keeps the files small.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from pipeline.mrf.coefficients import add_complex_noise, phase_normalise
 from pipeline.mrf.dictionary import Dictionary
 from pipeline.mrf.sequence import Sequence
 from pipeline.mrf.simulate import simulate_coefficients
-from training.phantom.anatomy import TISSUES, RenderedAnatomy
+from training.phantom.anatomy import RenderedAnatomy
 from training.phantom.fields import SmoothField
-from training.phantom.tissues import N_LEVELS, TissueModel
+from training.phantom.mixing import mixed_signal
+from training.phantom.tissues import TissueModel
 
 
 def _pair_atoms(sequence: Sequence, dictionary: Dictionary, t1: np.ndarray, t2: np.ndarray) -> np.ndarray:
@@ -28,19 +29,10 @@ def _pair_atoms(sequence: Sequence, dictionary: Dictionary, t1: np.ndarray, t2: 
 def noise_free_coefficients(sequence: Sequence, dictionary: Dictionary, model: TissueModel,
                             anatomy: RenderedAnatomy) -> np.ndarray:
     """Coefficients (N, K) complex64 at the anatomy's voxels, before coil phase and noise."""
-    g, h = model.level_indices(anatomy)
-    pair = g.astype(np.int32) * N_LEVELS + h
-    out = np.zeros((anatomy.index.size, dictionary.rank), dtype=np.complex64)
-    for t, name in enumerate(TISSUES):
-        present = np.flatnonzero(anatomy.fractions[t] > 0)
-        if present.size == 0:
-            continue
-        t1_tab, t2_tab, pd_tab = model.level_tables(name)
-        used, inverse = np.unique(pair[present], return_inverse=True)
-        atoms = _pair_atoms(sequence, dictionary, t1_tab[used // N_LEVELS], t2_tab[used % N_LEVELS])
-        weight = anatomy.fractions[t, present] * pd_tab[g[present]]
-        out[present] += atoms[inverse] * weight[:, None].astype(np.float32)
-    return out
+    def atoms(t1: np.ndarray, t2: np.ndarray) -> np.ndarray:
+        return _pair_atoms(sequence, dictionary, t1, t2)
+
+    return mixed_signal(model, anatomy, atoms, dictionary.rank, np.complex64)
 
 
 def wm_sv1_reference(sequence: Sequence, dictionary: Dictionary, model: TissueModel) -> float:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -11,8 +12,10 @@ import numpy as np
 
 from pipeline.mrf.dictionary import Dictionary
 from pipeline.mrf.sequence import DEFAULT_SEQUENCE, Sequence
-from training.phantom.anatomy import Template, Warp, random_warp, render
+from pipeline.protocol import Family
+from training.phantom.anatomy import RenderedAnatomy, Template, Warp, random_warp, render
 from training.phantom.dicom_series import (
+    VENDOR_HEADERS,
     DicomStyle,
     SeriesIdentity,
     Vendor,
@@ -24,8 +27,15 @@ from training.phantom.geometry import Orientation, VolumeGrid, acquisition_grid,
 from training.phantom.mprage import MprageProtocol, acquire
 from training.phantom.mrf import acquire_mrf
 from training.phantom.tissues import TissueModel, draw_tissues, truth_maps
+from training.phantom.world import AnatomyChanges, draw_world
+
+WORLDS = ("v1", "v2")
+V1_VENDORS = ["siemens", "ge"]  # world v1 draws between these two (the draws of a seed must not change)
 
 logger = logging.getLogger(__name__)
+
+ENTRY = "entry.json"
+"""Written last into a subject folder: its manifest entry, and the sign that the subject is complete."""
 
 FILES = {
     "mprage_dicom": "mprage_dicom",
@@ -53,6 +63,11 @@ class PhantomOptions:
     rank: int = 4
     downsample: int = 1
     protocol: MprageProtocol = field(default_factory=MprageProtocol)
+    world: str = "v1"  # "v2": protocol, grid, tissues, anatomy, noise drawn per subject (world.py)
+
+    def __post_init__(self) -> None:
+        if self.world not in WORLDS:
+            raise ValueError(f"world: expected one of {WORLDS}, got {self.world!r}")
 
     def mrf_grid(self) -> VolumeGrid:
         return mrf_grid(self.downsample)
@@ -79,6 +94,9 @@ class Subject:
     vendor: Vendor
     identity: SeriesIdentity
     noise_seed: int
+    protocol: MprageProtocol
+    mprage_grid: VolumeGrid
+    changes: AnatomyChanges | None = None  # world v2: atrophy, lesions
 
 
 def subject_rng(seed: int, index: int) -> np.random.Generator:
@@ -98,10 +116,26 @@ def draw_subject(seed: int, index: int, template: Template, options: PhantomOpti
                                      correlation_mm=50.0, sd=1.0, spacing_mm=15.0)
     mprage_snr = float(rng.uniform(20.0, 40.0))
     mrf_snr = float(rng.uniform(30.0, 60.0))
-    vendor = options.vendor if options.vendor is not None else Vendor(rng.choice([v.value for v in Vendor]))
+    vendor = options.vendor if options.vendor is not None else Vendor(rng.choice(V1_VENDORS))
     identity = make_identity(subject_id, f"synthmrf-phantom/{seed}/{subject_id}", rng)
-    return Subject(subject_id, warp, tissues, bias, coil_phase, mprage_snr, mrf_snr, vendor, identity,
-                   int(rng.integers(2**63)))
+    noise_seed = int(rng.integers(2**63))
+    if options.world == "v1":
+        return Subject(subject_id, warp, tissues, bias, coil_phase, mprage_snr, mrf_snr, vendor, identity,
+                       noise_seed, options.protocol, options.mprage_grid())
+    # World v2 draws from a stream of its own, after v1's: v1 datasets of a seed stay as they were.
+    world = draw_world(np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 2))), template)
+    d = options.downsample
+    grid = acquisition_grid(world.orientation, matrix=tuple(-(-n // d) for n in world.matrix),  # type: ignore[arg-type]
+                            pixel_mm=world.pixel_mm * d, slice_mm=world.slice_mm * d, oblique_deg=world.oblique_deg)
+    family_vendor = {Family.MPRAGE: Vendor.SIEMENS, Family.IR_FSPGR: Vendor.GE, Family.TFE: Vendor.PHILIPS}
+    vendor = family_vendor[world.protocol.family] if options.vendor is None else options.vendor
+    return Subject(subject_id, world.warp, world.tissues, world.bias, coil_phase, world.mprage_snr, world.mrf_snr,
+                   vendor, identity, noise_seed, world.protocol, grid, world.changes)
+
+
+def _render(template: Template, subject: Subject, grid: VolumeGrid) -> RenderedAnatomy:
+    anatomy = render(template, subject.warp, grid)
+    return anatomy if subject.changes is None else subject.changes.apply(anatomy)
 
 
 def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -118,7 +152,7 @@ def make_subject(subject: Subject, template: Template, options: PhantomOptions, 
     out_dir.mkdir(parents=True, exist_ok=True)
     noise = np.random.default_rng(subject.noise_seed)
     grid = options.mrf_grid()
-    anatomy = render(template, subject.warp, grid)
+    anatomy = _render(template, subject, grid)
     t1, t2, pd = truth_maps(subject.tissues, anatomy)
     for key, values in (("t1", t1), ("t2", t2), ("pd", pd)):
         _save(anatomy.full(values), grid.affine, out_dir / FILES[key])
@@ -135,22 +169,30 @@ def make_subject(subject: Subject, template: Template, options: PhantomOptions, 
         files["mrf"] = FILES["mrf"]
         del coeffs
     del anatomy
-    mprage_grid = options.mprage_grid()
-    mprage_anatomy = render(template, subject.warp, mprage_grid)
-    image = acquire(options.protocol, subject.tissues, mprage_anatomy, bias=subject.bias,
+    mprage_grid = subject.mprage_grid
+    mprage_anatomy = _render(template, subject, mprage_grid)
+    image = acquire(subject.protocol, subject.tissues, mprage_anatomy, bias=subject.bias,
                     snr=subject.mprage_snr, rng=noise)
     _save(image, mprage_grid.affine, out_dir / FILES["mprage"])
-    write_mprage_series(image, mprage_grid, out_dir / FILES["mprage_dicom"], protocol=options.protocol,
+    write_mprage_series(image, mprage_grid, out_dir / FILES["mprage_dicom"], protocol=subject.protocol,
                         identity=subject.identity, vendor=subject.vendor, style=options.style)
     logger.info("subject %s written", subject.subject_id, extra={"study_uid": subject.identity.study_uid})
     w = subject.warp
-    return {
+    entry = {
         "id": subject.subject_id,
         "files": files,
         "tissues": subject.tissues.manifest(),
         "mprage_snr": round(subject.mprage_snr, 3),
         "mrf_snr": round(subject.mrf_snr, 3) if options.mrf else None,
         "vendor": subject.vendor.value,
+        "protocol": {**{k: v for k, v in asdict(subject.protocol).items() if k != "family"},
+                     "family": subject.protocol.family.value},
+        "acquisition": subject.protocol.as_read(VENDOR_HEADERS[subject.vendor].manufacturer).to_dict(),
+        "partial_volume_exchange": round(subject.tissues.exchange, 4),
+        "anatomy_changes": None if subject.changes is None else {
+            "atrophy": round(subject.changes.atrophy, 4),
+            "lesions": 0 if subject.changes.lesions is None else len(subject.changes.lesions.radii_mm)},
+        "mprage_grid": {"shape": list(mprage_grid.shape), "spacing_mm": np.round(mprage_grid.spacing_mm, 4).tolist()},
         "pose": {"rotation": np.round(w.rotation, 6).tolist(), "scale": np.round(w.scale, 6).tolist(),
                  "translation_mm": np.round(w.translation_mm, 4).tolist()},
         "patient_id": subject.identity.patient_id,
@@ -158,3 +200,7 @@ def make_subject(subject: Subject, template: Template, options: PhantomOptions, 
         "series_instance_uid": subject.identity.series_uid,
         "frame_of_reference_uid": subject.identity.frame_of_reference_uid,
     }
+    tmp = out_dir / f".{ENTRY}.partial"
+    tmp.write_text(json.dumps(entry, indent=1, default=str))
+    tmp.replace(out_dir / ENTRY)
+    return entry

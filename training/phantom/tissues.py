@@ -62,6 +62,8 @@ PRIORS: dict[str, Prior] = {
     "csf": Prior((4100.0, 120.0), (1200.0, 300.0), (1.0, 0.0), 0.02, 0.15, 0.0),
     "scalp": Prior((380.0, 20.0), (133.0, 8.0), (0.9, 0.04), 0.03, 0.03, 0.02),
 }
+V1_TISSUES = tuple(PRIORS)
+"""The tissues world v1 draws (in this order: the draws of a seed must not change)."""
 CLIP_RANGES = {"csf": {"t2_ms": (500.0, 2000.0)}}
 
 
@@ -81,6 +83,8 @@ class TissueModel:
     values: dict[str, TissueValues]
     g_field: SmoothField
     h_field: SmoothField
+    exchange: float = 0.0  # partial-volume model: 0 signal-domain mixing, 1 fast exchange (mixing.py)
+    modulation: dict[str, tuple[float, float, float]] | None = None  # per tissue (T1, T2, PD); None: PRIORS
 
     def manifest(self) -> dict[str, dict[str, float]]:
         return {name: {k: round(v, 4) for k, v in asdict(val).items()} for name, val in self.values.items()}
@@ -96,16 +100,20 @@ class TissueModel:
 
     def level_tables(self, tissue: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """T1 and PD per g level, T2 per h level (each (N_LEVELS,) float64) for ``tissue``."""
-        prior, val = PRIORS[tissue], self.values[tissue]
+        val = self.values[tissue]
+        if self.modulation is not None:
+            a1, a2, ap = self.modulation[tissue]
+        else:
+            prior = PRIORS.get(tissue, PRIORS["wm"])
+            a1, a2, ap = prior.t1_modulation, prior.t2_modulation, prior.pd_modulation
         x = np.linspace(-LEVEL_SPAN_SD, LEVEL_SPAN_SD, N_LEVELS)
-        return (val.t1_ms * np.exp(prior.t1_modulation * x), val.t2_ms * np.exp(prior.t2_modulation * x),
-                val.pd * np.exp(prior.pd_modulation * x))
+        return val.t1_ms * np.exp(a1 * x), val.t2_ms * np.exp(a2 * x), val.pd * np.exp(ap * x)
 
 
 def draw_tissues(rng: np.random.Generator, template: Template) -> TissueModel:
     """Draw a subject's tissue values around :data:`PRIORS` and its modulation fields."""
     values: dict[str, TissueValues] = {}
-    for name in TISSUES:
+    for name in V1_TISSUES:
         prior = PRIORS[name]
         drawn = {}
         for key in ("t1_ms", "t2_ms", "pd"):
@@ -113,13 +121,18 @@ def draw_tissues(rng: np.random.Generator, template: Template) -> TissueModel:
             lo, hi = CLIP_RANGES.get(name, {}).get(key, (mean - 2.5 * sd, mean + 2.5 * sd))
             drawn[key] = float(np.clip(rng.normal(mean, sd), lo, hi))
         values[name] = TissueValues(**drawn)
+    values["lesion"] = values["wm"]  # world v1 has no lesions (zero fraction everywhere)
     fields = [random_smooth_field(rng, components=1, centre_mm=template.centre_mm, extent_mm=260.0,
                                   correlation_mm=25.0, sd=1.0) for _ in range(2)]
     return TissueModel(values, fields[0], fields[1])
 
 
 def truth_maps(model: TissueModel, anatomy: RenderedAnatomy) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ground-truth T1 (ms), T2 (ms) and PD at the anatomy's voxels (see the module docstring)."""
+    """Ground-truth T1 (ms), T2 (ms) and PD at the anatomy's voxels (see the module docstring).
+
+    Under a partial fast exchange (``model.exchange`` = lambda > 0) the truth moves with the signal:
+    log T = (1 - lambda) x the weighted geometric mean + lambda x log of the fast-exchange value.
+    """
     g, h = model.level_indices(anatomy)
     n = anatomy.index.size
     weight_sum, log_t1_sum, log_t2_sum = np.zeros(n), np.zeros(n), np.zeros(n)
@@ -131,6 +144,14 @@ def truth_maps(model: TissueModel, anatomy: RenderedAnatomy) -> tuple[np.ndarray
         log_t2_sum += w * np.log(t2_tab)[h]
     present = weight_sum > 0
     safe = np.where(present, weight_sum, 1)
-    t1 = np.where(present, np.exp(log_t1_sum / safe), 0)
-    t2 = np.where(present, np.exp(log_t2_sum / safe), 0)
+    log_t1, log_t2 = log_t1_sum / safe, log_t2_sum / safe
+    if model.exchange > 0:
+        from training.phantom.mixing import fast_exchange
+
+        _, t1_fx, t2_fx = fast_exchange(model, anatomy)
+        lam = model.exchange
+        log_t1 = (1 - lam) * log_t1 + lam * np.log(np.where(present, t1_fx, 1))
+        log_t2 = (1 - lam) * log_t2 + lam * np.log(np.where(present, t2_fx, 1))
+    t1 = np.where(present, np.exp(log_t1), 0)
+    t2 = np.where(present, np.exp(log_t2), 0)
     return t1.astype(np.float32), t2.astype(np.float32), weight_sum.astype(np.float32)

@@ -1,0 +1,143 @@
+"""Phantom world v2: draws within their documented ranges, partial-volume limits against closed forms,
+vendor header semantics read back by the product's own header reader, world v1 unchanged."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from pipeline.acquisition import protocol_from_dicom
+from pipeline.mrf.dictionary import Dictionary
+from pipeline.mrf.sequence import Sequence
+from pipeline.protocol import Family
+from training.phantom.anatomy import TISSUES, RenderedAnatomy, Template, load_template
+from training.phantom.dicom_series import VENDOR_HEADERS, Vendor, classic_datasets, make_identity
+from training.phantom.geometry import acquisition_grid, mrf_grid
+from training.phantom.mixing import fast_exchange
+from training.phantom.mprage import MprageProtocol, mprage_signal, noise_free_image
+from training.phantom.mrf import noise_free_coefficients
+from training.phantom.subject import PhantomOptions, draw_subject
+from training.phantom.tissues import truth_maps
+from training.phantom.world import AnatomyChanges, Lesions, draw_protocol, draw_tissue_values, draw_world
+
+
+@pytest.fixture(scope="module")
+def template() -> Template:
+    return load_template()
+
+
+def test_world_v1_draws_are_what_they_were(template: Template) -> None:
+    """Pinned from the code before world v2 existed (commit fe8ee65): old datasets stay reproducible."""
+    s = draw_subject(7, 3, template, PhantomOptions())
+    assert s.tissues.manifest()["wm"] == {"t1_ms": 749.1337, "t2_ms": 82.2162, "pd": 0.6589}
+    assert s.tissues.manifest()["csf"] == {"t1_ms": 3965.8317, "t2_ms": 879.384, "pd": 1.0}
+    assert (s.mprage_snr, s.mrf_snr) == pytest.approx((39.65779581299528, 50.26422965564403))
+    assert s.vendor is Vendor.SIEMENS and s.noise_seed == 2200010528727756041
+    assert s.identity.study_uid == "1.2.826.0.1.3680043.8.498.10998343326905430949922601149373602562"
+    assert np.round(s.warp.translation_mm, 6).tolist() == [1.456162, 0.565641, -2.100601]
+    assert s.protocol == MprageProtocol() and s.changes is None and s.tissues.exchange == 0
+
+
+def test_world_v2_protocols_are_valid_and_cover_the_families() -> None:
+    rng = np.random.default_rng(0)
+    protocols = [draw_protocol(rng, 3.0) for _ in range(400)]  # MprageProtocol checks its own timing
+    families = {f: sum(p.family is f for p in protocols) for f in Family}
+    assert families[Family.MPRAGE] > 150 and families[Family.IR_FSPGR] > 60 and families[Family.TFE] > 60
+    fspgr = [p for p in protocols if p.family is Family.IR_FSPGR]
+    assert all(400 <= p.header_ti_ms <= 650 and p.header_tr_ms == p.echo_spacing_ms for p in fspgr)
+    mprage = [p for p in protocols if p.family is Family.MPRAGE]
+    assert all(p.header_tr_ms >= 1800 for p in mprage) and min(p.ti_ms for p in mprage) < 800
+    assert {p.header_omits_ti for p in protocols if p.family is Family.TFE} == {True, False}
+    assert min(p.flip_angle_deg for p in protocols) < 7.5 and max(p.flip_angle_deg for p in protocols) > 12.5
+
+
+def test_world_v2_tissue_priors_follow_the_field() -> None:
+    rng = np.random.default_rng(1)
+    at3 = [draw_tissue_values(rng, 3.0) for _ in range(300)]
+    at15 = [draw_tissue_values(rng, 1.5) for _ in range(300)]
+    wm3, wm15 = (np.median([v["wm"].t1_ms for v in d]) for d in (at3, at15))
+    assert 850 < wm3 < 1000 and 620 < wm15 < 760  # literature centres: ~850-940 at 3 T, 656 at 1.5 T
+    for d in (at3, at15):
+        ratio = np.array([v["gm"].t1_ms / v["wm"].t1_ms for v in d])
+        assert ratio.min() >= 1.35
+        # T1 and T2 are drawn independently: no lock between a subject's WM T1 and T2.
+        corr = np.corrcoef([v["wm"].t1_ms for v in d], [v["wm"].t2_ms for v in d])[0, 1]
+        assert abs(corr) < 0.2
+
+
+def _voxels(template: Template, fractions: dict[str, list[float]]) -> RenderedAnatomy:
+    n = len(next(iter(fractions.values())))
+    f = np.zeros((len(TISSUES), n), dtype=np.float32)
+    for name, values in fractions.items():
+        f[TISSUES.index(name)] = values
+    centre = np.repeat(template.centre_mm.astype(np.float32)[:, None], n, axis=1)
+    return RenderedAnatomy(mrf_grid(8), np.arange(n), centre, f, np.zeros(n, np.int16), np.ones(n, bool))
+
+
+def test_fast_exchange_averages_rates_and_moves_truth_and_signal(template: Template) -> None:
+    model = replace(draw_world(np.random.default_rng(2), template).tissues, exchange=1.0)
+    anatomy = _voxels(template, {"wm": [1.0, 0.5], "csf": [0.0, 0.5]})
+    g, h = model.level_indices(anatomy)
+    wm = [tab[i] for tab, i in zip(model.level_tables("wm"), (g[1], h[1], g[1]), strict=True)]
+    csf = [tab[i] for tab, i in zip(model.level_tables("csf"), (g[1], h[1], g[1]), strict=True)]
+    w_wm, w_csf = 0.5 * wm[2], 0.5 * csf[2]
+    # Zimmerman-Brittin: the weighted mean of the rates, by hand.
+    t1_fx = (w_wm + w_csf) / (w_wm / wm[0] + w_csf / csf[0])
+    t2_fx = (w_wm + w_csf) / (w_wm / wm[1] + w_csf / csf[1])
+    weight, t1, t2 = fast_exchange(model, anatomy)
+    assert (weight[1], t1[1], t2[1]) == pytest.approx((w_wm + w_csf, t1_fx, t2_fx), rel=1e-9)
+    assert t1[0] == pytest.approx(wm[0]) and t2[0] == pytest.approx(wm[1])  # a pure voxel is its tissue
+    truth_t1, truth_t2, _ = truth_maps(model, anatomy)
+    assert (truth_t1[1], truth_t2[1]) == pytest.approx((t1_fx, t2_fx), rel=1e-5)
+    protocol = MprageProtocol()
+    image = noise_free_image(protocol, model, anatomy)
+    expected = (w_wm + w_csf) * mprage_signal(protocol, np.array(t1_fx), np.array(t2_fx))
+    assert image[1] == pytest.approx(float(expected), rel=2e-3)  # log T quantised to 0.1 %
+
+
+def test_exchange_mix_interpolates_the_two_limits(template: Template, default_sequence: Sequence,
+                                                  default_dictionary: Dictionary) -> None:
+    base = draw_world(np.random.default_rng(3), template).tissues
+    anatomy = _voxels(template, {"wm": [0.6], "gm": [0.4]})
+    limits = [noise_free_coefficients(default_sequence, default_dictionary, replace(base, exchange=lam), anatomy)
+              for lam in (0.0, 1.0, 0.3)]
+    np.testing.assert_allclose(limits[2], 0.7 * limits[0] + 0.3 * limits[1], rtol=1e-5, atol=1e-7)
+    assert np.abs(limits[0] - limits[1]).max() > 1e-3 * np.abs(limits[0]).max()  # the two models differ
+
+
+def test_t2star_factor_scales_the_echo_decay() -> None:
+    p = MprageProtocol(te_ms=4.0)
+    short = replace(p, t2star_factor=0.5)
+    ratio = mprage_signal(short, np.array(900.0), np.array(60.0)) / mprage_signal(p, np.array(900.0), np.array(60.0))
+    assert float(ratio) == pytest.approx(np.exp(-4.0 / 30.0) / np.exp(-4.0 / 60.0), rel=1e-12)
+
+
+def test_lesions_and_atrophy_move_fractions_without_creating_tissue(template: Template) -> None:
+    anatomy = _voxels(template, {"wm": [1.0, 0.7, 0.0], "gm": [0.0, 0.0, 0.6], "csf": [0.0, 0.3, 0.4]})
+    lesion = Lesions(np.array([template.centre_mm]), np.array([5.0]))
+    changed = AnatomyChanges(atrophy=0.5, lesions=lesion).apply(anatomy)
+    np.testing.assert_allclose(changed.fractions.sum(axis=0), anatomy.fractions.sum(axis=0), atol=1e-6)
+    f = {name: changed.fractions[TISSUES.index(name)] for name in TISSUES}
+    assert f["lesion"][0] == pytest.approx(1.0) and f["wm"][0] == pytest.approx(0.0)  # centre of the blob
+    assert f["gm"][2] < 0.6 and f["csf"][2] > 0.4  # GM beside CSF shrank into CSF
+
+
+@pytest.mark.parametrize("family", list(Family))
+def test_headers_say_what_the_vendor_writes_and_read_back(family: Family, tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    protocol = next(p for p in (draw_protocol(rng, 1.5) for _ in range(200)) if p.family is family)
+    vendor = {Family.MPRAGE: Vendor.SIEMENS, Family.IR_FSPGR: Vendor.GE, Family.TFE: Vendor.PHILIPS}[family]
+    grid = acquisition_grid(matrix=(8, 8, 2))
+    ds = classic_datasets(np.zeros((8, 8, 2), np.uint16), grid, protocol, make_identity("sub-001", "x", rng),
+                          vendor)[0]
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    header = pydicom.dcmread(tmp_path / "x.dcm")
+    assert float(header.MagneticFieldStrength) == 1.5
+    expected_tr = protocol.tr_ms if family is Family.MPRAGE else protocol.echo_spacing_ms
+    assert float(header.RepetitionTime) == pytest.approx(expected_tr, rel=1e-5)
+    # What the phantom says a reader learns is what the product's reader learns from the file.
+    assert protocol_from_dicom(header) == protocol.as_read(VENDOR_HEADERS[vendor].manufacturer)

@@ -1,0 +1,225 @@
+"""Phantom world v2: every modelling choice and population/scanner variable drawn per subject.
+
+World v1 (``PhantomOptions.world = "v1"``) is one setting: the paper's protocol at 3 T, narrow
+literature priors, signal-domain partial volume, one warped template. World v2 draws, per subject
+(ranges and sources; U = uniform):
+
+- **Field strength**: 3 T (p 0.6) or 1.5 T.
+- **Tissue values** (subject means; T1 and T2 drawn independently; within-subject modulation
+  amplitudes U(0.02, 0.08) for T1 and T2, U(0.01, 0.03) for PD):
+  3 T: WM T1 U(750, 1100) ms (Marques 2010 810; Wansapura 1999 832; Bojorquez 2017 940; Stanisz 2005
+  1084; "0.6-1.1 s" across methods, Asslander 2024), cortical GM T1 U(1200, 1800) with GM/WM in
+  [1.35, 1.95] (Marques 1350, Bojorquez 1425, Wansapura 1331, Stanisz 1820); T2 WM U(55, 85), GM
+  U(70, 115) (Stanisz 69/99, Wansapura 80/110; FISP-MRF lower, Kato 2019).
+  1.5 T: WM T1 U(560, 820) (Rooney 2007 656), GM T1 U(1000, 1450) (Rooney 1188), GM/WM in
+  [1.35, 2.1]; T2 WM U(60, 95), GM U(75, 120) (similar or slightly longer than 3 T).
+  Deep GM: T1 = WM + U(0.25, 0.75) x (GM - WM), T2 U(55, 90) (iron). CSF: T1 U(3300, 4500) ms, T2
+  U(500, 2000) ms. Scalp fat: T1 U(300, 450) at 3 T, U(230, 350) at 1.5 T, T2 U(80, 160).
+  WM lesions: T1 = WM x U(1.2, 2.0), T2 = WM x U(1.3, 3.0), PD = WM x U(1.03, 1.2).
+  PD: WM U(0.64, 0.74), GM U(0.76, 0.86), deep GM U(0.74, 0.84), CSF 1, fat U(0.8, 1.0) (Neeb 2006).
+- **Partial volume**: signal-domain (p 1/3), fast exchange (p 1/3) or a mix lambda ~ U(0, 1)
+  (:mod:`training.phantom.mixing`).
+- **Protocol** (qsynth's MPRAGE ranges, Chalcroft 2025, and vendor headers in the shared notes):
+  family MPRAGE (p 0.5), GE IR-FSPGR (p 0.25), Philips TFE (p 0.25). MPRAGE: time between inversions
+  U(1800, 2700) ms, TI (to the centre line) U(750, 1150) ms, flip U(7, 12) deg, echo spacing
+  U(6, 8.5) ms; IR-FSPGR: prep time (inversion to the first readout) U(400, 650) ms, flip U(10, 13),
+  echo spacing U(6, 9) ms, a delay after the train U(0, 600) ms; TFE: time between inversions
+  U(2000, 3000) ms, TI U(700, 1100) ms, flip U(7, 10), echo spacing U(6.5, 9) ms, InversionTime not
+  written in half of the headers. All: readouts per shot U(150, 256), centre line at U(0.35, 0.55) of
+  the train (IR-FSPGR U(0, 0.5): often near-centric), inversion efficiency U(0.8, 1.0), TE U(2.2, 4.6)
+  ms by family, T2* = U(0.5, 0.95) x T2.
+- **Acquisition grid**: sagittal (p 0.6), axial, coronal or oblique; in-plane pixel U(0.9, 1.3) mm
+  over a 240-256 mm field of view, slice thickness U(0.9, 1.5) mm covering 170-190 mm.
+- **Bias and noise**: log receive bias SD U(0.05, 0.35), correlation U(50, 120) mm; MPRAGE SNR
+  U(12, 45); MRF SNR U(25, 60).
+- **Anatomy**: brain size x U(0.88, 1.12) on top of the per-axis scale (SD 0.05); displacement SD
+  U(1.5, 3.5) mm; atrophy (p 0.5): a fraction U(0, 0.4) of cortical GM next to CSF becomes CSF;
+  enlarged ventricles (p 0.5): a radial pull toward the ventricles (strength U(0, 0.3), 30 mm
+  Gaussian); WM lesions (p 0.5): 1-15 blobs of radius U(2, 8) mm in white matter, half of them within
+  25 mm of the ventricles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from pipeline.protocol import Family
+from training.phantom.anatomy import TISSUES, RenderedAnatomy, Template, Warp, random_warp
+from training.phantom.fields import SmoothField, random_smooth_field
+from training.phantom.geometry import Orientation
+from training.phantom.mprage import MprageProtocol
+from training.phantom.tissues import TissueModel, TissueValues
+
+VENTRICLE_CENTRE_MNI = np.array([0.0, -12.0, 14.0])
+VENTRICLE_SIGMA_MM = 30.0
+
+
+@dataclass(frozen=True)
+class Lesions:
+    """White-matter lesion blobs in template mm: centres (L, 3) and radii (L,)."""
+
+    centres_mm: np.ndarray
+    radii_mm: np.ndarray
+
+    def fraction(self, template_mm: np.ndarray) -> np.ndarray:
+        """Lesion fraction (0..1) at template points (3, N): a soft-edged ball per blob."""
+        out = np.zeros(template_mm.shape[1], dtype=np.float32)
+        for c, r in zip(self.centres_mm, self.radii_mm, strict=True):
+            d = np.linalg.norm(template_mm - c[:, None].astype(np.float32), axis=0)
+            out = np.maximum(out, np.clip((r + 1.0 - d) / 2.0, 0, 1))
+        return out
+
+
+@dataclass(frozen=True)
+class AnatomyChanges:
+    """Per-subject changes to the rendered template: atrophy, lesions."""
+
+    atrophy: float  # fraction of cortical GM bordering CSF that becomes CSF
+    lesions: Lesions | None
+
+    def apply(self, anatomy: RenderedAnatomy) -> RenderedAnatomy:
+        f = anatomy.fractions.copy()
+        wm, gm, csf, lesion = (TISSUES.index(n) for n in ("wm", "gm", "csf", "lesion"))
+        if self.atrophy > 0:
+            # GM that shares its voxel with CSF (the cortical surface, sulci) loses tissue to CSF.
+            border = np.clip(4.0 * f[csf], 0, 1)
+            lost = self.atrophy * border * f[gm]
+            f[gm] -= lost
+            f[csf] += lost
+        if self.lesions is not None:
+            carved = self.lesions.fraction(anatomy.template_mm) * f[wm]
+            f[wm] -= carved
+            f[lesion] += carved
+        return replace(anatomy, fractions=f)
+
+
+@dataclass(frozen=True)
+class VentricleWarp(Warp):
+    """A :class:`Warp` whose template points are also pulled toward the ventricles (enlarging them)."""
+
+    strength: float = 0.0
+
+    def to_template(self, points_mm: np.ndarray) -> np.ndarray:
+        p = super().to_template(points_mm)
+        c = VENTRICLE_CENTRE_MNI.astype(np.float32)[:, None]
+        d = p - c
+        pull = self.strength * np.exp(-(d**2).sum(axis=0) / (2 * VENTRICLE_SIGMA_MM**2))
+        return (p - pull * d).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class WorldDraw:
+    """Everything world v2 draws for one subject beyond v1's draw."""
+
+    field_strength_t: float
+    protocol: MprageProtocol
+    tissues: TissueModel
+    warp: Warp
+    changes: AnatomyChanges
+    bias: SmoothField
+    mprage_snr: float
+    mrf_snr: float
+    orientation: Orientation
+    pixel_mm: float
+    slice_mm: float
+    matrix: tuple[int, int, int]
+    oblique_deg: float
+
+
+def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
+    return float(rng.uniform(lo, hi))
+
+
+def draw_tissue_values(rng: np.random.Generator, field_t: float) -> dict[str, TissueValues]:
+    """Subject-mean tissue values from the field-specific priors of the module docstring."""
+    three = field_t > 2
+    while True:
+        wm_t1 = _u(rng, 750, 1100) if three else _u(rng, 560, 820)
+        gm_t1 = _u(rng, 1200, 1800) if three else _u(rng, 1000, 1450)
+        if 1.35 <= gm_t1 / wm_t1 <= (1.95 if three else 2.1):
+            break
+    wm_t2 = _u(rng, 55, 85) if three else _u(rng, 60, 95)
+    gm_t2 = _u(rng, 70, 115) if three else _u(rng, 75, 120)
+    wm = TissueValues(wm_t1, wm_t2, _u(rng, 0.64, 0.74))
+    return {
+        "wm": wm,
+        "gm": TissueValues(gm_t1, gm_t2, _u(rng, 0.76, 0.86)),
+        "deep_gm": TissueValues(wm_t1 + _u(rng, 0.25, 0.75) * (gm_t1 - wm_t1), _u(rng, 55, 90),
+                                _u(rng, 0.74, 0.84)),
+        "csf": TissueValues(_u(rng, 3300, 4500), _u(rng, 500, 2000), 1.0),
+        "scalp": TissueValues(_u(rng, 300, 450) if three else _u(rng, 230, 350), _u(rng, 80, 160),
+                              _u(rng, 0.8, 1.0)),
+        "lesion": TissueValues(wm_t1 * _u(rng, 1.2, 2.0), wm_t2 * _u(rng, 1.3, 3.0),
+                               min(1.0, wm.pd * _u(rng, 1.03, 1.2))),
+    }
+
+
+def draw_protocol(rng: np.random.Generator, field_t: float) -> MprageProtocol:
+    """An MPRAGE-family protocol from the ranges of the module docstring (always physically valid)."""
+    family = Family(rng.choice([f.value for f in Family], p=[0.5, 0.25, 0.25]))
+    etl = int(rng.integers(150, 257))
+    efficiency, t2star = _u(rng, 0.8, 1.0), _u(rng, 0.5, 0.95)
+    if family is Family.MPRAGE:
+        spacing, flip, te = _u(rng, 6, 8.5), _u(rng, 7, 12), _u(rng, 2.2, 4.0)
+        centre = int(etl * _u(rng, 0.35, 0.55))
+        ti = max(_u(rng, 750, 1150), centre * spacing + 20)
+        shot = max(_u(rng, 1800, 2700), ti - centre * spacing + etl * spacing + 50)
+        omit = False
+    elif family is Family.IR_FSPGR:
+        spacing, flip, te = _u(rng, 6, 9), _u(rng, 10, 13), _u(rng, 2.2, 3.5)
+        centre = int(etl * _u(rng, 0.0, 0.5))
+        prep = _u(rng, 400, 650)
+        ti = prep + centre * spacing
+        shot = prep + etl * spacing + _u(rng, 0, 600)
+        omit = False
+    else:
+        spacing, flip, te = _u(rng, 6.5, 9), _u(rng, 7, 10), _u(rng, 3.0, 4.6)
+        centre = int(etl * _u(rng, 0.35, 0.55))
+        ti = max(_u(rng, 700, 1100), centre * spacing + 20)
+        shot = max(_u(rng, 2000, 3000), ti - centre * spacing + etl * spacing + 50)
+        omit = bool(rng.random() < 0.5)
+    return MprageProtocol(tr_ms=round(shot, 1), ti_ms=round(ti, 1), te_ms=round(te, 2), flip_angle_deg=round(flip, 1),
+                          echo_spacing_ms=round(spacing, 2), echo_train_length=etl, centre_echo=centre,
+                          inversion_efficiency=efficiency, family=family, field_strength_t=field_t,
+                          t2star_factor=t2star, header_omits_ti=omit)
+
+
+def _lesions(rng: np.random.Generator, template: Template) -> Lesions:
+    wm_index = np.argwhere(template.fractions[TISSUES.index("wm")] > 0.9)
+    points = template.affine[:3, :3] @ wm_index.T + template.affine[:3, 3:]
+    near = np.linalg.norm(points - VENTRICLE_CENTRE_MNI[:, None], axis=0) < 25
+    n = int(rng.integers(1, 16))
+    centres = []
+    for _ in range(n):
+        pool = np.flatnonzero(near) if rng.random() < 0.5 and near.any() else np.arange(points.shape[1])
+        centres.append(points[:, int(rng.choice(pool))])
+    return Lesions(np.array(centres), rng.uniform(2, 8, size=n))
+
+
+def draw_world(rng: np.random.Generator, template: Template) -> WorldDraw:
+    """World v2's draw for one subject (its own stream, so v1 draws of a seed stay as they were)."""
+    field_t = 3.0 if rng.random() < 0.6 else 1.5
+    values = draw_tissue_values(rng, field_t)
+    modulation = {name: (_u(rng, 0.02, 0.08), _u(rng, 0.02, 0.08), _u(rng, 0.01, 0.03)) for name in TISSUES}
+    modulation["csf"] = (0.02, _u(rng, 0.05, 0.15), 0.0)
+    kind = int(rng.integers(3))
+    exchange = (0.0, 1.0, _u(rng, 0, 1))[kind]
+    fields = [random_smooth_field(rng, components=1, centre_mm=template.centre_mm, extent_mm=260.0,
+                                  correlation_mm=25.0, sd=1.0) for _ in range(2)]
+    tissues = TissueModel(values, fields[0], fields[1], exchange=exchange, modulation=modulation)
+    size = _u(rng, 0.88, 1.12)
+    base = random_warp(rng, template, scale_sd=0.05, displacement_sd_mm=_u(rng, 1.5, 3.5))
+    warp = VentricleWarp(base.rotation, base.scale * size, base.translation_mm, base.displacement, base.centre_mm,
+                         strength=_u(rng, 0, 0.3) if rng.random() < 0.5 else 0.0)
+    atrophy = _u(rng, 0, 0.4) if rng.random() < 0.5 else 0.0
+    lesions = _lesions(rng, template) if rng.random() < 0.5 else None
+    bias = random_smooth_field(rng, components=1, centre_mm=np.zeros(3), extent_mm=300.0,
+                               correlation_mm=_u(rng, 50, 120), sd=_u(rng, 0.05, 0.35), spacing_mm=15.0)
+    orientation = Orientation(rng.choice(["sagittal", "axial", "coronal", "oblique"], p=[0.45, 0.2, 0.2, 0.15]))
+    pixel, thick = _u(rng, 0.9, 1.3), _u(rng, 0.9, 1.5)
+    fov, extent = _u(rng, 240, 256), _u(rng, 170, 190)
+    matrix = (int(round(fov / pixel)), int(round(fov / pixel)), int(round(extent / thick)))
+    return WorldDraw(field_t, draw_protocol(rng, field_t), tissues, warp, AnatomyChanges(atrophy, lesions), bias,
+                     _u(rng, 12, 45), _u(rng, 25, 60), orientation, pixel, thick, matrix, _u(rng, -15, 15))

@@ -43,11 +43,12 @@ from pipeline.model.package import ModelPackage, check_compatible
 from pipeline.mrf.coefficients import from_channels
 from pipeline.mrf.dictionary import load_or_build_dictionary
 from pipeline.mrf.epg import resolve_device
-from pipeline.mrf.matching import Matcher, match_volume
+from pipeline.mrf.matching import Matcher
 from pipeline.mrf.sequence import Sequence
 from pipeline.normalise import normalise
 from pipeline.protocol import AcquisitionProtocol, out_of_range, protocol_features
 from pipeline.qc_figure import qc_figure
+from pipeline.quality import StudyVerdict, match_volume_with_quality, study_verdict
 from pipeline.volume_io import load_volume, save_volume
 
 logger = logging.getLogger(__name__)
@@ -215,11 +216,15 @@ def process_series(source: str | Path, out_dir: str | Path, package: ModelPackag
     with stages.stage("match"):
         matcher = _matcher(package.sequence, device)
         check_compatible(package, matcher.dictionary)
-        maps = match_volume(from_channels(channels), mask, matcher)
+        maps = match_volume_with_quality(from_channels(channels), mask, matcher)
         del channels
+        verdict = study_verdict(maps["Q"], mask, maps["T1"], maps["T2"], protocol_reasons=ood_reasons,
+                                grid=matcher.dictionary.grid)
+        if not verdict.ok:
+            logger.warning("result flagged: %s", verdict.summary())
     with stages.stage("write"):
         result = _write(out_dir, source, series, volume.shape, affine, space, working, mask, maps, package,
-                        options, protocol, ood_reasons)
+                        options, protocol, verdict)
     result.stages = stages.record
     _rewrite_stages(result)
     return result
@@ -227,7 +232,7 @@ def process_series(source: str | Path, out_dir: str | Path, package: ModelPackag
 
 def _provenance_doc(source: Path, series: DicomSeries | None, package: ModelPackage, space: WorkingSpace,
                     brain_ml: float, files: dict[str, object], protocol: AcquisitionProtocol,
-                    ood_reasons: list[str]) -> dict[str, object]:
+                    verdict: StudyVerdict) -> dict[str, object]:
     return {
         "format": "synthmrf-result/1",
         "software": {"name": "synthmrf", "version": software_version(), "torch": torch.__version__},
@@ -239,7 +244,8 @@ def _provenance_doc(source: Path, series: DicomSeries | None, package: ModelPack
                    "frame_of_reference_uid": series.frame_of_reference_uid, "frames": series.grid.n_frames}
                   if series is not None else {"kind": "nifti", "file": source.name}),
         "acquisition": protocol.to_dict(),
-        "out_of_range": ood_reasons,  # why the acquisition lies outside the model's trained ranges (allowed)
+        "out_of_range": verdict.protocol_reasons,  # why the acquisition lies outside the trained ranges (allowed)
+        "quality": verdict.to_dict(),
         "normalisation": package.normalisation,
         "working_grid": {"shape": list(space.shape), "affine_ras": np.round(space.affine, 6).tolist(),
                          "head_pose_template_to_patient": np.round(space.rigid, 6).tolist()},
@@ -251,7 +257,7 @@ def _provenance_doc(source: Path, series: DicomSeries | None, package: ModelPack
 def _write(out_dir: Path, source: Path, series: DicomSeries | None, shape: tuple[int, ...], affine: np.ndarray,
            space: WorkingSpace, working: np.ndarray, mask: np.ndarray, maps: dict[str, np.ndarray],
            package: ModelPackage, options: ProcessOptions, protocol: AcquisitionProtocol,
-           ood_reasons: list[str]) -> ProcessResult:
+           verdict: StudyVerdict) -> ProcessResult:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -259,7 +265,7 @@ def _write(out_dir: Path, source: Path, series: DicomSeries | None, shape: tuple
     try:
         on_source = _to_source(maps, mask, space, (shape[0], shape[1], shape[2]), affine)
         written: dict[str, str] = {}
-        for q in QUANTITIES:
+        for q in (*QUANTITIES, "Q"):
             save_volume(staging / f"{q}.nii.gz", on_source[q], affine)
             written[q] = f"{q}.nii.gz"
         if options.keep_working:
@@ -267,13 +273,13 @@ def _write(out_dir: Path, source: Path, series: DicomSeries | None, shape: tuple
                 save_volume(staging / "working" / f"{name}.nii.gz", values, space.affine)
         title = (f"series {series.series_instance_uid}" if series is not None else source.name) + \
             f" | model {package.name}"
-        qc_figure(staging / "qc.png", working, maps, mask, title=title)
+        qc_figure(staging / "qc.png", working, {q: maps[q] for q in QUANTITIES}, mask, title=title,
+                  quality=maps["Q"], verdict=verdict)
         dicom_files: list[str] = []
         if series is not None and options.dicom:
-            # The one call site of the DICOM writer: ood_reasons go on from here to its out-of-range flag.
-            dicom_files = _write_dicom(series, on_source, staging / "dicom", package, options)
+            dicom_files = _write_dicom(series, on_source, staging / "dicom", package, options, verdict)
         doc = _provenance_doc(source, series, package, space, float(mask.sum()) / 1000.0,
-                              {"maps": written, "qc_figure": "qc.png", "dicom": dicom_files}, protocol, ood_reasons)
+                              {"maps": written, "qc_figure": "qc.png", "dicom": dicom_files}, protocol, verdict)
         (staging / "provenance.json").write_text(json.dumps(doc, indent=1))
         _publish(staging, out_dir)
     except BaseException:
@@ -285,14 +291,16 @@ def _write(out_dir: Path, source: Path, series: DicomSeries | None, shape: tuple
 
 
 def _write_dicom(series: DicomSeries, maps: dict[str, np.ndarray], folder: Path, package: ModelPackage,
-                 options: ProcessOptions) -> list[str]:
+                 options: ProcessOptions, verdict: StudyVerdict) -> list[str]:
+    """Parametric Maps and derived series (with the quality series); a flagged study is marked in all."""
     from pipeline.dicom_output import Provenance, write_result_series
 
     provenance = Provenance(str(package.manifest["name"]), str(package.manifest["version"]),
                             package.sequence.hash(), software_version())
     quantities = ("T1", "T2", "PD") if options.pd_dicom else ("T1", "T2")
     paths = write_result_series(series, maps, folder, provenance, derived=options.derived_series,
-                                quantities=quantities)
+                                quantities=quantities, quality=maps["Q"] if options.derived_series else None,
+                                warnings=verdict.reasons)
     return [str(p.relative_to(folder)) for p in paths]
 
 

@@ -599,3 +599,93 @@ def test_provenance_is_validated() -> None:
         Provenance("m", "1\\2", "0123456789abcdef", "0.1.0")
     with pytest.raises(TypeError, match=r"software_version: expected str, got int"):
         Provenance("m", "1", "0123456789abcdef", 1)  # type: ignore[arg-type]
+
+
+# ---- out-of-range flag and the quality series -------------------------------------------------------------
+
+REASONS = ["protocol: MagneticFieldStrength 1.5 T (trained on 3 T)",
+           "median match quality 0.42 in the brain (expected >= 0.95)"]
+
+
+def _quality(written: Written) -> np.ndarray:
+    """A Q map in [0, 1]: the T1 ramp scaled, the cube at 0.834 (stored per mille)."""
+    return np.clip(written.maps["T1"] / 3000.0, 0.0, 1.0).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def flagged(classic: Written, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The classic source's T1 results and a quality series, flagged with REASONS."""
+    return write_result_series(classic.series, classic.maps, tmp_path_factory.mktemp("flagged"), PROVENANCE,
+                               quantities=("T1",), quality=_quality(classic), warnings=REASONS)
+
+
+def test_flagged_results_say_so_in_every_instance(flagged: list[Path]) -> None:
+    assert [p.name for p in flagged].count("T1_map.dcm") == 1 and len(flagged) == 1 + 2 * MATRIX[2]
+    for path in flagged:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert ds.SeriesDescription.startswith("OUT OF RANGE: synthMRF ") and len(ds.SeriesDescription) <= 64
+        assert ds.ImageComments.endswith("FLAGGED: input or result outside the model's validated range, interpret "
+                                         "with caution: " + "; ".join(REASONS)), path.name
+        assert "FLAGGED" in ds.DerivationDescription and PROVENANCE.sequence_hash in ds.DerivationDescription
+    for path in (flagged[0], flagged[1], flagged[-1]):
+        lines = _dciodvfy(path)
+        assert not [line for line in lines if line.startswith("Error")], path.name
+
+
+def test_unflagged_results_carry_no_flag(classic: Written) -> None:
+    for datasets in classic.outputs.values():
+        for ds in datasets:
+            assert ds.SeriesDescription.startswith("synthMRF ")
+            assert "ImageComments" not in ds and "FLAGGED" not in ds.DerivationDescription
+
+
+def test_quality_series_values_and_identity(classic: Written, flagged: list[Path]) -> None:
+    quality = _quality(classic)
+    images: list[Dataset] = sorted((pydicom.dcmread(p) for p in flagged if p.name.startswith("Q_mr_")),
+                    key=lambda ds: int(ds.InstanceNumber))
+    assert len(images) == MATRIX[2] and len({ds.SeriesInstanceUID for ds in images}) == 1
+    first = images[0]
+    assert int(first.SeriesNumber) == 314 and list(first.ImageType) == ["DERIVED", "SECONDARY", "OTHER"]
+    assert first.SeriesDescription == "OUT OF RANGE: synthMRF Q map [0-1] (MR image)"
+    assert first.ImageComments.startswith("Q: how well the synthesised MRF signal fits the dictionary")
+    mapping = first.RealWorldValueMappingSequence[0]
+    units = mapping.MeasurementUnitsCodeSequence[0]
+    assert (units.CodeValue, units.CodingSchemeDesignator) == ("1", "UCUM")
+    assert mapping.QuantityDefinitionSequence[0].ConceptCodeSequence[0].CodeValue == "MATCHQ"
+    for plane in _planes(images):
+        k = _slice_index(classic.truth, plane.position)
+        np.testing.assert_allclose(plane.values, quality[:, :, k].T, rtol=0, atol=5e-4 + 1e-9)
+    assert [line for line in _dciodvfy(flagged[-1]) if line.startswith("Error")] == []
+
+
+def test_quality_a_rounding_error_outside_0_to_1_is_accepted(classic: Written, tmp_path: Path) -> None:
+    """A resampled map can leave [0, 1] by float rounding: stored as 0 and 1000 all the same."""
+    quality = np.full(classic.series.grid.shape, 1.0 + 1e-6, np.float32)
+    quality[0] = -1e-6
+    paths = write_result_series(classic.series, classic.maps, tmp_path, PROVENANCE, derived=False,
+                                quantities=("T1",), quality=quality)
+    first = pydicom.dcmread(tmp_path / "Q_mr_0001.dcm")
+    assert len(paths) == 1 + MATRIX[2] and int(first.pixel_array.min()) == 0 and int(first.pixel_array.max()) == 1000
+
+
+def test_flag_text_is_printable_ascii_and_bounded(classic: Written, tmp_path: Path) -> None:
+    (path,) = write_result_series(classic.series, classic.maps, tmp_path, PROVENANCE, derived=False,
+                                  quantities=("T2",), warnings=["T2 ≥ 3000 ms\tin 40 % of voxels", "x" * 2000])
+    comment = pydicom.dcmread(path, stop_before_pixels=True).ImageComments
+    assert "T2 ? 3000 ms?in 40 % of voxels; xxx" in comment and len(comment) == 1024 and comment.endswith("...")
+    assert not [line for line in _dciodvfy(path) if line.startswith("Error")]
+
+
+def test_flag_and_quality_arguments_are_checked_before_writing(classic: Written, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"warnings: expected a sequence of non-empty reasons, got 'too hot'"):
+        write_result_series(classic.series, classic.maps, out, PROVENANCE, warnings="too hot")
+    with pytest.raises(ValueError, match=r"warnings: expected a sequence of non-empty reasons"):
+        write_result_series(classic.series, classic.maps, out, PROVENANCE, warnings=["ok", " "])
+    with pytest.raises(ValueError, match=r"quality: values must be in \[0, 1\], got 0\.4\.\.1\.25"):
+        write_result_series(classic.series, classic.maps, out, PROVENANCE, quality=_quality(classic) * 1.5)
+    with pytest.raises(ValueError, match=r"quality: values must be in \[0, 1\], got -0\.0"):
+        write_result_series(classic.series, classic.maps, out, PROVENANCE, quality=_quality(classic) - 0.3)
+    with pytest.raises(ValueError, match=r"quality: expected shape \(40, 48, 42\)"):
+        write_result_series(classic.series, classic.maps, out, PROVENANCE, quality=_quality(classic)[:-1])
+    assert not out.exists()

@@ -191,13 +191,30 @@ def test_evaluate_command_writes_the_report(tiny_dataset: Path, tmp_path: Path) 
                                     unet=TINY), progress=False)
     package = package_run(run, tiny_dataset, tmp_path / "pkg", name="tiny", version="0.0")
     out = tmp_path / "report"
-    result = CliRunner().invoke(cli, ["evaluate", "--data", str(tiny_dataset), "--model", str(package),
-                                      "--out", str(out), "--bootstrap", "200", "--cache", str(tmp_path / "cache")])
+    # Two datasets (the same one twice), every second slice; the lookup is fitted on the train split.
+    common = ["evaluate", "--data", str(tiny_dataset), "--model", str(package), "--bootstrap", "200"]
+    result = CliRunner().invoke(cli, [*common, "--data", str(tiny_dataset), "--out", str(out), "--slice-step", "2",
+                                      "--split", "test", "--split", "val", "--cache", str(tmp_path / "cache"),
+                                      "--cache", str(tmp_path / "cache")])
     assert result.exit_code == 0, result.output
+    assert "Truth vs map set by acquisition group" in result.output and "mprage 3T" in result.output
     summary = json.loads((out / "summary.json").read_text())
-    assert summary
-    assert (out / "regional.csv").is_file() and (out / "summary.md").is_file()
-    assert any(p.suffix == ".png" for p in out.iterdir())
+    assert list(summary["datasets"]) == ["ds", "ds-2"]
+    assert summary["datasets"]["ds"]["subjects"] == json.loads((tiny_dataset / "manifest.json").read_text())[
+        "split"]["test"]
+    by_protocol = (out / "by_protocol.csv").read_text().splitlines()
+    assert len(by_protocol) == 1 + 2 * 2  # header + datasets x map sets (dl, lookup) of the one group
+    markdown = (out / "summary.md").read_text()
+    assert "## ds (" in markdown and "## ds-2 (" in markdown and "By acquisition group" in markdown
+    for name in ("ds", "ds-2"):
+        assert (out / name / "regional.csv").is_file() and (out / name / "summary.md").is_file()
+        assert any(p.suffix == ".png" for p in (out / name).iterdir())
+        agreement = summary["datasets"][name]["agreement"]
+        assert {(a["reference"], a["other"]) for a in agreement} >= {("truth", "dl"), ("truth", "lookup"),
+                                                                     ("true", "dl")}
+    # Every subject (split all) includes the lookup's training subject: refused before any work.
+    result = CliRunner().invoke(cli, [*common, "--split", "all", "--out", str(tmp_path / "refused")])
+    assert result.exit_code != 0 and "lookup baseline is fitted on" in result.output, result.output
 
 
 def test_distributed_training_with_torchrun(tiny_dataset: Path, tmp_path: Path) -> None:

@@ -178,10 +178,13 @@ def encode(frames: np.ndarray, spec: QuantitySpec) -> tuple[np.ndarray, int]:
     return np.clip(stored, 0, STORED_MAX).astype(np.uint16), clipped
 
 
-def build_derived_series(series: DicomSeries, values: np.ndarray, quantity: str, provenance: Provenance, *,
-                         series_number: int) -> list[DerivedMRImage]:
-    """One :class:`DerivedMRImage` per source frame, in grid order, for ``values`` ((i, j, k) on the grid)."""
-    spec = quantity_spec(quantity)
+def build_derived_series(series: DicomSeries, values: np.ndarray, quantity: str | QuantitySpec,
+                         provenance: Provenance, *, series_number: int) -> list[DerivedMRImage]:
+    """One :class:`DerivedMRImage` per source frame, in grid order, for ``values`` ((i, j, k) on the grid).
+
+    ``quantity``: a name in :data:`~pipeline.dicom_output.quantities.QUANTITIES`, or a spec (the quality map's).
+    """
+    spec = quantity if isinstance(quantity, QuantitySpec) else quantity_spec(quantity)
     frames = map_frames(values, series.grid)
     if not isinstance(provenance, Provenance):
         raise TypeError(f"provenance: expected Provenance, got {type(provenance).__name__}")

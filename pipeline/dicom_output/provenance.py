@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
 
 from pipeline.dicom_series import RESULT_MANUFACTURER
 
@@ -15,6 +18,11 @@ MODEL_LABEL_MAX = 40  # "synthMRF T1 map; model " + label fits one LO (ContentDe
 SOFTWARE_PREFIX = "synthmrf "
 SEQUENCE_PREFIX = "MRF sequence "
 SEQUENCE_HASH_SHOWN = 16  # hex digits of the sequence hash in SoftwareVersions (the full hash is in the text)
+FLAG_PREFIX = "OUT OF RANGE: "  # SeriesDescription of every result series of a flagged study
+FLAG_NOTE = "FLAGGED: input or result outside the model's validated range, interpret with caution"
+COMMENT_MAX = 1024  # of ImageComments (LT allows 10240): reasons are one line each, a few of them
+QUALITY_COMMENT = ("Q: how well the synthesised MRF signal fits the dictionary; 1 = on the dictionary manifold, "
+                   "0 = misfit angle of 15 degrees or more")
 _HEX = re.compile(r"[0-9a-f]{16,64}")
 _PRINTABLE = re.compile(r"[ -\[\]-~]+")  # printable ASCII without the backslash (DICOM's value delimiter)
 
@@ -64,3 +72,18 @@ class Provenance:
         return (f"synthMRF {quantity} map from a 3D T1-weighted (MPRAGE) series by synthetic MR fingerprinting; "
                 f"model {self.model_label}; MRF sequence sha256 {self.sequence_hash}; "
                 f"synthmrf {self.software_version}")
+
+
+def flag_comment(reasons: Sequence[str]) -> str:
+    """ImageComments text of a flagged result: the note and the reasons, printable ASCII, at most COMMENT_MAX."""
+    text = f"{FLAG_NOTE}: " + "; ".join(r.strip() for r in reasons)
+    text = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return text if len(text) <= COMMENT_MAX else text[: COMMENT_MAX - 3] + "..."
+
+
+def flag_result(ds: Dataset, reasons: Sequence[str]) -> None:
+    """Mark ``ds`` (a result instance) as flagged: SeriesDescription, ImageComments, DerivationDescription."""
+    ds.SeriesDescription = (FLAG_PREFIX + str(ds.SeriesDescription))[:LO_MAX]
+    comment = flag_comment(reasons)
+    ds.ImageComments = f"{ds.ImageComments}\n{comment}" if ds.get("ImageComments") else comment
+    ds.DerivationDescription = f"{ds.DerivationDescription}; {FLAG_NOTE} (reasons in Image Comments)"

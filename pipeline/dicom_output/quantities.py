@@ -49,6 +49,11 @@ QUANTITIES: Mapping[str, QuantitySpec] = {
                        "DENSITY MAP", "RHO", 3),
 }
 
+# Q (pipeline.quality): how well the synthesised signal fits the dictionary, dimensionless in [0, 1], stored per
+# mille (slope 0.001), as a derived MR series only. No standard code names it: a local code (99 prefix) and UCUM 1.
+QUALITY = QuantitySpec("Q", Code("MATCHQ", "99SYNTHMRF", "MRF dictionary match quality"), codes.UCUM.NoUnits, "0-1",
+                       0.5, 1.0, 1e-3, "OTHER", "OTHER", 4)
+
 
 def quantity_spec(name: object, argument: str = "quantity") -> QuantitySpec:
     """The spec of ``name``; ValueError naming ``argument`` for an unknown quantity."""

@@ -3,8 +3,12 @@
 Everything is built (and so validated) before the first file is written. Each file is written under a
 hidden temporary name in ``out_dir``, flushed to disk and renamed; if any write fails, the files this
 call already wrote are removed again, so a fresh ``out_dir`` is left without a partial result. File
-names are deterministic (``T1_map.dcm``, ``T1_mr_0001.dcm``, ...): writing again replaces the files of
-an earlier result one by one (stage into a fresh folder where the old result must survive a failure).
+names are deterministic (``T1_map.dcm``, ``T1_mr_0001.dcm``, ``Q_mr_0001.dcm``, ...): writing again
+replaces the files of an earlier result one by one (stage into a fresh folder where the old result must
+survive a failure).
+
+A study flagged out of range (``warnings``) is marked in every result instance: SeriesDescription starts
+with "OUT OF RANGE: ", ImageComments names the reasons and DerivationDescription says it was flagged.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from pydicom.dataset import Dataset
 
 from pipeline.dicom_output.derived_series import build_derived_series
 from pipeline.dicom_output.parametric_map import build_parametric_map
-from pipeline.dicom_output.provenance import Provenance
-from pipeline.dicom_output.quantities import map_frames, quantity_spec, result_series_number
+from pipeline.dicom_output.provenance import QUALITY_COMMENT, Provenance, flag_result
+from pipeline.dicom_output.quantities import QUALITY, map_frames, quantity_spec, result_series_number
 from pipeline.dicom_output.source import read_source_headers
 from pipeline.dicom_series import DicomSeries
 
@@ -52,14 +56,19 @@ def write_dataset_atomic(ds: Dataset, path: Path) -> None:
 
 
 def write_result_series(series: DicomSeries, maps: Mapping[str, np.ndarray], out_dir: Path, provenance: Provenance,
-                        *, derived: bool = True, quantities: Sequence[str] = ("T1", "T2")) -> list[Path]:
+                        *, derived: bool = True, quantities: Sequence[str] = ("T1", "T2"),
+                        quality: np.ndarray | None = None, warnings: Sequence[str] = ()) -> list[Path]:
     """Write ``quantities`` of ``maps`` ((i, j, k) volumes on ``series.grid``) into ``out_dir``; the paths.
 
     Per quantity: one Parametric Map (series number source x 100 + k) and, with ``derived``, one classic
-    MR series (source x 100 + 10 + k), each a new series in the source study.
+    MR series (source x 100 + 10 + k), each a new series in the source study. A ``quality`` map (Q in
+    [0, 1], :mod:`pipeline.quality`) adds a classic MR series of its own (source x 100 + 14). ``warnings``:
+    the reasons the study is flagged out of range (see the module docstring); none, not flagged.
     """
     if isinstance(quantities, str) or not quantities:
         raise ValueError(f"quantities: expected a non-empty sequence of names, got {quantities!r}")
+    if isinstance(warnings, str) or not all(isinstance(w, str) and w.strip() for w in warnings):
+        raise ValueError(f"warnings: expected a sequence of non-empty reasons, got {warnings!r}")
     specs = [quantity_spec(q, "quantities") for q in quantities]
     if len({s.name for s in specs}) != len(specs):
         raise ValueError(f"quantities: duplicates in {list(quantities)}")
@@ -68,6 +77,11 @@ def write_result_series(series: DicomSeries, maps: Mapping[str, np.ndarray], out
         raise ValueError(f"maps: no volume for {missing}; it has {sorted(maps)}")
     for spec in specs:
         map_frames(maps[spec.name], series.grid, f"maps[{spec.name!r}]")
+    if quality is not None:
+        frames = map_frames(quality, series.grid, "quality")
+        slack = QUALITY.derived_slope / 2  # float rounding of a resampled map: stored as 0 or 1000 all the same
+        if frames.min() < -slack or frames.max() > 1 + slack:
+            raise ValueError(f"quality: values must be in [0, 1], got {frames.min():g}..{frames.max():g}")
     out_dir = Path(out_dir)
     headers = read_source_headers(series)
     # The Parametric Maps come first in the returned list (and so in what the node sends): they are the
@@ -84,7 +98,16 @@ def write_result_series(series: DicomSeries, maps: Mapping[str, np.ndarray], out
                                           series_number=result_series_number(series, spec, derived=True))
             derived_files.extend((out_dir / derived_file_name(spec.name, int(im.InstanceNumber)), im)
                                  for im in images)
+    if quality is not None:
+        images = build_derived_series(series, quality, QUALITY, provenance,
+                                      series_number=result_series_number(series, QUALITY, derived=True))
+        for im in images:
+            im.ImageComments = QUALITY_COMMENT
+        derived_files.extend((out_dir / derived_file_name(QUALITY.name, int(im.InstanceNumber)), im) for im in images)
     files += derived_files
+    if warnings:
+        for _, ds in files:
+            flag_result(ds, warnings)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     try:

@@ -1,0 +1,88 @@
+"""Per-protocol groups of the evaluation: labels, grouping and the plain estimates per group."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.protocol import PAPER_PROTOCOL, Family
+from training.evaluation.protocols import markdown_table, metric_columns, protocol_group, protocol_table, text_table
+from training.evaluation.report import evaluate_subjects
+from training.evaluation.subjects import SubjectMaps
+
+SHAPE = (12, 12, 4)
+REGIONS = {1: "white matter", 2: "cortex", 3: "thalamus"}
+TRUTH_T1 = {1: 800.0, 2: 1300.0, 3: 1000.0}
+TRUTH_T2 = {1: 70.0, 2: 95.0, 3: 80.0}
+# Subject -> (group, dl factor on T1 and T2, lookup factor); subjects of the two groups interleaved.
+SUBJECTS = {"a": ("mprage 3T", 1.10, 0.95), "b": ("ir-fspgr 1.5T", 0.80, 1.0),
+            "c": ("mprage 3T", 1.10, 0.95), "d": ("ir-fspgr 1.5T", 0.80, 1.0), "e": ("ir-fspgr 1.5T", 0.80, 1.0)}
+
+
+def subject(name: str, index: int) -> SubjectMaps:
+    """Three regions (thirds of the grid along x), truth uniform per region and scaled per subject; dl and
+    lookup are the truth times a per-group factor."""
+    labels = np.zeros(SHAPE, np.int16)
+    labels[0:4], labels[4:8], labels[8:12] = 1, 2, 3
+    scale = 1.0 + 0.03 * index
+    truth = {"T1": np.vectorize(TRUTH_T1.get)(labels) * scale, "T2": np.vectorize(TRUTH_T2.get)(labels) * scale}
+    _, dl, lookup = SUBJECTS[name]
+    return SubjectMaps(subject_id=name, maps={"truth": truth, "dl": {q: v * dl for q, v in truth.items()},
+                                              "lookup": {q: v * lookup for q, v in truth.items()}},
+                       labels=labels, region_names=REGIONS, brain_mask=labels > 0,
+                       tissue_masks={"WM": labels == 1, "GM": labels == 2})
+
+
+def ccc(x: np.ndarray, y: np.ndarray) -> float:
+    """Lin's CCC written out (population moments)."""
+    return float(2 * np.mean((x - x.mean()) * (y - y.mean())) / (x.var() + y.var() + (x.mean() - y.mean()) ** 2))
+
+
+def test_group_labels() -> None:
+    assert protocol_group(PAPER_PROTOCOL) == "mprage 3T"
+    assert protocol_group(replace(PAPER_PROTOCOL, family=Family.IR_FSPGR, field_strength_t=1.5)) == "ir-fspgr 1.5T"
+
+
+def test_protocol_table_groups_subjects(tmp_path: Path) -> None:
+    subjects = [subject(name, i) for i, name in enumerate(SUBJECTS)]
+    summary = evaluate_subjects(iter(subjects), [("truth", "dl"), ("truth", "lookup")], tmp_path, n_boot=100)
+    groups = {name: g for name, (g, _, _) in SUBJECTS.items()}
+    table = protocol_table(summary.regional, summary.voxelwise_subjects, groups)
+
+    assert list(table.columns) == ["group", "n_subjects", "map_set", *metric_columns()]
+    assert table[["group", "map_set"]].values.tolist() == [["ir-fspgr 1.5T", "dl"], ["ir-fspgr 1.5T", "lookup"],
+                                                         ["mprage 3T", "dl"], ["mprage 3T", "lookup"]]
+    rows = table.set_index(["group", "map_set"])
+    assert rows.loc[("ir-fspgr 1.5T", "dl"), "n_subjects"] == 3
+    assert rows.loc[("mprage 3T", "dl"), "n_subjects"] == 2
+    for group, factor in (("mprage 3T", 1.10), ("ir-fspgr 1.5T", 0.80)):
+        for column in ("mape_WM_T1", "mape_GM_T1", "mape_WM_T2", "mape_GM_T2"):
+            assert rows.loc[(group, "dl"), column] == pytest.approx(100 * abs(factor - 1))
+        for column in ("bias_WM_T1", "bias_GM_T1", "bias_WM_T2", "bias_GM_T2"):
+            assert rows.loc[(group, "dl"), column] == pytest.approx(100 * (factor - 1))
+        members = [i for i, name in enumerate(SUBJECTS) if SUBJECTS[name][0] == group]
+        truth = np.array([TRUTH_T1[k] * (1.0 + 0.03 * i) for i in members for k in REGIONS])
+        assert rows.loc[(group, "dl"), "ccc_T1"] == pytest.approx(ccc(truth, factor * truth), rel=1e-9)
+    assert rows.loc[("ir-fspgr 1.5T", "lookup"), "ccc_T2"] == pytest.approx(1.0)
+    assert rows.loc[("mprage 3T", "lookup"), "bias_GM_T2"] == pytest.approx(-5.0)
+
+    text = markdown_table(table)
+    assert "| ir-fspgr 1.5T | 3 | dl | " in text and "+10.0" in text and "-20.0" in text
+    assert "mprage 3T" in text_table(table)
+    with pytest.raises(ValueError, match=r"no group for subjects \['e'\]"):
+        protocol_table(summary.regional, summary.voxelwise_subjects, {k: v for k, v in groups.items() if k != "e"})
+
+
+def test_a_group_with_one_regional_pair_has_no_ccc() -> None:
+    regional = pd.DataFrame({"subject": ["a", "a"], "region": ["white matter"] * 2, "label": [1, 1],
+                             "map_set": ["truth", "dl"], "quantity": ["T1", "T1"], "n_voxels": [5, 5],
+                             "mean": [800.0, 880.0], "sd": [1.0, 1.0]})
+    voxelwise = pd.DataFrame(columns=["subject", "tissue", "reference", "other", "quantity", "n_voxels",
+                                      "median_ape"])
+    row = protocol_table(regional, voxelwise, {"a": "mprage 3T"}, others=("dl",), quantities=("T1",)).iloc[0]
+    assert np.isnan(row["ccc_T1"]) and np.isnan(row["mape_WM_T1"])
+    assert row["bias_WM_T1"] == pytest.approx(10.0)

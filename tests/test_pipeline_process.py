@@ -175,3 +175,8 @@ def test_end_to_end_dicom_in_maps_out(subject: Path, package: ModelPackage, tmp_
     assert provenance["sequence"]["hash"] == package.sequence.hash()
     assert provenance["input"]["series_instance_uid"] == source.SeriesInstanceUID
     assert result.qc_figure.stat().st_size > 10_000
+    # The quality map: an in-range phantom's synthesised signals lie on the dictionary manifold.
+    assert provenance["quality"]["median_quality"] > 0.9 and provenance["out_of_range"] == []
+    assert load_volume(result.maps["Q"])[0].shape == source_mprage.shape
+    quality = [p for p in result.dicom_files if p.name.startswith("Q_mr_")]
+    assert len(quality) == source_mprage.shape[2]

@@ -1,18 +1,26 @@
-"""Evaluating a model package on held-out subjects: the paper's comparison, plus ground truth.
+"""Evaluating a model package on the subjects of one or more datasets, against ground truth and a baseline.
 
-Per subject: "true" maps = dictionary matching of the subject's MRF coefficients (the paper's
-reference); "dl" maps = matching of the coefficients the model synthesises from the MPRAGE; "truth" =
-the phantom's ground truth. All three are compared with :func:`training.evaluation.report.evaluate_subjects`.
+Per subject: "truth" = the phantom's ground truth; "dl" = matching of the coefficients the model
+synthesises from the MPRAGE; "lookup" = the intensity-lookup baseline
+(:mod:`training.evaluation.baseline`, fitted on training subjects only); optionally "true" = matching of
+the subject's MRF coefficients (the paper's reference). Every map set is compared on the same voxels:
+the brain of every ``slice_step``-th prepared axial slice (those with enough brain to carry an MPRAGE
+input). ``out_dir`` gets one report per dataset (:func:`training.evaluation.report.evaluate_subjects`,
+in ``out_dir/NAME``) and over all: ``summary.md``, ``summary.json``, ``by_protocol.csv`` (per dataset and
+acquisition group, :mod:`training.evaluation.protocols`) and ``lookup.csv`` (the baseline's tables).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from tqdm import tqdm
 
 from pipeline.model.inference import synthesise_channels
@@ -20,45 +28,168 @@ from pipeline.model.package import ModelPackage, check_compatible
 from pipeline.mrf.coefficients import from_channels
 from pipeline.mrf.dictionary import load_or_build_dictionary
 from pipeline.mrf.matching import Matcher, match_volume
+from pipeline.protocol import out_of_range
 from pipeline.volume_io import load_volume
+from training.evaluation.baseline import LookupBaseline
+from training.evaluation.datasets import DatasetInfo, normalised_volume
+from training.evaluation.protocols import markdown_table, protocol_group, protocol_table
 from training.evaluation.report import EvaluationSummary, evaluate_subjects
 from training.evaluation.subjects import SubjectMaps, load_phantom_subject
-from training.preprocess import prepare_subject, subject_protocol
 
 logger = logging.getLogger(__name__)
 
-COMPARISONS = [("true", "dl"), ("truth", "true"), ("truth", "dl")]
+COMPARISONS = [("truth", "dl"), ("truth", "lookup")]
+COMPARISONS_WITH_TRUE = [("true", "dl"), ("truth", "true"), *COMPARISONS]
 
 
-def _subject_maps(dataset: Path, subject: str, package: ModelPackage, matcher: Matcher, cache: Path,
-                  entry: dict[str, object]) -> SubjectMaps:
-    base = load_phantom_subject(dataset, subject)
-    prepared = prepare_subject(dataset / subject, cache, protocol=subject_protocol(entry))
-    mask = base.brain_mask.astype(bool)
-    volume = np.zeros(mask.shape, np.float32)
-    volume[:, :, prepared.slices] = np.moveaxis(np.asarray(prepared.inputs, np.float32), 0, 2)
-    volume *= np.float32(prepared.input_factor(package.normalisation))
-    protocol = prepared.features if package.model.config.protocol_features else None
-    channels = synthesise_channels(volume, mask, package, protocol=protocol)
-    dl = match_volume(from_channels(channels), mask, matcher)
-    coeffs, _ = load_volume(dataset / subject / "mrf_svd.nii.gz")
-    true = match_volume(coeffs[..., :4], mask, matcher)
-    return base.with_maps("true", true).with_maps("dl", dl)
+@dataclass(frozen=True)
+class EvaluationSet:
+    """Subjects of one dataset to evaluate: report ``name``, the ``split`` they come from, and the cache of
+    the dataset's prepared arrays."""
+
+    data: DatasetInfo
+    name: str
+    split: str
+    subjects: tuple[str, ...]
+    cache: Path
 
 
-def evaluate_package(dataset: Path, subjects: list[str], package: ModelPackage, out_dir: Path, cache: Path, *,
-                     n_boot: int = 10_000, seed: int = 0, progress: bool = True) -> EvaluationSummary:
-    """Write the evaluation report of ``package`` on ``subjects`` of ``dataset`` into ``out_dir``."""
-    if not subjects:
-        raise ValueError("subjects: nothing to evaluate")
+@dataclass(frozen=True)
+class EvaluationReport:
+    """Reports by dataset name, the per-protocol table of all datasets (a ``dataset`` column first), files."""
+
+    summaries: Mapping[str, EvaluationSummary]
+    by_protocol: pd.DataFrame
+    files: Mapping[str, Path]
+
+
+def evaluation_mask(brain_mask: np.ndarray, slices: np.ndarray, slice_step: int = 1) -> np.ndarray:
+    """The brain voxels of every ``slice_step``-th of the axial ``slices`` (third array axis)."""
+    if slice_step < 1:
+        raise ValueError(f"slice_step: must be >= 1, got {slice_step}")
+    keep = np.zeros(brain_mask.shape[2], bool)
+    keep[np.asarray(slices, dtype=np.intp)[::slice_step]] = True
+    return np.asarray(brain_mask, bool) & keep
+
+
+def _subject_maps(item: EvaluationSet, subject: str, package: ModelPackage, matcher: Matcher,
+                  baseline: LookupBaseline, slice_step: int, with_true: bool) -> SubjectMaps:
+    base = load_phantom_subject(item.data.root, subject)
+    prepared = item.data.prepare(subject, item.cache)
+    volume = normalised_volume(prepared, base.labels.shape, package.normalisation)
+    mask = evaluation_mask(base.brain_mask, prepared.slices, slice_step)
+    features = prepared.features if package.model.config.protocol_features else None
+    channels = synthesise_channels(volume, mask, package, protocol=features)
+    maps = {"dl": match_volume(from_channels(channels), mask, matcher),
+            "lookup": baseline.maps(item.data.root / subject, volume, mask, prepared.protocol.field_strength_t)}
+    if with_true:
+        coeffs, _ = load_volume(item.data.root / subject / "mrf_svd.nii.gz")
+        maps["true"] = match_volume(coeffs[..., : matcher.dictionary.rank], mask, matcher)
+    return replace(base, brain_mask=mask, maps={**base.maps, **maps})
+
+
+def check_sets(sets: Sequence[EvaluationSet], fitted_on: frozenset[Path]) -> None:
+    """Raise ValueError unless ``sets`` have distinct names and some subjects each, none of them among the
+    lookup baseline's training subjects ``fitted_on`` (resolved folders)."""
+    if not sets:
+        raise ValueError("sets: nothing to evaluate")
+    names = [s.name for s in sets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"sets: report names must differ, got {names}")
+    for s in sets:
+        if not s.subjects:
+            raise ValueError(f"{s.data.root}: no subjects in split {s.split!r}")
+        seen = [subject for subject in s.subjects if (s.data.root / subject).resolve() in fitted_on]
+        if seen:
+            raise ValueError(f"{s.data.root}: the lookup baseline is fitted on {', '.join(seen)} (split "
+                             f"{s.split!r}); evaluate other subjects or fit it on another dataset (--baseline-data)")
+
+
+def evaluate_package(sets: Sequence[EvaluationSet], package: ModelPackage, out_dir: Path,
+                     baseline: LookupBaseline, *, slice_step: int = 1, with_true: bool = True,
+                     n_boot: int = 10_000, seed: int = 0, progress: bool = True) -> EvaluationReport:
+    """Write the evaluation of ``package`` on ``sets`` into ``out_dir`` (layout: module docstring)."""
+    check_sets(sets, baseline.fitted_on)
+    if slice_step < 1:
+        raise ValueError(f"slice_step: must be >= 1, got {slice_step}")
+    if baseline.normalisation != package.normalisation:
+        raise ValueError(f"baseline: fitted on {baseline.normalisation!r} inputs, {package.name} takes "
+                         f"{package.normalisation!r}")
     dictionary = load_or_build_dictionary(package.sequence, rank=4, progress=progress)
     check_compatible(package, dictionary)
     matcher = Matcher(dictionary)
-    manifest = json.loads((dataset / "manifest.json").read_text())
-    entries = {str(e.get("id")): e for e in manifest.get("subjects", []) if isinstance(e, dict)}
+    comparisons = COMPARISONS_WITH_TRUE if with_true else COMPARISONS
+    summaries: dict[str, EvaluationSummary] = {}
+    tables: list[pd.DataFrame] = []
+    for item in sets:
+        protocols = {subject: item.data.protocol(subject) for subject in item.subjects}
+        groups = {subject: protocol_group(p) for subject, p in protocols.items()}
+        outside = Counter(groups[s] for s, p in protocols.items() if out_of_range(p, package.protocol_ranges))
 
-    def maps() -> Iterator[SubjectMaps]:
-        for subject in tqdm(subjects, desc="evaluating", unit="subject", disable=not progress):
-            yield _subject_maps(dataset, subject, package, matcher, cache, entries.get(subject, {}))
+        def maps(item: EvaluationSet = item) -> Iterator[SubjectMaps]:
+            for subject in tqdm(item.subjects, desc=f"evaluating {item.name}", unit="subject", disable=not progress):
+                yield _subject_maps(item, subject, package, matcher, baseline, slice_step, with_true)
 
-    return evaluate_subjects(maps(), COMPARISONS, out_dir, n_boot=n_boot, seed=seed)
+        summary = evaluate_subjects(maps(), comparisons, out_dir / item.name, n_boot=n_boot, seed=seed)
+        table = protocol_table(summary.regional, summary.voxelwise_subjects, groups)
+        table.insert(0, "dataset", item.name)
+        table.insert(3, "n_outside_training", [outside[g] for g in table["group"]])
+        summaries[item.name] = summary
+        tables.append(table)
+    by_protocol = pd.concat(tables, ignore_index=True)
+    files = {"by_protocol_csv": out_dir / "by_protocol.csv", "lookup_csv": out_dir / "lookup.csv",
+             "summary_md": out_dir / "summary.md", "summary_json": out_dir / "summary.json"}
+    by_protocol.to_csv(files["by_protocol_csv"], index=False)
+    baseline.to_frame().to_csv(files["lookup_csv"], index=False)
+    files["summary_md"].write_text(_markdown(sets, summaries, by_protocol, package, baseline, slice_step, with_true))
+    files["summary_json"].write_text(json.dumps(_json(sets, summaries, by_protocol, package, baseline, slice_step,
+                                                      with_true), indent=1, allow_nan=False) + "\n")
+    logger.info("evaluation of %s on %d datasets written to %s", package.name, len(sets), out_dir)
+    return EvaluationReport(summaries, by_protocol, files)
+
+
+def _baseline_text(baseline: LookupBaseline) -> str:
+    sources = ", ".join(sorted({p.parent.name for p in baseline.fitted_on}))
+    fields = ", ".join(f"{f:g}" for f in baseline.tables)
+    return (f"median truth T1/T2 per bin of {baseline.normalisation}-normalised MPRAGE intensity, fitted on "
+            f"{len(baseline.fitted_on)} training subjects of {sources} (one lookup per field strength: {fields} T)")
+
+
+def _markdown(sets: Sequence[EvaluationSet], summaries: Mapping[str, EvaluationSummary], by_protocol: pd.DataFrame,
+              package: ModelPackage, baseline: LookupBaseline, slice_step: int, with_true: bool) -> str:
+    voxels = "brain of every axial slice with brain" if slice_step == 1 else \
+        f"brain of one in every {slice_step} axial slices with brain"
+    lines = [f"# Evaluation of {package.name}", "",
+             "Map sets: truth = phantom ground truth; dl = matching of the MRF the model synthesises from the "
+             f"MPRAGE; lookup = {_baseline_text(baseline)}"
+             + ("; true = matching of the subject's MRF (the paper's reference)" if with_true else "")
+             + f". Voxels: {voxels} (the same for every map set).", ""]
+    for item in sets:
+        table = by_protocol[by_protocol["dataset"] == item.name]
+        lines += [f"## {item.name} ({item.data.root}, split {item.split}, {len(item.subjects)} subjects)", "",
+                  summaries[item.name].files["summary_md"].read_text(),
+                  "### By acquisition group (plain estimates)", "",
+                  "CCC: Lin's CCC of regional means; MdAPE: median over subjects of the voxelwise median absolute "
+                  "percent error; bias: mean 100 (map set - truth) / truth of the tissue's regional means.", "",
+                  markdown_table(table.drop(columns=["dataset", "n_outside_training"]))]
+        outside = table.drop_duplicates("group")
+        outside = outside[outside["n_outside_training"] > 0]
+        if not outside.empty:
+            lines += ["Outside the protocols the model was trained on: " + "; ".join(
+                f"{r.group} ({r.n_outside_training} of {r.n_subjects} subjects)" for r in outside.itertuples()), ""]
+    return "\n".join(lines)
+
+
+def _json(sets: Sequence[EvaluationSet], summaries: Mapping[str, EvaluationSummary], by_protocol: pd.DataFrame,
+          package: ModelPackage, baseline: LookupBaseline, slice_step: int, with_true: bool) -> dict[str, object]:
+    def rows(table: pd.DataFrame) -> list[dict[str, object]]:
+        return [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()}
+                for row in table.drop(columns=["dataset"]).to_dict(orient="records")]
+
+    return {"model": package.name, "slice_step": slice_step, "true_maps": with_true,
+            "baseline": {"description": _baseline_text(baseline), "normalisation": baseline.normalisation,
+                         "n_subjects": len(baseline.fitted_on), "field_strengths_t": list(baseline.tables)},
+            "datasets": {item.name: {"root": str(item.data.root), "split": item.split,
+                                     **summaries[item.name].to_dict(),
+                                     "by_protocol": rows(by_protocol[by_protocol["dataset"] == item.name])}
+                         for item in sets}}

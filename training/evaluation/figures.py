@@ -79,15 +79,17 @@ def bland_altman_figure(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], agre
 
 def axial_slices(subject: SubjectMaps, map_sets: Sequence[str], quantities: Sequence[str],
                  *, margin: int = 2) -> dict[str, dict[str, np.ndarray]]:
-    """Mid-brain axial slices (last array axis, at the brain mask's centroid), cropped to the brain with
-    ``margin`` voxels, NaN outside the mask, transposed for display (rows = second array axis)."""
+    """Mid-brain axial slices (last array axis, the slice with brain nearest the brain mask's centroid),
+    cropped to the brain with ``margin`` voxels, NaN outside the mask, transposed for display (rows =
+    second array axis)."""
     if subject.labels.ndim != 3:
         raise ValueError(f"subject.labels: must be 3-D, got shape {subject.labels.shape}")
     subject.require(map_sets, quantities)
     mask = subject.brain_mask
     if not mask.any():
         raise ValueError(f"subject.brain_mask: empty for subject {subject.subject_id}")
-    k = round(float(np.nonzero(mask)[2].mean()))
+    with_brain = np.flatnonzero(mask.any(axis=(0, 1)))  # a mask of every n-th slice has gaps
+    k = int(with_brain[np.argmin(np.abs(with_brain - np.nonzero(mask)[2].mean()))])
     plane = mask[:, :, k]
     ii, jj = np.nonzero(plane)
     crop = (slice(max(ii.min() - margin, 0), ii.max() + margin + 1),

@@ -21,6 +21,7 @@ from training.evaluation.agreement import Agreement, Estimate, agreement
 from training.evaluation.figures import axial_slices, bland_altman_figure, maps_figure, scatter_figure
 from training.evaluation.regional import regional_matrix, subject_table
 from training.evaluation.subjects import SubjectMaps
+from training.evaluation.voxelwise import COLUMNS as VOXEL_COLUMNS
 from training.evaluation.voxelwise import subject_errors, summarise_errors
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,11 @@ PAPER_COMPARISON = ("true", "dl")
 
 @dataclass(frozen=True)
 class EvaluationSummary:
-    """Everything the report computed; ``agreements`` is keyed by (reference, other, quantity)."""
+    """Everything the report computed; ``agreements`` is keyed by (reference, other, quantity).
+
+    ``regional``: the regional table (``regional.csv``); ``voxelwise``: its summary over subjects;
+    ``voxelwise_subjects``: the per-subject voxelwise rows (``voxelwise.csv``, empty without tissue masks).
+    """
 
     subjects: tuple[str, ...]
     comparisons: tuple[tuple[str, str], ...]
@@ -56,6 +61,8 @@ class EvaluationSummary:
     agreements: Mapping[tuple[str, str, str], Agreement]
     voxelwise: pd.DataFrame
     files: Mapping[str, Path]
+    regional: pd.DataFrame
+    voxelwise_subjects: pd.DataFrame
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready numbers (NaN becomes None)."""
@@ -175,7 +182,7 @@ def evaluate_subjects(subjects: Iterable[SubjectMaps], comparisons: Sequence[tup
     table = pd.concat(tables, ignore_index=True)
     files["regional_csv"] = out_dir / "regional.csv"
     table.to_csv(files["regional_csv"], index=False)
-    voxel_table = pd.concat(errors, ignore_index=True) if errors else pd.DataFrame()
+    voxel_table = pd.concat(errors, ignore_index=True) if errors else pd.DataFrame(columns=list(VOXEL_COLUMNS))
     voxel_summary = summarise_errors(voxel_table) if errors else pd.DataFrame()
     if errors:
         files["voxelwise_csv"] = out_dir / "voxelwise.csv"
@@ -205,7 +212,7 @@ def evaluate_subjects(subjects: Iterable[SubjectMaps], comparisons: Sequence[tup
     files["summary_md"] = out_dir / "summary.md"
     summary = EvaluationSummary(subjects=tuple(seen), comparisons=pairs, quantities=quantities, n_boot=n_boot,
                                 seed=seed, confidence=confidence, agreements=agreements, voxelwise=voxel_summary,
-                                files=files)
+                                files=files, regional=table, voxelwise_subjects=voxel_table)
     files["summary_json"].write_text(json.dumps(summary.to_dict(), indent=1, allow_nan=False) + "\n")
     files["summary_md"].write_text(_markdown(summary))
     logger.info("evaluation of %d subjects written to %s", len(seen), out_dir)

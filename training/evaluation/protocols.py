@@ -1,0 +1,111 @@
+"""Agreement with the truth per acquisition group (sequence family x field strength), plain estimates.
+
+Per group and map set: Lin's CCC of the regional means (all subjects' regions pooled), the median over
+subjects of the voxelwise median absolute percent error per tissue, and the mean bias
+100 (map set - truth) / truth of the regional means of the tissue's regions (:func:`tissue_of_region`),
+averaged over the group's subjects and regions. No bootstrap: groups hold few subjects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pipeline.protocol import AcquisitionProtocol
+from training.evaluation.agreement import lin_ccc
+from training.evaluation.subjects import tissue_of_region
+
+TISSUES = ("WM", "GM")
+
+
+def protocol_group(protocol: AcquisitionProtocol) -> str:
+    """A subject's group: sequence family and field strength, e.g. ``"mprage 3T"``."""
+    return f"{protocol.family.value} {protocol.field_strength_t:g}T"
+
+
+def metric_columns(quantities: Sequence[str] = ("T1", "T2"), tissues: Sequence[str] = TISSUES) -> list[str]:
+    """The metric columns of :func:`protocol_table`."""
+    return ([f"ccc_{q}" for q in quantities] + [f"mape_{t}_{q}" for q in quantities for t in tissues]
+            + [f"bias_{t}_{q}" for q in quantities for t in tissues])
+
+
+def protocol_table(regional: pd.DataFrame, voxelwise: pd.DataFrame, groups: Mapping[str, str], *,
+                   reference: str = "truth", others: Sequence[str] = ("dl", "lookup"),
+                   quantities: Sequence[str] = ("T1", "T2"), tissues: Sequence[str] = TISSUES) -> pd.DataFrame:
+    """One row per group (sorted) x map set in ``others``: ``group``, ``n_subjects``, ``map_set`` and
+    :func:`metric_columns` (percentages for ``mape_*`` and ``bias_*``; NaN where undefined).
+
+    ``regional``: the long regional table (:mod:`training.evaluation.regional`); ``voxelwise``: per-subject
+    voxelwise rows (:mod:`training.evaluation.voxelwise`); ``groups``: subject -> group of every subject.
+    """
+    missing = sorted(set(regional["subject"]) - set(groups))
+    if missing:
+        raise ValueError(f"groups: no group for subjects {missing}")
+    tissue = regional["region"].map(tissue_of_region)
+    rows: list[dict[str, object]] = []
+    for group in sorted(set(groups.values())):
+        members = [s for s, g in groups.items() if g == group]
+        in_group = regional["subject"].isin(members)
+        for other in others:
+            row: dict[str, object] = {"group": group, "n_subjects": len(members), "map_set": other}
+            for quantity in quantities:
+                pairs = _pairs(regional[in_group & (regional["quantity"] == quantity)], reference, other)
+                row[f"ccc_{quantity}"] = lin_ccc(pairs[reference].to_numpy(), pairs[other].to_numpy()) \
+                    if len(pairs) >= 2 else float("nan")
+                for t in tissues:
+                    errors = voxelwise[voxelwise["subject"].isin(members) & (voxelwise["tissue"] == t)
+                                       & (voxelwise["reference"] == reference) & (voxelwise["other"] == other)
+                                       & (voxelwise["quantity"] == quantity)]["median_ape"].dropna()
+                    row[f"mape_{t}_{quantity}"] = float(errors.median()) if len(errors) else float("nan")
+                    pt = _pairs(regional[in_group & (regional["quantity"] == quantity) & (tissue == t)],
+                                reference, other)
+                    pt = pt[pt[reference] > 0]
+                    row[f"bias_{t}_{quantity}"] = float(np.mean(100 * (pt[other] - pt[reference]) / pt[reference])) \
+                        if len(pt) else float("nan")
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["group", "n_subjects", "map_set", *metric_columns(quantities, tissues)])
+
+
+def _pairs(rows: pd.DataFrame, reference: str, other: str) -> pd.DataFrame:
+    """Regional means of ``reference`` and ``other`` side by side, one row per (subject, region) with both."""
+    wide = rows[rows["map_set"].isin([reference, other])].pivot_table(
+        index=["subject", "label"], columns="map_set", values="mean", aggfunc="first")
+    if reference not in wide or other not in wide:
+        return pd.DataFrame(columns=[reference, other], dtype=np.float64)
+    return wide[[reference, other]].dropna()
+
+
+def markdown_table(table: pd.DataFrame, reference: str = "truth") -> str:
+    """:func:`protocol_table` as Markdown (CCC to 3 decimals, percentages to 1)."""
+    metrics = [c for c in table.columns if c.startswith(("ccc_", "mape_", "bias_"))]
+    header = ["Group", "Subjects", f"{reference} vs", *[_label(c) for c in metrics]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table.itertuples(index=False):
+        values = [_fmt(c, getattr(row, c)) for c in metrics]
+        lines.append(f"| {row.group} | {row.n_subjects} | {row.map_set} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _label(column: str) -> str:
+    kind, *rest = column.split("_")
+    return {"ccc": "CCC", "mape": "MdAPE %", "bias": "bias %"}[kind] + " " + " ".join(rest)
+
+
+def _fmt(column: str, value: float) -> str:
+    if not np.isfinite(value):
+        return "n/a"
+    return f"{value:.3f}" if column.startswith("ccc_") else f"{value:+.1f}" if column.startswith("bias_") \
+        else f"{value:.1f}"
+
+
+def text_table(table: pd.DataFrame) -> str:
+    """:func:`protocol_table` as aligned plain text, for a log (an optional ``dataset`` column first)."""
+    shown = table.copy()
+    for column in table.columns:
+        if column.startswith(("ccc_", "mape_", "bias_")):
+            shown[column] = [_fmt(column, v) for v in table[column]]
+    names = {c: _label(c).replace(" %", "%") for c in table.columns if c.startswith(("ccc_", "mape_", "bias_"))}
+    shown = shown.rename(columns={**names, "n_subjects": "n", "n_outside_training": "outside", "map_set": "maps"})
+    return shown.to_string(index=False)

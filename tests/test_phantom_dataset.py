@@ -67,7 +67,7 @@ def test_cli_writes_the_layout_and_manifest(fast_dataset: Path) -> None:
     assert len(manifest["labels"]) == 47
     for entry in manifest["subjects"]:
         folder = fast_dataset / entry["id"]
-        assert set(entry["tissues"]) == {"wm", "gm", "deep_gm", "csf", "scalp"}
+        assert set(entry["tissues"]) == {"wm", "gm", "deep_gm", "csf", "scalp", "lesion"}  # v1: lesion = WM, unused
         assert entry["split"] in ("train", "val", "test")
         assert len(list((folder / FILES["mprage_dicom"]).glob("*.dcm"))) == 75
         for key in NIFTI_KEYS:

@@ -70,7 +70,7 @@ def test_pure_tissue_mprage_contrast_is_wm_gm_csf() -> None:
                 PRIORS[name].pd[0] * mprage_signal(p, np.array(PRIORS[name].t1_ms[0]), np.array(PRIORS[name].t2_ms[0]))
             )
         )
-        for name in TISSUES
+        for name in PRIORS  # world v1 tissues (lesions exist in world v2 only)
     }
     print(
         f"pure-tissue MPRAGE ratios: WM/GM {s['wm'] / s['gm']:.2f}, GM/CSF {s['gm'] / s['csf']:.2f}, "

@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.model.inference import synthesise_channels
+from pipeline.model.inference import features_for, synthesise_channels
 from pipeline.model.package import SHIPPED_DIR, load_package
 from pipeline.mrf.coefficients import from_channels
 from pipeline.mrf.matching import match_volume
+from pipeline.normalise import normalise
 from pipeline.process import ProcessOptions, _matcher, process_series
+from pipeline.protocol import PAPER_PROTOCOL
 from pipeline.volume_io import load_volume
 
 
@@ -62,12 +64,13 @@ def main() -> None:
         process_series(subject / "mprage_dicom", working, package, options=ProcessOptions(keep_working=True))
         volume, _ = load_volume(working / "working" / "mprage.nii.gz")
         mask = load_volume(working / "working" / "brain_mask.nii.gz")[0] > 0
-        normalised = np.where(mask, volume, 0) / np.where(mask, volume, 0).max()
+        normalised = normalise(volume, mask, package.normalisation)
         matcher = _matcher(package.sequence, "cpu")
         maps, seconds = {}, {}
         for crop in (True, False):
             start = time.perf_counter()
-            channels = synthesise_channels(normalised, mask, package, crop=crop)
+            channels = synthesise_channels(normalised, mask, package, crop=crop,
+                                           protocol=features_for(package, PAPER_PROTOCOL))
             seconds[crop] = time.perf_counter() - start
             maps[crop] = match_volume(from_channels(channels), mask, matcher)
         print(f"\ninference on brain crops {seconds[True]:.1f} s, on whole slices {seconds[False]:.1f} s "

@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline.model.inference import synthesise_channels
+from pipeline.model.inference import features_for, synthesise_channels
 from pipeline.model.package import (
     MANIFEST,
     SHIPPED_DIR,
@@ -42,6 +42,7 @@ from pipeline.model.package import (
 from pipeline.mrf.coefficients import CHANNEL_NAMES
 from pipeline.mrf.dictionary import Dictionary, load_or_build_dictionary
 from pipeline.mrf.sequence import DEFAULT_SEQUENCE, Sequence, load_sequence
+from pipeline.protocol import PAPER_PROTOCOL
 
 logger = logging.getLogger(__name__)
 
@@ -351,7 +352,7 @@ class ModelRegistry:
         package = _load(path, name)
         check_compatible(package, self.dictionary())
         volume, mask = _smoke_input()
-        out = synthesise_channels(volume, mask, package)[mask]
+        out = synthesise_channels(volume, mask, package, protocol=features_for(package, PAPER_PROTOCOL))[mask]
         if not np.all(np.isfinite(out)):
             raise PackageError(f"{name}: smoke inference produced non-finite channel values")
         lo, hi = package.channel_ranges[:, 0], package.channel_ranges[:, 1]

@@ -38,7 +38,7 @@ from pipeline.convert import convert_series
 from pipeline.dicom_series import MAX_VOXEL_MM, MIN_FRAMES, DicomSeries, SeriesRejected, read_series
 from pipeline.geometry import resample_to_grid
 from pipeline.head_pose import WorkingSpace, place_head
-from pipeline.model.inference import synthesise_channels
+from pipeline.model.inference import features_for, synthesise_channels
 from pipeline.model.package import ModelPackage, check_compatible
 from pipeline.mrf.coefficients import from_channels
 from pipeline.mrf.dictionary import load_or_build_dictionary
@@ -46,7 +46,7 @@ from pipeline.mrf.epg import resolve_device
 from pipeline.mrf.matching import Matcher
 from pipeline.mrf.sequence import Sequence
 from pipeline.normalise import normalise
-from pipeline.protocol import AcquisitionProtocol, out_of_range, protocol_features
+from pipeline.protocol import AcquisitionProtocol, out_of_range
 from pipeline.qc_figure import qc_figure
 from pipeline.quality import StudyVerdict, match_volume_with_quality, study_verdict
 from pipeline.volume_io import load_volume, save_volume
@@ -210,9 +210,8 @@ def process_series(source: str | Path, out_dir: str | Path, package: ModelPackag
             raise SeriesRejected(f"{source}: no signal inside the brain mask ({exc})") from exc
     with stages.stage("inference"):
         package.model.to(device)
-        features = protocol_features(protocol) if package.model.config.protocol_features > 0 else None
         channels = synthesise_channels(normalised, mask, package, batch=options.batch, device=device,
-                                       precision=options.precision, protocol=features)
+                                       precision=options.precision, protocol=features_for(package, protocol))
     with stages.stage("match"):
         matcher = _matcher(package.sequence, device)
         check_compatible(package, matcher.dictionary)

@@ -63,20 +63,20 @@ def test_cli_refusal_exits_2_with_the_reason(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def series_at_15t(subject: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The phantom series with a header that says 1.5 T (the shipped model knows 3 T only)."""
-    out = tmp_path_factory.mktemp("at-1.5T")
+def series_at_7t(subject: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The phantom series with a header that says 7 T (the shipped model knows 1.5 and 3 T)."""
+    out = tmp_path_factory.mktemp("at-7T")
     for path in sorted((subject / "mprage_dicom").iterdir()):
         ds = pydicom.dcmread(path)
-        ds.MagneticFieldStrength, ds.ImagingFrequency = "1.5", "63.87"
+        ds.MagneticFieldStrength, ds.ImagingFrequency = "7", "297.2"
         ds.save_as(out / path.name)
     return out
 
 
-def test_cli_refuses_an_acquisition_outside_the_trained_ranges(series_at_15t: Path, tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["process", str(series_at_15t), "--out", str(tmp_path / "out")])
+def test_cli_refuses_an_acquisition_outside_the_trained_ranges(series_at_7t: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["process", str(series_at_7t), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
-    assert "rejected:" in result.output and "MagneticFieldStrength 1.5 T" in result.output
+    assert "rejected:" in result.output and "MagneticFieldStrength 7 T" in result.output
     assert "--allow-out-of-range" in result.output
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
@@ -85,9 +85,9 @@ def test_nifti_protocol_from_sidecar_and_overrides(subject: Path, package: Model
     nifti = tmp_path / "sub-01_T1w.nii.gz"
     shutil.copy(subject / "mprage.nii.gz", nifti)
     (tmp_path / "sub-01_T1w.json").write_text(json.dumps(
-        {"Manufacturer": "Siemens", "MagneticFieldStrength": 1.5, "RepetitionTime": 2.13, "InversionTime": 0.9,
+        {"Manufacturer": "Siemens", "MagneticFieldStrength": 7, "RepetitionTime": 2.13, "InversionTime": 0.9,
          "EchoTime": 0.0026, "FlipAngle": 8, "SequenceName": "*tfl3d1_16ns"}))
-    with pytest.raises(SeriesRejected, match=r"MagneticFieldStrength 1\.5 T"):
+    with pytest.raises(SeriesRejected, match=r"MagneticFieldStrength 7 T"):
         process_series(nifti, tmp_path / "out", package)
     bare = tmp_path / "bare.nii.gz"
     shutil.copy(nifti, bare)
@@ -111,14 +111,14 @@ def test_node_passes_allow_out_of_range(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 
 @pytest.mark.slow
-def test_out_of_range_processed_when_allowed(series_at_15t: Path, package: ModelPackage, tmp_path: Path) -> None:
+def test_out_of_range_processed_when_allowed(series_at_7t: Path, package: ModelPackage, tmp_path: Path) -> None:
     out = tmp_path / "result"
-    result = CliRunner().invoke(cli, ["process", str(series_at_15t), "--out", str(out), "--allow-out-of-range",
+    result = CliRunner().invoke(cli, ["process", str(series_at_7t), "--out", str(out), "--allow-out-of-range",
                                       "--no-derived"])
     assert result.exit_code == 0, result.output
     provenance = json.loads((out / "provenance.json").read_text())
     assert [r.split()[0] for r in provenance["out_of_range"]] == ["MagneticFieldStrength"]
-    assert provenance["acquisition"]["field_strength_t"] == 1.5
+    assert provenance["acquisition"]["field_strength_t"] == 7
     assert provenance["acquisition"]["family"] == "mprage"
     assert provenance["normalisation"] == package.normalisation
     assert sorted(p.name for p in (out / "dicom").iterdir()) == ["T1_map.dcm", "T2_map.dcm"]

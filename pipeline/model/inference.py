@@ -7,6 +7,7 @@ import torch
 
 from pipeline.model.package import ModelPackage
 from pipeline.mrf.coefficients import CHANNEL_NAMES
+from pipeline.protocol import AcquisitionProtocol, protocol_features
 
 # Crops start and end on this lattice: a multiple of 16 (four 2x2 poolings) keeps the full image's pooling
 # grid; 32 also limits the number of distinct crop shapes (each new shape costs oneDNN a new plan).
@@ -44,6 +45,12 @@ def crop_window(mask: np.ndarray, *, margin: int = CROP_MARGIN, align: int = CRO
         hi = min(n, -(-(int(present[-1]) + 1 + margin) // align) * align)
         window.append(slice(lo, hi))
     return window[0], window[1]
+
+
+def features_for(package: ModelPackage, protocol: AcquisitionProtocol) -> np.ndarray | None:
+    """What :func:`synthesise_channels` takes as ``protocol`` for ``package``: the features of
+    ``protocol`` for a protocol-conditioned model, None for the others."""
+    return protocol_features(protocol) if package.model.config.protocol_features else None
 
 
 CPU_BATCH, CUDA_BATCH = 1, 16  # slices per forward pass; on this CPU one slice per pass was fastest (0.16 s vs 0.19 s)

@@ -2,7 +2,8 @@
 # Set up synthmrf in ./.venv (Python 3.11+).
 #   scripts/setup.sh          the product (enough for `synthmrf demo` and the node)
 #   scripts/setup.sh --test   plus the test tools: pytest/ruff/mypy, and as root the Debian packages the
-#                             integration tests talk to (orthanc, dcmtk, dicom3tools, dcm2niix, redis-server)
+#                             integration tests talk to (orthanc, dcmtk, dicom3tools, dcm2niix, redis-server) and
+#                             mricron-data (Colin27, a real head scan the tests process)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -13,13 +14,14 @@ if [[ "${1:-}" == "--test" ]]; then
     for tool in Orthanc storescu dciodvfy dcm2niix redis-server; do
         command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
     done
+    [[ -f /usr/share/mricron/templates/ch2.nii.gz ]] || missing+=("mricron-data")
     if ((${#missing[@]})); then
         if [[ $(id -u) -ne 0 ]]; then
-            echo "setup: missing ${missing[*]}: install orthanc dcmtk dicom3tools dcm2niix redis-server (needs root)" >&2
+            echo "setup: missing ${missing[*]}: install orthanc dcmtk dicom3tools dcm2niix redis-server mricron-data (needs root)" >&2
             exit 1
         fi
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc dcmtk dicom3tools dcm2niix redis-server \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc dcmtk dicom3tools dcm2niix redis-server mricron-data \
             >/dev/null
         # The Debian packages start a system Orthanc on 4242/8042 and a Redis on 6379; tests start their own
         # on free ports.

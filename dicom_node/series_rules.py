@@ -22,13 +22,13 @@ Patterns are case-insensitive and searched anywhere in a name. The default patte
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
 from dicom_node.config import MprageSection
 from dicom_node.instances import MR_IMAGE_STORAGE
+from pipeline.acquisition import functional_group_items
 
 NAME_KEYWORDS = ("SeriesDescription", "ProtocolName", "SequenceName", "PulseSequenceName")
 
@@ -41,22 +41,9 @@ class Decision:
     reason: str
 
 
-def _items(ds: Dataset) -> Iterator[Dataset]:
-    yield ds
-    for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        seq = ds.get(keyword)
-        if not seq:
-            continue
-        group = seq[0]
-        yield group
-        for elem in group:
-            if elem.VR == "SQ" and elem.value:
-                yield elem.value[0]
-
-
 def lookup(ds: Dataset, keyword: str) -> object:
     """The first value of ``keyword`` at the top level or in the functional groups; None if absent."""
-    for item in _items(ds):
+    for item in functional_group_items(ds):
         value = item.get(keyword)
         if value not in (None, ""):
             return value

@@ -185,7 +185,7 @@ def _checked(protocol: AcquisitionProtocol, where: str) -> AcquisitionProtocol:
     return protocol
 
 
-def _items(ds: Dataset) -> Iterator[Dataset]:
+def functional_group_items(ds: Dataset) -> Iterator[Dataset]:
     """``ds``, then its shared and first per-frame functional groups and the items one level below them."""
     yield ds
     for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
@@ -200,7 +200,7 @@ def _items(ds: Dataset) -> Iterator[Dataset]:
 
 def _lookup(ds: Dataset, *keywords: str) -> object:
     """The first stated value of any of ``keywords`` (classic, Enhanced or Legacy Converted MR); None if absent."""
-    for item in _items(ds):
+    for item in functional_group_items(ds):
         for keyword in keywords:
             try:
                 value = item.get(keyword)

@@ -15,7 +15,7 @@ from pipeline.model.unet import UNetConfig
 from pipeline.mrf.dictionary import load_or_build_dictionary
 from pipeline.mrf.sequence import find_sequence_file, load_sequence
 from pipeline.protocol import protocol_ranges
-from training.preprocess import subject_protocol
+from training.preprocess import manifest_entries, subject_protocol
 from training.train import CHECKPOINT, METRICS
 
 
@@ -46,7 +46,7 @@ def package_run(run_dir: Path, dataset_dir: Path, out_dir: Path, *, name: str, v
         "best_validation_mse": [float(v) for v in best["best_val"]],
         "checkpoint": CHECKPOINT,
     }
-    entries = {str(e.get("id")): e for e in manifest.get("subjects", []) if isinstance(e, dict)}
+    entries = manifest_entries(manifest)
     trained = protocol_ranges([subject_protocol(entries.get(sid, {})) for sid in manifest["split"]["train"]])
     sequence_json = find_sequence_file(seq_doc.get("name", "")).read_text()
     return write_package(out_dir, name=name, version=version, state=best["state"], unet=UNetConfig(**best["unet"]),

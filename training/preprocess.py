@@ -157,11 +157,17 @@ def load_dataset(root: Path, cache: Path, *, progress: bool = False) -> Dataset:
     registration = manifest.get("mprage_registration", "rigid")
     if registration not in ("rigid", "none"):
         raise ValueError(f"{manifest_path}: mprage_registration must be 'rigid' or 'none', got {registration!r}")
-    entries = {str(e.get("id")): e for e in manifest.get("subjects", []) if isinstance(e, dict)}
+    entries = manifest_entries(manifest)
     for part, name in tqdm(names, desc="preparing subjects", unit="subject", disable=not progress):
         subjects[part].append(prepare_subject(root / name, cache, register=registration == "rigid",
                                               protocol=subject_protocol(entries.get(name, {}))))
     return Dataset(root, manifest, subjects)
+
+
+def manifest_entries(manifest: dict[str, object]) -> dict[str, dict[str, object]]:
+    """Per-subject manifest entries by subject id (empty for manifests without a ``subjects`` list)."""
+    listed = manifest.get("subjects", [])
+    return {str(e.get("id")): e for e in listed if isinstance(e, dict)} if isinstance(listed, list) else {}
 
 
 def subject_protocol(entry: dict[str, object]) -> AcquisitionProtocol:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.protocol import AcquisitionProtocol
-from training.preprocess import PreparedSubject, prepare_subject, subject_protocol
+from training.preprocess import PreparedSubject, manifest_entries, prepare_subject, subject_protocol
 
 SPLITS = ("train", "val", "test", "all")
 """Subject selections: a part of the manifest's split, or ``"all"`` (every subject of the manifest)."""
@@ -33,8 +33,7 @@ class DatasetInfo:
     @property
     def entries(self) -> dict[str, dict[str, object]]:
         """Per-subject manifest entries by subject id (empty for manifests without a ``subjects`` list)."""
-        listed = self.manifest.get("subjects", [])
-        return {str(e.get("id")): e for e in listed if isinstance(e, dict)} if isinstance(listed, list) else {}
+        return manifest_entries(self.manifest)
 
     def split(self, name: str) -> list[str]:
         """Subject ids of the split part ``name``, or of every subject for ``"all"``."""

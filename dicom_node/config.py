@@ -123,21 +123,42 @@ class RetentionSection(_Section):
 
 
 class JobsSection(_Section):
-    """The job queue (``[jobs]``).
+    """The job queue and the pipeline workers (``[jobs]``).
 
-    ``backend = "redis"`` (needs ``pip install redis``) moves only the queue of job ids to the Redis server at
-    ``redis_url``, under a name unique to this node's AE title and storage folder. The spool and the job store
-    stay in ``node.storage_dir``, and only one node may use a folder (``NodeLock``), so Redis does not spread
-    the work over several machines: multi-machine scale-out is not supported yet. Huey pickles its tasks:
-    whoever can write to that Redis can run code in the node, so it must be a trusted, private server.
+    The job store is the queue: ``sqlite`` keeps it in ``<storage_dir>/jobs.sqlite`` (one machine: one
+    ``serve`` per storage folder, any number of local ``worker`` processes); ``postgres`` keeps it in the
+    PostgreSQL database at ``database_url`` (several machines: every ``serve`` and ``worker`` of the
+    installation uses the same database and the same ``node.storage_dir`` on shared storage).
     """
 
-    backend: Literal["sqlite", "redis"] = "sqlite"  # sqlite: <storage_dir>/queue.sqlite; redis: at redis_url
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    workers: int = Field(default=1, ge=1)  # series processed at the same time
-    max_attempts: int = Field(default=2, ge=1)  # a processing error (not a rejection) is retried up to this many runs
-    retry_delay_s: float = Field(default=60.0, ge=0)
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    database_url: str = ""  # postgresql://user:password@host:5432/dbname (backend 'postgres')
+    workers: int = Field(default=1, ge=0)  # pipeline worker processes 'serve' runs; 0: receive and dispatch only
+    devices: list[str] = []  # GPU sites: worker i sees CUDA device devices[i % len] (CUDA_VISIBLE_DEVICES)
+    max_attempts: int = Field(default=2, ge=1)  # runs of a failing job (errors), and workers a job may kill
+    retry_delay_s: float = Field(default=60.0, ge=0)  # first retry; doubles per attempt, at most 1 h
     poll_interval_s: float = Field(default=0.5, gt=0)  # longest a queued job waits for an idle worker to notice it
+    takeover_s: float = Field(default=120.0, ge=5)  # a job whose worker has been silent this long runs elsewhere
+    stop_timeout_s: float = Field(default=20.0, ge=0)  # SIGTERM: a worker's job is released, else it is killed
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _no_redis(cls, value: object) -> object:
+        if value == "redis":
+            raise ValueError("jobs.backend 'redis' was removed: the job store is the queue now; use 'sqlite' "
+                             "(one machine) or 'postgres' with jobs.database_url (several machines)")
+        return value
+
+    @model_validator(mode="after")
+    def _url(self) -> JobsSection:
+        if self.backend == "postgres" and not self.database_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("jobs.database_url: backend 'postgres' needs a postgresql://... URL")
+        return self
+
+    @property
+    def heartbeat_s(self) -> float:
+        """How often members renew their heartbeat: six times per takeover period."""
+        return self.takeover_s / 6.0
 
 
 class PipelineSection(_Section):

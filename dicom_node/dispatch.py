@@ -39,8 +39,9 @@ class Dispatcher:
     """The dispatcher thread and its per-destination senders."""
 
     def __init__(self, cfg: NodeConfig, store: JobStore, send: Sender = store_files,
-                 observe: Callable[[str, str], None] = lambda destination, outcome: None) -> None:
+                 observe: Callable[[str, str], None] = lambda destination, outcome: None, owner: str = "") -> None:
         self.cfg = cfg
+        self.owner = owner  # the node's member id: its sends are taken over if the node dies
         self.store = store
         self.send = send
         self.observe = observe
@@ -86,7 +87,7 @@ class Dispatcher:
     def _attempt(self, due: Delivery) -> None:
         extra = {"job_id": due.job_id, "destination": due.destination}
         dest = self._destinations.get(due.destination)
-        delivery = self.store.start_delivery(due.job_id, due.destination)
+        delivery = self.store.start_delivery(due.job_id, due.destination, self.owner)
         if delivery is None:
             return
         job = self.store.job(due.job_id)

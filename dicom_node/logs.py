@@ -47,7 +47,6 @@ def configure_logging(level: str, fmt: str) -> None:
     root.setLevel(level)
     quiet = max(logging.getLevelNamesMapping()[level], logging.WARNING)
     logging.getLogger("pynetdicom").setLevel(quiet)  # per-PDU chatter; the node logs associations itself
-    logging.getLogger("huey").setLevel(quiet)  # "Executing task ..." for every job; the node logs jobs itself
     # pydicom's validation messages quote element values (birth dates, names): neither its log records nor
     # the copies it issues as warnings (printed to stderr, the log of a service) may reach the output
     logging.getLogger("pydicom").setLevel(logging.ERROR)

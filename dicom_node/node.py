@@ -1,14 +1,16 @@
-"""The node in one object: listener, series assembler, job workers, dispatcher, retention, metrics.
+"""The node in one object: listener, series assembler, worker processes, dispatcher, retention, metrics.
 
-``Node(config).start()`` recovers what a previous run left (finishes interrupted claims, creates
-missing jobs, re-queues interrupted jobs and deliveries, fails jobs whose runs killed the process
-``jobs.max_attempts`` times, tracks partially received series) and starts the threads. The
-housekeeping thread repeats the first steps every ``RECONCILE_INTERVAL_S`` (for a claim, job
-creation or enqueue that failed at run time) and applies retention. ``stop()`` drains: no new
-associations, in-flight associations, jobs and sends get up to ``node.drain_timeout_s`` to finish,
-and whatever is left is persisted for the next start.
+``Node(config).start()`` joins the job store as a member (with a heartbeat), takes over the work of
+members of this machine that died (a previous run of this node, its workers), recovers the spool
+(finishes interrupted claims, creates missing jobs, tracks partially received series) and starts the
+listener, the dispatcher and ``jobs.workers`` worker processes (:mod:`dicom_node.workers`). The
+housekeeping thread repeats the recovery every ``RECONCILE_INTERVAL_S`` (for a claim or job creation
+that failed at run time), takes over the work of silent members, and applies retention; with
+several nodes on one database, one node at a time does so (the ``housekeeping`` lock). ``stop()``:
+no new associations; worker processes hand their running jobs back and exit; in-flight
+associations and sends get up to ``node.drain_timeout_s``; whatever is left is persisted.
 ``synthmrf serve`` is a thin wrapper; the demo and the tests run a Node in-process (``port = 0``
-picks a free port, see :attr:`Node.port`).
+picks a free port, see :attr:`Node.port`); given a processor object, its workers are threads.
 """
 
 from __future__ import annotations
@@ -16,19 +18,20 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
 from dicom_node.config import NodeConfig
 from dicom_node.dispatch import Dispatcher
 from dicom_node.instances import InstanceInfo, is_complete_file, read_instance_info
-from dicom_node.job_store import DeliveryState, JobState, JobStore
-from dicom_node.jobs import JobQueue, JobRunner, JobWorkers, make_huey
+from dicom_node.job_store import DeliveryState, JobState, JobStore, new_member_id, open_job_store
 from dicom_node.metrics import NodeMetrics
-from dicom_node.processor import LazyProcessor, Processor
+from dicom_node.processor import Processor
 from dicom_node.retention import sweep
 from dicom_node.retro.progress import PROGRESS_FILE, ProgressStore
 from dicom_node.router import Router
@@ -36,11 +39,11 @@ from dicom_node.series_assembly import CompletionHandler, SeriesAssembler
 from dicom_node.series_identity import SeriesIdentities
 from dicom_node.spool import Spool
 from dicom_node.storage_scp import Listener, start_listener
+from dicom_node.workers import Heartbeat, JobRunner, Outcome, ThreadWorkers, WorkerPool, take_over_dead
 
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = "node.lock"
-STATE_FILE = "jobs.sqlite"
 RECONCILE_INTERVAL_S = 60.0  # how often every series is checked for work a failure left unfinished
 
 
@@ -87,14 +90,19 @@ class Node:
     def __init__(self, config: NodeConfig, processor: Processor | None = None) -> None:
         self.config = config
         self.storage_dir = Path(config.node.storage_dir)
-        self.processor: Processor = processor or LazyProcessor(config.pipeline)
+        self.processor = processor  # None: the configured processor, in worker processes
         self.metrics = NodeMetrics()
-        self.spool = Spool(self.storage_dir, config.node.min_free_mb * 2**20, config.node.fsync_directories)
-        self._lock = NodeLock(self.storage_dir)
+        self.shared = config.jobs.backend == "postgres"  # several nodes may share the storage folder
+        self.member_id = new_member_id("node")
+        tmp_name = re.sub(r"[^A-Za-z0-9_.-]", "_", self.member_id) if self.shared else ""
+        self.spool = Spool(self.storage_dir, config.node.min_free_mb * 2**20, config.node.fsync_directories,
+                           tmp_name=tmp_name)
+        self._lock = None if self.shared else NodeLock(self.storage_dir)
         self._listener: Listener | None = None
         self._store: JobStore | None = None
-        self._queue: JobQueue | None = None
-        self._workers: JobWorkers | None = None
+        self._threads: ThreadWorkers | None = None
+        self._pool: WorkerPool | None = None
+        self._heartbeat: Heartbeat | None = None
         self._dispatcher: Dispatcher | None = None
         self._assembler: SeriesAssembler | None = None
         self._progress: ProgressStore | None = None  # retrospective progress, opened once a pass has run
@@ -120,6 +128,11 @@ class Node:
         return self._listener.port
 
     @property
+    def worker_pids(self) -> list[int]:
+        """The pids of the worker processes (none when the workers are threads)."""
+        return self._pool.pids if self._pool is not None else []
+
+    @property
     def assembler(self) -> SeriesAssembler:
         if self._assembler is None:
             raise RuntimeError("node not started")
@@ -130,7 +143,8 @@ class Node:
     def start(self) -> Node:
         cfg = self.config
         self.storage_dir.mkdir(parents=True, exist_ok=True)
-        self._lock.acquire()
+        if self._lock is not None:
+            self._lock.acquire()
         try:
             self._start(cfg)
         except BaseException:
@@ -141,18 +155,22 @@ class Node:
     def _start(self, cfg: NodeConfig) -> None:
         self._stopping.clear()
         self.spool.prepare(is_complete_file)
-        store = self._store = JobStore(self.storage_dir / STATE_FILE)
-        dispatcher = self._dispatcher = Dispatcher(cfg, store, observe=self.metrics.observe_delivery)
-        huey = make_huey(cfg)
-        runner = JobRunner(cfg, self.spool, store, self.processor, queue_retry=self._enqueue_later,
-                           on_processed=dispatcher.wake, observe=self.metrics.observe_job)
-        queue = self._queue = JobQueue(huey, runner)
-        router = self._router = Router(self.spool, store, cfg.mprage, queue.enqueue, queue.held)
+        store = self._store = open_job_store(self.storage_dir, cfg.jobs.backend, cfg.jobs.database_url)
+        store.join(self.member_id, "node", f"{cfg.node.ae_title} on port {cfg.node.port}")
+        dispatcher = self._dispatcher = Dispatcher(cfg, store, observe=self.metrics.observe_delivery,
+                                                   owner=self.member_id)
+        router = self._router = Router(self.spool, store, cfg.mprage, self.member_id)
         assembler = self._assembler = SeriesAssembler(cfg.series, self._series_complete_handler(router))
-        self._recover(router, store, queue, assembler)
+        self._recover(router, store, assembler)
         self.metrics.track(lambda: float(len(store.queued())), lambda: float(self.spool.free_bytes()))
-        self._workers = JobWorkers(huey, cfg.jobs.workers, cfg.jobs.poll_interval_s)
-        self._workers.start()
+        if self.processor is not None:
+            runner = JobRunner(cfg, self.spool, store, self.processor)
+            self._threads = ThreadWorkers(cfg, store, runner, cfg.jobs.workers, self._job_done)
+            self._threads.start()
+        elif cfg.jobs.workers:
+            self._pool = WorkerPool(cfg, store, cfg.jobs.workers, on_outcome=self._job_done).start()
+        members = [self.member_id, *(self._threads.member_ids if self._threads else [])]
+        self._heartbeat = Heartbeat(store, lambda: members, cfg.jobs.heartbeat_s).start()
         dispatcher.start()
         assembler.start()
         self._housekeeping = threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True)
@@ -161,6 +179,11 @@ class Node:
             self.metrics_port = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
         identities = SeriesIdentities(self.spool, self.metrics.count_identity_mismatch)
         self._listener = start_listener(cfg.node, self.spool, assembler, identities, self.metrics.count_instance)
+
+    def _job_done(self, job_id: str, outcome: Outcome) -> None:
+        self.metrics.observe_job(outcome.state, outcome.seconds)
+        if outcome.state == "processed" and self._dispatcher is not None:
+            self._dispatcher.wake(job_id)
 
     def _series_complete_handler(self, router: Router) -> CompletionHandler:
         def complete(series_uid: str, why: str) -> str | None:
@@ -191,14 +214,13 @@ class Node:
                 self._progress_failed = True
             return None
 
-    def _enqueue_later(self, job_id: str, delay_s: float) -> None:
-        if self._queue is not None:
-            self._queue.enqueue(job_id, delay_s)
-
-    def _recover(self, router: Router, store: JobStore, queue: JobQueue, assembler: SeriesAssembler) -> None:
-        """Bring the spool, the job store and the queue back in line after any kind of stop."""
+    def _recover(self, router: Router, store: JobStore, assembler: SeriesAssembler) -> None:
+        """Bring the spool and the job store back in line after any kind of stop."""
+        dead = store.dead_local_members()
+        take_over_dead(store, self.config, owners=dead)  # and the work of members silent for jobs.takeover_s
+        store.forget_members(dead, stale_before=time.time() - 86400.0)
         for series_uid in self.spool.series_uids():
-            router.settle(series_uid)
+            router.reconcile(series_uid)
             files = self.spool.incoming_files(series_uid)
             if files:
                 infos: list[InstanceInfo] = []
@@ -210,15 +232,7 @@ class Node:
                 assembler.track(series_uid, infos)
                 logger.info("series %s: %d instances waiting from before the restart", series_uid, len(files),
                             extra={"series_uid": series_uid})
-        jobs, failed, deliveries = store.recover_interrupted(self.config.jobs.max_attempts)
-        if jobs or deliveries:
-            logger.warning("recovered %d interrupted jobs and %d interrupted deliveries", jobs, deliveries)
-        for job_id in failed:
-            logger.error("job %s failed: the process ended while processing it %d times (jobs.max_attempts); not "
-                         "run again ('synthmrf jobs retry %s' runs it again)", job_id,
-                         self.config.jobs.max_attempts, job_id, extra={"job_id": job_id})
         queued = store.queued()
-        queue.reset(queued)
         if queued:
             logger.info("%d jobs queued", len(queued))
 
@@ -227,21 +241,37 @@ class Node:
         ``retention.sweep_interval_s`` (from start-up)."""
         next_reconcile = time.monotonic() + RECONCILE_INTERVAL_S
         next_sweep = time.monotonic()
+        next_takeover = time.monotonic()
         while not self._stopping.is_set():
+            if time.monotonic() >= next_takeover:
+                next_takeover = time.monotonic() + self.config.jobs.heartbeat_s
+                try:
+                    take_over_dead(self.store, self.config)
+                except Exception:
+                    logger.exception("taking over the work of silent members failed")
             if time.monotonic() >= next_reconcile:
                 next_reconcile = time.monotonic() + RECONCILE_INTERVAL_S
                 try:
-                    if self._router is not None and (n := self._router.reconcile()):
-                        logger.warning("housekeeping: %d jobs that a failure had left behind routed or enqueued", n)
+                    if self._router is not None and (n := self._housekeeping_pass(self._router.reconcile)):
+                        logger.warning("housekeeping: %d jobs that a failure had left behind routed", n)
                 except Exception:
-                    logger.exception("reconciling the spool, the job store and the queue failed")
+                    logger.exception("reconciling the spool and the job store failed")
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + self.config.retention.sweep_interval_s
                 try:
-                    sweep(self.store, self.spool, self.config.retention)
+                    self._housekeeping_pass(lambda: sweep(self.store, self.spool, self.config.retention))
                 except Exception:
                     logger.exception("retention sweep failed")
-            self._stopping.wait(max(0.0, min(next_reconcile, next_sweep) - time.monotonic()))
+            self._stopping.wait(max(0.0, min(next_reconcile, next_sweep, next_takeover) - time.monotonic()))
+
+    def _housekeeping_pass(self, work: Callable[[], int]) -> int:
+        """Run ``work`` if no other node is doing housekeeping (the store's ``housekeeping`` lock)."""
+        if not self.store.try_lock("housekeeping", self.member_id, ttl_s=3600.0):
+            return 0
+        try:
+            return work()
+        finally:
+            self.store.unlock("housekeeping", self.member_id)
 
     def stop(self, drain: bool = True, timeout_s: float | None = None) -> None:
         """Stop; with ``drain``, in-flight work gets up to ``timeout_s`` (default node.drain_timeout_s)."""
@@ -257,11 +287,14 @@ class Node:
             for assoc in listener.active_associations:
                 logger.warning("aborting association from %s at shutdown", assoc.requestor.ae_title)
                 assoc.abort()
+        if self._pool is not None:  # each worker process hands its running job back and exits
+            self._pool.stop(min(self.config.jobs.stop_timeout_s, max(0.0, deadline - time.monotonic()) + 5.0))
+            self._pool = None
         if self._assembler is not None:
             self._assembler.stop()
-        if self._workers is not None:
-            self._workers.stop(max(1.5, deadline - time.monotonic()))  # idle threads notice within ~1 s
-            self._workers = None
+        if self._threads is not None:
+            self._threads.stop(max(1.5, deadline - time.monotonic()))  # idle threads notice within ~1 s
+            self._threads = None
         if self._dispatcher is not None:
             self._dispatcher.stop(max(0.0, deadline - time.monotonic()) + 1.0)
             self._dispatcher = None
@@ -269,13 +302,21 @@ class Node:
             self._housekeeping.join(5.0)
             self._housekeeping = None
         self.metrics.shutdown()
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
         if self._store is not None:
+            try:
+                self._store.leave(self.member_id)
+            except Exception as exc:
+                logger.warning("could not leave the job store: %s", exc)
             self._store.close()
             self._store = None
         if self._progress is not None:
             self._progress.close()
             self._progress = None
-        self._lock.release()
+        if self._lock is not None:
+            self._lock.release()
         logger.info("node stopped")
 
     def __enter__(self) -> Node:

@@ -11,18 +11,20 @@ Policies (deliberate, visible in ``synthmrf jobs``):
   whole series. Job ids are ``<SeriesInstanceUID>-v<N>``.
 - Other series (not an MPRAGE by the rules, or an unreadable header) get an ``ignored`` job with the
   reason, a log line, and are deleted after ``retention.ignored_days``.
-- Failures: a claim or a job creation or an enqueue that raised leaves a ``.vN.claim`` folder, a
-  version without a job, or a queued job the queue does not hold. Before each hand-over of a series,
-  and for every series from the node's housekeeping loop, :meth:`Router.reconcile` settles these as a
-  restart would (finishes the claim, creates the job, enqueues the job again); a version is therefore
-  never claimed while the previous one is unfinished.
+- Failures: a claim or a job creation that raised leaves a ``.vN.claim`` folder or a version without
+  a job. Before each hand-over of a series, and for every series from the node's housekeeping loop,
+  :meth:`Router.reconcile` settles these as a restart would (finishes the claim, creates the job); a
+  version is therefore never claimed while the previous one is unfinished.
+- Several nodes on one storage folder: every hand-over and reconciliation of a series holds the
+  series' lock in the job store (``series:<uid>``), so one node at a time owns a series.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from pydicom import dcmread
 
@@ -35,23 +37,25 @@ logger = logging.getLogger(__name__)
 
 
 class Router:
-    """Turns claimed series versions into jobs; ``enqueue(job_id)`` hands MPRAGE jobs to the queue, ``held()``
-    says which job ids the queue holds."""
+    """Turns claimed series versions into jobs (a queued job is what the workers claim)."""
 
-    def __init__(self, spool: Spool, store: JobStore, rules: MprageSection, enqueue: Callable[[str], None],
-                 held: Callable[[], set[str]]) -> None:
+    def __init__(self, spool: Spool, store: JobStore, rules: MprageSection, owner: str) -> None:
         self.spool = spool
         self.store = store
         self.rules = rules
-        self.enqueue = enqueue
-        self.held = held
-        self._lock = threading.Lock()  # one hand-over or reconciliation at a time
+        self.owner = owner  # the node's member id, for the series locks
+        self._lock = threading.Lock()  # one hand-over or reconciliation at a time in this process
+
+    @contextmanager
+    def _series(self, series_uid: str) -> Iterator[None]:
+        with self._lock, self.store.locked(f"series:{series_uid}", self.owner, ttl_s=600.0, wait_s=120.0):
+            yield
 
     def series_complete(self, series_uid: str, why: str) -> Job | None:
         """The assembler's callback: reconcile the series, then claim what arrived and route it (None if nothing
         was waiting)."""
-        with self._lock:
-            self._reconcile(series_uid)
+        with self._series(series_uid):
+            self.settle(series_uid)
             claim = self.spool.claim(series_uid, at_least=self.store.next_version(series_uid))
             if claim is None:
                 return None
@@ -67,23 +71,13 @@ class Router:
         return jobs
 
     def reconcile(self, series_uid: str | None = None) -> int:
-        """:meth:`settle` the series (default: every series) and enqueue again its queued jobs the queue does not
-        hold; return how many jobs were routed or enqueued."""
-        with self._lock:
-            return self._reconcile(series_uid)
-
-    def _reconcile(self, series_uid: str | None) -> int:
+        """:meth:`settle` the series (default: every series); return how many jobs were routed."""
         uids = self.spool.series_uids() if series_uid is None else [series_uid]
-        routed = {job.id for uid in uids for job in self.settle(uid)}
-        # The store first, then the queue (read once): a job queued again for a later retry after this read is
-        # not taken for lost (read the other way round, its retry delay would be skipped).
-        queued = self.store.queued(series_uid)
-        held = self.held()
-        lost = [job_id for job_id in queued if job_id not in held and job_id not in routed]
-        for job_id in lost:
-            logger.warning("job %s: queued, but not in the queue; enqueued again", job_id, extra={"job_id": job_id})
-            self.enqueue(job_id)
-        return len(routed) + len(lost)
+        routed = 0
+        for uid in uids:
+            with self._series(uid):
+                routed += len(self.settle(uid))
+        return routed
 
     def route(self, claim: Claim, why: str) -> Job:
         """Create the job of a claimed version (idempotent) and queue it if it is an MPRAGE."""
@@ -104,7 +98,6 @@ class Router:
         if job.state is JobState.QUEUED:
             logger.info("series %s version %d complete (%s): %d instances, %s; job %s queued", claim.series_uid,
                         claim.version, why, claim.total_instances, decision.reason, job.id, extra=extra)
-            self.enqueue(job.id)
         else:
             logger.info("series %s version %d complete (%s): %d instances, ignored: %s", claim.series_uid,
                         claim.version, why, claim.total_instances, job.reason, extra=extra)

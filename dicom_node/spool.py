@@ -2,7 +2,7 @@
 
 Layout under the storage folder (every name below ``series/`` is a validated UID or a fixed word)::
 
-    tmp/                                   partial writes; emptied at start
+    tmp/  (or tmp/<node>/)                 partial writes; emptied at start
     series/<SeriesUID>/incoming/<SOPUID>.dcm  acknowledged instances not yet claimed
     series/<SeriesUID>/v0001/input/*.dcm      a claimed version: the series as it was processed
     series/<SeriesUID>/v0001/output/          what the processor wrote for that version
@@ -123,13 +123,16 @@ def version_name(version: int) -> str:
 
 
 class Spool:
-    """The spool folder of one node. Thread-safe; one node process per folder (see ``node.NodeLock``)."""
+    """The spool folder of a node. Thread-safe. Several nodes may share it (each with its own ``tmp_name``) when
+    the job store's series locks order their claims (backend 'postgres'); else one node per folder."""
 
-    def __init__(self, root: Path, min_free_bytes: int = 0, fsync_directories: bool = False) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = 0, fsync_directories: bool = False,
+                 tmp_name: str = "") -> None:
         self.root = Path(root)
         self.min_free_bytes = int(min_free_bytes)
         self.fsync_directories = fsync_directories
-        self.tmp_dir = self.root / "tmp"
+        # tmp/ (one node per folder), or tmp/<name>/ per node when several nodes share the folder
+        self.tmp_dir = self.root / "tmp" / tmp_name if tmp_name else self.root / "tmp"
         self.series_root = self.root / "series"
         self._tmp, self._series = str(self.tmp_dir), str(self.series_root)
         self._lock = threading.Lock()  # incoming/ and the known SOP Instance UIDs

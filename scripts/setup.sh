@@ -2,7 +2,7 @@
 # Set up synthmrf in ./.venv (Python 3.11+).
 #   scripts/setup.sh          the product (enough for `synthmrf demo` and the node)
 #   scripts/setup.sh --test   plus the test tools: pytest/ruff/mypy, and as root the Debian packages the
-#                             integration tests talk to (orthanc, dcmtk, dicom3tools, dcm2niix, redis-server) and
+#                             integration tests talk to (orthanc, dcmtk, dicom3tools, dcm2niix, postgresql) and
 #                             mricron-data (Colin27, a real head scan the tests process)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,22 +11,23 @@ extras=""
 if [[ "${1:-}" == "--test" ]]; then
     extras="[test]"
     missing=()
-    for tool in Orthanc storescu dciodvfy dcm2niix redis-server; do
+    for tool in Orthanc storescu dciodvfy dcm2niix; do
         command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
     done
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1 || missing+=("postgresql")
     [[ -f /usr/share/mricron/templates/ch2.nii.gz ]] || missing+=("mricron-data")
     if ((${#missing[@]})); then
         if [[ $(id -u) -ne 0 ]]; then
-            echo "setup: missing ${missing[*]}: install orthanc dcmtk dicom3tools dcm2niix redis-server mricron-data (needs root)" >&2
+            echo "setup: missing ${missing[*]}: install orthanc dcmtk dicom3tools dcm2niix postgresql mricron-data (needs root)" >&2
             exit 1
         fi
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc dcmtk dicom3tools dcm2niix redis-server mricron-data \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc dcmtk dicom3tools dcm2niix postgresql mricron-data \
             >/dev/null
-        # The Debian packages start a system Orthanc on 4242/8042 and a Redis on 6379; tests start their own
-        # on free ports.
+        # The Debian packages start a system Orthanc on 4242/8042 and a PostgreSQL cluster on 5432; tests start
+        # their own on free ports.
         systemctl stop orthanc 2>/dev/null || service orthanc stop 2>/dev/null || true
-        systemctl stop redis-server 2>/dev/null || service redis-server stop 2>/dev/null || true
+        systemctl stop postgresql 2>/dev/null || service postgresql stop 2>/dev/null || true
     fi
 fi
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv

@@ -6,11 +6,15 @@ started in a subprocess (the tests put this folder on its PYTHONPATH).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -36,6 +40,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
 
 from dicom_node.config import NodeConfig, config_from_mapping
+from dicom_node.dicom_client import AssociationError, Peer, echo
 from pipeline.dicom_series import SeriesRejected
 
 TOOL_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -417,54 +422,142 @@ def end_process(process: subprocess.Popen[bytes], timeout_s: float) -> None:
         process.wait(5)
 
 
-# -- Redis ---------------------------------------------------------------------------------------------------------
+# -- synthmrf serve / worker as subprocesses --------------------------------------------------------------------------
+
+TESTS = Path(__file__).resolve().parent
+SYNTHMRF = Path(sys.executable).with_name("synthmrf")
+
+
+def test_environment(**env: str) -> dict[str, str]:
+    """The environment of a synthmrf subprocess: ``node_support`` importable (the fast processor)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), **env}
+
+
+class Serve:
+    """One ``synthmrf serve`` process with its log file."""
+
+    def __init__(self, config: Path, log: Path, port: int, **env: str) -> None:
+        self.port = port
+        self.log = log
+        environ = test_environment(**env)
+        self.proc = subprocess.Popen([str(SYNTHMRF), "serve", "--config", str(config)], env=environ,
+                                     stdout=log.open("ab"), stderr=subprocess.STDOUT)
+        wait_until(self._answers, 60, 0.1, f"synthmrf serve to answer C-ECHO (log: {log})")
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            pytest.fail(f"synthmrf serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+        try:
+            return echo(Peer("SYNTHMRF", "127.0.0.1", self.port), "PROBE", timeout_s=2.0) == 0
+        except (AssociationError, OSError):
+            return False
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def terminate(self, timeout_s: float) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+
+
+
+class Worker:
+    """One ``synthmrf worker`` process (its own process group: kill it with its children, as a lost machine)."""
+
+    def __init__(self, config: Path, log: Path, **env: str) -> None:
+        self.log = log
+        self.proc = subprocess.Popen([str(SYNTHMRF), "worker", "--config", str(config)], env=test_environment(**env),
+                                     stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill9_group(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+    def terminate(self, timeout_s: float) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------------------------------
+
+
+def postgres_tool(name: str) -> str:
+    """A PostgreSQL server binary (on PATH, or Debian's /usr/lib/postgresql/<version>/bin); missing fails."""
+    found = shutil.which(name) or max(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), default=None)
+    if found is None:
+        pytest.fail(f"{name} not found: install postgresql (scripts/setup.sh --test does)")
+    return found
 
 
 @dataclass
-class RedisServer:
-    """A real redis-server on 127.0.0.1 (a free port, no persistence), its files in a temp folder."""
+class PostgresServer:
+    """A real PostgreSQL on 127.0.0.1 (a free port), its cluster in a fresh folder; as root it runs as the
+    ``postgres`` user (PostgreSQL refuses root), in a folder that user can reach (pytest's are root-only)."""
 
-    folder: Path
     port: int = 0
+    folder: Path | None = None
     process: subprocess.Popen[bytes] | None = None
+    user: str | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"postgresql://synthmrf@127.0.0.1:{self.port}/synthmrf"
 
-    def start(self) -> RedisServer:
-        import redis
+    def start(self) -> PostgresServer:
+        import psycopg
 
         self.port = self.port or free_port()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with (self.folder / "redis.log").open("wb") as log:
-            self.process = subprocess.Popen([tool("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
-                                             "--save", "", "--appendonly", "no", "--dir", str(self.folder)],
-                                            stdout=log, stderr=subprocess.STDOUT)
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        self.user = "postgres" if os.geteuid() == 0 else None
+        self.folder = Path(tempfile.mkdtemp(prefix="synthmrf-pg-"))
+        if self.user is not None:
+            shutil.chown(self.folder, self.user, self.user)
+        data = self.folder / "data"
+        init = subprocess.run([postgres_tool("initdb"), "-D", str(data), "-U", "synthmrf", "--auth=trust", "-E",
+                               "UTF8", "--no-sync"], user=self.user, capture_output=True, timeout=120)
+        if init.returncode != 0:
+            pytest.fail(f"initdb failed: {init.stderr.decode(errors='replace')}")
+        with (self.folder / "postgres.log").open("wb") as log:
+            self.process = subprocess.Popen(
+                [postgres_tool("postgres"), "-D", str(data), "-p", str(self.port), "-k", str(self.folder),
+                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=60"],
+                user=self.user, stdout=log, stderr=subprocess.STDOUT)
 
         def ready() -> bool:
             if self.process is not None and self.process.poll() is not None:
-                pytest.fail(f"redis-server exited with {self.process.returncode}: "
-                            f"{(self.folder / 'redis.log').read_text()}")
+                pytest.fail(f"postgres exited with {self.process.returncode}: "
+                            f"{(self.folder / 'postgres.log').read_text()}")  # type: ignore[operator]
             try:
-                return bool(client.ping())
-            except redis.ConnectionError:
+                with psycopg.connect(f"postgresql://synthmrf@127.0.0.1:{self.port}/postgres", connect_timeout=1,
+                                     autocommit=True) as conn:
+                    conn.execute("SELECT 1")
+                return True
+            except psycopg.OperationalError:
                 return False
 
-        wait_until(ready, 10.0, 0.05, "redis-server to answer PING")
-        client.close()
+        wait_until(ready, 60.0, 0.1, "postgres to accept connections")
+        with psycopg.connect(f"postgresql://synthmrf@127.0.0.1:{self.port}/postgres", autocommit=True) as conn:
+            conn.execute("CREATE DATABASE synthmrf")
         return self
 
     def stop(self) -> None:
         if self.process is not None:
-            end_process(self.process, 10)
+            self.process.send_signal(signal.SIGINT)  # fast shutdown
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
             self.process = None
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
 
 
 @contextmanager
-def redis_server(folder: Path) -> Iterator[RedisServer]:
-    server = RedisServer(folder).start()
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer().start()
     try:
         yield server
     finally:

@@ -4,6 +4,8 @@ dead-lettered deliveries and failed jobs brought back with 'synthmrf jobs retry'
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,10 +86,12 @@ def test_echo_send_jobs_and_status(tmp_path: Path, series: Series, sink: ResultS
         assert "delivery   sink: sent, 1 attempt(s)" in r.output
         r = invoke(jobs, "retry", "--config", str(config), job_id)
         assert r.exit_code == 1 and "is delivered with nothing to retry" in r.output
-        r = invoke(status, "--config", str(config), "--json")
+        r = invoke(status, "--config", str(config), "--json", "--echo")
         assert r.exit_code == 0, r.output
         report = json.loads(r.output)
         assert report["node"].startswith("answering C-ECHO")
+        assert sorted(m["kind"] for m in report["members"]) == ["node", "worker"]
+        assert all(m["heartbeat_age_s"] < 60 and not m["silent"] for m in report["members"])
         assert report["jobs"] == {"delivered": 1} and report["queue_depth"] == 0 and report["failures"] == []
         assert report["recent"][0]["id"] == job_id
         r = invoke(status, "--config", str(config))
@@ -117,8 +121,9 @@ def test_dead_letter_and_retry(tmp_path: Path, series: Series, sink: ResultSink)
         wait_until(node.idle, 10, what="the node to be idle")
         [job] = node.store.jobs()
         assert job.state is JobState.DELIVERED and job.deliveries[0].attempts == 1
-    r = invoke(status, "--config", str(config))  # the node has stopped
+    r = invoke(status, "--config", str(config), "--echo")  # the node has stopped
     assert r.exit_code == 0 and "not answering on 127.0.0.1" in r.output
+    assert "node         none running" in r.output and "worker       none running" in r.output
 
 
 def test_failed_processing_is_retried_then_given_up_then_queued_again(tmp_path: Path, series: Series,
@@ -143,3 +148,15 @@ def test_failed_processing_is_retried_then_given_up_then_queued_again(tmp_path: 
         assert r.exit_code == 0 and "processing queued" in r.output
         wait_until(sink.results, 30, what="the result after the retry")
         assert len(runs) == 3
+
+
+def test_the_command_line_starts_without_torch() -> None:
+    """``synthmrf --help`` and every command's import stay light: torch, SimpleITK and the pipeline load only in
+    the commands (and worker processes) that use them."""
+    code = ("import sys, dicom_node.cli as c\n"
+            "[c.cli.get_command(None, n) for n in c.COMMANDS]\n"
+            "heavy = sorted(m for m in ('torch', 'SimpleITK', 'pynetdicom', 'apscheduler') if m in sys.modules)\n"
+            "print(','.join(heavy))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ""

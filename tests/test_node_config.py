@@ -39,7 +39,8 @@ def test_environment_overrides_every_kind_of_key() -> None:
         "SYNTHMRF_SERIES__QUIET_SECONDS": "12.5",
         "SYNTHMRF_SERIES__EARLY_TRIGGER": "false",
         "SYNTHMRF_MPRAGE__NAME_PATTERNS": '["mprage", "bravo"]',
-        "SYNTHMRF_JOBS__BACKEND": "redis",
+        "SYNTHMRF_JOBS__BACKEND": "postgres",
+        "SYNTHMRF_JOBS__DATABASE_URL": "postgresql://synthmrf:secret@db.example:5432/synthmrf",
         "SYNTHMRF_METRICS__PORT": "9464",
         "SYNTHMRF_PIPELINE__MODEL": "",
         "SYNTHMRF_DESTINATIONS__PACS__PORT": "4243",
@@ -52,7 +53,7 @@ def test_environment_overrides_every_kind_of_key() -> None:
     assert cfg.node.storage_dir == Path("/srv/synthmrf")
     assert cfg.series.quiet_seconds == 12.5 and cfg.series.early_trigger is False
     assert cfg.mprage.name_patterns == ["mprage", "bravo"]
-    assert cfg.jobs.backend == "redis"
+    assert (cfg.jobs.backend, cfg.jobs.database_url) == ("postgres", "postgresql://synthmrf:secret@db.example:5432/synthmrf")
     assert cfg.metrics.port == 9464
     assert cfg.pipeline.model is None
     assert cfg.destination("pacs").port == 4243
@@ -101,3 +102,13 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
     bad.write_text("[node\nport = 1\n")
     with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
         load_config(bad, environ={})
+
+
+def test_the_deploy_configurations_are_valid() -> None:
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    single = load_config(deploy / "synthmrf.toml", environ={})
+    assert single.jobs.backend == "sqlite" and single.jobs.workers == 1
+    shared = load_config(deploy / "synthmrf-scaleout.toml",
+                         environ={"SYNTHMRF_JOBS__DATABASE_URL": "postgresql://u:p@db:5432/synthmrf"})
+    assert (shared.jobs.backend, shared.jobs.database_url, shared.jobs.workers) == (
+        "postgres", "postgresql://u:p@db:5432/synthmrf", 0)

@@ -7,7 +7,6 @@ import json
 import logging
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 import warnings
@@ -20,7 +19,6 @@ from pydicom.dataset import Dataset
 
 from dicom_node.config import ConfigError
 from dicom_node.dicom_client import AssociationError, Peer, echo, store_files
-from dicom_node.jobs import make_huey
 from dicom_node.logs import JsonFormatter, configure_logging
 from dicom_node.node import Node, NodeLockedError
 
@@ -100,11 +98,11 @@ def test_a_silent_tls_connection_does_not_block_the_listener(tmp_path: Path, nod
             assert silent.recv(1) == b""
 
 
-def test_redis_backend_needs_its_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "redis", None)  # as if not installed: importing it raises ImportError
-    cfg = node_config(tmp_path / "n", jobs={"backend": "redis"})
-    with pytest.raises(ConfigError, match=r"jobs.backend 'redis' needs the 'redis' package"):
-        make_huey(cfg)
+def test_the_removed_redis_backend_and_a_postgres_backend_without_url_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"jobs.backend 'redis' was removed: the job store is the queue"):
+        node_config(tmp_path / "n", jobs={"backend": "redis"})
+    with pytest.raises(ConfigError, match=r"backend 'postgres' needs a postgresql://"):
+        node_config(tmp_path / "n", jobs={"backend": "postgres"})
 
 
 def test_json_log_lines_carry_identifiers() -> None:
@@ -122,7 +120,7 @@ def test_json_log_lines_carry_identifiers() -> None:
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    levels = {name: logging.getLogger(name).level for name in ("pydicom", "pynetdicom", "huey")}
+    levels = {name: logging.getLogger(name).level for name in ("pydicom", "pynetdicom")}
     yield
     for h in root.handlers[:]:
         root.removeHandler(h)

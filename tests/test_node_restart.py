@@ -1,25 +1,19 @@
-"""``synthmrf serve`` as a subprocess: kill -9 in the middle of a series and in the middle of a job,
-SIGTERM while a job runs; every acknowledged instance is processed and the result delivered once."""
+"""``synthmrf serve`` as a subprocess: kill -9 in the middle of a series; kill -9 of its worker process and of
+the node itself in the middle of a job; SIGTERM while a job runs; every acknowledged instance is processed and
+the result delivered once."""
 
 from __future__ import annotations
 
-import os
-import signal
-import sqlite3
-import subprocess
-import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
-from node_support import TOOL_ENV, ResultSink, Series, free_port, make_series, run_tool, wait_until
+from node_support import TOOL_ENV, ResultSink, Series, Serve, free_port, make_series, run_tool, wait_until
 from pynetdicom import AE
 
-from dicom_node.dicom_client import AssociationError, Peer, echo
 from dicom_node.job_store import Job, JobState, JobStore
-
-TESTS = Path(__file__).resolve().parent
-SYNTHMRF = Path(sys.executable).with_name("synthmrf")
 
 
 @pytest.fixture(scope="module")
@@ -34,40 +28,16 @@ def sink() -> Iterator[ResultSink]:
     s.stop()
 
 
-class Serve:
-    """One ``synthmrf serve`` process with its log file."""
-
-    def __init__(self, config: Path, log: Path, port: int, **env: str) -> None:
-        self.port = port
-        self.log = log
-        environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-                   **env}
-        self.proc = subprocess.Popen([str(SYNTHMRF), "serve", "--config", str(config)], env=environ,
-                                     stdout=log.open("ab"), stderr=subprocess.STDOUT)
-        wait_until(self._answers, 60, 0.1, f"synthmrf serve to answer C-ECHO (log: {log})")
-
-    def _answers(self) -> bool:
-        if self.proc.poll() is not None:
-            pytest.fail(f"synthmrf serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-        try:
-            return echo(Peer("SYNTHMRF", "127.0.0.1", self.port), "PROBE", timeout_s=2.0) == 0
-        except (AssociationError, OSError):
-            return False
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def terminate(self, timeout_s: float) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout_s)
+def worker_processes(node: Serve) -> list[psutil.Process]:
+    """The node's worker processes (not multiprocessing's resource tracker)."""
+    return [c for c in psutil.Process(node.proc.pid).children() if "resource_tracker" not in " ".join(c.cmdline())]
 
 
 def jobs_of(storage: Path) -> list[Job]:
     path = storage / "jobs.sqlite"
     if not path.exists():
         return []
-    store = JobStore(path)
+    store = JobStore.sqlite(path)
     try:
         return store.jobs()
     finally:
@@ -113,31 +83,49 @@ port = {sink.port}
     node.kill9()
     assoc.abort()
 
-    # 2. restart; the sender sends the whole series again; kill -9 while the job runs
+    # 2. restart; the sender sends the whole series again; kill -9 of the worker process while the job runs:
+    #    the node hands the job back at once and starts a new worker, which runs it again
     node = Serve(config, log, port, NODE_TEST_PROCESSOR_DELAY_S="60")
     r = run_tool(["storescu", "-aet", "MODALITY", "-aec", "SYNTHMRF", "127.0.0.1", str(port),
                   *map(str, series.files)])
     assert r.returncode == 0, r.stderr
-    wait_until(lambda: [j for j in jobs_of(storage) if j.state is JobState.PROCESSING], 30,
-               what="the job to be processing")
-    node.kill9()
+    [first] = wait_until(lambda: [j for j in jobs_of(storage) if j.state is JobState.PROCESSING], 30,
+                         what="the job to be processing")
+    [worker] = worker_processes(node)
+    worker.kill()
+    [again] = wait_until(lambda: [j for j in jobs_of(storage) if j.state is JobState.PROCESSING
+                                  and j.run_token != first.run_token], 60, what="the job to run again")
+    assert again.interruptions == 1
+    assert not psutil.pid_exists(worker.pid) or worker.status() == psutil.STATUS_ZOMBIE
+    [replacement] = worker_processes(node)
 
-    # 3. restart; SIGTERM while the (re-queued) job runs: the job finishes, the node exits cleanly
-    node = Serve(config, log, port, NODE_TEST_PROCESSOR_DELAY_S="3")
-    wait_until(lambda: [j for j in jobs_of(storage) if j.state is JobState.PROCESSING], 30,
-               what="the recovered job to be processing")
+    # 3. SIGTERM while the job runs: the worker hands the job back and the node exits in seconds, not after
+    #    the job's 60 s
+    start = time.monotonic()
     assert node.terminate(60) == 0
+    assert time.monotonic() - start < 20
+    assert not psutil.pid_exists(replacement.pid)
     [job] = jobs_of(storage)
-    assert job.state in (JobState.PROCESSED, JobState.DELIVERED) and job.attempts == 1  # the killed run not counted
-    with sqlite3.connect(storage / "jobs.sqlite") as db:
-        assert db.execute("SELECT interruptions FROM jobs WHERE id = ?", (job.id,)).fetchone() == (1,)
+    assert (job.state, job.attempts, job.interruptions) == (JobState.QUEUED, 0, 1)  # handed back, not counted
+
+    # 3b. kill -9 of the node while its worker runs the job: the orphaned worker hands the job back and exits
+    node = Serve(config, log, port, NODE_TEST_PROCESSOR_DELAY_S="60")
+    wait_until(lambda: [j for j in jobs_of(storage) if j.state is JobState.PROCESSING], 30,
+               what="the job to be processing again")
+    [orphan] = worker_processes(node)
+    node.kill9()
+    wait_until(lambda: [j for j in jobs_of(storage) if j.state is JobState.QUEUED], 20,
+               what="the orphaned worker to hand the job back")
+    psutil.wait_procs([orphan], timeout=20)
+    assert not psutil.pid_exists(orphan.pid)
 
     # 4. restart: whatever was left is delivered; exactly one result, made from all 40 instances
     node = Serve(config, log, port)
     wait_until(lambda: [j for j in jobs_of(storage) if j.state is JobState.DELIVERED], 30, what="delivery")
     assert node.terminate(60) == 0
     [job] = jobs_of(storage)
-    assert (job.version, job.instances, job.attempts) == (1, 40, 1)  # one counted run (the killed one is not)
+    assert (job.version, job.instances, job.attempts, job.interruptions) == (1, 40, 1, 1)  # the killed run is
+    # an interruption, the stopped ones are nothing
     assert len(sink.received) == 1, sink.received
     [result] = sink.results()
     assert result.comments == "from 40 frames of 40 instances"

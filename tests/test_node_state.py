@@ -17,8 +17,8 @@ from pydicom.dataset import Dataset
 from dicom_node import node as node_module
 from dicom_node.config import MprageSection
 from dicom_node.dispatch import Dispatcher
-from dicom_node.job_store import DeliveryState, JobState, JobStore
-from dicom_node.node import STATE_FILE, Node
+from dicom_node.job_store import STATE_FILE, DeliveryState, JobState, JobStore
+from dicom_node.node import Node
 from dicom_node.router import Router
 from dicom_node.spool import Spool
 
@@ -40,42 +40,26 @@ def failing_once(real: Callable[..., Any], exc: Exception) -> Callable[..., Any]
     return call
 
 
-class FakeQueue:
-    """Records enqueued job ids; everything enqueued stays held; ``fail`` enqueues raise first."""
-
-    def __init__(self) -> None:
-        self.enqueued: list[str] = []
-        self.fail = 0
-
-    def enqueue(self, job_id: str) -> None:
-        if self.fail:
-            self.fail -= 1
-            raise ConnectionError("queue unavailable")
-        self.enqueued.append(job_id)
-
-    def held(self) -> set[str]:
-        return set(self.enqueued)
+# -- jobs whose runs kill their workers (finding: re-run at every restart forever) -----------------------------
 
 
-# -- jobs whose runs kill the process (finding: re-run at every restart forever) ---------------------------------
-
-
-def test_a_job_that_killed_the_process_max_attempts_times_is_failed_at_start(tmp_path: Path) -> None:
+def test_a_job_that_killed_its_workers_max_attempts_times_is_failed_at_start(tmp_path: Path) -> None:
     storage = tmp_path / "n"
     spool = Spool(storage)
     spool.prepare()
-    store = JobStore(storage / STATE_FILE)
+    store = JobStore.sqlite(storage / STATE_FILE)
     for i, deaths in enumerate((1, 2)):  # two series: the process ended once in one's runs, twice in the other's
         datasets = mr_datasets(3, 16, patient_id=f"DIE{i}", seed=i)
         spool_series(spool, datasets, tmp_path / f"s{i}")
         claim = spool.claim(str(datasets[0].SeriesInstanceUID))
         assert claim is not None
         job = store.create_job(claim.series_uid, 1, "1.2", 3, JobState.QUEUED, "")
-        assert store.start_job(job.id) is not None and store.end_job(job.id, JobState.QUEUED, "") is None  # an error
+        run = store.claim_job("worker@dead")
+        assert run is not None and store.end_job(run.id, run.run_token, JobState.QUEUED, "")  # an error
         for death in range(deaths):
-            assert store.start_job(job.id) is not None  # ... and then the process ended
-            if death < deaths - 1:
-                assert store.recover_interrupted(5)[0] == 2  # a start in between (both jobs were running)
+            assert store.claim_job(f"worker@dead{i}{death}") is not None  # ... and then the worker died
+            if death < deaths - 1:  # a start in between takes it over
+                assert store.take_over(5, owners=[f"worker@dead{i}{death}"])[0] == [job.id]
     store.close()
     calls: list[Path] = []
 
@@ -88,23 +72,22 @@ def test_a_job_that_killed_the_process_max_attempts_times_is_failed_at_start(tmp
         wait_until(node.idle, 10, what="the node to be idle")
         assert sorted((j.state, j.attempts, j.reason) for j in node.store.jobs()) == [
             (JobState.DELIVERED, 2, ""),  # the error and the run that completed; the interrupted run not counted
-            (JobState.FAILED, 1, "the process ended while processing it, 2 times")]
+            (JobState.FAILED, 1, "a worker ended while processing it, 2 times (killed, out of memory or crashed)")]
         assert len(calls) == 1
     finally:
         node.stop(drain=False)
 
 
-# -- failed hand-overs are settled (claim, job, enqueue) ------------------------------------------------------------
+# -- failed hand-overs are settled (claim, job) ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("failure", ["link", "create_job", "enqueue"])
+@pytest.mark.parametrize("failure", ["link", "create_job"])
 def test_a_failed_hand_over_is_settled_before_the_next_version_is_claimed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
     spool = Spool(tmp_path / "spool")
     spool.prepare()
-    store = JobStore(tmp_path / "jobs.sqlite")
-    queue = FakeQueue()
-    router = Router(spool, store, MprageSection(), queue.enqueue, queue.held)
+    store = JobStore.sqlite(tmp_path / "jobs.sqlite")
+    router = Router(spool, store, MprageSection(), "node@test")
     datasets = mr_datasets(4, 16, patient_id="FAIL")
     uid = str(datasets[0].SeriesInstanceUID)
     spool_series(spool, datasets[:2], tmp_path / "a")
@@ -112,39 +95,32 @@ def test_a_failed_hand_over_is_settled_before_the_next_version_is_claimed(
     spool_series(spool, datasets[2:3], tmp_path / "b")
     if failure == "link":  # the disk filled up while the claim linked version 1's files
         monkeypatch.setattr(os, "link", failing_once(os.link, OSError(errno.ENOSPC, "No space left on device")))
-    elif failure == "create_job":
+    else:
         monkeypatch.setattr(store, "create_job", failing_once(store.create_job,
                                                               sqlite3.OperationalError("database or disk is full")))
-    else:
-        queue.fail = 1
-    with pytest.raises((OSError, sqlite3.Error, ConnectionError)):
-        router.series_complete(uid, "test")  # version 2: stuck claim, no job, or not enqueued
+    with pytest.raises((OSError, sqlite3.Error)):
+        router.series_complete(uid, "test")  # version 2: stuck claim, or no job
     spool_series(spool, datasets[3:], tmp_path / "c")  # a late instance
     job = router.series_complete(uid, "the assembler's retry")
     assert job is not None and job.version == 3
-    assert queue.enqueued == [f"{uid}-v1", f"{uid}-v2", f"{uid}-v3"]
+    assert store.queued() == [f"{uid}-v1", f"{uid}-v2", f"{uid}-v3"]
     assert [(j.version, j.state, j.instances) for j in sorted(store.jobs(), key=lambda j: j.version)] == [
         (1, JobState.QUEUED, 2), (2, JobState.QUEUED, 3), (3, JobState.QUEUED, 4)]
     assert len(list(spool.version_dir(uid, 3).joinpath("input").iterdir())) == 4  # nothing of version 2 is lost
     assert router.reconcile() == 0  # all settled
 
 
-def test_housekeeping_enqueues_jobs_the_queue_lost_and_settles_versions_without_a_job(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_housekeeping_settles_versions_without_a_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spool = Spool(tmp_path / "spool")
     spool.prepare()
-    store = JobStore(tmp_path / "jobs.sqlite")
-    queue = FakeQueue()
-    router = Router(spool, store, MprageSection(), queue.enqueue, queue.held)
+    store = JobStore.sqlite(tmp_path / "jobs.sqlite")
+    router = Router(spool, store, MprageSection(), "node@test")
     a, b = mr_datasets(2, 16, patient_id="LOSTA"), mr_datasets(2, 16, patient_id="LOSTB")
-    spool_series(spool, a, tmp_path / "a")
-    queue.fail = 1
-    with pytest.raises(ConnectionError):
-        router.series_complete(str(a[0].SeriesInstanceUID), "test")
-    spool_series(spool, b, tmp_path / "b")
-    assert spool.claim(str(b[0].SeriesInstanceUID)) is not None  # as if create_job had failed
+    for datasets, folder in ((a, "a"), (b, "b")):
+        spool_series(spool, datasets, tmp_path / folder)
+        assert spool.claim(str(datasets[0].SeriesInstanceUID)) is not None  # as if create_job had failed
     assert router.reconcile() == 2
-    assert sorted(queue.enqueued) == sorted(f"{d[0].SeriesInstanceUID}-v1" for d in (a, b))
+    assert sorted(store.queued()) == sorted(f"{d[0].SeriesInstanceUID}-v1" for d in (a, b))
     assert router.reconcile() == 0
 
     # the node runs it from its housekeeping thread
@@ -166,14 +142,15 @@ def test_housekeeping_enqueues_jobs_the_queue_lost_and_settles_versions_without_
 
 
 def test_a_full_database_reports_itself_and_leaves_the_connection_usable(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite")
-    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
-    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    store = JobStore.sqlite(tmp_path / "jobs.sqlite")
+    db = store.db._db  # type: ignore[attr-defined]
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count = {pages}")
     with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
         for i in range(200):
             store.create_job(f"1.2.{i}", 1, "1.2", 1, JobState.QUEUED, "x" * 2000)
-    assert not store._db.in_transaction
-    store._db.execute(f"PRAGMA max_page_count = {pages * 100}")
+    assert not db.in_transaction
+    db.execute(f"PRAGMA max_page_count = {pages * 100}")
     store.create_job("1.3", 1, "1.2", 1, JobState.QUEUED, "after")
     assert store.job("1.3-v1") is not None
     store.close()
@@ -189,10 +166,10 @@ def test_a_delivery_missing_a_result_file_is_retried_then_dead_lettered(tmp_path
     with result_sink() as sink:
         cfg = node_config(tmp_path / "n", destinations=[sink.destination()],
                           dispatch={"max_attempts": 2, "backoff_initial_s": 0})
-        store = JobStore(tmp_path / "jobs.sqlite")
+        store = JobStore.sqlite(tmp_path / "jobs.sqlite")
         job = store.create_job("1.2.3", 1, "1.2", 1, JobState.QUEUED, "")
-        assert store.start_job(job.id) is not None
-        store.finish_job(job.id, [present, missing], ["sink"])
+        run = store.claim_job("worker@test")
+        assert run is not None and store.finish_job(run.id, run.run_token, [present, missing], ["sink"])
         dispatcher = Dispatcher(cfg, store)
         assert dispatcher.run_once() == 1
         [delivery] = store.job(job.id).deliveries  # type: ignore[union-attr]

@@ -16,13 +16,18 @@ if TYPE_CHECKING:
 
 
 def open_store(cfg: NodeConfig) -> JobStore:
-    from dicom_node.job_store import JobStore
-    from dicom_node.node import STATE_FILE
+    """The installation's job store (SQLite in the storage folder, or PostgreSQL), with a clear error."""
+    from dicom_node.job_store import STATE_FILE, open_job_store
+    from dicom_node.state_db import DatabaseUnavailableError
 
-    path = cfg.node.storage_dir / STATE_FILE
-    if not path.is_file():
-        raise click.ClickException(f"{path}: no node state here (has the node run with this storage_dir?)")
-    return JobStore(path)
+    if cfg.jobs.backend == "sqlite":
+        path = cfg.node.storage_dir / STATE_FILE
+        if not path.is_file():
+            raise click.ClickException(f"{path}: no node state here (has the node run with this storage_dir?)")
+    try:
+        return open_job_store(cfg.node.storage_dir, cfg.jobs.backend, cfg.jobs.database_url)
+    except DatabaseUnavailableError as exc:  # PostgreSQL unreachable, wrong password, ...
+        raise click.ClickException(str(exc)) from exc
 
 
 def when(t: float | None) -> str:
@@ -93,14 +98,10 @@ def show(config_path: Path | None, job: str) -> None:
 @click.argument("job")
 def retry(config_path: Path | None, job: str) -> None:
     """Run JOB again: a failed or rejected job is queued; dead or waiting deliveries are sent now."""
-    from dicom_node.jobs import JobQueue, make_huey
-
     cfg = load(config_path)
     store = open_store(cfg)
     j = find_one(store, job)
     changes = store.retry(j.id)
     if not changes:
         raise click.ClickException(f"job {j.id} is {j.state} with nothing to retry")
-    if "processing queued" in changes:
-        JobQueue(make_huey(cfg)).enqueue(j.id)
     click.echo(f"{j.id}: " + "; ".join(changes))

@@ -6,14 +6,8 @@ import json
 from pathlib import Path
 
 import click
-import numpy as np
 
-from pipeline.mrf.coefficients import add_complex_noise, phase_normalise
-from pipeline.mrf.dictionary import DEFAULT_RANK, STORED_RANK, load_or_build_dictionary
-from pipeline.mrf.matching import Matcher, match_volume
-from pipeline.mrf.sequence import DEFAULT_SEQUENCE, load_sequence
-from pipeline.mrf.simulate import simulate_coefficients
-from pipeline.volume_io import load_volume, save_volume
+from pipeline.mrf.sequence import DEFAULT_RANK, DEFAULT_SEQUENCE, STORED_RANK
 
 SEQUENCE_HELP = "Sequence file (path, or name in config/sequences)."
 RANK = click.IntRange(1, STORED_RANK)
@@ -34,6 +28,9 @@ def dictionary(sequence_name: str, rank: int, device: str) -> None:
     The dictionary is cached on disk (SYNTHMRF_CACHE_DIR, default ~/.cache/synthmrf) by sequence hash,
     grid and EPG settings, so the second call is instant.
     """
+    from pipeline.mrf.dictionary import load_or_build_dictionary
+    from pipeline.mrf.sequence import load_sequence
+
     seq = load_sequence(sequence_name)
     d = load_or_build_dictionary(seq, rank=rank, device=device, progress=True)
     t1, t2 = d.grid.t1_axis(), d.grid.t2_axis()
@@ -63,6 +60,14 @@ def dictionary(sequence_name: str, rank: int, device: str) -> None:
 def simulate(sequence_name: str, t1_path: str, t2_path: str, pd_path: str, out_path: str, rank: int,
              snr: float | None, seed: int, device: str) -> None:
     """Compressed MRF coefficients (4-D complex64 NIfTI, last axis = component, phase-normalised)."""
+    import numpy as np
+
+    from pipeline.mrf.coefficients import add_complex_noise, phase_normalise
+    from pipeline.mrf.dictionary import load_or_build_dictionary
+    from pipeline.mrf.sequence import load_sequence
+    from pipeline.mrf.simulate import simulate_coefficients
+    from pipeline.volume_io import load_volume, save_volume
+
     seq = load_sequence(sequence_name)
     t1, affine = load_volume(t1_path)
     t2, _ = load_volume(t2_path)
@@ -90,6 +95,13 @@ def simulate(sequence_name: str, t1_path: str, t2_path: str, pd_path: str, out_p
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 def match(sequence_name: str, svd_path: str, out_dir: str, mask_path: str | None, method: str, device: str) -> None:
     """T1.nii.gz, T2.nii.gz (ms) and PD.nii.gz from compressed coefficients."""
+    import numpy as np
+
+    from pipeline.mrf.dictionary import load_or_build_dictionary
+    from pipeline.mrf.matching import Matcher, match_volume
+    from pipeline.mrf.sequence import load_sequence
+    from pipeline.volume_io import load_volume, save_volume
+
     seq = load_sequence(sequence_name)
     coeffs, affine = load_volume(svd_path)
     if coeffs.ndim != 4 or not np.iscomplexobj(coeffs):

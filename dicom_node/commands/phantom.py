@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from training.phantom.dicom_series import DicomStyle, Vendor
 from training.phantom.geometry import Orientation
+from training.phantom.styles import DicomStyle, Vendor
 
 
 @click.group()

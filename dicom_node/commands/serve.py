@@ -18,13 +18,17 @@ def serve(config_path: Path | None) -> None:
     """Receive series, process MPRAGEs, send the maps to the destinations, and run the retrospective
     schedules ('synthmrf retro add').
 
-    SIGTERM or SIGINT stops accepting associations and lets in-flight associations, jobs, sends and
-    retrievals finish (up to node.drain_timeout_s); anything left is picked up at the next start.
+    The pipeline runs in jobs.workers worker processes started here (0: this node only receives and
+    dispatches; run 'synthmrf worker' elsewhere); this process never loads torch. SIGTERM or SIGINT
+    stops accepting associations, has each worker hand its running job back to the queue (it runs
+    again later), and lets in-flight associations, sends and retrievals finish (up to
+    node.drain_timeout_s); anything left is picked up at the next start.
     """
     from dicom_node.config import ConfigError
     from dicom_node.logs import configure_logging
     from dicom_node.node import Node, NodeLockedError
     from dicom_node.retro.schedules import start_scheduler
+    from dicom_node.state_db import DatabaseUnavailableError
 
     cfg = load(config_path)
     configure_logging(cfg.logging.level, cfg.logging.format)
@@ -38,7 +42,7 @@ def serve(config_path: Path | None) -> None:
     node = Node(cfg)
     try:
         node.start()
-    except (NodeLockedError, ConfigError) as exc:  # ConfigError: jobs.backend 'redis' without the redis package
+    except (NodeLockedError, ConfigError, DatabaseUnavailableError) as exc:
         raise click.ClickException(str(exc)) from exc
     try:
         retro = start_scheduler(cfg, node)

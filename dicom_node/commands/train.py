@@ -7,12 +7,6 @@ from pathlib import Path
 
 import click
 
-from pipeline.model.unet import UNetConfig
-from pipeline.protocol import N_FEATURES
-from training.preprocess import load_dataset
-from training.train import InitialModelError, RunConfigurationError, TrainConfig
-from training.train import train as run_training
-
 
 @click.command()
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -57,6 +51,12 @@ def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, it
 
     Several GPUs: torchrun --nproc-per-node N $(which synthmrf) train ... (DistributedDataParallel).
     """
+    from pipeline.model.unet import UNetConfig
+    from pipeline.protocol import N_FEATURES
+    from training.preprocess import load_dataset
+    from training.train import InitialModelError, RunConfigurationError, TrainConfig
+    from training.train import train as run_training
+
     if crop % 16:
         raise click.BadParameter(f"must be a multiple of 16, got {crop}", param_hint="--crop")
     if min_learning_rate > learning_rate:

@@ -34,7 +34,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from dicom_node.sqlite_state import SqliteState
+from dicom_node.state_db import SqliteStore
 
 PROGRESS_FILE = "progress.sqlite"
 
@@ -178,11 +178,11 @@ def _held(state: SeriesState, updated_at: float, max_hold_s: float, now: float) 
     return state in HELD and now - updated_at < max_hold_s
 
 
-class ProgressStore(SqliteState):
+class ProgressStore(SqliteStore):
     """The progress database; thread-safe, shared by the node's scheduler and command-line passes."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__(path, _SCHEMA)
+        super().__init__(path, "progress", (_SCHEMA,))
         self._host = socket.gethostname()
         self._lock_dir = self.path.parent / "locks"
         self._run_locks: dict[int, int] = {}  # run id -> descriptor holding its liveness lock

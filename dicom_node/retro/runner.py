@@ -39,7 +39,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.config import ConfigError, NodeConfig
 from dicom_node.dicom_client import AssociationError, Peer, echo, store_files
-from dicom_node.job_store import JobState, JobStore
+from dicom_node.job_store import STATE_FILE, JobState, JobStore, open_job_store
 from dicom_node.retro.association import (
     Archive,
     ArchiveError,
@@ -102,9 +102,9 @@ class NodeView:
 
     def _jobs(self) -> JobStore | None:
         if self._store is None:
-            path = self.storage_dir / "jobs.sqlite"
-            if path.is_file():
-                self._store = JobStore(path)
+            jobs = self.config.jobs
+            if jobs.backend != "sqlite" or (self.storage_dir / STATE_FILE).is_file():
+                self._store = open_job_store(self.storage_dir, jobs.backend, jobs.database_url)
         return self._store
 
     def close(self) -> None:

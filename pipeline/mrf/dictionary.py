@@ -23,13 +23,11 @@ import numpy as np
 import torch
 
 from pipeline.mrf.epg import DEFAULT_N_STATES, resolve_device, simulate_fisp
-from pipeline.mrf.sequence import Sequence
+from pipeline.mrf.sequence import DEFAULT_RANK, STORED_RANK, Sequence
 from pipeline.parallel import map_chunks
 
 logger = logging.getLogger(__name__)
 
-STORED_RANK = 32
-DEFAULT_RANK = 4
 CACHE_FORMAT = 1
 
 

@@ -19,6 +19,8 @@ import numpy as np
 
 PHYSICS_FIELDS = ("tr_ms", "te_ms", "flip_angle_deg", "inversion_ti_ms")
 DEFAULT_SEQUENCE = "fisp_ir_tr9.3_1000"
+STORED_RANK = 32  # singular components a dictionary file keeps
+DEFAULT_RANK = 4  # singular components the product matches with (the paper's K)
 
 
 def sequence_dir() -> Path:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass, replace
-from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -28,20 +27,9 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGLSLossless, MRImageStor
 
 from training.phantom.geometry import VolumeGrid
 from training.phantom.mprage import MAX_PIXEL_VALUE, MprageProtocol
+from training.phantom.styles import DicomStyle, Vendor
 
 IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.8.498.1")  # pydicom's root, as generate_uid uses
-
-
-class DicomStyle(StrEnum):
-    CLASSIC = "classic"
-    ENHANCED = "enhanced"
-    COMPRESSED = "compressed"
-
-
-class Vendor(StrEnum):
-    SIEMENS = "siemens"
-    GE = "ge"
-    PHILIPS = "philips"
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 
 from dicom_node.config import Destination, NodeConfig, NodeSection, PipelineSection, SeriesSection
 from dicom_node.demo import DESTINATION_AE, SENDER_AE, ResultSink, phantom_subject
-from dicom_node.dicom_client import Peer, store_files
+from dicom_node.dimse.client import Peer, store_files
 from dicom_node.node import Node
 
 

@@ -161,11 +161,16 @@ class JobsSection(_Section):
         return self.takeover_s / 6.0
 
 
+# Processors named by their module before the re-cut of dicom_node (configuration files spell the default out).
+MOVED_PROCESSORS = {"dicom_node.pipeline_processor:PipelineProcessor":
+                    "dicom_node.workers.pipeline_processor:PipelineProcessor"}
+
+
 class PipelineSection(_Section):
     """What turns a series folder into result DICOM files (``[pipeline]``)."""
 
     # module:function(input_dir, out_dir, *, model) -> object with .dicom_files, or module:Class taking this section
-    processor: str = "dicom_node.pipeline_processor:PipelineProcessor"
+    processor: str = "dicom_node.workers.pipeline_processor:PipelineProcessor"
     model: str | None = None  # a package folder or NAME-VERSION; None: the registry's active model
     models_dir: Path = Path("var/synthmrf/models")  # the model registry (as 'synthmrf model --models-dir')
     device: str = "auto"  # auto (CUDA when present), cpu or cuda
@@ -179,6 +184,7 @@ class PipelineSection(_Section):
     @field_validator("processor")
     @classmethod
     def _processor(cls, value: str) -> str:
+        value = MOVED_PROCESSORS.get(value, value)
         if not _PROCESSOR.match(value):
             raise ValueError(f"pipeline.processor: expected 'module:function', got {value!r}")
         return value

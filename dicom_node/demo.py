@@ -19,21 +19,17 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.events import Event
-from pynetdicom.sop_class import ParametricMapStorage, Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.sop_class import ParametricMapStorage  # type: ignore[attr-defined]
 
 from dicom_node.config import Destination, NodeConfig, NodeSection, PipelineSection, SeriesSection
-from dicom_node.dicom_client import Peer, store_files
+from dicom_node.dimse.client import Peer, store_files
+from dicom_node.dimse.folder_scp import FolderSCP
 from dicom_node.node import Node
 
 logger = logging.getLogger(__name__)
 
 DESTINATION_AE = "DEMOPACS"
 SENDER_AE = "DEMOSCANNER"
-SUCCESS = 0x0000  # PS3.4 B.2.3
-OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3 Refused: Out of Resources
 PLAUSIBLE_RELATIVE_ERROR = 0.25  # per-tissue median vs truth, WM and GM (the shipped model: see README)
 TIMEOUT_S = 900.0
 
@@ -63,45 +59,26 @@ class DemoReport:
 
 
 class ResultSink:
-    """The embedded destination: a storage SCP writing what it receives into a folder."""
+    """The embedded destination: a storage SCP filing what it receives under a folder."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.received: list[Path] = []
         self._maps: list[tuple[str, str, Path]] = []  # (study UID, quantity, path) of Parametric Maps
         self._lock = threading.Lock()
-        ae = AE(ae_title=DESTINATION_AE)
-        ae.supported_contexts = AllStoragePresentationContexts
-        ae.add_supported_context(Verification)
-        self._ae = ae
-        self._server: ThreadedAssociationServer | None = None
+        self._scp = FolderSCP(DESTINATION_AE, folder, on_stored=self._stored)
 
-    def _store(self, event: Event) -> int:
-        try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
-            path = self.folder / f"{ds.SOPInstanceUID}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-        except OSError:
-            logger.exception("demo destination: cannot write a received instance")
-            return OUT_OF_RESOURCES
+    def _stored(self, path: Path, ds: Dataset) -> None:
         with self._lock:
             self.received.append(path)
             if ds.SOPClassUID == ParametricMapStorage:
                 self._maps.append((str(ds.StudyInstanceUID), _quantity(ds), path))
-        return SUCCESS
 
     def start(self) -> int:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        server = self._ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
-        if server is None or server.socket is None:
-            raise RuntimeError("demo destination: the storage SCP did not start")
-        self._server = server
-        return int(server.socket.getsockname()[1])
+        return self._scp.start("127.0.0.1", 0)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
+        self._scp.stop()
 
     def maps(self, study_uid: str | None = None) -> dict[str, Path]:
         """The Parametric Maps received so far (of one study), by quantity (T1, T2, PD)."""

@@ -40,7 +40,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
 
 from dicom_node.config import NodeConfig, config_from_mapping
-from dicom_node.dicom_client import AssociationError, Peer, echo
+from dicom_node.dimse.client import AssociationError, Peer, echo
 from pipeline.dicom_series import SeriesRejected
 
 TOOL_ENV = {**os.environ, "TCP_NODELAY": "1"}

@@ -12,8 +12,8 @@ import pydicom
 import pytest
 from node_support import Orthanc, fast_processor, free_port, make_series, node_config, run_tool, wait_until
 
-from dicom_node.job_store import JobState
 from dicom_node.node import Node
+from dicom_node.node.job_store import JobState
 
 LUA = Path(__file__).resolve().parents[1] / "deploy" / "orthanc" / "synthmrf-autoforward.lua"
 

@@ -18,8 +18,8 @@ from click.testing import CliRunner
 
 from dicom_node.cli import cli
 from dicom_node.commands import model as model_commands
-from dicom_node.model_registry import ModelRegistry, RegistryError
 from pipeline.model.package import WEIGHTS, PackageError, write_package
+from pipeline.model.registry import ModelRegistry, RegistryError
 from pipeline.model.unet import UNetConfig, UNetEnsemble
 from pipeline.mrf.dictionary import Dictionary
 from pipeline.mrf.sequence import Sequence
@@ -136,7 +136,7 @@ def test_an_activated_builtin_that_an_upgrade_replaced_gives_way_to_its_successo
     registry._write_state("tiny-1.0", [])  # activated by name (after another model, say)
     shutil.rmtree(shipped / "tiny-1.0")  # the upgrade ships 2.0 instead
     shutil.copytree(make_package("2.0"), shipped / "tiny-2.0")
-    with caplog.at_level(logging.WARNING, logger="dicom_node.model_registry"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.model.registry"):
         assert registry.active_name() == "tiny-2.0"
     assert "tiny-1.0 is activated but no longer ships" in caplog.text
     registry._write_state("other-1.0", [])  # an installed package of another name that vanished: no guessing

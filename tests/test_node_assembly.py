@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dicom_node.config import SeriesSection
-from dicom_node.instances import InstanceInfo
-from dicom_node.series_assembly import SeriesAssembler
+from dicom_node.node.instances import InstanceInfo
+from dicom_node.node.series_assembly import SeriesAssembler
 
 SERIES = "1.2.3.4"
 

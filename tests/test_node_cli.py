@@ -19,9 +19,9 @@ from dicom_node.commands.jobs import jobs
 from dicom_node.commands.send import send
 from dicom_node.commands.status import status
 from dicom_node.config import load_config
-from dicom_node.job_store import DeliveryState, JobState
 from dicom_node.node import Node
-from dicom_node.processor import ProcessResult
+from dicom_node.node.job_store import DeliveryState, JobState
+from dicom_node.workers.processor import ProcessResult
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ def test_contract_keys_and_defaults() -> None:
     assert cfg.node.allowed_calling_aets == []
     assert cfg.series.quiet_seconds == 30
     assert cfg.jobs.backend == "sqlite"
-    assert cfg.pipeline.processor == "dicom_node.pipeline_processor:PipelineProcessor"
+    assert cfg.pipeline.processor == "dicom_node.workers.pipeline_processor:PipelineProcessor"
 
 
 def test_environment_overrides_every_kind_of_key() -> None:

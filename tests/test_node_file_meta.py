@@ -9,7 +9,7 @@ import pynetdicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, MRImageStorage
 
-from dicom_node.instances import file_meta_bytes
+from dicom_node.node.instances import file_meta_bytes
 
 
 def test_file_meta_matches_the_standard_layout() -> None:

@@ -18,7 +18,7 @@ from node_support import fast_processor, make_series, node_config, result_sink, 
 from pydicom.dataset import Dataset
 
 from dicom_node.config import ConfigError
-from dicom_node.dicom_client import AssociationError, Peer, echo, store_files
+from dicom_node.dimse.client import AssociationError, Peer, echo, store_files
 from dicom_node.logs import JsonFormatter, configure_logging
 from dicom_node.node import Node, NodeLockedError
 
@@ -106,7 +106,7 @@ def test_the_removed_redis_backend_and_a_postgres_backend_without_url_are_named(
 
 
 def test_json_log_lines_carry_identifiers() -> None:
-    record = logging.LogRecord("dicom_node.router", logging.INFO, __file__, 1, "series %s complete", ("1.2.3",),
+    record = logging.LogRecord("dicom_node.node.router", logging.INFO, __file__, 1, "series %s complete", ("1.2.3",),
                                None)
     record.series_uid = "1.2.3"
     record.job_id = "1.2.3-v1"
@@ -144,8 +144,8 @@ def test_pydicom_messages_quoting_values_never_reach_the_log(restore_logging: No
 
 
 def test_rejected_series_is_not_retried(tmp_path: Path, node_factory: list[Node]) -> None:
-    from dicom_node.job_store import JobState
-    from dicom_node.processor import ProcessResult
+    from dicom_node.node.job_store import JobState
+    from dicom_node.workers.processor import ProcessResult
     from pipeline.dicom_series import SeriesRejected
 
     calls: list[Path] = []

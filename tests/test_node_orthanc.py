@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from node_support import Orthanc, Series, fast_processor, free_port, make_series, node_config, run_tool, wait_until
 
-from dicom_node.job_store import DeliveryState, JobState
 from dicom_node.node import Node
+from dicom_node.node.job_store import DeliveryState, JobState
 
 
 @pytest.fixture(scope="module")

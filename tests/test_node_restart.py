@@ -13,7 +13,7 @@ import pytest
 from node_support import TOOL_ENV, ResultSink, Series, Serve, free_port, make_series, run_tool, wait_until
 from pynetdicom import AE
 
-from dicom_node.job_store import Job, JobState, JobStore
+from dicom_node.node.job_store import Job, JobState, JobStore
 
 
 @pytest.fixture(scope="module")

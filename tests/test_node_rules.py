@@ -8,7 +8,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, EnhancedMRImageStorage, generate_uid
 
 from dicom_node.config import MprageSection
-from dicom_node.series_rules import classify
+from dicom_node.node.series_rules import classify
 
 RULES = MprageSection()
 

@@ -4,6 +4,8 @@ and an installation of two nodes and two worker machines sharing one database an
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ from node_support import (
     wait_until,
 )
 
-from dicom_node.job_store import SCHEMA, STATE_FILE, JobState, JobStore
+from dicom_node.node.job_store import SCHEMA, STATE_FILE, JobState, JobStore
 from dicom_node.state_db import SchemaTooNewError
 
 
@@ -237,3 +239,11 @@ def test_two_nodes_and_two_workers_deliver_each_study_once_through_kill_9(
                 n.terminate(60)
         store.close()
         sink.stop()
+
+
+@pytest.mark.parametrize("module", ["dicom_node.workers.pool", "dicom_node.node.job_store", "dicom_node.node",
+                                    "dicom_node.dimse.folder_scp", "dicom_node.retro.harvest"])
+def test_each_entry_module_imports_alone(module: str) -> None:
+    """A spawned worker process imports its module first, without the node around it (no import cycles)."""
+    r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

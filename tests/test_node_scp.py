@@ -41,19 +41,19 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config
 
-from dicom_node import spool as spool_module
-from dicom_node.dicom_client import AssociationError, Peer, echo
-from dicom_node.dimse_status import (
+from dicom_node.dimse.client import AssociationError, Peer, echo
+from dicom_node.dimse.status import (
     CANNOT_UNDERSTAND,
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
     OUT_OF_RESOURCES,
     PROCESSING_FAILURE,
 )
-from dicom_node.instances import InstanceInfo, patient_key
-from dicom_node.job_store import JobState
 from dicom_node.node import Node
-from dicom_node.retention import sweep
-from dicom_node.series_identity import SeriesIdentities
+from dicom_node.node import spool as spool_module
+from dicom_node.node.instances import InstanceInfo, patient_key
+from dicom_node.node.job_store import JobState
+from dicom_node.node.retention import sweep
+from dicom_node.node.series_identity import SeriesIdentities
 
 N = 40
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node import spool as spool_module
-from dicom_node.spool import Spool, SpoolFullError, StoredNotSyncedError, StoreOutcome
+from dicom_node.node import spool as spool_module
+from dicom_node.node.spool import Spool, SpoolFullError, StoredNotSyncedError, StoreOutcome
 from dicom_node.uids import InvalidUIDError, is_uid, require_uid
 
 SERIES = "1.2.826.0.1.3680043.8.498.1"

@@ -14,13 +14,13 @@ import pytest
 from node_support import fast_processor, mr_datasets, node_config, result_sink, wait_until, write_series
 from pydicom.dataset import Dataset
 
-from dicom_node import node as node_module
 from dicom_node.config import MprageSection
-from dicom_node.dispatch import Dispatcher
-from dicom_node.job_store import STATE_FILE, DeliveryState, JobState, JobStore
 from dicom_node.node import Node
-from dicom_node.router import Router
-from dicom_node.spool import Spool
+from dicom_node.node import service as node_module
+from dicom_node.node.dispatch import Dispatcher
+from dicom_node.node.job_store import STATE_FILE, DeliveryState, JobState, JobStore
+from dicom_node.node.router import Router
+from dicom_node.node.spool import Spool
 
 
 def spool_series(spool: Spool, datasets: list[Dataset], folder: Path) -> None:

@@ -98,13 +98,13 @@ def test_nifti_protocol_from_sidecar_and_overrides(subject: Path, package: Model
 
 
 def test_node_passes_allow_out_of_range(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import dicom_node.model_registry
+    import pipeline.model.registry
     import pipeline.process
     from dicom_node.config import PipelineSection
-    from dicom_node.pipeline_processor import PipelineProcessor
+    from dicom_node.workers.pipeline_processor import PipelineProcessor
 
     seen: list[ProcessOptions] = []
-    monkeypatch.setattr(dicom_node.model_registry, "load_model", lambda *args: None)
+    monkeypatch.setattr(pipeline.model.registry, "load_model", lambda *args: None)
     monkeypatch.setattr(pipeline.process, "process_series", lambda *args, options: seen.append(options))
     PipelineProcessor(PipelineSection(allow_out_of_range=True))(tmp_path, tmp_path / "out")
     assert seen[0].allow_out_of_range

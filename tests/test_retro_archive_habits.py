@@ -27,8 +27,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from retro_support import retro_config
 
 from dicom_node.config import NodeConfig
+from dicom_node.dimse.status import (
+    SUBOPERATIONS_WARNING,
+)
 from dicom_node.node import Node
-from dicom_node.retro.association import SUBOPERATIONS_WARNING
 from dicom_node.retro.progress import ProgressStore, RunState, SeriesState
 from dicom_node.retro.runner import NodeView, PassReport, PassRunner, PassSpec
 from dicom_node.retro.schedules import RetroScheduler, ScheduleSpec

@@ -16,10 +16,11 @@ from node_support import free_port, mr_datasets
 from retro_support import HARVEST_AET, NODE_AET, ArchiveOrthanc, config_toml, distractors, retro_config
 
 from dicom_node.cli import cli
-from dicom_node.retro.harvest import FILES, Harvester, HarvestSpec, harvest_key, patient_group, subject_id
-from dicom_node.retro.mrf_dicom import MrfFormatError, read_mrf_series, write_mrf_series
+from dicom_node.retro.harvest import Harvester, HarvestSpec, harvest_key, patient_group, subject_id
 from dicom_node.retro.progress import ProgressStore, RunState
+from pipeline.mrf.svd_dicom import MrfFormatError, read_mrf_series, write_mrf_series
 from pipeline.volume_io import load_volume
+from training.harvested import FILES, HarvestedDataset
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_harvest_with_c_move_to_its_own_scp_and_dry_run(tmp_path: Path, archive:
                        affine: np.ndarray) -> np.ndarray:
         return np.ones(shape, dtype=bool)
 
-    harvester = Harvester(cfg, progress, mask=threshold_mask)
+    harvester = Harvester(cfg, progress, HarvestedDataset(mask=threshold_mask))
     dry = harvester.run(HarvestSpec("archive", out, {"PatientID": "SMRF*"}, dry_run=True))
     assert dry.state is RunState.FINISHED and len(dry.pairs) == 1 and dry.harvested == []
     assert dry.skipped == {"no MPRAGE and MRF pair": 1} and not out.exists()

@@ -26,8 +26,8 @@ from retro_support import (
 
 from dicom_node.cli import cli
 from dicom_node.config import NodeConfig
-from dicom_node.job_store import JobState
 from dicom_node.node import Node
+from dicom_node.node.job_store import JobState
 from dicom_node.retro.progress import ProgressStore, RunState, SeriesState
 from dicom_node.retro.runner import NodeView, PassRunner, PassSpec, PlannedSeries
 from dicom_node.retro.schedules import start_scheduler

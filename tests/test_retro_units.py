@@ -32,7 +32,7 @@ from dicom_node.retro.association import (
     status_text,
 )
 from dicom_node.retro.config import RetroSection, SourceConfig, in_window, parse_window
-from dicom_node.retro.harvest import harvest_key, patient_group, split_of, write_manifest
+from dicom_node.retro.harvest import harvest_key, patient_group
 from dicom_node.retro.progress import ProgressStore, RunState, SeriesState
 from dicom_node.retro.query import QueryError, find_studies, matches, parse_query, prefilter, redacted
 from dicom_node.retro.retrieve import retrieve
@@ -44,6 +44,7 @@ from dicom_node.retro.schedules import (
     parse_cron,
     repeats_wall_clock,
 )
+from training.harvested import split_of, write_manifest
 
 
 def test_query_terms_are_split_by_level() -> None:

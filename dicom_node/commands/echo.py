@@ -17,8 +17,8 @@ from dicom_node.commands.options import config_option, load, peer_options, resol
 def echo(config_path: Path | None, destination: str | None, host: str | None, port: int | None,
          ae_title: str | None, calling_aet: str | None) -> None:
     """C-ECHO DESTINATION (a configured name) or --host/--port; exit status 0 only on success."""
-    from dicom_node.dicom_client import AssociationError
-    from dicom_node.dicom_client import echo as c_echo
+    from dicom_node.dimse.client import AssociationError
+    from dicom_node.dimse.client import echo as c_echo
 
     cfg = load(config_path)
     peer = resolve_peer(cfg, destination, host, port, ae_title)

@@ -47,8 +47,8 @@ def evaluate(data_dirs: tuple[Path, ...], model_ref: str | None, out_dir: Path, 
     lookup fitted on training subjects and, with --true, the "true" maps (matching of the subjects' MRF):
     regional CCC with clustered-bootstrap 95 % CIs, mean differences, voxelwise errors per tissue and the
     paper's figures per dataset, and plain estimates per acquisition group (family x field strength)."""
-    from dicom_node.model_registry import load_model
     from pipeline.model.package import PackageError
+    from pipeline.model.registry import load_model
     from training.evaluate_model import EvaluationSet, check_sets, evaluate_package
     from training.evaluation.baseline import fit_baseline
     from training.evaluation.datasets import DatasetInfo

@@ -12,12 +12,12 @@ from dicom_node.commands.options import config_option, load
 
 if TYPE_CHECKING:
     from dicom_node.config import NodeConfig
-    from dicom_node.job_store import Job, JobStore
+    from dicom_node.node.job_store import Job, JobStore
 
 
 def open_store(cfg: NodeConfig) -> JobStore:
     """The installation's job store (SQLite in the storage folder, or PostgreSQL), with a clear error."""
-    from dicom_node.job_store import STATE_FILE, open_job_store
+    from dicom_node.node.job_store import STATE_FILE, open_job_store
     from dicom_node.state_db import DatabaseUnavailableError
 
     if cfg.jobs.backend == "sqlite":
@@ -63,7 +63,7 @@ def jobs() -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 def list_jobs(config_path: Path | None, states: tuple[str, ...], limit: int) -> None:
     """Newest jobs first: id, state, instances, attempts, deliveries, created, reason."""
-    from dicom_node.job_store import JobState
+    from dicom_node.node.job_store import JobState
 
     store = open_store(load(config_path))
     rows = store.jobs([JobState(s) for s in states], limit)

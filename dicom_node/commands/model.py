@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar
 import click
 
 if TYPE_CHECKING:
-    from dicom_node.model_registry import ModelRegistry
+    from pipeline.model.registry import ModelRegistry
 
 DEFAULT_MODELS_DIR = Path("var/synthmrf/models")
 
@@ -21,7 +21,7 @@ R = TypeVar("R")
 
 def _registry() -> ModelRegistry:
     """The registry at the group's ``--models-dir`` (imported here: ``synthmrf --help`` stays fast)."""
-    from dicom_node.model_registry import ModelRegistry
+    from pipeline.model.registry import ModelRegistry
 
     return ModelRegistry(click.get_current_context().obj)
 
@@ -31,8 +31,8 @@ def _clean_errors(command: Callable[P, R]) -> Callable[P, R]:
 
     @wraps(command)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
-        from dicom_node.model_registry import RegistryError
         from pipeline.model.package import PackageError
+        from pipeline.model.registry import RegistryError
 
         try:
             return command(*args, **kwargs)

@@ -10,7 +10,7 @@ import click
 
 if TYPE_CHECKING:
     from dicom_node.config import NodeConfig
-    from dicom_node.dicom_client import Peer
+    from dicom_node.dimse.client import Peer
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -48,8 +48,8 @@ def resolve_peer(cfg: NodeConfig, destination: str | None, host: str | None, por
                  ae_title: str | None) -> Peer:
     """A configured destination by name, or an ad-hoc host/port/AE title."""
     from dicom_node.config import ConfigError
-    from dicom_node.dicom_client import Peer
-    from dicom_node.dispatch import peer_of
+    from dicom_node.dimse.client import Peer
+    from dicom_node.node.dispatch import peer_of
 
     if destination and host:
         raise click.UsageError("give a destination name or --host/--port, not both")

@@ -65,9 +65,9 @@ def process(source: Path, out_dir: Path, model_ref: str | None, models_dir: Path
     outside what the model was trained on (e.g. 1.5 T for a 3 T model) is refused (exit status 2) unless
     --allow-out-of-range.
     """
-    from dicom_node.model_registry import load_model
     from pipeline.dicom_series import SeriesRejected
     from pipeline.model.package import PackageError
+    from pipeline.model.registry import load_model
     from pipeline.process import NIFTI_SUFFIXES, ProcessOptions, process_series
 
     try:

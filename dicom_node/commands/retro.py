@@ -335,13 +335,14 @@ def harvest(config_path: Path | None, source: str, out_dir: Path, query: tuple[s
     from dicom_node.config import ConfigError
     from dicom_node.retro.harvest import Harvester, HarvestSpec
     from dicom_node.retro.progress import ProgressStore, RunState
+    from training.harvested import HarvestedDataset
 
     cfg = _loaded(config_path)
     spec = HarvestSpec(source, out_dir, _query_terms(query), max_subjects, dry_run, keep_dicom)
     store = ProgressStore.open(cfg.node.storage_dir)
     bars = _Bars() if (progress if progress is not None else sys.stderr.isatty()) and not as_json else None
     try:
-        report = Harvester(cfg, store).run(spec, bars)
+        report = Harvester(cfg, store, HarvestedDataset()).run(spec, bars)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:

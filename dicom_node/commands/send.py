@@ -20,7 +20,7 @@ def send(config_path: Path | None, paths: tuple[Path, ...], destination: str | N
 
     Exit status 0 only if every DICOM file was stored; files that are not DICOM are skipped and listed.
     """
-    from dicom_node.dicom_client import AssociationError, dicom_files, store_files
+    from dicom_node.dimse.client import AssociationError, dicom_files, store_files
 
     cfg = load(config_path)
     peer = resolve_peer(cfg, destination, host, port, ae_title)

@@ -21,14 +21,14 @@ from dicom_node.commands.options import config_option, load
 def status(config_path: Path | None, recent: int, as_json: bool, do_echo: bool) -> None:
     """Nodes and workers (with their heartbeats), queue, recent jobs and failures, retrospective schedules, read
     from the job store and the storage folder (works while the node runs)."""
-    from dicom_node.job_store import DeliveryState, JobState
-    from dicom_node.spool import Spool
+    from dicom_node.node.job_store import DeliveryState, JobState
+    from dicom_node.node.spool import Spool
 
     cfg = load(config_path)
     store = open_store(cfg)
     listening = "not checked (--echo checks)"
     if do_echo:
-        from dicom_node.dicom_client import AssociationError, Peer, echo
+        from dicom_node.dimse.client import AssociationError, Peer, echo
 
         host = "127.0.0.1" if cfg.node.host in ("0.0.0.0", "", "::") else cfg.node.host
         try:

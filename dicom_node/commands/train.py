@@ -64,8 +64,8 @@ def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, it
                                  param_hint="--min-learning-rate")
     initial = None
     if init_from is not None:
-        from dicom_node.model_registry import load_model
         from pipeline.model.package import PackageError
+        from pipeline.model.registry import load_model
 
         try:
             initial = load_model(init_from, models_dir)

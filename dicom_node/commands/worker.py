@@ -25,10 +25,10 @@ def worker(config_path: Path | None, count: int | None) -> None:
     that dies is restarted and its job handed back; on SIGTERM each worker hands its running job back
     (it runs again later) and exits within jobs.stop_timeout_s.
     """
-    from dicom_node.job_store import open_job_store
     from dicom_node.logs import configure_logging
+    from dicom_node.node.job_store import open_job_store
     from dicom_node.state_db import DatabaseUnavailableError
-    from dicom_node.workers import WorkerPool, take_over_dead
+    from dicom_node.workers.pool import WorkerPool, take_over_dead
 
     cfg = load(config_path)
     configure_logging(cfg.logging.level, cfg.logging.format)

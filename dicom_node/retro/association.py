@@ -34,39 +34,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from dicom_node.dimse.status import STATUS_NAMES, UNABLE_TO_PROCESS_FIRST, UNABLE_TO_PROCESS_LAST
+from dicom_node.dimse.storage_scp import TRANSFER_SYNTAXES
 from dicom_node.retro.config import SourceConfig
-from dicom_node.storage_scp import TRANSFER_SYNTAXES
 
 logger = logging.getLogger(__name__)
 
-
-# -- DIMSE statuses of the Query/Retrieve service class (PS3.4 Annex C.4), general ones from PS3.7 Annex C --
-SUCCESS = 0x0000  # C.4.1.1.4 / C.4.2.1.5 / C.4.3.1.4: matching or sub-operations complete
-PENDING = 0xFF00  # C.4.1.1.4: matches are continuing; C.4.2.1.5: sub-operations are continuing
-PENDING_OPTIONAL_KEYS = 0xFF01  # C.4.1.1.4: matches continuing, one or more optional keys not supported
-CANCELLED = 0xFE00  # C.4.1.1.4 / C.4.2.1.5: terminated by a C-CANCEL
-SUBOPERATIONS_WARNING = 0xB000  # C.4.2.1.5 / C.4.3.1.4: sub-operations complete, one or more failures or warnings
-OUT_OF_RESOURCES = 0xA700  # C.4.1.1.4: C-FIND refused, out of resources
-OUT_OF_RESOURCES_MATCHES = 0xA701  # C.4.2.1.5: refused, unable to calculate the number of matches
-OUT_OF_RESOURCES_SUBOPERATIONS = 0xA702  # C.4.2.1.5: refused, unable to perform sub-operations
-MOVE_DESTINATION_UNKNOWN = 0xA801  # C.4.2.1.5: refused, move destination unknown
-IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # C.4.1.1.4 / C.4.2.1.5: identifier does not match SOP class
-SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.7 C: refused, SOP class not supported
-UNABLE_TO_PROCESS_FIRST, UNABLE_TO_PROCESS_LAST = 0xC000, 0xCFFF  # C.4.1.1.4 / C.4.2.1.5: failed, unable to process
-
-STATUS_NAMES = {
-    SUCCESS: "success",
-    PENDING: "pending",
-    PENDING_OPTIONAL_KEYS: "pending (optional keys not supported)",
-    CANCELLED: "cancelled",
-    SUBOPERATIONS_WARNING: "warning: some sub-operations failed",
-    OUT_OF_RESOURCES: "refused: out of resources",
-    OUT_OF_RESOURCES_MATCHES: "refused: out of resources (cannot count matches)",
-    OUT_OF_RESOURCES_SUBOPERATIONS: "refused: out of resources (cannot perform sub-operations)",
-    MOVE_DESTINATION_UNKNOWN: "refused: move destination unknown",
-    IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS: "failed: identifier does not match SOP class",
-    SOP_CLASS_NOT_SUPPORTED: "refused: SOP class not supported",
-}
 
 # Storage SOP classes we accept on a C-GET association (SCP role): MR images and the MRF Parametric Maps
 MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4")
@@ -237,7 +210,7 @@ def associate(archive: Archive, *, get_handler: StoreHandler | None = None,
 
 class ArchiveSession:
     """An association to the archive opened on demand (holding a source slot), closed for long waits;
-    with ``get_dir``, C-GET sub-operations are filed there (``retrieve.store_to_folder``). ``check`` is
+    with ``get_dir``, C-GET sub-operations are filed there (``dimse.folder_scp.store_to_folder``). ``check`` is
     called while waiting for a slot and may raise to give up (see :meth:`SourceSlots.slot`)."""
 
     def __init__(self, archive: Archive, slots: SourceSlots, stop: threading.Event, get_dir: Path | None, *,
@@ -264,7 +237,7 @@ class ArchiveSession:
             stack.enter_context(self.slots.slot(self.stop, check=self.check))
             handler = None
             if self.get_dir is not None:
-                from dicom_node.retro.retrieve import store_to_folder
+                from dicom_node.dimse.folder_scp import store_to_folder
 
                 folder = self.get_dir
 

@@ -13,7 +13,7 @@ text keys with wildcards (``SeriesDescription=*MPRAGE*``) are not sent to the ar
 here, case-insensitively: archives match them case-sensitively and vendors differ in case. Study-level
 keys are always sent (they narrow the search); their text wildcards are then case-sensitive.
 
-The pre-filter runs the node's own rules (:func:`dicom_node.series_rules.classify`) on the
+The pre-filter runs the node's own rules (:func:`dicom_node.node.series_rules.classify`) on the
 series-level answer. C-FIND answers often lack the acquisition attributes; a rule whose attributes
 came back empty is not applied (the node applies every rule to the received series anyway), so the
 pre-filter only drops series that the answer shows are not MPRAGE-like (2D, spin echo, a localizer,
@@ -34,18 +34,20 @@ from pydicom.uid import MRImageStorage
 from pynetdicom.association import Association
 
 from dicom_node.config import MprageSection
-from dicom_node.retro.association import (
+from dicom_node.dimse.status import (
     CANCELLED,
-    FIND_MODEL,
     PENDING,
     PENDING_OPTIONAL_KEYS,
     SUCCESS,
+)
+from dicom_node.node.series_rules import Decision, classify
+from dicom_node.retro.association import (
+    FIND_MODEL,
     Archive,
     ArchiveError,
     ArchiveUnavailableError,
     status_text,
 )
-from dicom_node.series_rules import Decision, classify
 
 logger = logging.getLogger(__name__)
 

@@ -15,41 +15,32 @@ fetches what is still missing.
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pynetdicom.association import Association
-from pynetdicom.events import Event
 
-from dicom_node.retro.association import (
+from dicom_node.dimse.status import (
     CANCELLED,
-    GET_MODEL,
     MOVE_DESTINATION_UNKNOWN,
-    MOVE_MODEL,
     PENDING,
     SUBOPERATIONS_WARNING,
     SUCCESS,
+)
+from dicom_node.retro.association import (
+    GET_MODEL,
+    MOVE_MODEL,
     Archive,
     ArchiveError,
     ArchiveUnavailableError,
     status_text,
 )
-from dicom_node.uids import require_uid
 
 logger = logging.getLogger(__name__)
 
-# C-STORE statuses returned by our handler (PS3.4 Annex B.2.3; general ones PS3.7 Annex C)
-STORE_SUCCESS = 0x0000
-STORE_OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources
-STORE_CANNOT_UNDERSTAND = 0xC000  # Error: cannot understand
-STORE_PROCESSING_FAILURE = 0x0110  # PS3.7 C: processing failure
 
 Progress = Callable[[int, int | None], None]  # (sub-operations done, total if known)
 
@@ -162,35 +153,3 @@ def retrieve(assoc: Association, archive: Archive, study_uid: str, series_uid: s
     logger.info("%s: %s", what, result.describe(), extra={"series_uid": series_uid, "study_uid": study_uid})
     return result
 
-
-def store_to_folder(event: Event, folder: Path) -> int:
-    """C-STORE handler: write the instance to ``folder/<SeriesUID>/<SOPUID>.dcm`` (atomically, fsynced).
-
-    Every exception becomes a failure status and a log line; the association never sees one.
-    """
-    try:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        series = require_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-        sop = require_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
-        target_dir = folder / series
-        target_dir.mkdir(parents=True, exist_ok=True)
-        target = target_dir / f"{sop}.dcm"
-        tmp = target_dir / f".{sop}.{uuid.uuid4().hex}.part"
-        try:
-            ds.save_as(tmp, enforce_file_format=True)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            tmp.replace(target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return STORE_SUCCESS
-    except OSError as exc:
-        logger.error("storing a retrieved instance failed: %s", exc)
-        return STORE_OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else STORE_PROCESSING_FAILURE
-    except ValueError as exc:
-        logger.error("refusing a retrieved instance: %s", exc)
-        return STORE_CANNOT_UNDERSTAND
-    except Exception:
-        logger.exception("storing a retrieved instance failed")
-        return STORE_PROCESSING_FAILURE

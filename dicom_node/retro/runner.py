@@ -38,8 +38,9 @@ from typing import Any, Protocol
 from pydicom.dataset import Dataset
 
 from dicom_node.config import ConfigError, NodeConfig
-from dicom_node.dicom_client import AssociationError, Peer, echo, store_files
-from dicom_node.job_store import STATE_FILE, JobState, JobStore, open_job_store
+from dicom_node.dimse.client import AssociationError, Peer, echo, store_files
+from dicom_node.node.job_store import STATE_FILE, JobState, JobStore, open_job_store
+from dicom_node.node.spool import SUFFIX, Spool
 from dicom_node.retro.association import (
     Archive,
     ArchiveError,
@@ -60,7 +61,6 @@ from dicom_node.retro.query import (
     redacted,
 )
 from dicom_node.retro.retrieve import RetrieveResult, retrieve
-from dicom_node.spool import SUFFIX, Spool
 
 logger = logging.getLogger(__name__)
 

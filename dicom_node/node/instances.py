@@ -25,7 +25,7 @@ from pydicom.uid import UID, EnhancedMRImageStorage, LegacyConvertedEnhancedMRIm
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
-from dicom_node.dimse_status import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+from dicom_node.dimse.status import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS
 from dicom_node.uids import InvalidUIDError, require_uid
 
 MR_IMAGE_STORAGE = frozenset({MRImageStorage, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage})

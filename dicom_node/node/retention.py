@@ -12,8 +12,8 @@ import logging
 import time
 
 from dicom_node.config import RetentionSection
-from dicom_node.job_store import JobStore
-from dicom_node.spool import Spool
+from dicom_node.node.job_store import JobStore
+from dicom_node.node.spool import Spool
 
 logger = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 
+from dicom_node.dimse.status import STORE_WARNINGS, SUCCESS
+
 logger = logging.getLogger(__name__)
 
 VERIFICATION = UID("1.2.840.10008.1.1")  # Verification SOP Class (PS3.4 Annex A)
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
-SUCCESS = 0x0000  # PS3.4 Annex B.2.3 / PS3.7 Annex C
-WARNING_CODES = frozenset({0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007})  # stored, with a warning (PS3.4 B.2.3)
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ def store_files(files: Sequence[Path], peer: Peer, calling_ae_title: str, connec
                 code = int(rsp.Status) if "Status" in rsp else None
                 if code is None:
                     report.failed.append((f, "no response (timeout or abort)"))
-                elif code == SUCCESS or code in WARNING_CODES:
+                elif code == SUCCESS or code in STORE_WARNINGS:
                     report.stored.append(f)
                 else:
                     comment = str(rsp.get("ErrorComment", "")).strip()

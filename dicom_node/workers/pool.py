@@ -31,9 +31,9 @@ from pathlib import Path
 from types import FrameType
 
 from dicom_node.config import NodeConfig
-from dicom_node.job_store import Job, JobState, JobStore, new_member_id, open_job_store
-from dicom_node.processor import LazyProcessor, Processor, rejection_types
-from dicom_node.spool import Spool
+from dicom_node.node.job_store import Job, JobState, JobStore, new_member_id, open_job_store
+from dicom_node.node.spool import Spool
+from dicom_node.workers.processor import LazyProcessor, Processor, rejection_types
 
 logger = logging.getLogger(__name__)
 

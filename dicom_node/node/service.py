@@ -3,7 +3,7 @@
 ``Node(config).start()`` joins the job store as a member (with a heartbeat), takes over the work of
 members of this machine that died (a previous run of this node, its workers), recovers the spool
 (finishes interrupted claims, creates missing jobs, tracks partially received series) and starts the
-listener, the dispatcher and ``jobs.workers`` worker processes (:mod:`dicom_node.workers`). The
+listener, the dispatcher and ``jobs.workers`` worker processes (:mod:`dicom_node.workers.pool`). The
 housekeeping thread repeats the recovery every ``RECONCILE_INTERVAL_S`` (for a claim or job creation
 that failed at run time), takes over the work of silent members, and applies retention; with
 several nodes on one database, one node at a time does so (the ``housekeeping`` lock). ``stop()``:
@@ -27,19 +27,19 @@ from pathlib import Path
 from types import TracebackType
 
 from dicom_node.config import NodeConfig
-from dicom_node.dispatch import Dispatcher
-from dicom_node.instances import InstanceInfo, is_complete_file, read_instance_info
-from dicom_node.job_store import DeliveryState, JobState, JobStore, new_member_id, open_job_store
+from dicom_node.dimse.storage_scp import Listener, start_listener
 from dicom_node.metrics import NodeMetrics
-from dicom_node.processor import Processor
-from dicom_node.retention import sweep
+from dicom_node.node.dispatch import Dispatcher
+from dicom_node.node.instances import InstanceInfo, is_complete_file, read_instance_info
+from dicom_node.node.job_store import DeliveryState, JobState, JobStore, new_member_id, open_job_store
+from dicom_node.node.retention import sweep
+from dicom_node.node.router import Router
+from dicom_node.node.series_assembly import CompletionHandler, SeriesAssembler
+from dicom_node.node.series_identity import SeriesIdentities
+from dicom_node.node.spool import Spool
 from dicom_node.retro.progress import PROGRESS_FILE, ProgressStore
-from dicom_node.router import Router
-from dicom_node.series_assembly import CompletionHandler, SeriesAssembler
-from dicom_node.series_identity import SeriesIdentities
-from dicom_node.spool import Spool
-from dicom_node.storage_scp import Listener, start_listener
-from dicom_node.workers import Heartbeat, JobRunner, Outcome, ThreadWorkers, WorkerPool, take_over_dead
+from dicom_node.workers.pool import Heartbeat, JobRunner, Outcome, ThreadWorkers, WorkerPool, take_over_dead
+from dicom_node.workers.processor import Processor
 
 logger = logging.getLogger(__name__)
 

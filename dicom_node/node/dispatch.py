@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dicom_node.config import Destination, DispatchSection, NodeConfig
-from dicom_node.dicom_client import Peer, StoreReport, store_files
-from dicom_node.job_store import Delivery, JobStore
+from dicom_node.dimse.client import Peer, StoreReport, store_files
+from dicom_node.node.job_store import Delivery, JobStore
 
 logger = logging.getLogger(__name__)
 

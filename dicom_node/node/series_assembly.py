@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dicom_node.config import SeriesSection
-from dicom_node.instances import InstanceInfo
+from dicom_node.node.instances import InstanceInfo
 
 logger = logging.getLogger(__name__)
 

@@ -46,12 +46,18 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node import fast_acceptor
 from dicom_node.config import NodeSection
-from dicom_node.dimse_status import OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
-from dicom_node.instances import MR_IMAGE_STORAGE, InstanceInfo, InstanceRefusedError, file_meta_bytes, inspect_instance
-from dicom_node.series_identity import SeriesIdentities
-from dicom_node.spool import Spool, SpoolFullError, StoredNotSyncedError, StoreOutcome
+from dicom_node.dimse import fast_acceptor
+from dicom_node.dimse.status import OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
+from dicom_node.node.instances import (
+    MR_IMAGE_STORAGE,
+    InstanceInfo,
+    InstanceRefusedError,
+    file_meta_bytes,
+    inspect_instance,
+)
+from dicom_node.node.series_identity import SeriesIdentities
+from dicom_node.node.spool import Spool, SpoolFullError, StoredNotSyncedError, StoreOutcome
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from dicom_node.instances import InstanceInfo, read_instance_info
-from dicom_node.spool import SUFFIX, Spool
+from dicom_node.node.instances import InstanceInfo, read_instance_info
+from dicom_node.node.spool import SUFFIX, Spool
 
 logger = logging.getLogger(__name__)
 

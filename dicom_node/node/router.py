@@ -29,9 +29,9 @@ from contextlib import contextmanager
 from pydicom import dcmread
 
 from dicom_node.config import MprageSection
-from dicom_node.job_store import Job, JobState, JobStore
-from dicom_node.series_rules import Decision, classify
-from dicom_node.spool import SUFFIX, Claim, Spool
+from dicom_node.node.job_store import Job, JobState, JobStore
+from dicom_node.node.series_rules import Decision, classify
+from dicom_node.node.spool import SUFFIX, Claim, Spool
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from dicom_node.config import PipelineSection
-from dicom_node.processor import ProcessResult
+from dicom_node.workers.processor import ProcessResult
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ class PipelineProcessor:
         self.cfg = cfg
 
     def __call__(self, input_dir: Path, out_dir: Path, *, model: str | None = None) -> ProcessResult:
-        from dicom_node.model_registry import load_model
+        from pipeline.model.registry import load_model
         from pipeline.process import ProcessOptions, process_series
 
         package = load_model(model, self.cfg.models_dir)  # None: the active model, looked up for every job

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 
 from dicom_node.config import MprageSection
-from dicom_node.instances import MR_IMAGE_STORAGE
+from dicom_node.node.instances import MR_IMAGE_STORAGE
 from pipeline.acquisition import functional_group_items
 
 NAME_KEYWORDS = ("SeriesDescription", "ProtocolName", "SequenceName", "PulseSequenceName")

@@ -25,7 +25,7 @@ from dicom_node.dimse.client import Peer, store_files
 from dicom_node.node import Node
 
 
-def _clone(files: list[Path], out: Path) -> list[Path]:
+def clone_study(files: list[Path], out: Path) -> list[Path]:
     out.mkdir(parents=True)
     study, series = generate_uid(), generate_uid()
     paths = []
@@ -58,7 +58,7 @@ def main() -> None:
     rows = []
     with Node(config) as node:
         for n in range(args.studies):
-            files = _clone(source, workdir / f"study-{n + 1}")
+            files = clone_study(source, workdir / f"study-{n + 1}")
             study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
             store_files(files, Peer(config.node.ae_title, "127.0.0.1", node.port), SENDER_AE)
             last_in = time.monotonic()

@@ -43,11 +43,11 @@ class NodeSection(_Section):
     port: int = Field(default=11112, ge=0, le=65535)  # 0: any free port (tests, the demo)
     storage_dir: Path = Path("var/synthmrf")
     allowed_calling_aets: list[str] = []  # empty: accept any caller
-    accept_non_mr: bool = True  # accept every storage SOP class (kept, then ignored) so a PACS sees no refusals
+    accept_non_mr: bool = True  # accept every storage SOP class (see [ingress] keep_non_mr) so a PACS sees no refusals
     min_free_mb: int = Field(default=1024, ge=0)  # refuse instances (Out of Resources) when less would remain free
     fsync_directories: bool = False  # also fsync incoming/ after each rename (strict POSIX; ~2x the disk flushes)
     max_associations: int = Field(default=16, ge=1)
-    max_pdu: int = Field(default=0, ge=0)  # bytes we accept per PDU; 0: unlimited (fewest PDUs per instance)
+    max_pdu: int = Field(default=1048576, ge=0)  # bytes we accept per PDU (bounds one read); 0: unlimited
     event_driven: bool = True  # event-driven association reactors (fast_acceptor); false: pynetdicom's polling
     acse_timeout_s: float = Field(default=30.0, gt=0)  # also bounds a caller's TLS handshake
     dimse_timeout_s: float = Field(default=60.0, gt=0)
@@ -74,6 +74,18 @@ class NodeSection(_Section):
         if self.tls_ca is not None and self.tls_cert is None:
             raise ValueError("node.tls_ca needs node.tls_cert and node.tls_key")
         return self
+
+
+class IngressSection(_Section):
+    """What the listener accepts and keeps (``[ingress]``). An instance over a limit is refused with 0xA700 (Out of
+    Resources) and a log line naming the limit; the limits are read from the header, before pixel data is
+    decoded, so a header that claims a huge image costs nothing. Defaults protect a 2-core / 24 GB node."""
+
+    max_instance_mb: float = Field(default=1024.0, gt=0)  # the encoded data set of one instance
+    max_pixels: int = Field(default=2**28, ge=1)  # Rows x Columns x frames x samples per pixel (2^28: 512 MB at 16 bit)
+    max_instances_per_series: int = Field(default=5000, ge=1)  # an MPRAGE has 1 (enhanced) to ~400 instances
+    keep_non_mr: bool = False  # non-MR instances (a PACS forwarding everything): acknowledged, and kept only if true
+    keep_non_candidates: bool = False  # MR instances the [mprage] rules refuse by their own header: the same
 
 
 class SeriesSection(_Section):
@@ -166,6 +178,9 @@ MOVED_PROCESSORS = {"dicom_node.pipeline_processor:PipelineProcessor":
                     "dicom_node.workers.pipeline_processor:PipelineProcessor"}
 
 
+_UID_ROOT = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
 class PipelineSection(_Section):
     """What turns a series folder into result DICOM files (``[pipeline]``)."""
 
@@ -180,6 +195,19 @@ class PipelineSection(_Section):
     # Process series whose acquisition lies outside the model's trained protocols (field strength, family,
     # timing) instead of rejecting them; provenance.json lists the reasons.
     allow_out_of_range: bool = False
+    # The organisation's UID root for every UID of the results (e.g. "1.2.826.0.1.3680043.10.1234"); empty:
+    # pydicom's root. Digits and dots, at most 40 characters (the rest of the 64 is random).
+    uid_root: str | None = None
+
+    @field_validator("uid_root", mode="before")
+    @classmethod
+    def _uid_root(cls, value: object) -> object:
+        if value in ("", None):
+            return None
+        if not isinstance(value, str) or not _UID_ROOT.match(value) or len(value) > 40:
+            raise ValueError(f"pipeline.uid_root: expected an organisational root like '1.2.826.0.1.3680043.10.1234' "
+                             f"(digits and dots, no leading zeros, at most 40 characters), got {value!r}")
+        return value
 
     @field_validator("processor")
     @classmethod
@@ -245,6 +273,7 @@ class NodeConfig(_Section):
     """The whole configuration of a node."""
 
     node: NodeSection = NodeSection()
+    ingress: IngressSection = IngressSection()
     series: SeriesSection = SeriesSection()
     mprage: MprageSection = MprageSection()
     retention: RetentionSection = RetentionSection()

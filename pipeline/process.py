@@ -66,6 +66,7 @@ class ProcessOptions:
     dicom: bool = True  # write DICOM results (DICOM input only)
     derived_series: bool = True  # viewer-friendly derived MR series beside the Parametric Maps
     pd_dicom: bool = False  # a PD Parametric Map too
+    uid_root: str | None = None  # the organisational root of every UID created (default: pydicom's)
     keep_working: bool = False  # also write the working-grid volumes (input, mask, maps) under working/
     batch: int | None = None  # slices per forward pass; None: 1 on CPU, 16 on CUDA
     precision: str = "auto"  # float32, bfloat16, or auto: bfloat16 where the hardware has it natively
@@ -299,7 +300,7 @@ def _write_dicom(series: DicomSeries, maps: dict[str, np.ndarray], folder: Path,
     quantities = ("T1", "T2", "PD") if options.pd_dicom else ("T1", "T2")
     paths = write_result_series(series, maps, folder, provenance, derived=options.derived_series,
                                 quantities=quantities, quality=maps["Q"] if options.derived_series else None,
-                                warnings=verdict.reasons)
+                                warnings=verdict.reasons, uid_root=options.uid_root)
     return [str(p.relative_to(folder)) for p in paths]
 
 

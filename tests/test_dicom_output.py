@@ -343,6 +343,21 @@ def test_writing_again_replaces_the_files(classic: Written, tmp_path: Path) -> N
     assert pydicom.dcmread(second[0], stop_before_pixels=True).SeriesInstanceUID != uid
 
 
+def test_every_created_uid_is_under_the_configured_root(classic: Written, tmp_path: Path) -> None:
+    root = "1.2.826.0.1.3680043.10.999"
+    paths = write_result_series(classic.series, classic.maps, tmp_path, PROVENANCE, quantities=("T1",),
+                                uid_root=root)
+    created = set()
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        created |= {str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)}
+        assert ds.StudyInstanceUID == classic.identity.study_uid  # the source's, not ours
+    assert len(created) == len(paths) + 2  # one SOP per file, two new series (map and derived)
+    assert all(u.startswith(root + ".") and len(u) <= 64 for u in created)
+    with pytest.raises(ValueError, match="uid_root: expected an organisational root"):
+        write_result_series(classic.series, classic.maps, tmp_path, PROVENANCE, uid_root="1.02.x")
+
+
 def test_a_failed_write_leaves_nothing_behind(classic: Written, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     real = writer_module.write_dataset_atomic

@@ -28,6 +28,17 @@ def sink() -> Iterator[ResultSink]:
     s.stop()
 
 
+@pytest.fixture
+def serves() -> Iterator[list[Serve]]:
+    """The serve processes a test starts; whatever still runs at its end (a failed test) is killed."""
+    made: list[Serve] = []
+    yield made
+    for serve in made:
+        if serve.proc.poll() is None:
+            serve.proc.kill()
+            serve.proc.wait(10)
+
+
 def worker_processes(node: Serve) -> list[psutil.Process]:
     """The node's worker processes (not multiprocessing's resource tracker)."""
     return [c for c in psutil.Process(node.proc.pid).children() if "resource_tracker" not in " ".join(c.cmdline())]
@@ -45,7 +56,8 @@ def jobs_of(storage: Path) -> list[Job]:
 
 
 @pytest.mark.slow
-def test_kill_9_and_sigterm_then_results_exactly_once(tmp_path: Path, series: Series, sink: ResultSink) -> None:
+def test_kill_9_and_sigterm_then_results_exactly_once(tmp_path: Path, series: Series, sink: ResultSink,
+                                                     serves: list[Serve]) -> None:
     port = free_port()
     storage = tmp_path / "var"
     config = tmp_path / "synthmrf.toml"
@@ -75,6 +87,7 @@ port = {sink.port}
 
     # 1. kill -9 in the middle of an association: 25 of 40 instances acknowledged
     node = Serve(config, log, port)
+    serves.append(node)
     ae = AE("MODALITY")
     ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4")
     assoc = ae.associate("127.0.0.1", port, ae_title="SYNTHMRF")
@@ -86,6 +99,7 @@ port = {sink.port}
     # 2. restart; the sender sends the whole series again; kill -9 of the worker process while the job runs:
     #    the node hands the job back at once and starts a new worker, which runs it again
     node = Serve(config, log, port, NODE_TEST_PROCESSOR_DELAY_S="60")
+    serves.append(node)
     r = run_tool(["storescu", "-aet", "MODALITY", "-aec", "SYNTHMRF", "127.0.0.1", str(port),
                   *map(str, series.files)])
     assert r.returncode == 0, r.stderr
@@ -110,6 +124,7 @@ port = {sink.port}
 
     # 3b. kill -9 of the node while its worker runs the job: the orphaned worker hands the job back and exits
     node = Serve(config, log, port, NODE_TEST_PROCESSOR_DELAY_S="60")
+    serves.append(node)
     wait_until(lambda: [j for j in jobs_of(storage) if j.state is JobState.PROCESSING], 30,
                what="the job to be processing again")
     [orphan] = worker_processes(node)
@@ -121,6 +136,7 @@ port = {sink.port}
 
     # 4. restart: whatever was left is delivered; exactly one result, made from all 40 instances
     node = Serve(config, log, port)
+    serves.append(node)
     wait_until(lambda: [j for j in jobs_of(storage) if j.state is JobState.DELIVERED], 30, what="delivery")
     assert node.terminate(60) == 0
     [job] = jobs_of(storage)

@@ -8,10 +8,12 @@ import logging
 import socket
 import struct
 import subprocess
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 from node_support import (
@@ -29,8 +31,10 @@ from node_support import (
     wait_until,
     write_series,
 )
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLosslessSV1,
@@ -96,6 +100,10 @@ def storescu(node: Node, files: list[Path], aet: str = "STORESCU", *options: str
 
 def echoscu(node: Node, aet: str = "ECHOSCU", called: str = "SYNTHMRF") -> subprocess.CompletedProcess[str]:
     return run_tool(["echoscu", "-aet", aet, "-aec", called, "127.0.0.1", str(node.port)])
+
+
+def disk_usage(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def spooled(node: Node) -> list[Path]:
@@ -260,7 +268,8 @@ def test_concurrent_studies_keep_their_own_patient_and_study(start_node: StartNo
 
 def test_other_series_are_ignored_with_a_reason_and_expire(start_node: StartNode, sink: ResultSink, tmp_path: Path,
                                                            caplog: pytest.LogCaptureFixture) -> None:
-    node = start_node(sink, retention={"ignored_days": 0})
+    """With ``ingress.keep_non_candidates`` (off by default) other MR series are kept, judged and expire."""
+    node = start_node(sink, retention={"ignored_days": 0}, ingress={"keep_non_candidates": True})
     t2 = make_series(tmp_path / "t2", n=20, mprage=False, patient_id="T2")
     with caplog.at_level(logging.INFO, logger="dicom_node"):
         assert storescu(node, t2.files).returncode == 0
@@ -381,3 +390,64 @@ def test_an_instance_kept_but_not_acknowledged_and_a_waiting_duplicate_are_track
     [rsp] = send_with_pynetdicom(node, waiting, False, monkeypatch)
     assert int(rsp.Status) == 0
     assert str(waiting[0].SeriesInstanceUID) in node.assembler.pending()
+
+
+# -- [ingress]: what is accepted and kept ---------------------------------------------------------------------------
+
+
+def ct_datasets(n: int, size: int = 64) -> list[Dataset]:
+    """``n`` CT images of one series (a PACS forwarding everything)."""
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    out = []
+    for k in range(n):
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.FrameOfReferenceUID = CTImageStorage, generate_uid(), frame
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "CT"
+        ds.PatientID, ds.PatientName, ds.InstanceNumber = "CT001", "SECRET^CT", k + 1
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = np.full((size, size), k, dtype=np.uint16).tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        out.append(ds)
+    return out
+
+
+def test_non_mr_and_non_candidate_instances_are_acknowledged_and_not_kept(start_node: StartNode, sink: ResultSink,
+                                                                         tmp_path: Path) -> None:
+    node = start_node(sink, metrics={"port": 0})
+    ct = write_series(ct_datasets(60), tmp_path / "ct")
+    t2 = make_series(tmp_path / "t2", n=20, mprage=False, patient_id="T2")
+    before = disk_usage(node.storage_dir)
+    assert storescu(node, ct.files).returncode == 0  # every instance acknowledged (Success)
+    assert storescu(node, t2.files).returncode == 0
+    assert spooled(node) == [] and node.store.jobs() == []
+    assert disk_usage(node.storage_dir) - before < 1 * 2**20
+    text = urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=5).read().decode()
+    assert 'synthmrf_instances_total{outcome="discarded"} 80.0' in text
+
+
+def test_ingress_limits_refuse_with_out_of_resources_naming_the_limit(start_node: StartNode, tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    node = start_node(ingress={"max_instance_mb": 0.01, "max_instances_per_series": 3})
+    ae = AE("LIMITS")
+    ae.add_requested_context(MRImageStorage)
+    small = mr_datasets(5, 32, patient_id="LIM")  # 2 KB each: under 0.01 MB
+    big = mr_datasets(1, 96, patient_id="BIG")[0]  # 18 KB: over
+    bomb = mr_datasets(1, 16, patient_id="BOMB")[0]
+    bomb.Rows = bomb.Columns = 65535
+    bomb.NumberOfFrames = 4000  # 17 T pixels claimed, 512 bytes of pixel data
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="SYNTHMRF")
+    assert assoc.is_established
+    with caplog.at_level(logging.WARNING, logger="dicom_node"):
+        codes = [int(assoc.send_c_store(ds).Status) for ds in (*small, big, bomb)]
+    assoc.release()
+    assert codes == [0, 0, 0, 0xA700, 0xA700, 0xA700, 0xA700]
+    text = caplog.text
+    assert "series already holds ingress.max_instances_per_series 3 instances" in text
+    assert "exceeds ingress.max_instance_mb 0.01" in text
+    assert "exceeds ingress.max_pixels" in text
+    assert len(spooled(node)) == 3

@@ -181,3 +181,29 @@ def test_a_delivery_missing_a_result_file_is_retried_then_dead_lettered(tmp_path
         assert after.state is JobState.PROCESSED
         assert len(sink.received) == 2  # the readable file, sent at each attempt
         store.close()
+
+
+# -- a full disk while processing (finding: the job failed for good, its acknowledged data never mapped) ------------
+
+
+def test_a_job_that_meets_a_full_disk_waits_and_runs_again_uncounted(tmp_path: Path) -> None:
+    calls: list[Path] = []
+
+    def processor(input_dir: Path, out_dir: Path, *, model: str | None = None) -> Any:
+        calls.append(input_dir)
+        if len(calls) <= 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return fast_processor(input_dir, out_dir, model=model)
+
+    node = Node(node_config(tmp_path / "n", jobs={"max_attempts": 1, "retry_delay_s": 0.2}), processor=processor)
+    node.start()
+    try:
+        spool_series(node.spool, mr_datasets(3, 16, patient_id="FULL"), tmp_path / "s")
+        [uid] = node.spool.series_uids()
+        assert node._router is not None
+        job = node._router.series_complete(uid, "test")  # as the assembler would
+        assert job is not None
+        [done] = wait_until(lambda: node.store.jobs([JobState.DELIVERED]), 20, what="the job after space returned")
+        assert (done.attempts, len(calls)) == (1, 4)  # three full-disk runs were not attempts (max_attempts 1)
+    finally:
+        node.stop(drain=False)

@@ -29,6 +29,8 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 @click.option("--allow-out-of-range", is_flag=True,
               help="Process an acquisition outside the protocols the model was trained on (field strength, "
                    "family, TI, timing, flip angle, TE) instead of refusing it; the reasons go into provenance.json.")
+@click.option("--uid-root", default=None, metavar="ROOT",
+              help="Your organisation's UID root for every UID of the results (default: pydicom's root).")
 @click.option("--sidecar", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="NIfTI input: its BIDS sidecar as dcm2niix writes it (times in seconds). Default: NAME.json "
                    "beside NAME.nii.gz; without one, the protocol is the family's typical one, all assumed.")
@@ -50,8 +52,8 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
               help="Readout flip angle in degrees.")
 @click.option("--te", "te_ms", type=POSITIVE, metavar="MS", help="Echo time.")
 def process(source: Path, out_dir: Path, model_ref: str | None, models_dir: Path, device: str, precision: str,
-            pd_map: bool, derived: bool, keep_working: bool, allow_out_of_range: bool, sidecar: Path | None,
-            **overrides: float | str | None) -> None:
+            pd_map: bool, derived: bool, keep_working: bool, allow_out_of_range: bool, uid_root: str | None,
+            sidecar: Path | None, **overrides: float | str | None) -> None:
     """Turn SOURCE, a folder holding one 3D T1-weighted (MPRAGE) DICOM series or a NIfTI file, into
     quantitative maps. The series is checked first; input that cannot be an MPRAGE volume (a localiser,
     2D, too few slices, mixed series, inconsistent geometry) is refused with the reason (exit status 2).
@@ -76,9 +78,16 @@ def process(source: Path, out_dir: Path, model_ref: str | None, models_dir: Path
         raise click.ClickException(str(exc)) from exc
     if sidecar is not None and not (source.is_file() and source.name.endswith(NIFTI_SUFFIXES)):
         raise click.UsageError("--sidecar is for NIfTI input; a DICOM series carries its protocol in its header")
+    if uid_root is not None:
+        from pipeline.dicom_output.uids import check_uid_root
+
+        try:
+            check_uid_root(uid_root)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--uid-root") from exc
     options = ProcessOptions(device=device, precision=precision, derived_series=derived, pd_dicom=pd_map,
                              keep_working=keep_working, allow_out_of_range=allow_out_of_range,
-                             protocol_overrides=overrides, sidecar=sidecar)
+                             protocol_overrides=overrides, sidecar=sidecar, uid_root=uid_root)
     try:
         result = process_series(source, out_dir, package, options=options)
     except SeriesRejected as exc:

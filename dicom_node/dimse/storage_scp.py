@@ -46,13 +46,14 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.config import NodeSection
+from dicom_node.config import IngressSection, MprageSection, NodeSection
 from dicom_node.dimse import fast_acceptor
 from dicom_node.dimse.status import OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
 from dicom_node.node.instances import (
     MR_IMAGE_STORAGE,
     InstanceInfo,
     InstanceRefusedError,
+    data_set_bytes,
     file_meta_bytes,
     inspect_instance,
 )
@@ -115,17 +116,29 @@ class AssociationTally:
 
 
 def handle_store(event: Event, spool: Spool, arrivals: Arrivals, identities: SeriesIdentities,
-                 tally: AssociationTally) -> Dataset:
+                 tally: AssociationTally, limits: IngressSection | None = None,
+                 rules: MprageSection | None = None) -> Dataset:
     """EVT_C_STORE: check, write durably, tell the series assembler; return the status.
 
     Every instance that ends up in ``incoming/`` is reported, also when it could not be acknowledged, and
-    so is a duplicate of one still there: a series in the spool is never left untracked.
+    so is a duplicate of one still there: a series in the spool is never left untracked. Valid instances the
+    node has no use for (``[ingress]`` keep_non_mr / keep_non_candidates) are acknowledged and not kept.
     """
     calling = event.assoc.requestor.ae_title
     request = cast(C_STORE, event.request)
     sop_uid = request.AffectedSOPInstanceUID
+    limits = limits or IngressSection()
     try:
-        info = inspect_instance(event)
+        info = inspect_instance(event, limits, rules)
+        if info.discard:
+            logger.debug("discarded %s of series %s from %s: %s", info.sop_instance_uid, info.series_instance_uid,
+                         calling, info.discard, extra={"sop_uid": info.sop_instance_uid})
+            tally.record(event.assoc, "discarded", data_set_bytes(request))
+            return status(SUCCESS)
+        if (not spool.is_duplicate(info.series_instance_uid, info.sop_instance_uid)
+                and spool.instance_count(info.series_instance_uid) >= limits.max_instances_per_series):
+            raise InstanceRefusedError(OUT_OF_RESOURCES, f"series already holds ingress.max_instances_per_series "
+                                                         f"{limits.max_instances_per_series} instances")
         meta = file_meta_bytes(info.sop_class_uid, info.sop_instance_uid, info.transfer_syntax, calling)
         with cast(BytesIO, request.DataSet).getbuffer() as dataset:  # the bytes as received, not copied
             outcome = spool.store(info.series_instance_uid, info.sop_instance_uid, (meta, dataset))
@@ -324,12 +337,14 @@ def _unbind_debug_loggers(server: Any) -> None:
 
 
 def start_listener(cfg: NodeSection, spool: Spool, arrivals: Arrivals, identities: SeriesIdentities,
-                   count: StoreCounter) -> Listener:
-    """Start the C-ECHO/C-STORE SCP on ``cfg.host:cfg.port`` in background threads."""
+                   count: StoreCounter, limits: IngressSection | None = None,
+                   rules: MprageSection | None = None) -> Listener:
+    """Start the C-ECHO/C-STORE SCP on ``cfg.host:cfg.port`` in background threads (``limits`` and ``rules``:
+    what it accepts and keeps, see :func:`handle_store`)."""
     ae = make_ae(cfg)
     tally = AssociationTally(count)
     handlers: list[Any] = [
-        (evt.EVT_C_STORE, handle_store, [spool, arrivals, identities, tally]),
+        (evt.EVT_C_STORE, handle_store, [spool, arrivals, identities, tally, limits, rules]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_CONN_OPEN, handle_connection_open, [cfg.network_timeout_s]),
         (evt.EVT_ACCEPTED, handle_accepted),

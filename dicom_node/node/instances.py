@@ -1,10 +1,12 @@
 """A received instance: the checks it must pass before it is stored, and what the node records of it.
 
 ``inspect_instance`` decodes a C-STORE data set and refuses (with a named DIMSE status) what the node
-cannot use: undecodable or truncated streams, missing or invalid identifying UIDs, UIDs that disagree
-with the command, and MR images without complete pixel data. ``file_meta_bytes`` writes the File
-Meta Information for the spooled file; ``is_complete_file`` and ``read_instance_info`` read a spooled
-file back after a restart.
+cannot use: instances over the ``[ingress]`` limits (size first, then the image size its header claims,
+before pixel data is touched), undecodable or truncated streams, missing or invalid identifying UIDs,
+UIDs that disagree with the command, and MR images without complete pixel data. It also says which
+valid instances are not worth keeping (non-MR, or MR that the MPRAGE rules refuse by its own
+header). ``file_meta_bytes`` writes the File Meta Information for the spooled file;
+``is_complete_file`` and ``read_instance_info`` read a spooled file back after a restart.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import secrets
 import struct
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,7 +28,8 @@ from pydicom.uid import UID, EnhancedMRImageStorage, LegacyConvertedEnhancedMRIm
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
-from dicom_node.dimse.status import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+from dicom_node.config import IngressSection, MprageSection
+from dicom_node.dimse.status import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS, OUT_OF_RESOURCES
 from dicom_node.uids import InvalidUIDError, require_uid
 
 MR_IMAGE_STORAGE = frozenset({MRImageStorage, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage})
@@ -57,6 +61,7 @@ class InstanceInfo:
     images_in_acquisition: int | None
     transfer_syntax: str
     patient_key: str = ""  # a keyed digest of the PatientID (see patient_key), to compare instances by
+    discard: str = ""  # why the instance is acknowledged but not kept ("" : keep it)
 
 
 def patient_key(patient_id: str) -> str:
@@ -152,9 +157,48 @@ def _check_pixels(ds: Dataset, encapsulated: bool) -> int:
     return frames
 
 
-def inspect_instance(event: Event) -> InstanceInfo:
-    """Decode and check a C-STORE request's data set; :class:`InstanceRefusedError` says why it is refused."""
+def data_set_bytes(request: C_STORE) -> int:
+    """The size of a received C-STORE data set as it came (no copy)."""
+    data = request.DataSet
+    if isinstance(data, BytesIO):
+        with data.getbuffer() as view:
+            return view.nbytes
+    return 0
+
+
+def _check_image_size(ds: Dataset, limits: IngressSection) -> None:
+    """Refuse a header that claims more pixels than ``ingress.max_pixels`` (before pixel data is decoded)."""
+    pixels = 1
+    for keyword, default in (("Rows", 0), ("Columns", 0), ("NumberOfFrames", 1), ("SamplesPerPixel", 1)):
+        pixels *= max(_int(ds, keyword, default) or default, 1 if default else 0)
+    if pixels > limits.max_pixels:
+        raise InstanceRefusedError(OUT_OF_RESOURCES, f"image of {pixels:,} pixels (Rows x Columns x frames x "
+                                                     f"samples) exceeds ingress.max_pixels {limits.max_pixels:,}")
+
+
+def _why_discard(ds: Dataset, sop_class: str, limits: IngressSection, rules: MprageSection | None) -> str:
+    if sop_class not in MR_IMAGE_STORAGE:
+        return "" if limits.keep_non_mr else "not an MR image"
+    if rules is None or limits.keep_non_candidates:
+        return ""
+    from dicom_node.node.series_rules import classify  # it reads MR_IMAGE_STORAGE from here
+
+    decision = classify(ds, rules)
+    return "" if decision.accepted else f"not an MPRAGE candidate: {decision.reason}"
+
+
+def inspect_instance(event: Event, limits: IngressSection | None = None,
+                     rules: MprageSection | None = None) -> InstanceInfo:
+    """Decode and check a C-STORE request's data set; :class:`InstanceRefusedError` says why it is refused.
+
+    ``limits`` (default: the ``[ingress]`` defaults) bound the instance; with ``rules``, an MR instance the
+    MPRAGE rules refuse by its own header is marked for discarding (unless ``keep_non_candidates``)."""
+    limits = limits or IngressSection()
     request = cast(C_STORE, event.request)
+    size = data_set_bytes(request)
+    if size > limits.max_instance_mb * 2**20:
+        raise InstanceRefusedError(OUT_OF_RESOURCES, f"instance of {size / 2**20:,.0f} MB exceeds "
+                                                     f"ingress.max_instance_mb {limits.max_instance_mb:g}")
     try:
         command_sop = require_uid(request.AffectedSOPInstanceUID, "Affected SOP Instance UID")
         command_class = require_uid(request.AffectedSOPClassUID, "Affected SOP Class UID")
@@ -177,9 +221,12 @@ def inspect_instance(event: Event) -> InstanceInfo:
         raise InstanceRefusedError(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID differs from the command's")
     if sop_class != command_class:
         raise InstanceRefusedError(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the command's")
-    frames = _check_pixels(ds, UID(transfer_syntax).is_encapsulated) if sop_class in MR_IMAGE_STORAGE else 1
+    _check_image_size(ds, limits)
+    discard = _why_discard(ds, sop_class, limits, rules)
+    keep_mr = sop_class in MR_IMAGE_STORAGE and not discard
+    frames = _check_pixels(ds, UID(transfer_syntax).is_encapsulated) if keep_mr else 1
     return InstanceInfo(sop, sop_class, study, series, frames, _int(ds, "ImagesInAcquisition", None),
-                        str(transfer_syntax), patient_key(_text(ds, _PATIENT_ID)))
+                        str(transfer_syntax), patient_key(_text(ds, _PATIENT_ID)), discard)
 
 
 def read_instance_info(path: Path) -> InstanceInfo:

@@ -364,14 +364,16 @@ class JobStore:
                               (str(state), reason, retry_at, now, finished, job_id, str(JobState.PROCESSING),
                                run_token)).rowcount == 1
 
-    def release_job(self, job_id: str, run_token: str) -> bool:
-        """processing -> queued, the run not counted (its worker was asked to stop); False if not held."""
+    def release_job(self, job_id: str, run_token: str, retry_at: float = 0.0, reason: str | None = None) -> bool:
+        """processing -> queued (due at ``retry_at``), the run not counted: its worker was asked to stop, or the
+        disk was full. False if this run no longer holds the job."""
         now = time.time()
         with self.db.tx() as tx:
             return tx.execute("UPDATE jobs SET state = ?, owner = '', attempts = CASE WHEN attempts > 0 THEN "
-                              "attempts - 1 ELSE 0 END, not_before = 0, updated_at = ? "
+                              "attempts - 1 ELSE 0 END, not_before = ?, reason = COALESCE(?, reason), updated_at = ? "
                               "WHERE id = ? AND state = ? AND run_token = ?",
-                              (str(JobState.QUEUED), now, job_id, str(JobState.PROCESSING), run_token)).rowcount == 1
+                              (str(JobState.QUEUED), retry_at, reason, now, job_id, str(JobState.PROCESSING),
+                               run_token)).rowcount == 1
 
     def take_over(self, max_interruptions: int, stale_before: float | None = None,
                   owners: Sequence[str] = (), interruption: bool = True) -> tuple[list[str], list[str], int]:

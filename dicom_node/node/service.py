@@ -178,7 +178,8 @@ class Node:
         if cfg.metrics.port is not None:
             self.metrics_port = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
         identities = SeriesIdentities(self.spool, self.metrics.count_identity_mismatch)
-        self._listener = start_listener(cfg.node, self.spool, assembler, identities, self.metrics.count_instance)
+        self._listener = start_listener(cfg.node, self.spool, assembler, identities, self.metrics.count_instance,
+                                        cfg.ingress, cfg.mprage)
 
     def _job_done(self, job_id: str, outcome: Outcome) -> None:
         self.metrics.observe_job(outcome.state, outcome.seconds)

@@ -216,6 +216,11 @@ class Spool:
             self._known[series_uid] = known
         return known
 
+    def instance_count(self, series_uid: str) -> int:
+        """How many distinct instances the series holds (arriving and in every version)."""
+        with self._lock:
+            return len(self._known_for(series_uid))
+
     def is_duplicate(self, series_uid: str, sop_uid: str) -> bool:
         with self._lock:
             return sop_uid in self._known_for(series_uid)

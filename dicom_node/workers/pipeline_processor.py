@@ -1,7 +1,7 @@
 """The default processor: the synthmrf pipeline with a model package from the registry.
 
 Configured by ``[pipeline]`` (model, models_dir, device, precision, derived_series, pd_map,
-allow_out_of_range). torch and the pipeline are imported on the first job, not when the node starts.
+allow_out_of_range, uid_root). torch and the pipeline are imported on the first job, not when the node starts.
 """
 
 from __future__ import annotations
@@ -28,5 +28,5 @@ class PipelineProcessor:
         package = load_model(model, self.cfg.models_dir)  # None: the active model, looked up for every job
         options = ProcessOptions(device=self.cfg.device, precision=self.cfg.precision,
                                  derived_series=self.cfg.derived_series, pd_dicom=self.cfg.pd_map,
-                                 allow_out_of_range=self.cfg.allow_out_of_range)
+                                 allow_out_of_range=self.cfg.allow_out_of_range, uid_root=self.cfg.uid_root)
         return process_series(input_dir, out_dir, package, options=options)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import multiprocessing
 import multiprocessing.queues
@@ -38,6 +39,8 @@ from dicom_node.workers.processor import LazyProcessor, Processor, rejection_typ
 logger = logging.getLogger(__name__)
 
 MAX_RETRY_DELAY_S = 3600.0
+DISK_FULL_RETRY_S = 60.0  # a job that met a full disk runs again after this (or jobs.retry_delay_s if shorter)
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 RUN_PREFIX = "run-"
 
 
@@ -48,6 +51,11 @@ class WorkerStopping(BaseException):
 def retry_delay_s(attempts: int, first_s: float) -> float:
     """Back-off before the next run after ``attempts`` failed ones: doubling from ``first_s``, at most 1 h."""
     return float(min(first_s * 2 ** max(attempts - 1, 0), MAX_RETRY_DELAY_S))
+
+
+def error_reason(exc: BaseException) -> str:
+    """A job's reason for an unexpected error: a fixed code and the exception's type, never its text."""
+    return f"processing error {type(exc).__name__} (details: worker log at DEBUG)"
 
 
 def _result_files(result: object, out_dir: Path) -> list[Path]:
@@ -116,16 +124,25 @@ class JobRunner:
             return Outcome("rejected", time.monotonic() - start)
         except Exception as exc:
             shutil.rmtree(out, ignore_errors=True)
-            reason = f"{type(exc).__name__}: {exc}"
+            # An exception's text may quote header values (names, IDs): the job and the log at INFO and above
+            # carry its type only; the traceback, with the text, is logged at DEBUG.
+            reason = error_reason(exc)
+            logger.debug("job %s: traceback", job.id, exc_info=True, extra=extra)
+            if isinstance(exc, OSError) and exc.errno in NO_SPACE:  # not the series' fault: wait for space
+                delay = min(self.cfg.jobs.retry_delay_s, DISK_FULL_RETRY_S) or DISK_FULL_RETRY_S
+                self.store.release_job(job.id, job.run_token, time.time() + delay, "waiting for disk space")
+                logger.error("job %s: the disk is full (%s); queued again in %.0f s, not counted as an attempt",
+                             job.id, type(exc).__name__, delay, extra=extra)
+                return Outcome("no_space", time.monotonic() - start)
             if job.attempts < self.cfg.jobs.max_attempts:
                 delay = retry_delay_s(job.attempts, self.cfg.jobs.retry_delay_s)
                 self.store.end_job(job.id, job.run_token, JobState.QUEUED, reason, retry_at=time.time() + delay)
-                logger.exception("job %s: processing failed (attempt %d of %d), retrying in %.0f s", job.id,
-                                 job.attempts, self.cfg.jobs.max_attempts, delay, extra=extra)
+                logger.error("job %s: %s (attempt %d of %d), retrying in %.0f s", job.id, reason, job.attempts,
+                             self.cfg.jobs.max_attempts, delay, extra=extra)
             else:
                 self.store.end_job(job.id, job.run_token, JobState.FAILED, reason)
-                logger.exception("job %s: processing failed (attempt %d of %d), giving up", job.id, job.attempts,
-                                 self.cfg.jobs.max_attempts, extra=extra)
+                logger.error("job %s: %s (attempt %d of %d), giving up", job.id, reason, job.attempts,
+                             self.cfg.jobs.max_attempts, extra=extra)
             return Outcome("error", time.monotonic() - start)
         destinations = [d.name for d in self.cfg.destinations]
         if not self.store.finish_job(job.id, job.run_token, files, destinations):

@@ -32,7 +32,7 @@ from highdicom import SOPClass
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pydicom.valuerep import format_number_as_ds
 
 from pipeline.dicom_output.provenance import (
@@ -57,6 +57,7 @@ from pipeline.dicom_output.source import (
     source_attribute,
     source_header,
 )
+from pipeline.dicom_output.uids import new_uid
 from pipeline.dicom_series import DicomSeries, SourceFrame
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class DerivedMRImage(SOPClass):
                  position: Sequence[float], orientation: Sequence[float], pixel_spacing: Sequence[float],
                  slice_thickness: float, spacing_between_slices: float, quantity: QuantitySpec,
                  provenance: Provenance, series_instance_uid: str, series_number: int, instance_number: int,
-                 series_datetime: datetime.datetime) -> None:
+                 series_datetime: datetime.datetime, uid_root: str | None = None) -> None:
         if not isinstance(pixel_array, np.ndarray) or pixel_array.dtype != np.uint16:
             raise TypeError(f"pixel_array: expected a uint16 numpy array, got {getattr(pixel_array, 'dtype', None)!s} "
                             f"{type(pixel_array).__name__}")
@@ -97,7 +98,7 @@ class DerivedMRImage(SOPClass):
                 raise ValueError(f"{name}: expected {n} values, got {len(numbers)}")
         super().__init__(
             study_instance_uid=source.StudyInstanceUID, series_instance_uid=series_instance_uid,
-            series_number=series_number, sop_instance_uid=generate_uid(), sop_class_uid=MRImageStorage,
+            series_number=series_number, sop_instance_uid=new_uid(uid_root), sop_class_uid=MRImageStorage,
             instance_number=instance_number, modality="MR", manufacturer=MANUFACTURER,
             manufacturer_model_name=MANUFACTURER_MODEL_NAME, device_serial_number=DEVICE_SERIAL_NUMBER,
             software_versions=provenance.software_versions[0],  # all three set below (highdicom types one)
@@ -179,7 +180,8 @@ def encode(frames: np.ndarray, spec: QuantitySpec) -> tuple[np.ndarray, int]:
 
 
 def build_derived_series(series: DicomSeries, values: np.ndarray, quantity: str | QuantitySpec,
-                         provenance: Provenance, *, series_number: int) -> list[DerivedMRImage]:
+                         provenance: Provenance, *, series_number: int,
+                         uid_root: str | None = None) -> list[DerivedMRImage]:
     """One :class:`DerivedMRImage` per source frame, in grid order, for ``values`` ((i, j, k) on the grid).
 
     ``quantity``: a name in :data:`~pipeline.dicom_output.quantities.QUANTITIES`, or a spec (the quality map's).
@@ -191,7 +193,7 @@ def build_derived_series(series: DicomSeries, values: np.ndarray, quantity: str 
     check_series_number(series_number, series)
     stored, clipped = encode(frames, spec)
     grid = series.grid
-    series_uid = generate_uid()
+    series_uid = new_uid(uid_root)
     if clipped:
         logger.warning("derived %s series %s: %d voxels outside 0..%g %s clipped", spec.name, series_uid, clipped,
                        spec.derived_max, spec.unit_label)
@@ -204,7 +206,7 @@ def build_derived_series(series: DicomSeries, values: np.ndarray, quantity: str 
                        pixel_spacing=list(grid.pixel_spacing), slice_thickness=thickness,
                        spacing_between_slices=grid.slice_spacing, quantity=spec, provenance=provenance,
                        series_instance_uid=series_uid, series_number=series_number, instance_number=k + 1,
-                       series_datetime=now)
+                       series_datetime=now, uid_root=uid_root)
         for k, source_frame in enumerate(series.frames)]
     logger.info("derived %s series %s in study %s: %d images", spec.name, series_uid, series.study_instance_uid,
                 len(images))

@@ -19,7 +19,7 @@ import numpy as np
 from highdicom import CoordinateSystemNames, PlanePositionSequence, VOILUTTransformation
 from highdicom.pm import ParametricMap
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 from pipeline.dicom_output.provenance import (
     DEVICE_SERIAL_NUMBER,
@@ -41,6 +41,7 @@ from pipeline.dicom_output.source import (
     grid_pixel_measures,
     read_source_headers,
 )
+from pipeline.dicom_output.uids import new_uid
 from pipeline.dicom_series import DicomSeries
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ def _check_sources(source_images: Sequence[Dataset], series: DicomSeries) -> Non
 
 
 def build_parametric_map(series: DicomSeries, values: np.ndarray, quantity: str, provenance: Provenance, *,
-                         series_number: int, source_images: Sequence[Dataset] | None = None) -> ParametricMap:
+                         series_number: int, source_images: Sequence[Dataset] | None = None,
+                         uid_root: str | None = None) -> ParametricMap:
     """A Parametric Map of ``values`` ((i, j, k) on ``series.grid``, in the quantity's unit) in a new series.
 
     ``source_images`` are the headers of ``series.files`` as :func:`read_source_headers` prepares them (read
@@ -85,9 +87,9 @@ def build_parametric_map(series: DicomSeries, values: np.ndarray, quantity: str,
             source_images=main,
             further_source_images=further or None,
             pixel_array=frames,
-            series_instance_uid=generate_uid(),
+            series_instance_uid=new_uid(uid_root),
             series_number=series_number,
-            sop_instance_uid=generate_uid(),
+            sop_instance_uid=new_uid(uid_root),
             instance_number=1,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=MANUFACTURER_MODEL_NAME,

@@ -57,13 +57,15 @@ def write_dataset_atomic(ds: Dataset, path: Path) -> None:
 
 def write_result_series(series: DicomSeries, maps: Mapping[str, np.ndarray], out_dir: Path, provenance: Provenance,
                         *, derived: bool = True, quantities: Sequence[str] = ("T1", "T2"),
-                        quality: np.ndarray | None = None, warnings: Sequence[str] = ()) -> list[Path]:
+                        quality: np.ndarray | None = None, warnings: Sequence[str] = (),
+                        uid_root: str | None = None) -> list[Path]:
     """Write ``quantities`` of ``maps`` ((i, j, k) volumes on ``series.grid``) into ``out_dir``; the paths.
 
     Per quantity: one Parametric Map (series number source x 100 + k) and, with ``derived``, one classic
     MR series (source x 100 + 10 + k), each a new series in the source study. A ``quality`` map (Q in
     [0, 1], :mod:`pipeline.quality`) adds a classic MR series of its own (source x 100 + 14). ``warnings``:
-    the reasons the study is flagged out of range (see the module docstring); none, not flagged.
+    the reasons the study is flagged out of range (see the module docstring); none, not flagged. ``uid_root``:
+    the organisational root of every UID created (default: pydicom's).
     """
     if isinstance(quantities, str) or not quantities:
         raise ValueError(f"quantities: expected a non-empty sequence of names, got {quantities!r}")
@@ -91,15 +93,15 @@ def write_result_series(series: DicomSeries, maps: Mapping[str, np.ndarray], out
     for spec in specs:
         values = maps[spec.name]
         pm = build_parametric_map(series, values, spec.name, provenance, source_images=headers,
-                                  series_number=result_series_number(series, spec, derived=False))
+                                  series_number=result_series_number(series, spec, derived=False), uid_root=uid_root)
         files.append((out_dir / map_file_name(spec.name), pm))
         if derived:
-            images = build_derived_series(series, values, spec.name, provenance,
+            images = build_derived_series(series, values, spec.name, provenance, uid_root=uid_root,
                                           series_number=result_series_number(series, spec, derived=True))
             derived_files.extend((out_dir / derived_file_name(spec.name, int(im.InstanceNumber)), im)
                                  for im in images)
     if quality is not None:
-        images = build_derived_series(series, quality, QUALITY, provenance,
+        images = build_derived_series(series, quality, QUALITY, provenance, uid_root=uid_root,
                                       series_number=result_series_number(series, QUALITY, derived=True))
         for im in images:
             im.ImageComments = QUALITY_COMMENT

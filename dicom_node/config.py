@@ -55,7 +55,10 @@ class NodeSection(_Section):
     drain_timeout_s: float = Field(default=60.0, ge=0)  # SIGTERM: how long in-flight associations and jobs may finish
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key: the listener speaks TLS only
     tls_key: Path | None = None
-    tls_ca: Path | None = None  # when set, callers must present a certificate signed by this CA
+    tls_ca: Path | None = None  # when set, callers must present a certificate signed by this CA (mutual TLS)
+    # Calling AE title -> the name its certificate must carry (subject CN or a DNS/IP subjectAltName): a bound
+    # AE title arriving with any other certificate is refused (AE titles alone are easy to spoof). Needs tls_ca.
+    tls_identities: dict[str, str] = {}
 
     @field_validator("ae_title")
     @classmethod
@@ -73,6 +76,8 @@ class NodeSection(_Section):
             raise ValueError("node.tls_cert and node.tls_key: give both or neither")
         if self.tls_ca is not None and self.tls_cert is None:
             raise ValueError("node.tls_ca needs node.tls_cert and node.tls_key")
+        if self.tls_identities and self.tls_ca is None:
+            raise ValueError("node.tls_identities needs node.tls_ca (callers must present certificates)")
         return self
 
 
@@ -262,6 +267,8 @@ class Destination(_Section):
     port: int = Field(ge=1, le=65535)
     tls: bool = False
     tls_ca: Path | None = None  # verify the destination's certificate against this CA (default: system CAs)
+    tls_cert: Path | None = None  # our client certificate for a destination that requires mutual TLS, with tls_key
+    tls_key: Path | None = None
 
     @field_validator("ae_title")
     @classmethod

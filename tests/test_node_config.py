@@ -16,7 +16,8 @@ def test_shipped_file_spells_out_the_defaults() -> None:
     from_file = load_config(DEFAULTS_FILE, environ={}).model_dump()
     defaults = NodeConfig().model_dump()
     assert from_file.pop("destinations") == [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
-                                              "port": 4242, "tls": False, "tls_ca": None}]
+                                              "port": 4242, "tls": False, "tls_ca": None, "tls_cert": None,
+                                              "tls_key": None}]
     defaults.pop("destinations")
     assert from_file == defaults
 

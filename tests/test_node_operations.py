@@ -85,6 +85,58 @@ def test_tls_listener(tmp_path: Path, node_factory: list[Node]) -> None:
         echo(Peer("SYNTHMRF", "127.0.0.1", node.port), "PLAIN", timeout_s=3)
 
 
+def ca_signed(folder: Path, names: list[str]) -> tuple[Path, dict[str, tuple[Path, Path]]]:
+    """A CA and, per name, a certificate it signed (CN and DNS SAN = the name; 127.0.0.1 also gets an IP SAN)."""
+    ca_cert, ca_key = folder / "ca.pem", folder / "ca-key.pem"
+    subprocess.run([tool("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(ca_key), "-out", str(ca_cert), "-days", "1", "-subj", "/CN=test CA"],
+                   check=True, capture_output=True)
+    issued = {}
+    for name in names:
+        key, csr, cert = folder / f"{name}-key.pem", folder / f"{name}.csr", folder / f"{name}.pem"
+        san = f"IP:{name}" if name.replace(".", "").isdigit() else f"DNS:{name}"
+        subprocess.run([tool("openssl"), "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                        "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}"], check=True, capture_output=True)
+        ext = folder / f"{name}.ext"
+        ext.write_text(f"subjectAltName={san}\n")
+        subprocess.run([tool("openssl"), "x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
+                        "-CAcreateserial", "-out", str(cert), "-days", "1", "-extfile", str(ext)],
+                       check=True, capture_output=True)
+        issued[name] = (cert, key)
+    return ca_cert, issued
+
+
+def test_mutual_tls_binds_calling_ae_titles_to_certificates(tmp_path: Path, node_factory: list[Node],
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    ca, certs = ca_signed(tmp_path, ["127.0.0.1", "mr1.radiology.example", "intruder.example"])
+    server_cert, server_key = certs["127.0.0.1"]
+    node = Node(node_config(tmp_path / "n", node={
+        "tls_cert": str(server_cert), "tls_key": str(server_key), "tls_ca": str(ca),
+        "tls_identities": {"SCANNER1": "mr1.radiology.example"}}), processor=fast_processor).start()
+    node_factory.append(node)
+
+    def peer(name: str | None) -> Peer:
+        cert, key = certs[name] if name else (None, None)
+        return Peer("SYNTHMRF", "127.0.0.1", node.port, tls=True, tls_ca=ca, tls_cert=cert, tls_key=key)
+
+    series = make_series(tmp_path / "s", n=2, patient_id="MTLS")
+    assert echo(peer("mr1.radiology.example"), "SCANNER1") == 0  # trusted: its AE title and its certificate
+    assert store_files(series.files, peer("mr1.radiology.example"), "SCANNER1").ok
+    assert echo(peer("intruder.example"), "OTHERAE") == 0  # an unbound AE title: the CA suffices
+    with caplog.at_level(logging.WARNING, logger="dicom_node"):
+        with pytest.raises(AssociationError):  # a bound AE title from another (valid) certificate
+            echo(peer("intruder.example"), "SCANNER1", timeout_s=3)
+        wait_until(lambda: "is not the one bound to that AE title" in caplog.text, 5, what="the refusal log line")
+    assert "intruder.example" in caplog.text
+    with pytest.raises((AssociationError, OSError)):  # no client certificate: the handshake fails
+        echo(peer(None), "SCANNER1", timeout_s=3)
+    with pytest.raises((AssociationError, OSError)):  # plain TCP
+        echo(Peer("SYNTHMRF", "127.0.0.1", node.port), "SCANNER1", timeout_s=3)
+    with pytest.raises(ConfigError, match=r"node\.tls_identities needs node\.tls_ca"):
+        node_config(tmp_path / "m", node={"tls_cert": str(server_cert), "tls_key": str(server_key),
+                                          "tls_identities": {"SCANNER1": "x"}})
+
+
 def test_a_silent_tls_connection_does_not_block_the_listener(tmp_path: Path, node_factory: list[Node]) -> None:
     cert, key = self_signed(tmp_path)
     node = Node(node_config(tmp_path / "n", node={"tls_cert": str(cert), "tls_key": str(key), "acse_timeout_s": 1}),

@@ -33,6 +33,8 @@ class Peer:
     port: int
     tls: bool = False
     tls_ca: Path | None = None
+    tls_cert: Path | None = None  # our client certificate (PEM chain) for mutual TLS, with tls_key
+    tls_key: Path | None = None
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -59,6 +61,8 @@ def _client_tls(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
     if not peer.tls:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(peer.tls_ca) if peer.tls_ca else None)
+    if peer.tls_cert is not None:
+        ctx.load_cert_chain(str(peer.tls_cert), str(peer.tls_key) if peer.tls_key else None)
     return ctx, peer.host
 
 

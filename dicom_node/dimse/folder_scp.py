@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -52,9 +53,14 @@ def _file(event: Event, folder: Path) -> tuple[Path, Dataset]:
     return target, ds
 
 
-def store_to_folder(event: Event, folder: Path, on_stored: Stored | None = None) -> int:
-    """C-STORE handler: write the instance to ``folder/<SeriesUID>/<SOPUID>.dcm``; return the status."""
+def store_to_folder(event: Event, folder: Path, on_stored: Stored | None = None, min_free_bytes: int = 0) -> int:
+    """C-STORE handler: write the instance to ``folder/<SeriesUID>/<SOPUID>.dcm``; return the status. Refused
+    (Out of Resources) when it would leave less than ``min_free_bytes`` free."""
     try:
+        if min_free_bytes and shutil.disk_usage(folder).free < min_free_bytes + 2 * 2**20:
+            logger.error("refusing a received instance: less than %d MiB would remain free in %s",
+                         min_free_bytes // 2**20, folder)
+            return OUT_OF_RESOURCES
         path, ds = _file(event, folder)
     except OSError as exc:
         logger.error("storing a received instance failed: %s", exc)
@@ -75,13 +81,16 @@ def store_to_folder(event: Event, folder: Path, on_stored: Stored | None = None)
 
 class FolderSCP:
     """C-ECHO and C-STORE of ``sop_classes`` (default: every storage class) into ``folder``; ``on_stored`` is
-    told of each instance written."""
+    told of each instance written. ``allowed_calling_aets`` (empty: any) and ``min_free_bytes`` as the node's."""
 
     def __init__(self, ae_title: str, folder: Path, *, sop_classes: Sequence[UID] | None = None,
-                 on_stored: Stored | None = None) -> None:
+                 on_stored: Stored | None = None, allowed_calling_aets: Sequence[str] = (),
+                 min_free_bytes: int = 0) -> None:
         self.folder = Path(folder)
         self.on_stored = on_stored
+        self.min_free_bytes = min_free_bytes
         ae = AE(ae_title=ae_title)
+        ae.require_calling_aet = list(allowed_calling_aets)
         ae.maximum_pdu_size = 0
         if sop_classes is None:
             ae.supported_contexts = AllStoragePresentationContexts
@@ -94,7 +103,7 @@ class FolderSCP:
         self._lock = threading.Lock()
 
     def _store(self, event: Event) -> int:
-        return store_to_folder(event, self.folder, self.on_stored)
+        return store_to_folder(event, self.folder, self.on_stored, self.min_free_bytes)
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Listen on (host, port); return the bound port."""

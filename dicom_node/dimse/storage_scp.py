@@ -13,7 +13,7 @@ import socketserver
 import ssl
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from io import BytesIO
 from typing import Any, Protocol, cast
 
@@ -191,8 +191,28 @@ def handle_connection_open(event: Event, read_timeout_s: float) -> None:
         sock.settimeout(read_timeout_s)
 
 
-def handle_accepted(event: Event) -> None:
+def certificate_names(cert: Mapping[str, Any]) -> set[str]:
+    """The names a peer certificate (``SSLSocket.getpeercert()``) vouches for: subject CNs and DNS/IP SANs."""
+    names = {value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"}
+    names |= {value for kind, value in cert.get("subjectAltName", ()) if kind in ("DNS", "IP Address")}
+    return names
+
+
+def handle_accepted(event: Event, identities: Mapping[str, str] | None = None) -> None:
+    """EVT_ACCEPTED: log it; abort at once when the calling AE title is bound to a certificate name
+    (``node.tls_identities``) that the caller's certificate does not carry (before any DIMSE message)."""
     r = event.assoc.requestor
+    expected = (identities or {}).get(r.ae_title)
+    if expected is not None:
+        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket is not None else None
+        cert = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
+        names = certificate_names(cert) if cert else set()
+        if expected not in names:
+            logger.warning("association from %s at %s:%s refused: its certificate (%s) is not the one bound to that "
+                           "AE title (node.tls_identities)", r.ae_title, r.address, r.port,
+                           ", ".join(sorted(names)) or "none", extra={"calling_aet": r.ae_title})
+            event.assoc.abort()
+            return
     logger.info("association from %s at %s:%s accepted", r.ae_title, r.address, r.port)
 
 
@@ -347,7 +367,7 @@ def start_listener(cfg: NodeSection, spool: Spool, arrivals: Arrivals, identitie
         (evt.EVT_C_STORE, handle_store, [spool, arrivals, identities, tally, limits, rules]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_CONN_OPEN, handle_connection_open, [cfg.network_timeout_s]),
-        (evt.EVT_ACCEPTED, handle_accepted),
+        (evt.EVT_ACCEPTED, handle_accepted, [dict(cfg.tls_identities)]),
         (evt.EVT_REJECTED, handle_rejected),
         (evt.EVT_RELEASED, handle_released, [tally]),
         (evt.EVT_ABORTED, handle_aborted, [tally]),

@@ -32,7 +32,7 @@ def backoff_s(attempts: int, cfg: DispatchSection) -> float:
 
 
 def peer_of(d: Destination) -> Peer:
-    return Peer(d.ae_title, d.host, d.port, d.tls, d.tls_ca)
+    return Peer(d.ae_title, d.host, d.port, d.tls, d.tls_ca, d.tls_cert, d.tls_key)
 
 
 class Dispatcher:

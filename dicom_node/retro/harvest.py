@@ -55,6 +55,7 @@ from dicom_node.retro.association import (
     ArchiveUnavailableError,
     SourceSlots,
 )
+from dicom_node.retro.config import SourceConfig
 from dicom_node.retro.progress import ProgressStore, RunState
 from dicom_node.retro.query import (
     Query,
@@ -148,9 +149,12 @@ class HarvestReport:
 
 
 @contextmanager
-def harvest_scp(ae_title: str, host: str, port: int, folder: Path) -> Iterator[int]:
-    """A storage SCP filing what it receives into ``folder/<SeriesUID>/`` (the C-MOVE destination of a harvest)."""
-    with FolderSCP(ae_title, folder, sop_classes=GET_STORAGE_CLASSES) as scp:
+def harvest_scp(ae_title: str, host: str, port: int, folder: Path, allowed_calling_aets: Sequence[str] = (),
+                min_free_bytes: int = 0) -> Iterator[int]:
+    """A storage SCP filing what it receives into ``folder/<SeriesUID>/`` (the C-MOVE destination of a harvest);
+    only ``allowed_calling_aets`` (the archive) may store, and not below ``min_free_bytes`` of free space."""
+    with FolderSCP(ae_title, folder, sop_classes=GET_STORAGE_CLASSES, allowed_calling_aets=allowed_calling_aets,
+                   min_free_bytes=min_free_bytes) as scp:
         yield scp.start(host, port)
 
 
@@ -206,7 +210,7 @@ class Harvester:
         session = ArchiveSession(archive, SourceSlots(Path(self.config.node.storage_dir) / "retro" / "locks", source),
                                  self.stop, get_dir)
         try:
-            with self._receiver(source.retrieve, incoming, spec.dry_run):
+            with self._receiver(source, incoming, spec.dry_run):
                 self._harvest(spec, query, archive, session, incoming, salt, report, events)
             if report.state is RunState.RUNNING:
                 report.state = RunState.FINISHED
@@ -226,12 +230,13 @@ class Harvester:
         return report
 
     @contextmanager
-    def _receiver(self, method: str, folder: Path, dry_run: bool) -> Iterator[None]:
-        if method != "move" or dry_run:
+    def _receiver(self, source: SourceConfig, folder: Path, dry_run: bool) -> Iterator[None]:
+        if source.retrieve != "move" or dry_run:
             yield
             return
         host = self.config.node.host
-        with harvest_scp(self.config.retro.harvest_ae_title, host, self.config.retro.harvest_port, folder):
+        with harvest_scp(self.config.retro.harvest_ae_title, host, self.config.retro.harvest_port, folder,
+                         allowed_calling_aets=[source.ae_title], min_free_bytes=self.config.node.min_free_mb * 2**20):
             yield
 
     def _harvest(self, spec: HarvestSpec, query: Query, archive: Archive, session: ArchiveSession, incoming: Path,

@@ -290,13 +290,20 @@ def _stop_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+
+
 def worker_process_main(cfg: NodeConfig, member_id: str, device: str | None,
                         outcomes: multiprocessing.queues.Queue | None = None,  # type: ignore[type-arg]
-                        parent_pid: int | None = None) -> None:
+                        parent_pid: int | None = None, threads: int | None = None) -> None:
     """Entry of one worker process: the loop until SIGTERM/SIGINT, the running job handed back on a stop.
-    Outcomes go to ``outcomes`` (the node's metrics); the process stops when ``parent_pid`` ends."""
+    Outcomes go to ``outcomes`` (the node's metrics); the process stops when ``parent_pid`` ends. ``threads``:
+    the CPU threads its torch and SimpleITK may use (unless the environment already says)."""
     if device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = device
+    if threads is not None:
+        for name in THREAD_VARIABLES:  # read by torch and ITK when they load, in this process only
+            os.environ.setdefault(name, str(threads))
     from dicom_node.logs import configure_logging
 
     configure_logging(cfg.logging.level, cfg.logging.format)
@@ -361,6 +368,8 @@ class WorkerPool:
         self._reader = threading.Thread(target=self._read_outcomes, name="worker-outcomes", daemon=True)
         self._children: list[_Child] = []
         self._quick_deaths = [0] * count
+        # the machine's cores shared out, so N workers do not run N x cores threads (CPU sites)
+        self.threads = max(1, (os.cpu_count() or 1) // max(count, 1))
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
@@ -372,7 +381,8 @@ class WorkerPool:
     def _spawn(self, index: int) -> _Child:
         member_id = new_member_id("worker")
         process = self._ctx.Process(target=worker_process_main,
-                                    args=(self.cfg, member_id, self._device(index), self._outcomes, os.getpid()),
+                                    args=(self.cfg, member_id, self._device(index), self._outcomes, os.getpid(),
+                                          self.threads),
                                     name=f"synthmrf-worker-{index + 1}", daemon=False)
         process.start()
         return _Child(index, member_id, process, time.monotonic())

@@ -21,7 +21,7 @@ def test_demo_round_trip(tmp_path: Path, default_dictionary: Dictionary) -> None
     assert "demo: OK" in done.stdout
     for quantity in ("T1", "T2"):
         assert any(line.startswith(f"{quantity}   WM") for line in done.stdout.splitlines()), done.stdout
-    received = sorted((tmp_path / "demo" / "received").iterdir())
+    received = sorted((tmp_path / "demo" / "received").rglob("*.dcm"))
     labels = {str(pydicom.dcmread(p, stop_before_pixels=True).get("ContentLabel", "")) for p in received}
     assert {"T1_MAP", "T2_MAP"} <= labels
     [figure] = (tmp_path / "demo" / "node").rglob("qc.png")

@@ -324,8 +324,18 @@ def worker_process_main(cfg: NodeConfig, member_id: str, device: str | None,
     store.join(member_id, "worker", "idle")
     heartbeat = Heartbeat(store, lambda: [member_id], cfg.jobs.heartbeat_s).start()
     spool = Spool(cfg.node.storage_dir)
-    runner = JobRunner(cfg, spool, store, LazyProcessor(cfg.pipeline),
-                       running=lambda on: in_job.set() if on else in_job.clear())
+    def job_running(on: bool) -> None:
+        """The processor starts (or ended): from now on SIGTERM interrupts it; a stop that came just before
+        (between the claim and here) interrupts it at once."""
+        if not on:
+            in_job.clear()
+            return
+        in_job.set()
+        if stop.is_set():
+            in_job.clear()
+            raise WorkerStopping("stop requested")
+
+    runner = JobRunner(cfg, spool, store, LazyProcessor(cfg.pipeline), running=job_running)
     logger.info("worker %s started (pid %d%s)", member_id, os.getpid(), f", CUDA device {device}" if device else "")
     def report(job_id: str, outcome: Outcome) -> None:
         if outcomes is not None:

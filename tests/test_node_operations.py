@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from node_support import fast_processor, make_series, node_config, result_sink, tool, wait_until
+from node_support import ca_signed, fast_processor, make_series, node_config, result_sink, tool, wait_until
 from pydicom.dataset import Dataset
 
 from dicom_node.config import ConfigError
@@ -83,27 +83,6 @@ def test_tls_listener(tmp_path: Path, node_factory: list[Node]) -> None:
     assert report.ok and len(report.stored) == 3
     with pytest.raises(AssociationError, match=r"association with SYNTHMRF@127.0.0.1:\d+ failed"):
         echo(Peer("SYNTHMRF", "127.0.0.1", node.port), "PLAIN", timeout_s=3)
-
-
-def ca_signed(folder: Path, names: list[str]) -> tuple[Path, dict[str, tuple[Path, Path]]]:
-    """A CA and, per name, a certificate it signed (CN and DNS SAN = the name; 127.0.0.1 also gets an IP SAN)."""
-    ca_cert, ca_key = folder / "ca.pem", folder / "ca-key.pem"
-    subprocess.run([tool("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(ca_key), "-out", str(ca_cert), "-days", "1", "-subj", "/CN=test CA"],
-                   check=True, capture_output=True)
-    issued = {}
-    for name in names:
-        key, csr, cert = folder / f"{name}-key.pem", folder / f"{name}.csr", folder / f"{name}.pem"
-        san = f"IP:{name}" if name.replace(".", "").isdigit() else f"DNS:{name}"
-        subprocess.run([tool("openssl"), "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                        "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}"], check=True, capture_output=True)
-        ext = folder / f"{name}.ext"
-        ext.write_text(f"subjectAltName={san}\n")
-        subprocess.run([tool("openssl"), "x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
-                        "-CAcreateserial", "-out", str(cert), "-days", "1", "-extfile", str(ext)],
-                       check=True, capture_output=True)
-        issued[name] = (cert, key)
-    return ca_cert, issued
 
 
 def test_mutual_tls_binds_calling_ae_titles_to_certificates(tmp_path: Path, node_factory: list[Node],

@@ -57,7 +57,8 @@ class AssociationError(ConnectionError):
     """The peer could not be reached or refused the association; the message says which."""
 
 
-def _client_tls(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
+def client_tls(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's ``tls_args`` for ``peer`` (None without TLS): its CA, and our certificate if configured."""
     if not peer.tls:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(peer.tls_ca) if peer.tls_ca else None)
@@ -74,7 +75,7 @@ def _no_delay(event: Event) -> None:
 
 
 def _associate(ae: AE, peer: Peer) -> Association:
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=_client_tls(peer),
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=client_tls(peer),
                          evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"

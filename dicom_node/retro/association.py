@@ -17,6 +17,7 @@ import fcntl
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +35,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from dicom_node.dimse.client import Peer, client_tls
 from dicom_node.dimse.status import STATUS_NAMES, UNABLE_TO_PROCESS_FIRST, UNABLE_TO_PROCESS_LAST
 from dicom_node.dimse.storage_scp import TRANSFER_SYNTAXES
 from dicom_node.retro.config import SourceConfig
@@ -186,9 +188,10 @@ def associate(archive: Archive, *, get_handler: StoreHandler | None = None,
             roles.append(build_role(sop_class, scp_role=True))
         handlers.append((evt.EVT_C_STORE, get_handler))
     try:
+        tls = client_tls(Peer(s.ae_title, s.host, s.port, s.tls, s.tls_ca, s.tls_cert, s.tls_key))
         assoc = ae.associate(s.host, s.port, ae_title=s.ae_title, ext_neg=roles or None,  # type: ignore[arg-type]
-                             evt_handlers=handlers or None)  # type: ignore[arg-type]
-    except OSError as exc:  # name resolution and similar failures before any DICOM is spoken
+                             evt_handlers=handlers or None, tls_args=tls)  # type: ignore[arg-type]
+    except (OSError, ssl.SSLError) as exc:  # name resolution, TLS set-up: failures before any DICOM is spoken
         raise ArchiveUnavailableError(f"{archive}: cannot connect ({exc})") from exc
     if not assoc.is_established:
         if assoc.is_rejected:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import datetime
 import re
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -96,6 +97,10 @@ class SourceConfig(_Model):
     retrieve_timeout_s: float = Field(default=900.0, gt=0)
     max_associations: int = Field(default=1, ge=1, le=16)
     slot_wait_s: float = Field(default=600.0, gt=0)
+    tls: bool = False  # DICOM over TLS to the archive (C-FIND, C-MOVE, C-GET)
+    tls_ca: Path | None = None  # verify the archive's certificate against this CA (default: system CAs)
+    tls_cert: Path | None = None  # our client certificate for an archive that requires mutual TLS, with tls_key
+    tls_key: Path | None = None
 
     @field_validator("ae_title")
     @classmethod

@@ -138,7 +138,7 @@ def test_configuration_sections() -> None:
     assert cfg.sources[0].retrieve == "get" and cfg.sources[0].max_associations == 2
     assert (cfg.retro.window, cfg.retro.max_studies_per_hour, cfg.retro.max_studies_per_run) == ("20:00-06:00", 30, 7)
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
-        SourceConfig.model_validate({"name": "a", "ae_title": "A", "host": "h", "port": 1, "tls": True})
+        SourceConfig.model_validate({"name": "a", "ae_title": "A", "host": "h", "port": 1, "tls_verify": True})
     with pytest.raises(ValidationError, match="Input should be 'move' or 'get'"):
         SourceConfig(name="a", ae_title="A", host="h", port=1, retrieve="ftp")  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="harvest_mrf_pattern: not a regular expression"):

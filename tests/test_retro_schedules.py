@@ -159,3 +159,22 @@ def test_unreachable_and_refusing_archives_give_clear_errors_and_a_retry(tmp_pat
         assert list_schedules(cfg)[0].next_run is not None  # the schedule itself is untouched
     finally:
         scheduler.stop()
+
+
+def test_a_schedule_another_node_is_running_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Several nodes of one installation fire the same stored schedules: the job store's lock lets one run."""
+    from dicom_node.node.job_store import JobStore
+    from dicom_node.retro.schedules import RetroScheduler, ScheduleSpec, job_store_lock
+
+    source = SourceConfig(name="pacs", ae_title="PACS", host="127.0.0.1", port=free_port())
+    cfg = retro_config(tmp_path / "node", node_port=free_port(), sources=[source])
+    store = JobStore.sqlite(tmp_path / "jobs.sqlite")
+    try:
+        assert store.try_lock("retro:nightly", "node@a", 60)  # node A runs the pass
+        spec = ScheduleSpec(name="nightly", source="pacs", cron="0 2 * * *")
+        with caplog.at_level("INFO", logger="dicom_node"):
+            assert RetroScheduler(cfg, None, job_store_lock(store, "node@b")).run_schedule(spec) is None
+        assert "schedule nightly: another node is running it; skipped here" in caplog.text
+        assert not store.try_lock("retro:nightly", "node@b", 60)  # B did not take or drop A's lock
+    finally:
+        store.close()

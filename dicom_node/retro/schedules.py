@@ -32,8 +32,8 @@ import datetime
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,12 +268,36 @@ def fire(storage_key: str, name: str, spec: dict[str, Any]) -> None:
     runtime.fire(ScheduleSpec.model_validate(spec))
 
 
+PassLock = Callable[[str], AbstractContextManager[bool]]  # name -> held for the block (False: another node has it)
+PASS_LOCK_TTL_S = 6 * 3600.0  # a pass longer than this may be started again by another node
+
+
+@contextmanager
+def no_lock(name: str) -> Iterator[bool]:
+    yield True
+
+
+def job_store_lock(store: Any, owner: str) -> PassLock:
+    """Passes locked in the installation's job store: with several nodes, one node runs a schedule at a time."""
+    @contextmanager
+    def hold(name: str) -> Iterator[bool]:
+        if not store.try_lock(name, owner, PASS_LOCK_TTL_S):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            store.unlock(name, owner)
+    return hold
+
+
 class RetroScheduler:
     """The schedules of one node, running in its process; see :func:`start_scheduler`."""
 
-    def __init__(self, config: NodeConfig, node_port: int | None = None) -> None:
+    def __init__(self, config: NodeConfig, node_port: int | None = None, pass_lock: PassLock = no_lock) -> None:
         self.config = config
         self.node_port = node_port
+        self.pass_lock = pass_lock
         self.key = _storage_key(config)
         self._stop = threading.Event()
         self._cancel = threading.Event()
@@ -375,10 +399,15 @@ class RetroScheduler:
         return self.run_schedule(spec)
 
     def run_schedule(self, spec: ScheduleSpec) -> PassReport | None:
-        """Run one pass of ``spec`` now (in the calling thread)."""
+        """Run one pass of ``spec`` now (in the calling thread), unless another node of the installation is
+        running that schedule (its ``retro:<name>`` lock)."""
         try:
-            with self._pass() as runner:
-                report = runner.run(spec.pass_spec())
+            with self.pass_lock(f"retro:{spec.name}") as mine:
+                if not mine:
+                    logger.info("schedule %s: another node is running it; skipped here", spec.name)
+                    return None
+                with self._pass() as runner:
+                    report = runner.run(spec.pass_spec())
         except Exception:
             logger.exception("schedule %s: the pass failed", spec.name)
             return None
@@ -392,8 +421,11 @@ class RetroScheduler:
 
     def _resume(self, source: str) -> None:
         try:
-            with self._pass() as runner:
-                report = runner.run(PassSpec(source, resume_only=True))
+            with self.pass_lock(f"retro-resume:{source}") as mine:
+                if not mine:
+                    return
+                with self._pass() as runner:
+                    report = runner.run(PassSpec(source, resume_only=True))
         except Exception:
             logger.exception("resuming interrupted retrievals from %s failed", source)
             return
@@ -405,7 +437,10 @@ def start_scheduler(config: NodeConfig, node: object | None = None) -> RetroSche
     """Start running the stored schedules in this process (call after the node has started).
 
     ``node``: the running :class:`dicom_node.node.Node` (its bound port is used to check that the node
-    answers before C-MOVE); None uses ``node.port`` from the configuration.
+    answers before C-MOVE, its job store locks each pass so that several nodes never run one schedule at
+    once); None uses ``node.port`` from the configuration and no lock.
     """
     port = getattr(node, "port", None) if node is not None else None
-    return RetroScheduler(config, port if isinstance(port, int) else None).start()
+    store, member = getattr(node, "store", None), getattr(node, "member_id", None)
+    lock = job_store_lock(store, member) if store is not None and isinstance(member, str) else no_lock
+    return RetroScheduler(config, port if isinstance(port, int) else None, lock).start()

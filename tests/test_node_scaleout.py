@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -42,35 +42,37 @@ def reset(url: str) -> None:
         conn.execute("DROP TABLE IF EXISTS deliveries, jobs, members, locks, schema_versions CASCADE")
 
 
+StoreFactory = Callable[[], JobStore]
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
-def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[type[object]]:
+def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
     """A function opening a new connection to one fresh store (one per thread, as processes would)."""
     opened: list[JobStore] = []
-
     if request.param == "sqlite":
-        def open_store() -> JobStore:
-            opened.append(JobStore.sqlite(tmp_path / STATE_FILE))
-            return opened[-1]
+        connect: StoreFactory = lambda: JobStore.sqlite(tmp_path / STATE_FILE)  # noqa: E731
     else:
         server: PostgresServer = request.getfixturevalue("postgres")
         reset(server.url)
+        connect = lambda: JobStore.postgres(server.url)  # noqa: E731
 
-        def open_store() -> JobStore:
-            opened.append(JobStore.postgres(server.url))
-            return opened[-1]
-    yield open_store  # type: ignore[misc]
+    def open_store() -> JobStore:
+        opened.append(connect())
+        return opened[-1]
+
+    yield open_store
     for s in opened:
         s.close()
 
 
-def test_concurrent_workers_claim_each_job_exactly_once(store_factory: type[JobStore]) -> None:
-    first = store_factory()  # type: ignore[call-arg]
+def test_concurrent_workers_claim_each_job_exactly_once(store_factory: StoreFactory) -> None:
+    first = store_factory()
     ids = [first.create_job(f"1.2.{i}", 1, "1.2", 1, JobState.QUEUED, "").id for i in range(40)]
     claimed: dict[str, list[str]] = {}
     lock = threading.Lock()
 
     def work(n: int) -> None:
-        store = store_factory()  # type: ignore[call-arg]
+        store = store_factory()
         while (job := store.claim_job(f"worker@{n}")) is not None:
             with lock:
                 claimed.setdefault(job.id, []).append(f"worker@{n}")
@@ -86,8 +88,8 @@ def test_concurrent_workers_claim_each_job_exactly_once(store_factory: type[JobS
     assert first.counts() == {"job:delivered": 40}
 
 
-def test_a_dead_workers_job_is_taken_over_and_its_late_finish_refused(store_factory: type[JobStore]) -> None:
-    store = store_factory()  # type: ignore[call-arg]
+def test_a_dead_workers_job_is_taken_over_and_its_late_finish_refused(store_factory: StoreFactory) -> None:
+    store = store_factory()
     job = store.create_job("1.2.9", 1, "1.2", 1, JobState.QUEUED, "")
     store.join("worker@a", "worker")
     store.join("worker@b", "worker")
@@ -107,8 +109,8 @@ def test_a_dead_workers_job_is_taken_over_and_its_late_finish_refused(store_fact
     assert done is not None and (done.state, done.attempts, done.interruptions) == (JobState.DELIVERED, 1, 1)
 
 
-def test_locks_have_one_owner_until_released_or_expired(store_factory: type[JobStore]) -> None:
-    a, b = store_factory(), store_factory()  # type: ignore[call-arg]
+def test_locks_have_one_owner_until_released_or_expired(store_factory: StoreFactory) -> None:
+    a, b = store_factory(), store_factory()
     assert a.try_lock("series:1.2.3", "node@a", ttl_s=60)
     assert not b.try_lock("series:1.2.3", "node@b", ttl_s=60)
     assert a.try_lock("series:1.2.3", "node@a", ttl_s=60)  # renewal by the owner
@@ -118,8 +120,8 @@ def test_locks_have_one_owner_until_released_or_expired(store_factory: type[JobS
     assert a.try_lock("series:1.2.3", "node@a", ttl_s=60)  # b's lock expired
 
 
-def test_retries_back_off_and_wait_for_their_time(store_factory: type[JobStore]) -> None:
-    store = store_factory()  # type: ignore[call-arg]
+def test_retries_back_off_and_wait_for_their_time(store_factory: StoreFactory) -> None:
+    store = store_factory()
     store.create_job("1.2.5", 1, "1.2", 1, JobState.QUEUED, "")
     run = store.claim_job("worker@a")
     assert run is not None and store.end_job(run.id, run.run_token, JobState.QUEUED, "error", time.time() + 0.5)

@@ -56,6 +56,7 @@ class DeliveryState(StrEnum):
 
 TERMINAL = (JobState.IGNORED, JobState.DELIVERED, JobState.REJECTED, JobState.FAILED)
 STORE_NAME = "jobs"
+STATE_FILE = "jobs.sqlite"  # the SQLite job store in the storage folder
 
 # Version 1 is the schema of synthmrf 0.1 (an existing file already has it: CREATE ... IF NOT EXISTS).
 _V1 = """
@@ -607,5 +608,3 @@ def open_job_store(storage_dir: Path, backend: str = "sqlite", database_url: str
         return JobStore.postgres(database_url)
     return JobStore.sqlite(Path(storage_dir) / STATE_FILE)
 
-
-STATE_FILE = "jobs.sqlite"

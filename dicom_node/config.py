@@ -91,6 +91,9 @@ class IngressSection(_Section):
     max_instances_per_series: int = Field(default=5000, ge=1)  # an MPRAGE has 1 (enhanced) to ~400 instances
     keep_non_mr: bool = False  # non-MR instances (a PACS forwarding everything): acknowledged, and kept only if true
     keep_non_candidates: bool = False  # MR instances the [mprage] rules refuse by their own header: the same
+    # Space promised to results: an instance is refused unless node.min_free_mb plus this many times the bytes of
+    # every series received and not yet processed stays free (results of a 12 MB 192x192x150 series: 90 MB).
+    result_space_factor: float = Field(default=8.0, ge=0)
 
 
 class SeriesSection(_Section):

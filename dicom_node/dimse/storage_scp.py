@@ -14,7 +14,7 @@ import ssl
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
-from io import BytesIO
+from pathlib import Path
 from typing import Any, Protocol, cast
 
 import pynetdicom
@@ -47,13 +47,12 @@ from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import IngressSection, MprageSection, NodeSection
-from dicom_node.dimse import fast_acceptor
+from dicom_node.dimse import fast_acceptor, streamed_receive
 from dicom_node.dimse.status import OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
 from dicom_node.node.instances import (
     MR_IMAGE_STORAGE,
     InstanceInfo,
     InstanceRefusedError,
-    data_set_bytes,
     file_meta_bytes,
     inspect_instance,
 )
@@ -118,7 +117,8 @@ class AssociationTally:
 def handle_store(event: Event, spool: Spool, arrivals: Arrivals, identities: SeriesIdentities,
                  tally: AssociationTally, limits: IngressSection | None = None,
                  rules: MprageSection | None = None) -> Dataset:
-    """EVT_C_STORE: check, write durably, tell the series assembler; return the status.
+    """EVT_C_STORE: check the data set received into a file, move it into the spool durably, tell the series
+    assembler; return the status.
 
     Every instance that ends up in ``incoming/`` is reported, also when it could not be acknowledged, and
     so is a duplicate of one still there: a series in the spool is never left untracked. Valid instances the
@@ -128,21 +128,26 @@ def handle_store(event: Event, spool: Spool, arrivals: Arrivals, identities: Ser
     request = cast(C_STORE, event.request)
     sop_uid = request.AffectedSOPInstanceUID
     limits = limits or IngressSection()
+    received = streamed_receive.received_file(request)
     try:
-        info = inspect_instance(event, limits, rules)
+        if received is None:
+            raise RuntimeError("the data set was not received into a file (streamed_receive not enabled)")
+        received.close()
+        if received.refusal is not None:
+            raise InstanceRefusedError(OUT_OF_RESOURCES, received.refusal)
+        info = inspect_instance(event, Path(received.name), received.header_bytes, received.data_bytes, limits,
+                                rules)
+        size = received.data_bytes
         if info.discard:
             logger.debug("discarded %s of series %s from %s: %s", info.sop_instance_uid, info.series_instance_uid,
                          calling, info.discard, extra={"sop_uid": info.sop_instance_uid})
-            tally.record(event.assoc, "discarded", data_set_bytes(request))
+            tally.record(event.assoc, "discarded", size)
             return status(SUCCESS)
         if (not spool.is_duplicate(info.series_instance_uid, info.sop_instance_uid)
                 and spool.instance_count(info.series_instance_uid) >= limits.max_instances_per_series):
             raise InstanceRefusedError(OUT_OF_RESOURCES, f"series already holds ingress.max_instances_per_series "
                                                          f"{limits.max_instances_per_series} instances")
-        meta = file_meta_bytes(info.sop_class_uid, info.sop_instance_uid, info.transfer_syntax, calling)
-        with cast(BytesIO, request.DataSet).getbuffer() as dataset:  # the bytes as received, not copied
-            outcome = spool.store(info.series_instance_uid, info.sop_instance_uid, (meta, dataset))
-            size = len(meta) + len(dataset)
+        outcome = spool.store_file(info.series_instance_uid, info.sop_instance_uid, received.name)
         if outcome is StoreOutcome.STORED:
             identities.check(info)
             arrivals.instance_stored(info)
@@ -240,6 +245,13 @@ def handle_rejected(event: Event) -> None:
                    rejection_reason(event), extra={"calling_aet": r.ae_title})
 
 
+def handle_connection_closed(event: Event) -> None:
+    """EVT_CONN_CLOSE: delete what an association that ended in the middle of a data set had received of it."""
+    if n := streamed_receive.discard_unfinished(event.assoc):
+        logger.warning("association from %s ended during a C-STORE: %d partly received instance(s) deleted",
+                       event.assoc.requestor.ae_title, n, extra={"calling_aet": event.assoc.requestor.ae_title})
+
+
 def handle_released(event: Event, tally: AssociationTally) -> None:
     logger.info("association from %s released: %s", event.assoc.requestor.ae_title, tally.pop(event.assoc),
                 extra={"calling_aet": event.assoc.requestor.ae_title})
@@ -322,8 +334,9 @@ class NodeAssociationServer(ThreadedAssociationServer):
 class Listener:
     """The running C-ECHO/C-STORE server: its port, its associations, and stopping it."""
 
-    def __init__(self, server: ThreadedAssociationServer) -> None:
+    def __init__(self, server: ThreadedAssociationServer, ae: AE) -> None:
         self.server = server
+        self.ae = ae
         self._thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="dicom-listener",
                                         daemon=True)
         self._thread.start()
@@ -341,6 +354,10 @@ class Listener:
         socketserver.BaseServer.shutdown(self.server)
         self.server.server_close()
         self._thread.join(5.0)
+
+    def close(self) -> None:
+        """After the last association has ended: forget the AE's receive settings."""
+        streamed_receive.disable(self.ae)
 
 
 def _unbind_debug_loggers(server: Any) -> None:
@@ -371,6 +388,7 @@ def start_listener(cfg: NodeSection, spool: Spool, arrivals: Arrivals, identitie
         (evt.EVT_REJECTED, handle_rejected),
         (evt.EVT_RELEASED, handle_released, [tally]),
         (evt.EVT_ABORTED, handle_aborted, [tally]),
+        (evt.EVT_CONN_CLOSE, handle_connection_closed),
     ]
     event_driven = cfg.event_driven and fast_acceptor.supported()
     if cfg.event_driven and not event_driven:
@@ -380,7 +398,10 @@ def start_listener(cfg: NodeSection, spool: Spool, arrivals: Arrivals, identitie
                             server_class=NodeAssociationServer, handshake_timeout_s=cfg.acse_timeout_s,
                             request_handler=fast_acceptor.EventDrivenRequestHandler if event_driven else None)
     _unbind_debug_loggers(server)
-    listener = Listener(server)
+    lim = limits or IngressSection()
+    streamed_receive.enable(ae, spool.tmp_dir, lim.max_instance_mb * 2**20, spool.required_free_bytes,
+                            file_meta_bytes)
+    listener = Listener(server, ae)
     logger.info("listening as %s on %s:%d%s", cfg.ae_title, cfg.host, listener.port,
                 "" if event_driven else " (polling reactors)")
     return listener

@@ -1,21 +1,22 @@
 """A received instance: the checks it must pass before it is stored, and what the node records of it.
 
-``inspect_instance`` decodes a C-STORE data set and refuses (with a named DIMSE status) what the node
+``inspect_instance`` reads the headers of a C-STORE data set as received into a file (values larger than
+``DEFER_BYTES``, the pixel data, stay on disk) and refuses (with a named DIMSE status) what the node
 cannot use: instances over the ``[ingress]`` limits (size first, then the image size its header claims,
 before pixel data is touched), undecodable or truncated streams, missing or invalid identifying UIDs,
 UIDs that disagree with the command, and MR images without complete pixel data. It also says which
 valid instances are not worth keeping (non-MR, or MR that the MPRAGE rules refuse by its own
-header). ``file_meta_bytes`` writes the File Meta Information for the spooled file;
-``is_complete_file`` and ``read_instance_info`` read a spooled file back after a restart.
+header). ``file_meta_bytes`` writes the File Meta Information of the received file;
+``complete_file_uids`` and ``read_instance_info`` read a received file back after a restart.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import struct
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,6 +24,7 @@ import pynetdicom
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
+from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage, MRImageStorage
 from pynetdicom.dimse_primitives import C_STORE
@@ -37,6 +39,7 @@ _PIXEL_TAGS = (Tag(0x7FE0, 0x0010), Tag(0x7FE0, 0x0008), Tag(0x7FE0, 0x0009))
 _SOP_CLASS, _SOP_INSTANCE = Tag(0x0008, 0x0016), Tag(0x0008, 0x0018)
 _STUDY, _SERIES = Tag(0x0020, 0x000D), Tag(0x0020, 0x000E)
 _PATIENT_ID = Tag(0x0010, 0x0020)
+DEFER_BYTES = 64 * 1024  # values longer than this (pixel data) are not read while checking
 _PATIENT_KEY = secrets.token_bytes(16)  # per process: a digest means nothing outside it
 
 
@@ -118,15 +121,26 @@ def _int(ds: Dataset, keyword: str, default: int | None) -> int | None:
         return default
 
 
-def _check_complete(ds: Dataset) -> None:
-    """A truncated stream leaves its last element shorter than its declared length."""
+def _raw(ds: Dataset, tag: Any) -> Any:
+    """The element as read, without reading a deferred value from the file."""
+    return ds.get_item(tag, keep_deferred=True)
+
+
+def _check_complete(ds: Dataset, file_size: int) -> None:
+    """A truncated stream leaves its last element shorter than its declared length (a deferred value: its
+    declared end lies past the end of the file)."""
     for tag in list(ds.keys()):
-        raw = ds.get_item(tag)
+        raw = _raw(ds, tag)
         length = getattr(raw, "length", None)
+        if length in (None, 0xFFFFFFFF):
+            continue
         value = getattr(raw, "value", None)
-        if isinstance(value, bytes) and length not in (None, 0xFFFFFFFF) and len(value) != length:
-            raise InstanceRefusedError(CANNOT_UNDERSTAND, f"data set truncated in {Tag(tag)}: {len(value)} of {length} "
-                                                     "bytes")
+        available = len(value) if isinstance(value, bytes) else None
+        if value is None and getattr(raw, "value_tell", None) is not None:
+            available = max(0, min(length, file_size - raw.value_tell))
+        if available is not None and available != length:
+            raise InstanceRefusedError(CANNOT_UNDERSTAND, f"data set truncated in {Tag(tag)}: {available} of "
+                                                          f"{length} bytes")
 
 
 def _check_pixels(ds: Dataset, encapsulated: bool) -> int:
@@ -135,10 +149,14 @@ def _check_pixels(ds: Dataset, encapsulated: bool) -> int:
     tag = next((t for t in _PIXEL_TAGS if t in ds), None)
     if tag is None:
         raise InstanceRefusedError(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "no pixel data")
-    value = ds.get_item(tag).value
-    if not isinstance(value, bytes) or not value:
+    raw = _raw(ds, tag)
+    value = raw.value
+    size = len(value) if isinstance(value, bytes) else (raw.length if value is None else 0)
+    if not size:
         raise InstanceRefusedError(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "empty pixel data")
     if encapsulated:
+        if not isinstance(value, bytes):
+            raise InstanceRefusedError(CANNOT_UNDERSTAND, "encapsulated pixel data with a defined length")
         try:
             n = sum(1 for _ in generate_fragments(value))
         except Exception as exc:
@@ -152,18 +170,9 @@ def _check_pixels(ds: Dataset, encapsulated: bool) -> int:
     if not (rows and columns and bits):
         raise InstanceRefusedError(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "Rows, Columns or BitsAllocated absent")
     expected = (rows * columns * samples * frames * bits + 7) // 8
-    if len(value) < expected:
-        raise InstanceRefusedError(CANNOT_UNDERSTAND, f"pixel data truncated: {len(value)} of {expected} bytes")
+    if size < expected:
+        raise InstanceRefusedError(CANNOT_UNDERSTAND, f"pixel data truncated: {size} of {expected} bytes")
     return frames
-
-
-def data_set_bytes(request: C_STORE) -> int:
-    """The size of a received C-STORE data set as it came (no copy)."""
-    data = request.DataSet
-    if isinstance(data, BytesIO):
-        with data.getbuffer() as view:
-            return view.nbytes
-    return 0
 
 
 def _check_image_size(ds: Dataset, limits: IngressSection) -> None:
@@ -187,29 +196,41 @@ def _why_discard(ds: Dataset, sop_class: str, limits: IngressSection, rules: Mpr
     return "" if decision.accepted else f"not an MPRAGE candidate: {decision.reason}"
 
 
-def inspect_instance(event: Event, limits: IngressSection | None = None,
-                     rules: MprageSection | None = None) -> InstanceInfo:
-    """Decode and check a C-STORE request's data set; :class:`InstanceRefusedError` says why it is refused.
+def _read_data_set(path: Path, offset: int, transfer_syntax: UID) -> Dataset:
+    """The data set that starts at ``offset`` in the file, values longer than ``DEFER_BYTES`` left unread
+    (without parsing the File Meta Information again: it is ours)."""
+    if transfer_syntax.is_deflated:
+        return dcmread(path, defer_size=DEFER_BYTES)
+    with open(path, "rb") as fp:
+        fp.seek(offset)
+        return read_dataset(fp, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian,
+                            defer_size=DEFER_BYTES)
+
+
+def inspect_instance(event: Event, path: Path, data_offset: int, data_bytes: int,
+                     limits: IngressSection | None = None, rules: MprageSection | None = None) -> InstanceInfo:
+    """Check a C-STORE request whose data set (``data_bytes`` long) was received into the DICOM file ``path``
+    (starting at ``data_offset``); :class:`InstanceRefusedError` says why it is refused.
 
     ``limits`` (default: the ``[ingress]`` defaults) bound the instance; with ``rules``, an MR instance the
     MPRAGE rules refuse by its own header is marked for discarding (unless ``keep_non_candidates``)."""
     limits = limits or IngressSection()
     request = cast(C_STORE, event.request)
-    size = data_set_bytes(request)
-    if size > limits.max_instance_mb * 2**20:
-        raise InstanceRefusedError(OUT_OF_RESOURCES, f"instance of {size / 2**20:,.0f} MB exceeds "
+    if data_bytes > limits.max_instance_mb * 2**20:
+        raise InstanceRefusedError(OUT_OF_RESOURCES, f"instance of {data_bytes / 2**20:,.0f} MB exceeds "
                                                      f"ingress.max_instance_mb {limits.max_instance_mb:g}")
     try:
         command_sop = require_uid(request.AffectedSOPInstanceUID, "Affected SOP Instance UID")
         command_class = require_uid(request.AffectedSOPClassUID, "Affected SOP Class UID")
     except InvalidUIDError as exc:
         raise InstanceRefusedError(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
-    transfer_syntax = event.context.transfer_syntax
+    transfer_syntax = UID(event.context.transfer_syntax)
     try:
-        ds = event.dataset
+        ds = _read_data_set(path, data_offset, transfer_syntax)
+        file_size = os.path.getsize(path)
     except Exception as exc:  # pydicom raises many types for garbage
         raise InstanceRefusedError(CANNOT_UNDERSTAND, f"undecodable data set ({type(exc).__name__})") from exc
-    _check_complete(ds)
+    _check_complete(ds, file_size)
     try:
         sop = require_uid(_text(ds, _SOP_INSTANCE), "SOPInstanceUID")
         sop_class = require_uid(_text(ds, _SOP_CLASS), "SOPClassUID")
@@ -224,7 +245,7 @@ def inspect_instance(event: Event, limits: IngressSection | None = None,
     _check_image_size(ds, limits)
     discard = _why_discard(ds, sop_class, limits, rules)
     keep_mr = sop_class in MR_IMAGE_STORAGE and not discard
-    frames = _check_pixels(ds, UID(transfer_syntax).is_encapsulated) if keep_mr else 1
+    frames = _check_pixels(ds, transfer_syntax.is_encapsulated) if keep_mr else 1
     return InstanceInfo(sop, sop_class, study, series, frames, _int(ds, "ImagesInAcquisition", None),
                         str(transfer_syntax), patient_key(_text(ds, _PATIENT_ID)), discard)
 
@@ -238,15 +259,15 @@ def read_instance_info(path: Path) -> InstanceInfo:
                         str(ds.file_meta.get("TransferSyntaxUID", "")), patient_key(_text(ds, _PATIENT_ID)))
 
 
-def is_complete_file(path: Path, sop_uid: str) -> bool:
-    """True if ``path`` is a whole DICOM file of instance ``sop_uid`` (pixel data complete for MR images)."""
+def complete_file_uids(path: Path) -> tuple[str, str] | None:
+    """(SeriesInstanceUID, SOPInstanceUID) of a whole DICOM file (pixel data complete for MR images); None for
+    a partial write or anything unreadable."""
     try:
-        ds = dcmread(path)
-        if str(ds.get("SOPInstanceUID", "")) != sop_uid:
-            return False
-        _check_complete(ds)
+        ds = dcmread(path, defer_size=DEFER_BYTES)
+        _check_complete(ds, os.path.getsize(path))
         if str(ds.get("SOPClassUID", "")) in MR_IMAGE_STORAGE:
             _check_pixels(ds, UID(ds.file_meta.TransferSyntaxUID).is_encapsulated)
-        return True
+        return (require_uid(_text(ds, _SERIES), "SeriesInstanceUID"),
+                require_uid(_text(ds, _SOP_INSTANCE), "SOPInstanceUID"))
     except Exception:  # unreadable or cut short: a partial write
-        return False
+        return None

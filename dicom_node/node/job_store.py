@@ -288,6 +288,12 @@ class JobStore:
     def has_job(self, series_uid: str, version: int) -> bool:
         return bool(self.db.read("SELECT 1 FROM jobs WHERE id = ?", (job_id_for(series_uid, version),)))
 
+    def unfinished_versions(self) -> list[tuple[str, int]]:
+        """(series, version) of every queued or processing job: work the node has promised to do."""
+        rows = self.db.read("SELECT series_uid, version FROM jobs WHERE state IN (?, ?)",
+                            (str(JobState.QUEUED), str(JobState.PROCESSING)))
+        return [(r["series_uid"], int(r["version"])) for r in rows]
+
     def queued(self, series_uid: str | None = None) -> list[str]:
         """Ids of the queued jobs (due or waiting for a retry), oldest first; of every series or of one."""
         sql = "SELECT id FROM jobs WHERE state = ?"

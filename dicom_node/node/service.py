@@ -30,7 +30,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.dimse.storage_scp import Listener, start_listener
 from dicom_node.metrics import NodeMetrics
 from dicom_node.node.dispatch import Dispatcher
-from dicom_node.node.instances import InstanceInfo, is_complete_file, read_instance_info
+from dicom_node.node.instances import InstanceInfo, complete_file_uids, read_instance_info
 from dicom_node.node.job_store import DeliveryState, JobState, JobStore, new_member_id, open_job_store
 from dicom_node.node.retention import sweep
 from dicom_node.node.router import Router
@@ -96,7 +96,10 @@ class Node:
         self.member_id = new_member_id("node")
         tmp_name = re.sub(r"[^A-Za-z0-9_.-]", "_", self.member_id) if self.shared else ""
         self.spool = Spool(self.storage_dir, config.node.min_free_mb * 2**20, config.node.fsync_directories,
-                           tmp_name=tmp_name)
+                           tmp_name=tmp_name, reserve=self._promised_result_bytes)
+        self._reserve_lock = threading.Lock()
+        self._version_bytes: dict[tuple[str, int], int] = {}  # input bytes of queued/processing versions
+        self._versions_read_at = -1e9
         self._lock = None if self.shared else NodeLock(self.storage_dir)
         self._listener: Listener | None = None
         self._store: JobStore | None = None
@@ -138,6 +141,26 @@ class Node:
             raise RuntimeError("node not started")
         return self._assembler
 
+    def _promised_result_bytes(self) -> int:
+        """Space the results of the series received and not yet processed will need: ``ingress.result_space_factor``
+        times their bytes (incoming, and the inputs of queued and processing jobs, read at most every 2 s)."""
+        factor = self.config.ingress.result_space_factor
+        if not factor:
+            return 0
+        with self._reserve_lock:
+            store = self._store
+            if store is not None and time.monotonic() - self._versions_read_at > 2.0:
+                try:
+                    versions = store.unfinished_versions()
+                except Exception as exc:  # the database is briefly unavailable: keep the last figure
+                    logger.warning("cannot read the queued jobs to reserve space for their results: %s", exc)
+                    versions = list(self._version_bytes)
+                self._version_bytes = {v: self._version_bytes[v] if v in self._version_bytes
+                                       else self.spool.input_bytes(*v) for v in versions}
+                self._versions_read_at = time.monotonic()
+            promised = sum(self._version_bytes.values())
+        return int(factor * (self.spool.incoming_bytes() + promised))
+
     # -- life cycle ---------------------------------------------------------------------------------------------------
 
     def start(self) -> Node:
@@ -154,7 +177,7 @@ class Node:
 
     def _start(self, cfg: NodeConfig) -> None:
         self._stopping.clear()
-        self.spool.prepare(is_complete_file)
+        self.spool.prepare(complete_file_uids)
         store = self._store = open_job_store(self.storage_dir, cfg.jobs.backend, cfg.jobs.database_url)
         store.join(self.member_id, "node", f"{cfg.node.ae_title} on port {cfg.node.port}")
         dispatcher = self._dispatcher = Dispatcher(cfg, store, observe=self.metrics.observe_delivery,
@@ -288,6 +311,7 @@ class Node:
             for assoc in listener.active_associations:
                 logger.warning("aborting association from %s at shutdown", assoc.requestor.ae_title)
                 assoc.abort()
+            listener.close()
         if self._pool is not None:  # each worker process hands its running job back and exits
             self._pool.stop(min(self.config.jobs.stop_timeout_s, max(0.0, deadline - time.monotonic()) + 5.0))
             self._pool = None

@@ -8,11 +8,12 @@ Layout under the storage folder (every name below ``series/`` is a validated UID
     series/<SeriesUID>/v0001/output/          what the processor wrote for that version
     series/<SeriesUID>/.v0002.claim/           a claim in progress (finished on the next start)
 
-An instance is written to ``tmp/<SeriesUID>_<SOPUID>.<n>.part`` and fsynced, then renamed into
-``incoming/``; only then is it acknowledged. The fsync makes the bytes and the temporary name durable
+An instance is received into a file in ``tmp/`` (see :mod:`dicom_node.dimse.streamed_receive`), fsynced,
+then renamed into ``incoming/``; only then is it acknowledged. The fsync makes the bytes and the temporary name durable
 (ext4, XFS and btrfs commit a new file's directory entry with its fsync); if a crash loses the rename,
-the next start finds the complete file in ``tmp/`` and rolls it forward. ``fsync_directories`` adds
-an fsync of ``incoming/`` after each rename (strict POSIX, about twice the flushes per instance).
+the next start finds the complete file in ``tmp/`` and rolls it forward (by the UIDs it holds).
+``fsync_directories`` adds an fsync of ``incoming/`` after each rename (strict POSIX, about twice the
+flushes per instance).
 A *claim* renames ``incoming/`` into a new version and links the previous version's instances next to
 it, so every version holds the whole series; the final rename of ``.vNNNN.claim`` to ``vNNNN`` is the
 commit point. SOP Instance UIDs seen in any version or in ``incoming/`` are duplicates: they are
@@ -41,7 +42,6 @@ logger = logging.getLogger(__name__)
 SUFFIX = ".dcm"
 _VERSION = re.compile(r"v(\d{4,})")
 _CLAIM = re.compile(r"\.v(\d{4,})\.claim")
-_PART = re.compile(r"([0-9.]+)_([0-9.]+)\.\d+\.part")
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -127,9 +127,10 @@ class Spool:
     the job store's series locks order their claims (backend 'postgres'); else one node per folder."""
 
     def __init__(self, root: Path, min_free_bytes: int = 0, fsync_directories: bool = False,
-                 tmp_name: str = "") -> None:
+                 tmp_name: str = "", reserve: Callable[[], int] = lambda: 0) -> None:
         self.root = Path(root)
         self.min_free_bytes = int(min_free_bytes)
+        self.reserve = reserve  # bytes promised to work in hand (results of received series), kept free too
         self.fsync_directories = fsync_directories
         # tmp/ (one node per folder), or tmp/<name>/ per node when several nodes share the folder
         self.tmp_dir = self.root / "tmp" / tmp_name if tmp_name else self.root / "tmp"
@@ -138,33 +139,43 @@ class Spool:
         self._lock = threading.Lock()  # incoming/ and the known SOP Instance UIDs
         self._versions_lock = threading.Lock()  # a claim linking a version's files vs. retention deleting it
         self._known: dict[str, set[str]] = {}
+        self._incoming_bytes: dict[str, int] = {}  # series -> bytes in incoming/ (counted at prepare, then kept)
         self._unsynced: set[tuple[str, str]] = set()  # (series, SOP) in incoming/ whose folder fsync failed
         self._counter = itertools.count()
 
     # -- start-up -------------------------------------------------------------------------------------------
 
-    def prepare(self, is_complete: Callable[[Path, str], bool] = lambda path, sop_uid: False) -> int:
+    def prepare(self, complete_uids: Callable[[Path], tuple[str, str] | None] = lambda path: None) -> int:
         """Create the folders and settle what a crash left in ``tmp/``; return how many were rolled forward.
 
-        A leftover ``<series>_<sop>.<n>.part`` that ``is_complete(path, sop_uid)`` accepts was fsynced
-        (possibly acknowledged) before its rename was lost: it is moved into place. Anything else in
-        ``tmp/`` is a partial write and is deleted.
+        A leftover file that ``complete_uids`` reads as a whole instance (series and SOP Instance UID) was
+        fsynced, possibly acknowledged, before its rename was lost: it is moved into place. Anything else
+        in ``tmp/`` is a partial write and is deleted.
         """
         _mkdir_durable(self.tmp_dir)
         _mkdir_durable(self.series_root)
         rolled = 0
         for leftover in sorted(self.tmp_dir.iterdir()):
-            m = _PART.fullmatch(leftover.name)
-            if m and leftover.is_file() and is_complete(leftover, m.group(2)):
-                outcome = self._place(m.group(1), m.group(2), leftover)
+            uids = complete_uids(leftover) if leftover.is_file() else None
+            if uids is not None:
+                try:
+                    series, sop = require_uid(uids[0], "SeriesInstanceUID"), require_uid(uids[1], "SOPInstanceUID")
+                    outcome = self._place(series, sop, leftover)
+                except ValueError:
+                    outcome = StoreOutcome.DUPLICATE
                 if outcome is StoreOutcome.STORED:
                     rolled += 1
-                    logger.warning("rolled forward %s of series %s (its rename was lost in a crash)", m.group(2),
-                                   m.group(1), extra={"series_uid": m.group(1), "sop_uid": m.group(2)})
+                    logger.warning("rolled forward %s of series %s (its rename was lost in a crash)", uids[1],
+                                   uids[0], extra={"series_uid": uids[0], "sop_uid": uids[1]})
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
+        with self._lock:
+            for series in self.series_uids():
+                incoming = self.series_root / series / "incoming"
+                if incoming.is_dir():
+                    self._incoming_bytes[series] = sum(f.stat().st_size for f in os.scandir(incoming))
         return rolled
 
     def finish_interrupted_claims(self, series_uids: Iterable[str] | None = None) -> list[Claim]:
@@ -196,12 +207,22 @@ class Spool:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
+    def required_free_bytes(self) -> int:
+        """What must stay free: the minimum plus the space promised to the results of work in hand."""
+        return self.min_free_bytes + self.reserve()
+
+    def incoming_bytes(self) -> int:
+        """Bytes received and not yet claimed, over every series."""
+        with self._lock:
+            return sum(self._incoming_bytes.values())
+
     def check_space(self, nbytes: int) -> None:
-        """Raise :class:`SpoolFullError` if writing ``nbytes`` would leave less than the minimum free."""
+        """Raise :class:`SpoolFullError` if writing ``nbytes`` would leave less than :meth:`required_free_bytes`."""
         free = self.free_bytes()
-        if free - nbytes < self.min_free_bytes:
-            raise SpoolFullError(f"{free // 2**20} MiB free, {nbytes} bytes to store, minimum free "
-                            f"{self.min_free_bytes // 2**20} MiB")
+        required = self.required_free_bytes()
+        if free - nbytes < required:
+            raise SpoolFullError(f"{free // 2**20} MiB free, {nbytes} bytes to store, {required // 2**20} MiB kept "
+                                 f"free (minimum {self.min_free_bytes // 2**20} MiB, the rest for results)")
 
     def _known_for(self, series_uid: str) -> set[str]:
         """SOP Instance UIDs already held for the series (call with the lock held)."""
@@ -225,16 +246,36 @@ class Spool:
         with self._lock:
             return sop_uid in self._known_for(series_uid)
 
-    def store(self, series_uid: str, sop_uid: str, data: bytes | Sequence[bytes | memoryview]) -> StoreOutcome:
-        """Write one instance (DICOM file bytes, or parts written in order) durably.
+    def store_file(self, series_uid: str, sop_uid: str, path: str | Path) -> StoreOutcome:
+        """Move a received DICOM file from ``tmp/`` into the series' ``incoming/``, durably.
 
-        :class:`SpoolFullError` when space is short; :class:`StoredNotSyncedError` when the instance is
-        in ``incoming/`` but the folder's fsync (``fsync_directories``) failed.
-
-        Returns DUPLICATE, writing nothing, if the series already holds that SOP Instance UID. The
-        bytes go to ``tmp/`` and are fsynced before the rename into ``incoming/``: from then on a crash
-        cannot lose them (``prepare`` rolls a fsynced leftover forward).
+        Returns DUPLICATE, deleting the file, if the series already holds that SOP Instance UID.
+        :class:`SpoolFullError` (the file is left to the caller) when less than the minimum is free;
+        :class:`StoredNotSyncedError` when the instance is in ``incoming/`` but the folder's fsync
+        (``fsync_directories``) failed. The file is fsynced before the rename: from then on a crash
+        cannot lose it (``prepare`` rolls a complete leftover forward).
         """
+        series_uid = require_uid(series_uid, "SeriesInstanceUID")
+        sop_uid = require_uid(sop_uid, "SOPInstanceUID")
+        if self.is_duplicate(series_uid, sop_uid):
+            self._sync_unsynced(series_uid, sop_uid)
+            os.unlink(path)
+            return StoreOutcome.DUPLICATE
+        self.check_space(0)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise SpoolFullError(f"disk full while syncing a received instance ({exc.strerror})") from exc
+            raise
+        finally:
+            os.close(fd)
+        return self._place(series_uid, sop_uid, path)
+
+    def store(self, series_uid: str, sop_uid: str, data: bytes | Sequence[bytes | memoryview]) -> StoreOutcome:
+        """Write one instance from memory (DICOM file bytes, or parts written in order) and store it as
+        :meth:`store_file` does; :class:`SpoolFullError` also when the bytes would not fit."""
         series_uid = require_uid(series_uid, "SeriesInstanceUID")
         sop_uid = require_uid(sop_uid, "SOPInstanceUID")
         if self.is_duplicate(series_uid, sop_uid):
@@ -248,15 +289,18 @@ class Spool:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 _write_all(fd, parts, size)
-                os.fsync(fd)
             finally:
                 os.close(fd)
-            return self._place(series_uid, sop_uid, tmp)
+            return self.store_file(series_uid, sop_uid, tmp)
         except OSError as exc:  # before the rename (StoredNotSyncedError comes after it)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             if exc.errno in _NO_SPACE:
                 raise SpoolFullError(f"disk full while writing {size} bytes ({exc.strerror})") from exc
+            raise
+        except SpoolFullError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise
 
     def _place(self, series_uid: str, sop_uid: str, tmp: str | Path) -> StoreOutcome:
@@ -269,8 +313,10 @@ class Spool:
                 return StoreOutcome.DUPLICATE
             if not os.path.isdir(incoming):
                 _mkdir_durable(Path(incoming))
+            size = os.path.getsize(tmp)
             os.rename(tmp, os.path.join(incoming, sop_uid + SUFFIX))
             known.add(sop_uid)
+            self._incoming_bytes[series_uid] = self._incoming_bytes.get(series_uid, 0) + size
             if self.fsync_directories:
                 try:
                     fsync_dir(Path(incoming))
@@ -321,6 +367,14 @@ class Spool:
     def version_dir(self, series_uid: str, version: int) -> Path:
         return self.series_dir(series_uid) / version_name(version)
 
+    def input_bytes(self, series_uid: str, version: int) -> int:
+        """Bytes of a claimed version's input (0 if it is gone)."""
+        folder = self.version_dir(series_uid, version) / "input"
+        try:
+            return sum(f.stat().st_size for f in os.scandir(folder))
+        except OSError:
+            return 0
+
     def claim_of(self, series_uid: str, version: int) -> Claim:
         folder = self.version_dir(series_uid, version)
         n = sum(1 for p in (folder / "input").iterdir() if p.name.endswith(SUFFIX))
@@ -344,6 +398,7 @@ class Spool:
             staging.mkdir()
             new = sum(1 for _ in incoming.iterdir())
             os.rename(incoming, staging / "input")
+            self._incoming_bytes.pop(series_uid, None)
         claim = self._commit_claim(series_uid, version, staging)
         return Claim(series_uid, version, claim.folder, new, claim.total_instances)
 

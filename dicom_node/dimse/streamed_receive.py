@@ -1,0 +1,236 @@
+"""C-STORE data sets stream to a file as they arrive instead of sitting whole in memory.
+
+pynetdicom (``_config.STORE_RECV_CHUNKED_DATASET``) writes each received C-STORE data set, fragment by
+fragment in the association's upper-layer thread, to a ``NamedTemporaryFile`` and gives the handler its
+path. For the associations of an AE registered with :func:`enable`, that file is a :class:`ReceiveFile`:
+
+- in the spool's ``tmp/`` folder, so the spool renames the finished file into place (no copy);
+- with the node's own File Meta Information (it names the calling AE title): pynetdicom's preamble is
+  skipped and its ``create_file_meta``/``write_file_meta_info`` calls are answered with ours (cheaper than
+  building a pydicom data set per instance);
+- bounded: once the data set passes ``max_bytes``, or the disk would fall below ``floor()`` bytes free,
+  the rest is counted but not written, and the handler refuses the instance naming the limit.
+
+A file whose association ends before the data set is complete is deleted (:func:`discard_unfinished`).
+pynetdicom's switch is process-wide: other SCPs in the process get ordinary temporary files and read
+their data sets through ``event.dataset`` as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import _config, dimse_messages
+
+_NamedTemporaryFile = dimse_messages.NamedTemporaryFile  # type: ignore[attr-defined]
+_pynetdicom_create_file_meta = dimse_messages.create_file_meta  # type: ignore[attr-defined]
+_pydicom_write_file_meta_info = dimse_messages.write_file_meta_info  # type: ignore[attr-defined]
+
+logger = logging.getLogger(__name__)
+
+BUFFER_BYTES = 4 * 2**20  # received bytes are written to the file in chunks of about this size
+SPACE_CHECK_BYTES = 16 * 2**20  # free space is checked again after this many bytes written
+PREFIX = "recv-"  # the spool deletes leftovers of a crash (anything in tmp/ that is not a known partial write)
+
+MetaFor = Callable[[str, str, str, str], bytes]  # (SOP class, SOP instance, transfer syntax, calling AE) -> header
+
+
+@dataclass(frozen=True)
+class Settings:
+    folder: Path
+    max_bytes: float
+    floor: Callable[[], int]  # bytes that must stay free
+    meta_for: MetaFor | None
+
+
+_settings: dict[int, Settings] = {}  # id(AE) -> how its associations receive
+_open: dict[int, set[ReceiveFile]] = {}  # id(association) -> its data sets still being received
+_open_lock = threading.Lock()
+
+
+class ReceiveFile:
+    """The file one C-STORE data set is written to, with the attributes pynetdicom uses (``name``, ``write``,
+    ``file.flush``, ``close``). Writes are gathered into ``BUFFER_BYTES`` chunks (pynetdicom flushes after
+    every fragment: that flush does nothing here). ``refusal`` says why bytes were dropped; ``data_bytes``
+    counts the data set as received."""
+
+    def __init__(self, settings: Settings, owner: int | None) -> None:
+        self.fd, self.name = tempfile.mkstemp(prefix=PREFIX, suffix=".part", dir=settings.folder)
+        self.settings = settings
+        self.owner = owner
+        self.data_bytes = 0
+        self.refusal: str | None = None
+        self._buffer = bytearray()
+        self._written = 0
+        self._next_space_check = 0
+        self._in_header = True  # pynetdicom's preamble and "DICM" are skipped until begin() writes our header
+        self.header_bytes = 0  # where the data set starts in the file
+        self._closed = False
+        if owner is not None:
+            with _open_lock:
+                _open.setdefault(owner, set()).add(self)
+
+    @property
+    def file(self) -> ReceiveFile:
+        return self
+
+    def flush(self) -> None:
+        """pynetdicom's flush after each fragment: the bytes stay in the buffer (see :meth:`sync`)."""
+
+    def begin(self, header: bytes) -> None:
+        """Write the preamble and File Meta Information; what is written after it is the data set."""
+        self._buffer += header
+        self.header_bytes = len(header)
+        self._in_header = False
+
+    def write(self, data: bytes) -> int:
+        if self._in_header:
+            return len(data)
+        self.data_bytes += len(data)
+        if self.refusal is None:
+            self._buffer += data
+            if self.data_bytes > self.settings.max_bytes:
+                self._refuse(f"instance exceeds ingress.max_instance_mb {self.settings.max_bytes / 2**20:g}")
+            elif len(self._buffer) >= BUFFER_BYTES:
+                self._drain()
+        return len(data)
+
+    def _drain(self) -> None:
+        """Write the buffer to the file, checking free space every ``SPACE_CHECK_BYTES``."""
+        if self.refusal is not None or not self._buffer:
+            return
+        if self._written + len(self._buffer) >= self._next_space_check:
+            st = os.statvfs(self.settings.folder)
+            floor = self.settings.floor()
+            if st.f_bavail * st.f_frsize - max(SPACE_CHECK_BYTES, len(self._buffer)) < floor:
+                self._refuse(f"storage full: less than the {floor // 2**20} MiB the node keeps free would remain")
+                return
+            self._next_space_check = self._written + SPACE_CHECK_BYTES
+        view = memoryview(self._buffer)
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+                self._written += n
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self._refuse("storage full: the disk filled while receiving")
+        finally:
+            view.release()
+        self._buffer.clear()
+
+    def _refuse(self, why: str) -> None:
+        """Stop writing: free what was written, keep counting (the association carries on)."""
+        self.refusal = why
+        self._buffer = bytearray()
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, 0)
+
+    def sync(self) -> None:
+        """Write what is buffered and make the file durable (before it is renamed into the spool)."""
+        self._drain()
+        if self.refusal is None:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        """Write what is buffered and close (idempotent)."""
+        if self._closed:
+            return
+        try:
+            self._drain()
+        finally:
+            self._closed = True
+            os.close(self.fd)
+            if self.owner is not None:
+                with _open_lock:
+                    files = _open.get(self.owner)
+                    if files is not None:
+                        files.discard(self)
+                        if not files:
+                            del _open[self.owner]
+
+
+def _receiving_settings() -> tuple[Settings | None, Any]:
+    """The settings of the AE whose association this upper-layer (DUL) thread serves (pynetdicom decodes in
+    that thread, which knows its association), and the association."""
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    return (_settings.get(id(assoc.ae)) if assoc is not None else None), assoc
+
+
+def _temporary_file(*args: Any, **kwargs: Any) -> Any:
+    """Stands in for ``NamedTemporaryFile`` in pynetdicom's C-STORE decoding."""
+    settings, assoc = _receiving_settings()
+    if settings is None:
+        return _NamedTemporaryFile(*args, **kwargs)
+    return ReceiveFile(settings, id(assoc))
+
+
+def _create_file_meta(**kwargs: Any) -> Any:
+    """Stands in for pynetdicom's ``create_file_meta``: our File Meta Information, as bytes, for a streamed data
+    set (pynetdicom's, as a data set, otherwise or when ours cannot be made)."""
+    settings, assoc = _receiving_settings()
+    if settings is not None and settings.meta_for is not None:
+        try:
+            return settings.meta_for(str(kwargs["sop_class_uid"]), str(kwargs["sop_instance_uid"]),
+                                     str(kwargs["transfer_syntax"]), assoc.requestor.ae_title)
+        except Exception:  # a malformed command: pynetdicom's header is written; the handler refuses it
+            pass
+    return _pynetdicom_create_file_meta(**kwargs)
+
+
+def _write_file_meta_info(fp: Any, meta: Any, *args: Any, **kwargs: Any) -> None:
+    """Stands in for pydicom's ``write_file_meta_info`` in pynetdicom's C-STORE decoding."""
+    if not isinstance(fp, ReceiveFile):
+        _pydicom_write_file_meta_info(fp, meta, *args, **kwargs)
+        return
+    if isinstance(meta, bytes):
+        fp.begin(meta)
+        return
+    encoded = BytesIO()
+    _pydicom_write_file_meta_info(encoded, meta, *args, **kwargs)
+    fp.begin(b"\0" * 128 + b"DICM" + encoded.getvalue())
+
+
+def enable(ae: Any, folder: Path, max_bytes: float, floor: Callable[[], int],
+           meta_for: MetaFor | None = None) -> None:
+    """Stream every C-STORE data set that ``ae``'s associations receive into ``folder`` (see the module
+    docstring); until :func:`disable`."""
+    _settings[id(ae)] = Settings(Path(folder), float(max_bytes), floor, meta_for)
+    dimse_messages.NamedTemporaryFile = _temporary_file  # type: ignore[attr-defined]
+    dimse_messages.create_file_meta = _create_file_meta  # type: ignore[attr-defined]
+    dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[attr-defined]
+    _config.STORE_RECV_CHUNKED_DATASET = True
+
+
+def disable(ae: Any) -> None:
+    _settings.pop(id(ae), None)
+
+
+def received_file(request: Any) -> ReceiveFile | None:
+    """The :class:`ReceiveFile` of a C-STORE request (None if it was received otherwise)."""
+    f = getattr(request, "_dataset_file", None)
+    return f if isinstance(f, ReceiveFile) else None
+
+
+def discard_unfinished(assoc: Any) -> int:
+    """Delete the files of data sets the association did not finish sending; return how many."""
+    with _open_lock:
+        files = _open.pop(id(assoc), set())
+    for f in files:
+        f.refusal = f.refusal or "association ended"
+        with contextlib.suppress(OSError):
+            f.close()
+        with contextlib.suppress(OSError):
+            os.unlink(f.name)
+    return len(files)

@@ -102,6 +102,9 @@ class SeriesSection(_Section):
     quiet_seconds: float = Field(default=30.0, gt=0)  # complete after this long without a new instance
     early_trigger: bool = True  # complete as soon as the expected instance/frame count is reached ...
     settle_seconds: float = Field(default=2.0, ge=0)  # ... and this long has passed without a new instance
+    # A series some of whose instances were refused for want of space waits this long for the sender's retry
+    # (which completes it) before it is processed as it is.
+    hold_refused_s: float = Field(default=900.0, ge=0)
 
 
 class MprageSection(_Section):
@@ -134,12 +137,17 @@ class MprageSection(_Section):
 
 
 class RetentionSection(_Section):
-    """How long series folders are kept after their job ended (``[retention]``), in days."""
+    """How long series folders are kept after their job ended (``[retention]``), in days, and what goes first
+    when the disk fills."""
 
     ignored_days: float = Field(default=7.0, ge=0)  # not an MPRAGE
     processed_days: float = Field(default=14.0, ge=0)  # results delivered to every destination
     failed_days: float = Field(default=30.0, ge=0)  # rejected, failed, or a delivery in the dead-letter state
     sweep_interval_s: float = Field(default=3600.0, gt=0)
+    # Below this much free space, finished series are removed before their time, oldest first (not MPRAGE and
+    # delivered ones, then rejected and failed ones; never one waiting, in a job or not yet delivered), until it
+    # is free again. Checked every jobs.takeover_s / 6. 0: off. Must exceed node.min_free_mb.
+    high_water_free_mb: int = Field(default=4096, ge=0)
 
 
 class JobsSection(_Section):
@@ -295,6 +303,14 @@ class NodeConfig(_Section):
     destinations: list[Destination] = []
     sources: list[SourceConfig] = []  # archives for query/retrieve (dicom_node.retro.config)
     retro: RetroSection = RetroSection()
+
+    @model_validator(mode="after")
+    def _high_water_above_floor(self) -> NodeConfig:
+        hw = self.retention.high_water_free_mb
+        if hw and hw <= self.node.min_free_mb:
+            raise ValueError(f"retention.high_water_free_mb ({hw}) must exceed node.min_free_mb "
+                             f"({self.node.min_free_mb}), or be 0 (off)")
+        return self
 
     @model_validator(mode="after")
     def _unique_destinations(self) -> NodeConfig:

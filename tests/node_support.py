@@ -261,7 +261,7 @@ def node_config(storage: Path, *, destinations: Sequence[dict[str, object]] = ()
         "jobs": {"poll_interval_s": 0.1, "retry_delay_s": 0.2},
         "pipeline": {"processor": "node_support:fast_processor"},
         "dispatch": {"backoff_initial_s": 0.2, "backoff_max_s": 1.0, "connect_timeout_s": 2},
-        "retention": {"sweep_interval_s": 3600},
+        "retention": {"sweep_interval_s": 3600, "high_water_free_mb": 0},
         "destinations": list(destinations),
     }
     for name, values in sections.items():

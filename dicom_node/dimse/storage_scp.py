@@ -93,24 +93,42 @@ class Arrivals(Protocol):
     def instance_waiting(self, info: InstanceInfo) -> None:
         """A duplicate of an instance that is still in ``incoming/`` arrived."""
 
+    def hold(self, series_uid: str) -> None:
+        """Instances of the series were refused for want of space: wait for the sender to send them again."""
+
+    def release_hold(self, series_uid: str) -> None:
+        """The sender sent the series again without refusals."""
+
+
+OUT_OF_SPACE = "out_of_resources"  # the outcome of an instance refused for want of space
+
 
 class AssociationTally:
-    """Per-association counts of C-STORE outcomes, logged once when the association ends; each outcome is
+    """Per-association counts of C-STORE outcomes and the series stored, told once when the association ends
+    (a log line; series cut short by a refusal for space are held for the sender's retry); each outcome is
     also passed to ``count`` (the metrics)."""
 
     def __init__(self, count: StoreCounter) -> None:
         self._count = count
         self._lock = threading.Lock()
         self._tallies: dict[int, Counter[str]] = {}
+        self._series: dict[int, set[str]] = {}
 
-    def record(self, assoc: Association, outcome: str, nbytes: int) -> None:
+    def record(self, assoc: Association, outcome: str, nbytes: int, series_uid: str | None = None) -> None:
         self._count(outcome, nbytes)
         with self._lock:
             self._tallies.setdefault(id(assoc), Counter())[outcome] += 1
+            if series_uid is not None:
+                self._series.setdefault(id(assoc), set()).add(series_uid)
 
-    def pop(self, assoc: Association) -> str:
+    def pop(self, assoc: Association, arrivals: Arrivals | None = None) -> str:
+        """The association's summary; tells ``arrivals`` to hold (refusals for space) or release its series."""
         with self._lock:
             tally = self._tallies.pop(id(assoc), Counter())
+            series = self._series.pop(id(assoc), set())
+        if arrivals is not None:
+            for uid in sorted(series):
+                (arrivals.hold if tally[OUT_OF_SPACE] else arrivals.release_hold)(uid)
         return ", ".join(f"{n} {outcome}" for outcome, n in sorted(tally.items())) or "no instances"
 
 
@@ -133,6 +151,8 @@ def handle_store(event: Event, spool: Spool, arrivals: Arrivals, identities: Ser
         if received is None:
             raise RuntimeError("the data set was not received into a file (streamed_receive not enabled)")
         received.close()
+        if received.out_of_space:
+            raise SpoolFullError(received.refusal)
         if received.refusal is not None:
             raise InstanceRefusedError(OUT_OF_RESOURCES, received.refusal)
         info = inspect_instance(event, Path(received.name), received.header_bytes, received.data_bytes, limits,
@@ -155,7 +175,7 @@ def handle_store(event: Event, spool: Spool, arrivals: Arrivals, identities: Ser
             arrivals.instance_waiting(info)
         logger.debug("%s %s of series %s from %s", outcome.value, info.sop_instance_uid, info.series_instance_uid,
                      calling, extra={"sop_uid": info.sop_instance_uid, "series_uid": info.series_instance_uid})
-        tally.record(event.assoc, outcome.value, size)
+        tally.record(event.assoc, outcome.value, size, info.series_instance_uid)
         return status(SUCCESS)
     except InstanceRefusedError as exc:
         logger.warning("refused instance %s from %s: %s (status 0x%04X)", sop_uid, calling, exc.reason, exc.status,
@@ -171,7 +191,7 @@ def handle_store(event: Event, spool: Spool, arrivals: Arrivals, identities: Ser
     except SpoolFullError as exc:
         logger.error("out of resources, refused instance %s from %s: %s", sop_uid, calling, exc,
                      extra={"sop_uid": str(sop_uid), "calling_aet": calling})
-        tally.record(event.assoc, "out_of_resources", 0)
+        tally.record(event.assoc, OUT_OF_SPACE, 0)
         return status(OUT_OF_RESOURCES, "storage full")
     except Exception:
         logger.exception("failed to store instance %s from %s", sop_uid, calling,
@@ -252,14 +272,14 @@ def handle_connection_closed(event: Event) -> None:
                        event.assoc.requestor.ae_title, n, extra={"calling_aet": event.assoc.requestor.ae_title})
 
 
-def handle_released(event: Event, tally: AssociationTally) -> None:
-    logger.info("association from %s released: %s", event.assoc.requestor.ae_title, tally.pop(event.assoc),
+def handle_released(event: Event, tally: AssociationTally, arrivals: Arrivals | None = None) -> None:
+    logger.info("association from %s released: %s", event.assoc.requestor.ae_title, tally.pop(event.assoc, arrivals),
                 extra={"calling_aet": event.assoc.requestor.ae_title})
 
 
-def handle_aborted(event: Event, tally: AssociationTally) -> None:
-    logger.warning("association from %s aborted: %s", event.assoc.requestor.ae_title, tally.pop(event.assoc),
-                   extra={"calling_aet": event.assoc.requestor.ae_title})
+def handle_aborted(event: Event, tally: AssociationTally, arrivals: Arrivals | None = None) -> None:
+    logger.warning("association from %s aborted: %s", event.assoc.requestor.ae_title,
+                   tally.pop(event.assoc, arrivals), extra={"calling_aet": event.assoc.requestor.ae_title})
 
 
 # -- the listener -------------------------------------------------------------------------------------------------
@@ -386,8 +406,8 @@ def start_listener(cfg: NodeSection, spool: Spool, arrivals: Arrivals, identitie
         (evt.EVT_CONN_OPEN, handle_connection_open, [cfg.network_timeout_s]),
         (evt.EVT_ACCEPTED, handle_accepted, [dict(cfg.tls_identities)]),
         (evt.EVT_REJECTED, handle_rejected),
-        (evt.EVT_RELEASED, handle_released, [tally]),
-        (evt.EVT_ABORTED, handle_aborted, [tally]),
+        (evt.EVT_RELEASED, handle_released, [tally, arrivals]),
+        (evt.EVT_ABORTED, handle_aborted, [tally, arrivals]),
         (evt.EVT_CONN_CLOSE, handle_connection_closed),
     ]
     event_driven = cfg.event_driven and fast_acceptor.supported()

@@ -26,10 +26,10 @@ import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+from pydicom.filebase import DicomBytesIO
 from pynetdicom import _config, dimse_messages
 
 _NamedTemporaryFile = dimse_messages.NamedTemporaryFile  # type: ignore[attr-defined]
@@ -39,7 +39,7 @@ _pydicom_write_file_meta_info = dimse_messages.write_file_meta_info  # type: ign
 logger = logging.getLogger(__name__)
 
 BUFFER_BYTES = 4 * 2**20  # received bytes are written to the file in chunks of about this size
-SPACE_CHECK_BYTES = 16 * 2**20  # free space is checked again after this many bytes written
+SPACE_CHECK_BYTES = 16 * 2**20  # free space is checked again after at most this many bytes written
 PREFIX = "recv-"  # the spool deletes leftovers of a crash (anything in tmp/ that is not a known partial write)
 
 MetaFor = Callable[[str, str, str, str], bytes]  # (SOP class, SOP instance, transfer syntax, calling AE) -> header
@@ -70,6 +70,7 @@ class ReceiveFile:
         self.owner = owner
         self.data_bytes = 0
         self.refusal: str | None = None
+        self.out_of_space = False  # the refusal is for want of space (a retry may succeed)
         self._buffer = bytearray()
         self._written = 0
         self._next_space_check = 0
@@ -106,16 +107,18 @@ class ReceiveFile:
         return len(data)
 
     def _drain(self) -> None:
-        """Write the buffer to the file, checking free space every ``SPACE_CHECK_BYTES``."""
+        """Write the buffer to the file; free space is checked before the room found at the last check is used."""
         if self.refusal is not None or not self._buffer:
             return
-        if self._written + len(self._buffer) >= self._next_space_check:
+        if self._written + len(self._buffer) > self._next_space_check:
             st = os.statvfs(self.settings.folder)
             floor = self.settings.floor()
-            if st.f_bavail * st.f_frsize - max(SPACE_CHECK_BYTES, len(self._buffer)) < floor:
-                self._refuse(f"storage full: less than the {floor // 2**20} MiB the node keeps free would remain")
+            headroom = st.f_bavail * st.f_frsize - floor  # what may be written before the floor is reached
+            if headroom < len(self._buffer):
+                self._refuse(f"storage full: less than the {floor // 2**20} MiB the node keeps free would remain",
+                             space=True)
                 return
-            self._next_space_check = self._written + SPACE_CHECK_BYTES
+            self._next_space_check = self._written + min(SPACE_CHECK_BYTES, headroom)  # checked before it is used
         view = memoryview(self._buffer)
         try:
             while view:
@@ -125,14 +128,15 @@ class ReceiveFile:
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            self._refuse("storage full: the disk filled while receiving")
+            self._refuse("storage full: the disk filled while receiving", space=True)
         finally:
             view.release()
         self._buffer.clear()
 
-    def _refuse(self, why: str) -> None:
+    def _refuse(self, why: str, space: bool = False) -> None:
         """Stop writing: free what was written, keep counting (the association carries on)."""
         self.refusal = why
+        self.out_of_space = space
         self._buffer = bytearray()
         with contextlib.suppress(OSError):
             os.ftruncate(self.fd, 0)
@@ -197,7 +201,7 @@ def _write_file_meta_info(fp: Any, meta: Any, *args: Any, **kwargs: Any) -> None
     if isinstance(meta, bytes):
         fp.begin(meta)
         return
-    encoded = BytesIO()
+    encoded = DicomBytesIO()
     _pydicom_write_file_meta_info(encoded, meta, *args, **kwargs)
     fp.begin(b"\0" * 128 + b"DICM" + encoded.getvalue())
 
@@ -209,7 +213,7 @@ def enable(ae: Any, folder: Path, max_bytes: float, floor: Callable[[], int],
     _settings[id(ae)] = Settings(Path(folder), float(max_bytes), floor, meta_for)
     dimse_messages.NamedTemporaryFile = _temporary_file  # type: ignore[attr-defined]
     dimse_messages.create_file_meta = _create_file_meta  # type: ignore[attr-defined]
-    dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[attr-defined]
+    dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[attr-defined,assignment]
     _config.STORE_RECV_CHUNKED_DATASET = True
 
 

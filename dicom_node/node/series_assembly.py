@@ -8,6 +8,11 @@ and frames came. A series is complete when
   the frames received reach Images in Acquisition (0020,1002) when the instances carry it, or the
   series is a single multi-frame object (Enhanced / Legacy Converted MR: all frames in one instance).
 
+A series some of whose instances the node refused for want of space (:meth:`SeriesAssembler.hold`) is not
+complete at its quiet time: it waits up to ``hold_refused_s`` for the sender's retry, which lifts the
+hold (:meth:`SeriesAssembler.release_hold`), so that a series cut short by a full disk is processed once,
+whole, and not once cut and again complete.
+
 The state is in memory only: the instances themselves are in the spool, and after a restart every
 series with instances in ``incoming/`` is tracked again from the restart (a full quiet period).
 The assembler calls ``on_complete(series_uid, why)`` from its own thread. The callback returns None
@@ -43,6 +48,7 @@ class SeriesProgress:
     frames: int = 0
     multiframe_instances: int = 0
     images_in_acquisition: int | None = None
+    held_until: float = 0.0  # refused instances for space: not complete before this (unless all expected came)
 
     def add(self, info: InstanceInfo, now: float) -> None:
         self.last_seen = now
@@ -60,6 +66,7 @@ class SeriesProgress:
         self.frames += other.frames
         self.multiframe_instances += other.multiframe_instances
         self.images_in_acquisition = other.images_in_acquisition or self.images_in_acquisition
+        self.held_until = max(self.held_until, other.held_until)
 
     def expected_reached(self) -> str | None:
         """Why the series holds everything expected, or None if that is unknown or not yet so."""
@@ -106,6 +113,23 @@ class SeriesAssembler:
             if info.series_instance_uid not in self._series and info.series_instance_uid not in self._handing_over:
                 self.instance_stored(info)
 
+    def hold(self, series_uid: str) -> None:
+        """Instances of the series were refused for want of space: wait ``hold_refused_s`` for the resend."""
+        with self._cond:
+            progress = self._series.get(series_uid)
+            if progress is not None:
+                progress.held_until = self.clock() + self.cfg.hold_refused_s
+                logger.info("series %s: instances refused for want of space; waiting up to %.0f s for the sender "
+                            "to send them again", series_uid, self.cfg.hold_refused_s, extra={"series_uid": series_uid})
+
+    def release_hold(self, series_uid: str) -> None:
+        """The sender has sent the series again without refusals: its quiet period decides again."""
+        with self._cond:
+            progress = self._series.get(series_uid)
+            if progress is not None and progress.held_until:
+                progress.held_until = 0.0
+                self._cond.notify()
+
     def track(self, series_uid: str, instances: list[InstanceInfo] | None = None) -> None:
         """Track a series found in the spool at start (its quiet period starts now)."""
         now = self.clock()
@@ -118,7 +142,7 @@ class SeriesAssembler:
     # -- decisions ------------------------------------------------------------------------------------------------
 
     def _deadline(self, p: SeriesProgress) -> float:
-        deadline = p.last_seen + self.cfg.quiet_seconds
+        deadline = max(p.last_seen + self.cfg.quiet_seconds, p.held_until)
         if self.cfg.early_trigger and p.expected_reached():
             deadline = min(deadline, p.last_seen + self.cfg.settle_seconds)
         return deadline
@@ -139,6 +163,8 @@ class SeriesAssembler:
                 quiet = now - p.last_seen
                 why = (f"{early}, settled {quiet:.1f} s" if early and quiet < self.cfg.quiet_seconds
                        else f"quiet for {quiet:.1f} s")
+                if p.held_until and not early:
+                    why += "; instances refused for space were not sent again"
                 out.append((uid, f"{p.instances} new instances; {why}"))
                 self._handing_over[uid] = self._series.pop(uid)
         return out

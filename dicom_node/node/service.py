@@ -32,7 +32,7 @@ from dicom_node.metrics import NodeMetrics
 from dicom_node.node.dispatch import Dispatcher
 from dicom_node.node.instances import InstanceInfo, complete_file_uids, read_instance_info
 from dicom_node.node.job_store import DeliveryState, JobState, JobStore, new_member_id, open_job_store
-from dicom_node.node.retention import sweep
+from dicom_node.node.retention import relieve_pressure, sweep
 from dicom_node.node.router import Router
 from dicom_node.node.series_assembly import CompletionHandler, SeriesAssembler
 from dicom_node.node.series_identity import SeriesIdentities
@@ -273,6 +273,12 @@ class Node:
                     take_over_dead(self.store, self.config)
                 except Exception:
                     logger.exception("taking over the work of silent members failed")
+                try:
+                    if self.spool.free_bytes() < self.config.retention.high_water_free_mb * 2**20:
+                        self._housekeeping_pass(lambda: relieve_pressure(self.store, self.spool,
+                                                                         self.config.retention))
+                except Exception:
+                    logger.exception("freeing space under disk pressure failed")
             if time.monotonic() >= next_reconcile:
                 next_reconcile = time.monotonic() + RECONCILE_INTERVAL_S
                 try:

@@ -186,9 +186,18 @@ class WorkerLoop:
             if job is None:
                 self.stop.wait(self.cfg.jobs.poll_interval_s)
                 continue
-            self.store.beat(self.member_id, detail=f"running {job.id}")
-            outcome = self.runner(job)
-            self.store.beat(self.member_id, detail="idle")
+            try:
+                self.store.beat(self.member_id, detail=f"running {job.id}")
+                outcome = self.runner(job)
+                self.store.beat(self.member_id, detail="idle")
+            except Exception:
+                if self.stop.is_set():  # the node closed the store under a job that outlived its stop timeout
+                    logger.warning("worker %s: stopped before job %s was recorded; it runs again after the next "
+                                   "start", self.member_id, job.id, extra={"job_id": job.id})
+                    return
+                logger.exception("worker %s: job %s could not be recorded; it is taken over after jobs.takeover_s",
+                                 self.member_id, job.id, extra={"job_id": job.id})
+                continue
             self.on_outcome(job.id, outcome)
 
 

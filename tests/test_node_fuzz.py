@@ -1,0 +1,85 @@
+"""Hostile input over a real association, driven by hypothesis: data sets cut short, overwritten or padded
+with random bytes at random places. Whatever arrives, the node answers each C-STORE with a status (never
+an exception or a dropped association), keeps nothing partial, stores only whole DICOM files, and goes
+on serving."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import pydicom
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from node_support import fast_processor, make_series, node_config
+from pydicom.uid import MRImageStorage, generate_uid
+from pynetdicom import AE, _config
+
+from dicom_node.dimse.client import Peer, echo
+from dicom_node.node import Node
+from dicom_node.node.instances import complete_file_uids
+
+ANSWERS = {0x0000, 0xA700, 0xA900, 0xC000, 0xC211, 0x0110}  # Success, or the refusals the node gives
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    cfg = node_config(tmp_path_factory.mktemp("fuzz") / "node", series={"quiet_seconds": 3600},
+                      ingress={"keep_non_candidates": True})
+    n = Node(cfg, processor=fast_processor).start()
+    yield n
+    n.stop(drain=False)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, int]:
+    """One valid instance's file bytes and where its data set starts."""
+    [f] = make_series(tmp_path_factory.mktemp("src"), n=1, size=24, patient_id="FUZZ").files
+    meta = pydicom.dcmread(f, stop_before_pixels=True).file_meta
+    return f.read_bytes(), 132 + 12 + int(meta.FileMetaInformationGroupLength)
+
+
+mutation = st.tuples(st.sampled_from(["cut", "overwrite", "insert"]), st.floats(0.0, 1.0),
+                     st.binary(min_size=1, max_size=64))
+
+
+@settings(max_examples=120, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutations=st.lists(mutation, min_size=1, max_size=3))
+def test_mutated_data_sets_get_a_status_and_leave_nothing_partial(
+        node: Node, source: tuple[bytes, int], tmp_path_factory: pytest.TempPathFactory,
+        mutations: list[tuple[str, float, bytes]]) -> None:
+    raw, start = source
+    data = bytearray(raw[start:])
+    for kind, where, junk in mutations:
+        at = int(where * len(data))
+        if kind == "cut":
+            del data[at:]
+        elif kind == "overwrite":
+            data[at:at + len(junk)] = junk
+        else:
+            data[at:at] = junk
+    meta = pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw), stop_before_pixels=True).file_meta
+    meta.MediaStorageSOPInstanceUID = generate_uid()  # every example a new instance in the command
+    head = pydicom.filebase.DicomBytesIO()
+    pydicom.filewriter.write_file_meta_info(head, meta)
+    path = tmp_path_factory.mktemp("case") / "case.dcm"
+    path.write_bytes(b"\0" * 128 + b"DICM" + head.getvalue() + bytes(data))
+    ae = AE("FUZZER")
+    ae.add_requested_context(MRImageStorage)
+    previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True  # bytes as they are
+    try:
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="SYNTHMRF")
+        assert assoc.is_established
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rsp = assoc.send_c_store(path)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    assert "Status" in rsp and int(rsp.Status) in ANSWERS, rsp
+    assert not any((node.storage_dir / "tmp").iterdir())
+    for stored in (node.storage_dir / "series").rglob("*.dcm"):
+        assert complete_file_uids(stored) is not None, stored.name
+    assert echo(Peer("SYNTHMRF", "127.0.0.1", node.port), "FUZZER") == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from collections.abc import Callable
@@ -37,11 +38,21 @@ class NodeMetrics:
                                 registry=self.registry)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+        self._instance_counts: collections.Counter[str] = collections.Counter()
+        self._counts_lock = threading.Lock()
 
     def count_instance(self, outcome: str, nbytes: int) -> None:
         self.instances.labels(outcome).inc()
+        with self._counts_lock:
+            self._instance_counts[outcome] += 1
         if nbytes:
             self.bytes.inc(nbytes)
+
+    def instance_summary(self) -> str:
+        """C-STORE outcomes since start, e.g. '120 stored, 300 discarded, 2 out_of_resources'."""
+        with self._counts_lock:
+            counts = sorted(self._instance_counts.items())
+        return ", ".join(f"{n} {outcome}" for outcome, n in counts) or "none"
 
     def count_identity_mismatch(self, attribute: str) -> None:
         self.identity_mismatches.labels(attribute).inc()

@@ -420,16 +420,20 @@ def ct_datasets(n: int, size: int = 64) -> list[Dataset]:
 
 def test_non_mr_and_non_candidate_instances_are_acknowledged_and_not_kept(start_node: StartNode, sink: ResultSink,
                                                                          tmp_path: Path) -> None:
-    node = start_node(sink, metrics={"port": 0})
-    ct = write_series(ct_datasets(60), tmp_path / "ct")
+    node = start_node(sink, metrics={"port": 0}, jobs={"takeover_s": 5})
+    ct = write_series(ct_datasets(300, 512), tmp_path / "ct")  # a PACS forwarding a CT: 150 MB
     t2 = make_series(tmp_path / "t2", n=20, mprage=False, patient_id="T2")
     before = disk_usage(node.storage_dir)
     assert storescu(node, ct.files).returncode == 0  # every instance acknowledged (Success)
     assert storescu(node, t2.files).returncode == 0
     assert spooled(node) == [] and node.store.jobs() == []
     assert disk_usage(node.storage_dir) - before < 1 * 2**20
+    assert echoscu(node).returncode == 0
     text = urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=5).read().decode()
-    assert 'synthmrf_instances_total{outcome="discarded"} 80.0' in text
+    assert 'synthmrf_instances_total{outcome="discarded"} 320.0' in text
+    # what 'synthmrf status' prints for the node: its heartbeat's detail line
+    wait_until(lambda: any("instances since start: 320 discarded" in m.detail for m in node.store.members()), 10,
+               what="the node's status line to count the discarded instances")
 
 
 def test_ingress_limits_refuse_with_out_of_resources_naming_the_limit(start_node: StartNode, tmp_path: Path,

@@ -179,7 +179,7 @@ class Node:
         self._stopping.clear()
         self.spool.prepare(complete_file_uids)
         store = self._store = open_job_store(self.storage_dir, cfg.jobs.backend, cfg.jobs.database_url)
-        store.join(self.member_id, "node", f"{cfg.node.ae_title} on port {cfg.node.port}")
+        store.join(self.member_id, "node", self._member_detail(self.member_id) or "")
         dispatcher = self._dispatcher = Dispatcher(cfg, store, observe=self.metrics.observe_delivery,
                                                    owner=self.member_id)
         router = self._router = Router(self.spool, store, cfg.mprage, self.member_id)
@@ -193,7 +193,7 @@ class Node:
         elif cfg.jobs.workers:
             self._pool = WorkerPool(cfg, store, cfg.jobs.workers, on_outcome=self._job_done).start()
         members = [self.member_id, *(self._threads.member_ids if self._threads else [])]
-        self._heartbeat = Heartbeat(store, lambda: members, cfg.jobs.heartbeat_s).start()
+        self._heartbeat = Heartbeat(store, lambda: members, cfg.jobs.heartbeat_s, self._member_detail).start()
         dispatcher.start()
         assembler.start()
         self._housekeeping = threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True)
@@ -203,6 +203,14 @@ class Node:
         identities = SeriesIdentities(self.spool, self.metrics.count_identity_mismatch)
         self._listener = start_listener(cfg.node, self.spool, assembler, identities, self.metrics.count_instance,
                                         cfg.ingress, cfg.mprage)
+
+    def _member_detail(self, member_id: str) -> str | None:
+        """The node's line in ``synthmrf status``: where it listens and its C-STORE outcomes since start."""
+        if member_id != self.member_id:
+            return None
+        port = self._listener.port if self._listener is not None else self.config.node.port
+        return (f"{self.config.node.ae_title} on port {port}; instances since start: "
+                f"{self.metrics.instance_summary()}")
 
     def _job_done(self, job_id: str, outcome: Outcome) -> None:
         self.metrics.observe_job(outcome.state, outcome.seconds)

@@ -217,10 +217,12 @@ def take_over_dead(store: JobStore, cfg: NodeConfig, owners: Sequence[str] = ())
 class Heartbeat:
     """A thread that renews the heartbeats of some members every ``jobs.heartbeat_s``."""
 
-    def __init__(self, store: JobStore, member_ids: Callable[[], Sequence[str]], interval_s: float) -> None:
+    def __init__(self, store: JobStore, member_ids: Callable[[], Sequence[str]], interval_s: float,
+                 detail: Callable[[str], str | None] = lambda member: None) -> None:
         self.store = store
         self.member_ids = member_ids
         self.interval_s = interval_s
+        self.detail = detail  # a member's new detail line for ``synthmrf status`` (None: unchanged)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -232,7 +234,7 @@ class Heartbeat:
         while not self._stop.wait(self.interval_s):
             for member in self.member_ids():
                 try:
-                    if not self.store.beat(member):
+                    if not self.store.beat(member, self.detail(member)):
                         logger.error("member %s was declared dead by another process; its work runs elsewhere",
                                      member)
                 except Exception as exc:

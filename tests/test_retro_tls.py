@@ -7,15 +7,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from node_support import ca_signed
+from node_support import ca_signed, make_series, node_config
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.dimse.client import AssociationError, Peer, echo, store_files
 from dicom_node.retro.association import ArchiveUnavailableError, archive_for, associate
 from dicom_node.retro.config import SourceConfig
+from dicom_node.retro.harvest import harvest_scp
 from dicom_node.retro.query import find_studies, parse_query
 
 TlsArchive = tuple[int, Path, dict[str, tuple[Path, Path]], list[str]]  # port, CA, certificates, callers seen
@@ -68,3 +70,28 @@ def test_retro_queries_an_archive_that_requires_our_certificate(tls_archive: Tls
     plain = archive_for(source.model_copy(update={"tls": False}), "SYNTHMRF")
     with pytest.raises(ArchiveUnavailableError), associate(plain):
         pass
+
+
+def test_the_harvest_scp_speaks_tls_and_binds_the_archive_to_its_certificate(tmp_path: Path) -> None:
+    """The C-MOVE destination of a harvest uses the node's TLS settings: the archive's AE title with the
+    archive's certificate stores; the same AE title with another valid certificate, a client without a
+    certificate and a plain client are refused."""
+    ca, certs = ca_signed(tmp_path, ["127.0.0.1", "archive.example", "impostor.example"])
+    cert, key = certs["127.0.0.1"]
+    node = node_config(tmp_path / "n", node={"tls_cert": str(cert), "tls_key": str(key), "tls_ca": str(ca),
+                                              "tls_identities": {"ARCHIVE": "archive.example"}}).node
+    series = make_series(tmp_path / "s", n=2, patient_id="HTLS")
+    folder = tmp_path / "harvested"
+    with harvest_scp("SYNTHMRF_HARVEST", "127.0.0.1", 0, folder, allowed_calling_aets=["ARCHIVE"], tls=node) as port:
+        def peer(name: str | None) -> Peer:
+            c, k = certs[name] if name else (None, None)
+            return Peer("SYNTHMRF_HARVEST", "127.0.0.1", port, tls=True, tls_ca=ca, tls_cert=c, tls_key=k)
+
+        assert store_files(series.files, peer("archive.example"), "ARCHIVE").ok
+        with pytest.raises(AssociationError):
+            echo(peer("impostor.example"), "ARCHIVE", timeout_s=3)
+        with pytest.raises((AssociationError, OSError)):
+            echo(peer(None), "ARCHIVE", timeout_s=3)
+        with pytest.raises((AssociationError, OSError)):
+            echo(Peer("SYNTHMRF_HARVEST", "127.0.0.1", port), "ARCHIVE", timeout_s=3)
+    assert len(list(folder.rglob("*.dcm"))) == 2

@@ -4,7 +4,8 @@ series assembly, is :mod:`dicom_node.dimse.storage_scp`.)
 
 Each instance goes to ``<folder>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, written to a temporary name,
 fsynced and renamed before Success is answered. Every exception becomes a failure status and a log line;
-the association never sees one.
+the association never sees one. With a TLS context it speaks DICOM over TLS only, with the node
+listener's server (handshake off the listening thread) and its AE-title-to-certificate binding.
 """
 
 from __future__ import annotations
@@ -13,20 +14,27 @@ import errno
 import logging
 import os
 import shutil
+import ssl
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.dimse.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
-from dicom_node.dimse.storage_scp import TRANSFER_SYNTAXES, VERIFICATION
+from dicom_node.dimse.storage_scp import (
+    TRANSFER_SYNTAXES,
+    VERIFICATION,
+    Listener,
+    NodeAssociationServer,
+    handle_accepted,
+)
 from dicom_node.uids import require_uid
 
 logger = logging.getLogger(__name__)
@@ -81,14 +89,18 @@ def store_to_folder(event: Event, folder: Path, on_stored: Stored | None = None,
 
 class FolderSCP:
     """C-ECHO and C-STORE of ``sop_classes`` (default: every storage class) into ``folder``; ``on_stored`` is
-    told of each instance written. ``allowed_calling_aets`` (empty: any) and ``min_free_bytes`` as the node's."""
+    told of each instance written. ``allowed_calling_aets`` (empty: any), ``min_free_bytes``, ``ssl_context`` and
+    ``tls_identities`` (calling AE title -> certificate name) as the node's listener."""
 
     def __init__(self, ae_title: str, folder: Path, *, sop_classes: Sequence[UID] | None = None,
                  on_stored: Stored | None = None, allowed_calling_aets: Sequence[str] = (),
-                 min_free_bytes: int = 0) -> None:
+                 min_free_bytes: int = 0, ssl_context: ssl.SSLContext | None = None,
+                 tls_identities: Mapping[str, str] | None = None) -> None:
         self.folder = Path(folder)
         self.on_stored = on_stored
         self.min_free_bytes = min_free_bytes
+        self.ssl_context = ssl_context
+        self.tls_identities = dict(tls_identities or {})
         ae = AE(ae_title=ae_title)
         ae.require_calling_aet = list(allowed_calling_aets)
         ae.maximum_pdu_size = 0
@@ -99,7 +111,7 @@ class FolderSCP:
                 ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
         ae.add_supported_context(VERIFICATION)
         self._ae = ae
-        self._server: ThreadedAssociationServer | None = None
+        self._listener: Listener | None = None
         self._lock = threading.Lock()
 
     def _store(self, event: Event) -> int:
@@ -108,18 +120,22 @@ class FolderSCP:
     def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Listen on (host, port); return the bound port."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        server = self._ae.start_server((host, port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
-        if server is None or server.socket is None:
-            raise RuntimeError(f"storage SCP {self._ae.ae_title}: did not start")
+        handlers: list[Any] = [(evt.EVT_C_STORE, self._store),
+                               (evt.EVT_ACCEPTED, handle_accepted, [self.tls_identities])]
+        server = self._ae.make_server((host, port), evt_handlers=handlers, ssl_context=self.ssl_context,
+                                      server_class=NodeAssociationServer, handshake_timeout_s=self._ae.acse_timeout)
+        listener = Listener(server, self._ae)
         with self._lock:
-            self._server = server
-        return int(server.socket.getsockname()[1])
+            self._listener = listener
+        return listener.port
 
     def stop(self) -> None:
         with self._lock:
-            server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.stop_accepting()
+            for assoc in listener.active_associations:
+                assoc.abort()
 
     def __enter__(self) -> FolderSCP:
         return self

@@ -45,8 +45,9 @@ from typing import Protocol
 
 from pydicom.dataset import Dataset
 
-from dicom_node.config import NodeConfig
+from dicom_node.config import NodeConfig, NodeSection
 from dicom_node.dimse.folder_scp import FolderSCP
+from dicom_node.dimse.storage_scp import ssl_context_for
 from dicom_node.retro.association import (
     GET_STORAGE_CLASSES,
     Archive,
@@ -150,11 +151,15 @@ class HarvestReport:
 
 @contextmanager
 def harvest_scp(ae_title: str, host: str, port: int, folder: Path, allowed_calling_aets: Sequence[str] = (),
-                min_free_bytes: int = 0) -> Iterator[int]:
+                min_free_bytes: int = 0, tls: NodeSection | None = None) -> Iterator[int]:
     """A storage SCP filing what it receives into ``folder/<SeriesUID>/`` (the C-MOVE destination of a harvest);
-    only ``allowed_calling_aets`` (the archive) may store, and not below ``min_free_bytes`` of free space."""
+    only ``allowed_calling_aets`` (the archive) may store, and not below ``min_free_bytes`` of free space. With
+    ``tls`` (the node's section) and its certificate set, it speaks TLS only, as the node's listener does:
+    the same certificate, CA (mutual TLS) and ``tls_identities``."""
+    context = ssl_context_for(tls) if tls is not None else None
     with FolderSCP(ae_title, folder, sop_classes=GET_STORAGE_CLASSES, allowed_calling_aets=allowed_calling_aets,
-                   min_free_bytes=min_free_bytes) as scp:
+                   min_free_bytes=min_free_bytes, ssl_context=context,
+                   tls_identities=tls.tls_identities if tls is not None and context is not None else None) as scp:
         yield scp.start(host, port)
 
 
@@ -236,7 +241,8 @@ class Harvester:
             return
         host = self.config.node.host
         with harvest_scp(self.config.retro.harvest_ae_title, host, self.config.retro.harvest_port, folder,
-                         allowed_calling_aets=[source.ae_title], min_free_bytes=self.config.node.min_free_mb * 2**20):
+                         allowed_calling_aets=[source.ae_title], min_free_bytes=self.config.node.min_free_mb * 2**20,
+                         tls=self.config.node):
             yield
 
     def _harvest(self, spec: HarvestSpec, query: Query, archive: Archive, session: ArchiveSession, incoming: Path,

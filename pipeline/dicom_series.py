@@ -211,6 +211,7 @@ def _read_headers(paths: Iterable[Path]) -> list[tuple[Path, Dataset]]:
     for path in paths:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds.walk(lambda _ds, _elem: None)  # decode every header value now: a damaged one is a refusal here
         except InvalidDicomError:
             logger.info("skipping %s: not a DICOM file", path.name)
             continue

@@ -5,8 +5,11 @@ on serving."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -83,3 +86,49 @@ def test_mutated_data_sets_get_a_status_and_leave_nothing_partial(
     for stored in (node.storage_dir / "series").rglob("*.dcm"):
         assert complete_file_uids(stored) is not None, stored.name
     assert echo(Peer("SYNTHMRF", "127.0.0.1", node.port), "FUZZER") == 0
+
+
+# -- what the coverage-guided run (tests/fuzz_receive.py) found, kept as regression cases -------------------------
+
+
+def with_vr(raw: bytes, tag: bytes, vr: bytes, bad: bytes) -> bytes:
+    """``raw`` with the VR of one explicit-VR little-endian element replaced by an unknown one."""
+    assert raw.count(tag + vr) == 1
+    return raw.replace(tag + vr, tag + bad)
+
+
+def test_an_unknown_vr_in_a_header_the_rules_read_is_refused_as_undecodable(
+        source: tuple[bytes, int], tmp_path: Path) -> None:
+    raw, _ = source
+    node = Node(node_config(tmp_path / "node"), processor=fast_processor).start()  # the [mprage] rules read it
+    path = tmp_path / "bad-vr.dcm"
+    path.write_bytes(with_vr(raw, b"\x18\x00\x24\x00", b"SH", b"SI"))  # SequenceName: VR 'SI'
+    ae = AE("FUZZER")
+    ae.add_requested_context(MRImageStorage)
+    previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+    try:
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="SYNTHMRF")
+        rsp = assoc.send_c_store(path)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+        node.stop(drain=False)
+    assert int(rsp.Status) == 0xC000 and str(rsp.ErrorComment).startswith("undecodable header value")
+
+
+def test_an_unknown_vr_in_a_series_is_a_rejection_by_the_pipeline(tmp_path: Path) -> None:
+    from pipeline.dicom_series import MIN_FRAMES, SeriesRejected, read_series
+
+    series = make_series(tmp_path / "s", n=MIN_FRAMES, size=8, patient_id="VR")
+    first = series.files[0]
+    first.write_bytes(with_vr(first.read_bytes(), b"\x20\x00\x52\x00", b"UI", b"YI"))  # FrameOfReferenceUID
+    with pytest.raises(SeriesRejected, match=r"unreadable DICOM file .*Unknown Value Representation 'YI'"):
+        read_series(series.folder)
+
+
+def test_a_bounded_coverage_guided_run_finds_no_crash(tmp_path: Path) -> None:
+    harness = Path(__file__).with_name("fuzz_receive.py")
+    r = subprocess.run([sys.executable, str(harness), "-runs=600", "-seed=1"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Done 600 runs" in r.stderr

@@ -232,6 +232,16 @@ def inspect_instance(event: Event, path: Path, data_offset: int, data_bytes: int
         raise InstanceRefusedError(CANNOT_UNDERSTAND, f"undecodable data set ({type(exc).__name__})") from exc
     _check_complete(ds, file_size)
     try:
+        return _checked_info(ds, command_sop, command_class, transfer_syntax, limits, rules)
+    except InstanceRefusedError:
+        raise
+    except Exception as exc:  # a value pydicom cannot decode (unknown VR, bad number...), read lazily here
+        raise InstanceRefusedError(CANNOT_UNDERSTAND, f"undecodable header value ({type(exc).__name__})") from exc
+
+
+def _checked_info(ds: Dataset, command_sop: str, command_class: str, transfer_syntax: UID, limits: IngressSection,
+                  rules: MprageSection | None) -> InstanceInfo:
+    try:
         sop = require_uid(_text(ds, _SOP_INSTANCE), "SOPInstanceUID")
         sop_class = require_uid(_text(ds, _SOP_CLASS), "SOPClassUID")
         study = require_uid(_text(ds, _STUDY), "StudyInstanceUID")

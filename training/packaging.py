@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.model.package import write_package
+from pipeline.model.package import channel_signal_record, write_package
 from pipeline.model.unet import UNetConfig
 from pipeline.mrf.dictionary import load_or_build_dictionary
 from pipeline.mrf.sequence import find_sequence_file, load_sequence
@@ -52,5 +52,6 @@ def package_run(run_dir: Path, dataset_dir: Path, out_dir: Path, *, name: str, v
     return write_package(out_dir, name=name, version=version, state=best["state"], unet=UNetConfig(**best["unet"]),
                          channel_ranges=np.asarray(best["channel_ranges"]), sequence_json=sequence_json,
                          basis=dictionary.basis[:, :4], training=training, metrics=metrics or {},
-                         normalisation=str(config.get("normalisation", "max")), trained_protocols=trained)
+                         normalisation=str(config.get("normalisation", "max")), trained_protocols=trained,
+                         channel_signal=channel_signal_record(dictionary))
 

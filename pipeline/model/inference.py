@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
 from pipeline.model.package import ModelPackage
+from pipeline.model.unet import UNetEnsemble, subset
 from pipeline.mrf.coefficients import CHANNEL_NAMES
 from pipeline.protocol import AcquisitionProtocol, protocol_features
 
@@ -53,13 +56,27 @@ def features_for(package: ModelPackage, protocol: AcquisitionProtocol) -> np.nda
     return protocol_features(protocol) if package.model.config.protocol_features else None
 
 
+_SUBSETS: weakref.WeakKeyDictionary[UNetEnsemble, dict[tuple[int, ...], UNetEnsemble]] = weakref.WeakKeyDictionary()
+
+
+def _model_for(model: UNetEnsemble, active: tuple[int, ...]) -> UNetEnsemble:
+    """``model``, or (cached) the ensemble of only its ``active`` networks."""
+    if len(active) == model.config.n_nets:
+        return model
+    cache = _SUBSETS.setdefault(model, {})
+    if active not in cache:
+        cache[active] = subset(model, active)
+    return cache[active]
+
+
 CPU_BATCH, CUDA_BATCH = 1, 16  # slices per forward pass; on this CPU one slice per pass was fastest (0.16 s vs 0.19 s)
 
 
 def synthesise_channels(volume: np.ndarray, mask: np.ndarray, package: ModelPackage, *, batch: int | None = None,
                         device: str | torch.device | None = None, crop: bool = True,
                         precision: str = "float32", protocol: np.ndarray | None = None) -> np.ndarray:
-    """The seven MRF channels (X, Y, Z, 7), in coefficient units, zero outside ``mask``.
+    """The seven MRF channels (X, Y, Z, 7), in coefficient units, zero outside ``mask`` and exactly zero in the
+    channels whose training targets carried no signal (``package.signal_channels``: their networks are skipped).
 
     ``volume`` is the normalised, skull-stripped MPRAGE on the model's grid (slices along axis 2).
     ``crop`` runs the networks on each batch's in-plane brain bounding box (plus a margin, on the
@@ -72,12 +89,14 @@ def synthesise_channels(volume: np.ndarray, mask: np.ndarray, package: ModelPack
     """
     if volume.shape != mask.shape or volume.ndim != 3:
         raise ValueError(f"volume, mask: expected two 3-D arrays of one shape, got {volume.shape}, {mask.shape}")
-    model = package.model
+    active = [k for k, carries in enumerate(package.signal_channels) if carries]
+    model = _model_for(package.model, tuple(active))
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device=dev, memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
     batch = batch or (CUDA_BATCH if dev.type == "cuda" else CPU_BATCH)
-    lo = torch.as_tensor(package.channel_ranges[:, 0], device=dev).view(1, -1, 1, 1)
-    span = torch.as_tensor(package.channel_ranges[:, 1] - package.channel_ranges[:, 0], device=dev).view(1, -1, 1, 1)
+    ranges = package.channel_ranges[active]
+    lo = torch.as_tensor(ranges[:, 0], device=dev).view(1, -1, 1, 1)
+    span = torch.as_tensor(ranges[:, 1] - ranges[:, 0], device=dev).view(1, -1, 1, 1)
     out = np.zeros((*volume.shape, len(CHANNEL_NAMES)), dtype=np.float32)
     slices = np.flatnonzero(mask.any(axis=(0, 1)))
     dtype = inference_dtype(dev, precision)
@@ -94,6 +113,8 @@ def synthesise_channels(volume: np.ndarray, mask: np.ndarray, package: ModelPack
             # Training targets lie in [0, 1]; tanh may undershoot, so clamp before rescaling.
             p = None if features is None else features.expand(x.shape[0], -1)
             y = model(x[:, None].to(dev, memory_format=torch.channels_last), p).clamp_(0.0, 1.0) * span + lo
-            out[wx, wy, ks, :] = np.transpose(y.float().cpu().numpy(), (2, 3, 0, 1))
+            block = np.zeros((*y.shape[2:], len(ks), len(CHANNEL_NAMES)), dtype=np.float32)
+            block[..., active] = np.transpose(y.float().cpu().numpy(), (2, 3, 0, 1))
+            out[wx, wy, ks, :] = block
     out[~mask] = 0
     return out

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.model.unet import UNetConfig, UNetEnsemble
-from pipeline.mrf.coefficients import CHANNEL_NAMES, CHANNEL_RANK
+from pipeline.mrf.coefficients import CHANNEL_NAMES, CHANNEL_RANK, SIGNAL_FLOOR, channel_peaks, signal_channels
 from pipeline.mrf.dictionary import Dictionary
 from pipeline.mrf.sequence import Sequence, parse_sequence
 from pipeline.normalise import NORMALISATIONS
@@ -57,6 +57,16 @@ class ModelPackage:
     sequence: Sequence
 
     @property
+    def signal_channels(self) -> tuple[bool, ...]:
+        """Per channel, whether its training targets carried signal (``channel_signal`` in the manifest; every
+        channel for packages written before it was recorded). Inference skips the networks of the others."""
+        doc = self.manifest.get("channel_signal")
+        flags = doc.get("carries_signal") if isinstance(doc, dict) else None
+        if not isinstance(flags, list) or len(flags) != len(CHANNEL_NAMES):
+            return (True,) * len(CHANNEL_NAMES)
+        return tuple(bool(f) for f in flags)
+
+    @property
     def name(self) -> str:
         return f"{self.manifest['name']}-{self.manifest['version']}"
 
@@ -81,8 +91,10 @@ class ModelPackage:
 def write_package(out_dir: Path, *, name: str, version: str, state: dict[str, torch.Tensor], unet: UNetConfig,
                   channel_ranges: np.ndarray, sequence_json: str, basis: np.ndarray,
                   training: dict[str, object], metrics: dict[str, object], normalisation: str = "max",
-                  trained_protocols: dict[str, object] | None = None) -> Path:
-    """Write a package folder (weights in fp16; basis in fp32) and return its path."""
+                  trained_protocols: dict[str, object] | None = None,
+                  channel_signal: dict[str, object] | None = None) -> Path:
+    """Write a package folder (weights in fp16; basis in fp32) and return its path. ``channel_signal``:
+    :func:`channel_signal_record` of the dictionary the targets came from."""
     sequence = parse_sequence(json.loads(sequence_json))
     if basis.shape != (sequence.n_frames, CHANNEL_RANK):
         raise PackageError(f"basis: expected shape ({sequence.n_frames}, {CHANNEL_RANK}), got {basis.shape}")
@@ -112,10 +124,21 @@ def write_package(out_dir: Path, *, name: str, version: str, state: dict[str, to
         },
         "training": training, "metrics": metrics,
         **({"protocol_ranges": trained_protocols} if trained_protocols is not None else {}),
+        **({"channel_signal": channel_signal} if channel_signal is not None else {}),
         "files": {WEIGHTS: sha256_file(out_dir / WEIGHTS), SEQUENCE: sha256_file(out_dir / SEQUENCE)},
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out_dir
+
+
+def channel_signal_record(dictionary: Dictionary) -> dict[str, object]:
+    """The manifest's ``channel_signal``: which channels' training targets carry signal (from the dictionary the
+    targets are made of; the rest are noise only), with each channel's peak relative to SV1."""
+    atoms = dictionary.atoms[:, :CHANNEL_RANK]
+    return {"carries_signal": list(signal_channels(atoms)),
+            "peak_relative_to_SV1": [float(f"{p:.3g}") for p in channel_peaks(atoms)],
+            "rule": f"a channel carries signal if some dictionary atom reaches {SIGNAL_FLOOR:g} of SV1's peak in it; "
+                    "inference skips the networks of the others and gives the matcher exact zeros there"}
 
 
 def read_manifest(path: Path) -> dict[str, object]:

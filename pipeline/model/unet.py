@@ -21,7 +21,8 @@ states are disjoint.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -118,6 +119,20 @@ class UNetEnsemble(nn.Module):
         for level, skip in zip(self.decoders, reversed(skips), strict=True):
             x = level(x, skip)
         return torch.tanh(self.head(x))
+
+
+def subset(model: UNetEnsemble, nets: Sequence[int]) -> UNetEnsemble:
+    """A smaller ensemble of only networks ``nets`` of ``model`` (same weights, in that order): it computes
+    exactly those output channels, at their share of the cost."""
+    n = model.config.n_nets
+    if not nets or any(not 0 <= k < n for k in nets):
+        raise ValueError(f"nets: expected indices in 0..{n - 1}, got {list(nets)}")
+    small = UNetEnsemble(replace(model.config, n_nets=len(nets)))
+    state = {key: torch.cat([t[network_slice(t, k, n)] for k in nets]) if t.ndim else t
+             for key, t in model.state_dict().items()}
+    small.load_state_dict(state)
+    p = next(model.parameters())
+    return small.to(device=p.device, dtype=p.dtype).train(model.training)
 
 
 def expand_input_planes(state: dict[str, torch.Tensor], config: UNetConfig) -> dict[str, torch.Tensor]:

@@ -52,3 +52,21 @@ def from_channels(channels: np.ndarray) -> np.ndarray:
     for k in range(1, CHANNEL_RANK):
         out[..., k] = channels[..., 2 * k - 1] + 1j * channels[..., 2 * k]
     return out
+
+
+SIGNAL_FLOOR = 1e-6  # a channel whose largest dictionary value stays below this fraction of SV1's is empty
+
+
+def channel_peaks(atoms: np.ndarray) -> np.ndarray:
+    """The largest magnitude each of the seven channels reaches over a dictionary's atoms (A x K >= 4,
+    phase-normalised as the network targets are), relative to SV1's."""
+    channels = to_channels(phase_normalise(np.asarray(atoms).astype(np.complex64)))
+    peaks = np.abs(channels).max(axis=0).astype(np.float64)
+    return peaks / peaks[0] if peaks[0] > 0 else peaks
+
+
+def signal_channels(atoms: np.ndarray, floor: float = SIGNAL_FLOOR) -> tuple[bool, ...]:
+    """Which of the seven channels carry signal for this dictionary. A channel that no atom reaches (the
+    imaginary parts, for a sequence whose signal is real, such as FISP) holds noise only in the training
+    targets: a network trained on it predicts noise, and the matcher is better fed exact zeros."""
+    return tuple(bool(p > floor) for p in channel_peaks(atoms))

@@ -22,6 +22,8 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicom_node.retro.config import RetroSection, SourceConfig, check_ae_title
+from pipeline.contrasts import DEFAULT_CONTRASTS, MAX_CONTRASTS, Contrast
+from pipeline.result_kinds import DEFAULT_OUTPUTS, KINDS
 
 ENV_PREFIX = "SYNTHMRF_"
 _PROCESSOR = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -197,6 +199,29 @@ MOVED_PROCESSORS = {"dicom_node.pipeline_processor:PipelineProcessor":
 _UID_ROOT = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
+class ContrastConfig(_Section):
+    """One ``[[pipeline.synthetic_contrasts]]`` entry (see :mod:`pipeline.contrasts`): timing in ms; ``ti_ms``
+    empty for spin echo, one value for inversion recovery, two (TI1 > TI2) for double inversion."""
+
+    name: str
+    description: str
+    tr_ms: float
+    te_ms: float
+    ti_ms: list[float] = []
+
+    @model_validator(mode="after")
+    def _valid(self) -> ContrastConfig:
+        self.contrast()  # raises ValueError naming what is wrong
+        return self
+
+    def contrast(self) -> Contrast:
+        return Contrast(self.name, self.description, self.tr_ms, self.te_ms, tuple(self.ti_ms))
+
+
+DEFAULT_CONTRAST_CONFIGS = [ContrastConfig(name=c.name, description=c.description, tr_ms=c.tr_ms, te_ms=c.te_ms,
+                                           ti_ms=list(c.ti_ms)) for c in DEFAULT_CONTRASTS]
+
+
 class PipelineSection(_Section):
     """What turns a series folder into result DICOM files (``[pipeline]``)."""
 
@@ -214,6 +239,18 @@ class PipelineSection(_Section):
     # The organisation's UID root for every UID of the results (e.g. "1.2.826.0.1.3680043.10.1234"); empty:
     # pydicom's root. Digits and dots, at most 40 characters (the rest of the 64 is random).
     uid_root: str | None = None
+    # Synthetic contrasts from the maps (derived MR series "synthetic <name>, not acquired" when derived_series is
+    # on); [] for none. Default: T1w, T2w, PDw spin echo, FLAIR and DIR at typical 3 T timing.
+    synthetic_contrasts: list[ContrastConfig] = Field(default_factory=lambda: list(DEFAULT_CONTRAST_CONFIGS),
+                                                      max_length=MAX_CONTRASTS)
+
+    @field_validator("synthetic_contrasts")
+    @classmethod
+    def _unique_contrasts(cls, value: list[ContrastConfig]) -> list[ContrastConfig]:
+        names = [c.name for c in value]
+        if len(set(names)) != len(names) or {"T1", "T2", "PD", "Q"} & set(names):
+            raise ValueError(f"pipeline.synthetic_contrasts: names must be unique and not T1, T2, PD or Q; got {names}")
+        return value
 
     @field_validator("uid_root", mode="before")
     @classmethod
@@ -280,11 +317,23 @@ class Destination(_Section):
     tls_ca: Path | None = None  # verify the destination's certificate against this CA (default: system CAs)
     tls_cert: Path | None = None  # our client certificate for a destination that requires mutual TLS, with tls_key
     tls_key: Path | None = None
+    # The kinds of result objects this destination receives (pipeline/result_kinds.py); a custom processor's
+    # files are always sent. A kind the destination refuses by SOP class is recorded, not retried.
+    outputs: list[str] = Field(default_factory=lambda: list(DEFAULT_OUTPUTS))
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, value: str) -> str:
         return check_ae_title(value, "destinations.ae_title")
+
+    @field_validator("outputs", mode="before")
+    @classmethod
+    def _outputs(cls, value: object) -> object:
+        value = _coerce_list(value)
+        unknown = [v for v in value if v not in KINDS] if isinstance(value, list) else []
+        if unknown:
+            raise ValueError(f"destinations.outputs: unknown kinds {unknown}; expected some of {list(KINDS)}")
+        return value
 
 
 class NodeConfig(_Section):

@@ -53,6 +53,8 @@ class Contrast:
                 f"TI1 {self.ti_ms[0]:g} ms, TI2 {self.ti_ms[1]:g} ms")
 
 
+MAX_CONTRASTS = 8  # result series numbers keep room for this many
+
 DEFAULT_CONTRASTS: tuple[Contrast, ...] = (
     Contrast("T1w", "T1-weighted spin echo", tr_ms=500.0, te_ms=10.0),
     Contrast("T2w", "T2-weighted fast spin echo", tr_ms=4000.0, te_ms=100.0),

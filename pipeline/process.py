@@ -34,6 +34,7 @@ from pipeline.acquisition import (
     protocol_with_overrides,
     sidecar_for,
 )
+from pipeline.contrasts import DEFAULT_CONTRASTS, Contrast, synthesise
 from pipeline.convert import convert_series
 from pipeline.dicom_series import MAX_VOXEL_MM, MIN_FRAMES, DicomSeries, SeriesRejected, read_series
 from pipeline.geometry import resample_to_grid
@@ -75,6 +76,9 @@ class ProcessOptions:
     # what the header or sidecar says, or what it left to the family defaults.
     protocol_overrides: Mapping[str, float | str | None] = field(default_factory=dict)
     sidecar: Path | None = None  # NIfTI input: the BIDS sidecar (default: NAME.json beside NAME.nii.gz)
+    # Synthetic contrasts computed from the maps (NIfTI synthetic_<name>.nii.gz; with derived_series also a
+    # derived MR series each): the defaults of pipeline.contrasts, or () for none.
+    contrasts: tuple[Contrast, ...] = DEFAULT_CONTRASTS
 
 
 @dataclass
@@ -268,6 +272,9 @@ def _write(out_dir: Path, source: Path, series: DicomSeries | None, shape: tuple
         for q in (*QUANTITIES, "Q"):
             save_volume(staging / f"{q}.nii.gz", on_source[q], affine)
             written[q] = f"{q}.nii.gz"
+        synthetic = [(c, synthesise(c, on_source["T1"], on_source["T2"], on_source["PD"])) for c in options.contrasts]
+        for contrast, values in synthetic:
+            save_volume(staging / f"synthetic_{contrast.name}.nii.gz", values, affine)
         if options.keep_working:
             for name, values in (("mprage", working), ("brain_mask", mask.astype(np.float32)), *maps.items()):
                 save_volume(staging / "working" / f"{name}.nii.gz", values, space.affine)
@@ -277,9 +284,12 @@ def _write(out_dir: Path, source: Path, series: DicomSeries | None, shape: tuple
                   quality=maps["Q"], verdict=verdict)
         dicom_files: list[str] = []
         if series is not None and options.dicom:
-            dicom_files = _write_dicom(series, on_source, staging / "dicom", package, options, verdict)
+            dicom_files = _write_dicom(series, on_source, staging / "dicom", package, options, verdict, synthetic)
+        contrasts = {c.name: {"file": f"synthetic_{c.name}.nii.gz", "imitates": c.description, "signal": c.equation}
+                     for c in options.contrasts}
         doc = _provenance_doc(source, series, package, space, float(mask.sum()) / 1000.0,
-                              {"maps": written, "qc_figure": "qc.png", "dicom": dicom_files}, protocol, verdict)
+                              {"maps": written, "synthetic_contrasts": contrasts, "qc_figure": "qc.png",
+                               "dicom": dicom_files}, protocol, verdict)
         (staging / "provenance.json").write_text(json.dumps(doc, indent=1))
         _publish(staging, out_dir)
     except BaseException:
@@ -291,8 +301,10 @@ def _write(out_dir: Path, source: Path, series: DicomSeries | None, shape: tuple
 
 
 def _write_dicom(series: DicomSeries, maps: dict[str, np.ndarray], folder: Path, package: ModelPackage,
-                 options: ProcessOptions, verdict: StudyVerdict) -> list[str]:
-    """Parametric Maps and derived series (with the quality series); a flagged study is marked in all."""
+                 options: ProcessOptions, verdict: StudyVerdict,
+                 synthetic: list[tuple[Contrast, np.ndarray]]) -> list[str]:
+    """Parametric Maps and derived series (with the quality series and the synthetic contrasts); a flagged study
+    is marked in all."""
     from pipeline.dicom_output import Provenance, write_result_series
 
     provenance = Provenance(str(package.manifest["name"]), str(package.manifest["version"]),
@@ -300,7 +312,8 @@ def _write_dicom(series: DicomSeries, maps: dict[str, np.ndarray], folder: Path,
     quantities = ("T1", "T2", "PD") if options.pd_dicom else ("T1", "T2")
     paths = write_result_series(series, maps, folder, provenance, derived=options.derived_series,
                                 quantities=quantities, quality=maps["Q"] if options.derived_series else None,
-                                warnings=verdict.reasons, uid_root=options.uid_root)
+                                warnings=verdict.reasons, uid_root=options.uid_root,
+                                contrasts=synthetic if options.derived_series else ())
     return [str(p.relative_to(folder)) for p in paths]
 
 

@@ -304,9 +304,10 @@ class ResultSink:
                 str(ds.get("ImageComments", "")), str(refs[0].get("SeriesInstanceUID", ""))))
         return 0x0000
 
-    def start(self) -> ResultSink:
+    def start(self, refuse: Sequence[str] = ()) -> ResultSink:
+        """Listen; ``refuse``: SOP classes it does not accept (as a PACS without Parametric Map support)."""
         ae = AE(self.ae_title)
-        ae.supported_contexts = AllStoragePresentationContexts
+        ae.supported_contexts = [cx for cx in AllStoragePresentationContexts if cx.abstract_syntax not in refuse]
         ae.add_supported_context(VERIFICATION)
         self._server = ae.start_server(("127.0.0.1", self.port), block=False,
                                        evt_handlers=[(evt.EVT_C_STORE, self._store)])

@@ -23,6 +23,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, ParametricMapStorage
 
+from pipeline.contrasts import DEFAULT_CONTRASTS, synthesise
 from pipeline.dicom_output import (
     QUANTITIES,
     Provenance,
@@ -32,6 +33,7 @@ from pipeline.dicom_output import (
     write_result_series,
 )
 from pipeline.dicom_output import writer as writer_module
+from pipeline.dicom_output.quantities import map_frames
 from pipeline.dicom_output.source import PATIENT_STUDY_TYPE2
 from pipeline.dicom_series import DicomSeries, read_series
 from training.phantom.dicom_series import DicomStyle, SeriesIdentity, Vendor, make_identity, write_mprage_series
@@ -704,3 +706,29 @@ def test_flag_and_quality_arguments_are_checked_before_writing(classic: Written,
     with pytest.raises(ValueError, match=r"quality: expected shape \(40, 48, 42\)"):
         write_result_series(classic.series, classic.maps, out, PROVENANCE, quality=_quality(classic)[:-1])
     assert not out.exists()
+
+
+def test_synthetic_contrasts_are_derived_series_marked_not_acquired(classic: Written, tmp_path: Path) -> None:
+    maps = {q: np.clip(v, 1e-3, None) for q, v in classic.maps.items()}
+    synthetic = [(c, synthesise(c, maps["T1"], maps["T2"], maps["PD"])) for c in DEFAULT_CONTRASTS]
+    paths = write_result_series(classic.series, maps, tmp_path, PROVENANCE, quantities=("T1",), contrasts=synthetic)
+    by_series: dict[str, list[Dataset]] = {}
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        by_series.setdefault(str(ds.SeriesDescription), []).append(ds)
+    numbers = set()
+    for contrast, values in synthetic:
+        images = sorted(by_series[f"synthMRF synthetic {contrast.name}, not acquired"], key=lambda d: d.InstanceNumber)
+        assert len(images) == MATRIX[2]
+        first = images[0]
+        assert "NOT ACQUIRED" in first.DerivationDescription and contrast.equation in first.DerivationDescription
+        assert first.ImageComments.startswith("Synthetic image, not acquired")
+        assert first.StudyInstanceUID == classic.series.study_instance_uid
+        assert first.ReferencedSeriesSequence[0].SeriesInstanceUID == classic.series.series_instance_uid
+        numbers.add(int(first.SeriesNumber))
+        stored = np.stack([im.pixel_array for im in images]) * float(first.RescaleSlope)
+        expected = map_frames(values, classic.series.grid) * 1000  # signal x 1000
+        np.testing.assert_allclose(stored, expected, atol=0.05 + 1e-4)
+        lines = _dciodvfy(tmp_path / f"{contrast.name}_mr_0001.dcm")
+        assert "MRImage" in lines and not [line for line in lines if line.startswith("Error")], lines
+    assert len(numbers) == len(DEFAULT_CONTRASTS)  # one series number each

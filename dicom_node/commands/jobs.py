@@ -90,7 +90,7 @@ def show(config_path: Path | None, job: str) -> None:
     for d in j.deliveries:
         click.echo(f"delivery   {d.destination}: {d.state}, {d.attempts} attempt(s), "
                    f"{'sent ' + when(d.sent_at) if d.sent_at else 'next ' + when(d.next_attempt_at)}"
-                   f"{', last error: ' + d.last_error if d.last_error else ''}")
+                   f"{(': ' if d.sent_at else ', last error: ') + d.last_error if d.last_error else ''}")
 
 
 @jobs.command()

@@ -25,6 +25,9 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 @click.option("--pd-map/--no-pd-map", default=False, show_default=True, help="Also write a PD Parametric Map.")
 @click.option("--derived/--no-derived", default=True, show_default=True,
               help="Viewer-friendly derived MR series (16-bit, rescaled to ms) beside the Parametric Maps.")
+@click.option("--contrasts/--no-contrasts", default=True, show_default=True,
+              help="Synthetic T1w, T2w, PDw, FLAIR and DIR images from the maps (OUT/synthetic_*.nii.gz and, with "
+                   "--derived, derived MR series marked 'not acquired'); timing as in [pipeline] synthetic_contrasts.")
 @click.option("--keep-working", is_flag=True, help="Also write the working-grid volumes (OUT/working/).")
 @click.option("--allow-out-of-range", is_flag=True,
               help="Process an acquisition outside the protocols the model was trained on (field strength, "
@@ -52,8 +55,8 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
               help="Readout flip angle in degrees.")
 @click.option("--te", "te_ms", type=POSITIVE, metavar="MS", help="Echo time.")
 def process(source: Path, out_dir: Path, model_ref: str | None, models_dir: Path, device: str, precision: str,
-            pd_map: bool, derived: bool, keep_working: bool, allow_out_of_range: bool, uid_root: str | None,
-            sidecar: Path | None, **overrides: float | str | None) -> None:
+            pd_map: bool, derived: bool, contrasts: bool, keep_working: bool, allow_out_of_range: bool,
+            uid_root: str | None, sidecar: Path | None, **overrides: float | str | None) -> None:
     """Turn SOURCE, a folder holding one 3D T1-weighted (MPRAGE) DICOM series or a NIfTI file, into
     quantitative maps. The series is checked first; input that cannot be an MPRAGE volume (a localiser,
     2D, too few slices, mixed series, inconsistent geometry) is refused with the reason (exit status 2).
@@ -67,6 +70,7 @@ def process(source: Path, out_dir: Path, model_ref: str | None, models_dir: Path
     outside what the model was trained on (e.g. 1.5 T for a 3 T model) is refused (exit status 2) unless
     --allow-out-of-range.
     """
+    from pipeline.contrasts import DEFAULT_CONTRASTS
     from pipeline.dicom_series import SeriesRejected
     from pipeline.model.package import PackageError
     from pipeline.model.registry import load_model
@@ -87,7 +91,8 @@ def process(source: Path, out_dir: Path, model_ref: str | None, models_dir: Path
             raise click.BadParameter(str(exc), param_hint="--uid-root") from exc
     options = ProcessOptions(device=device, precision=precision, derived_series=derived, pd_dicom=pd_map,
                              keep_working=keep_working, allow_out_of_range=allow_out_of_range,
-                             protocol_overrides=overrides, sidecar=sidecar, uid_root=uid_root)
+                             protocol_overrides=overrides, sidecar=sidecar, uid_root=uid_root,
+                             contrasts=DEFAULT_CONTRASTS if contrasts else ())
     try:
         result = process_series(source, out_dir, package, options=options)
     except SeriesRejected as exc:

@@ -47,6 +47,7 @@ class StoreReport:
     stored: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    refused: list[tuple[Path, str]] = field(default_factory=list)  # SOP class not accepted by the peer: final
 
     @property
     def ok(self) -> bool:
@@ -132,7 +133,8 @@ def store_files(files: Sequence[Path], peer: Peer, calling_ae_title: str, connec
                 dimse_timeout_s: float = 60.0) -> StoreReport:
     """C-STORE ``files`` to ``peer`` over as few associations as the contexts allow.
 
-    Files that are not DICOM are skipped; :class:`AssociationError` if the peer cannot be reached.
+    Files that are not DICOM are skipped; files of a SOP class the peer's association does not accept are
+    ``refused`` (not tried); :class:`AssociationError` if the peer cannot be reached.
     """
     report = StoreReport()
     headers: dict[Path, tuple[UID, UID]] = {}
@@ -149,9 +151,13 @@ def store_files(files: Sequence[Path], peer: Peer, calling_ae_title: str, connec
             ae.add_requested_context(sop_class, _syntaxes(ts))
         wanted = set(chunk)
         assoc = _associate(ae, peer)
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
         try:
             for f, key in headers.items():
                 if key not in wanted:
+                    continue
+                if str(key[0]) not in accepted:
+                    report.refused.append((f, f"{key[0].name} not accepted by the peer"))
                     continue
                 if not assoc.is_established:
                     report.failed.append((f, "association lost"))

@@ -6,6 +6,11 @@ later attempt after ``backoff_initial_s * 2**(attempt-1)`` (at most ``backoff_ma
 after ``max_attempts`` attempts (``synthmrf jobs retry`` makes it pending again). An attempt that
 could not send every result file (one is missing or unreadable) is a failed attempt. A resend carries
 the same SOP Instance UIDs, so a destination that already has an object keeps one copy.
+
+Each destination receives the kinds of result listed in its ``outputs`` (:mod:`pipeline.result_kinds`). A
+kind whose SOP class the destination does not accept (a PACS without Parametric Map support) is refused
+for good, not retried: the rest is delivered, and the delivery's detail names what went and what was
+refused (``synthmrf jobs show``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +26,7 @@ from pathlib import Path
 from dicom_node.config import Destination, DispatchSection, NodeConfig
 from dicom_node.dimse.client import Peer, StoreReport, store_files
 from dicom_node.node.job_store import Delivery, JobStore
+from pipeline.result_kinds import OTHER, kind_of
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +36,19 @@ Sender = Callable[[Sequence[Path], Peer, str, float, float], StoreReport]
 def backoff_s(attempts: int, cfg: DispatchSection) -> float:
     """Delay before the next attempt after ``attempts`` failed ones (exponential, capped)."""
     return float(min(cfg.backoff_initial_s * 2 ** max(attempts - 1, 0), cfg.backoff_max_s))
+
+
+def delivery_detail(report: StoreReport) -> str:
+    """Which kinds went (files per kind) and which the destination refused by SOP class."""
+    def counts(paths: Sequence[Path]) -> str:
+        per_kind = Counter(kind_of(p.name) for p in paths)
+        return ", ".join(f"{kind} {n}" for kind, n in sorted(per_kind.items()))
+
+    text = f"sent {counts(report.stored) or 'nothing'}"
+    if report.refused:
+        why = sorted({reason for _, reason in report.refused})
+        text += f"; refused by the destination: {counts([p for p, _ in report.refused])} ({'; '.join(why)})"
+    return text
 
 
 def peer_of(d: Destination) -> Peer:
@@ -91,13 +111,14 @@ class Dispatcher:
         if delivery is None:
             return
         job = self.store.job(due.job_id)
-        error = ""
+        error = detail = ""
         if dest is None:
             error = f"destination {due.destination!r} is no longer configured"
         elif job is None or not job.results:
             error = "no result files recorded"
         else:
-            files = [Path(p) for p in job.results]
+            wanted = {*dest.outputs, OTHER}
+            files = [Path(p) for p in job.results if kind_of(Path(p).name) in wanted]
             try:
                 report = self.send(files, peer_of(dest), self.cfg.calling_ae_title,
                                    self.cfg.dispatch.connect_timeout_s, self.cfg.dispatch.dimse_timeout_s)
@@ -106,13 +127,14 @@ class Dispatcher:
                 elif report.skipped:  # a partial result is not a delivery
                     error = (f"{len(report.skipped)} of {len(files)} result files unreadable, not sent: "
                              + "; ".join(f"{p.name}: {why}" for p, why in report.skipped[:3]))
+                detail = delivery_detail(report)
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
         if not error:
-            all_sent = self.store.delivery_sent(due.job_id, due.destination)
+            all_sent = self.store.delivery_sent(due.job_id, due.destination, detail)
             self.observe(due.destination, "sent")
-            logger.info("job %s: results sent to %s (attempt %d)%s", due.job_id, due.destination, delivery.attempts,
-                        "; job delivered" if all_sent else "", extra=extra)
+            logger.info("job %s: results sent to %s (attempt %d): %s%s", due.job_id, due.destination,
+                        delivery.attempts, detail, "; job delivered" if all_sent else "", extra=extra)
             return
         if delivery.attempts >= self.cfg.dispatch.max_attempts or dest is None:
             self.store.delivery_failed(due.job_id, due.destination, error, None)

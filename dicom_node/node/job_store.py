@@ -477,13 +477,15 @@ class JobStore:
                               str(DeliveryState.PENDING))).fetchone()
         return None if row is None else _delivery(row)
 
-    def delivery_sent(self, job_id: str, destination: str) -> bool:
-        """sending -> sent; the job becomes delivered when every delivery is sent. True if it did."""
+    def delivery_sent(self, job_id: str, destination: str, detail: str = "") -> bool:
+        """sending -> sent (``detail``: what went and what the destination refused, kept in ``last_error``); the
+        job becomes delivered when every delivery is sent. True if it did."""
         now = time.time()
         with self.db.tx() as tx:
-            tx.execute("UPDATE deliveries SET state = ?, last_error = '', owner = '', updated_at = ?, sent_at = ? "
+            tx.execute("UPDATE deliveries SET state = ?, last_error = ?, owner = '', updated_at = ?, sent_at = ? "
                        "WHERE job_id = ? AND destination = ? AND state = ?",
-                       (str(DeliveryState.SENT), now, now, job_id, destination, str(DeliveryState.SENDING)))
+                       (str(DeliveryState.SENT), detail[:500], now, now, job_id, destination,
+                        str(DeliveryState.SENDING)))
             left = tx.execute("SELECT COUNT(*) AS n FROM deliveries WHERE job_id = ? AND state != ?",
                               (job_id, str(DeliveryState.SENT))).fetchone()["n"]
             if left == 0:

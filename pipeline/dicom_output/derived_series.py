@@ -86,7 +86,8 @@ class DerivedMRImage(SOPClass):
                  position: Sequence[float], orientation: Sequence[float], pixel_spacing: Sequence[float],
                  slice_thickness: float, spacing_between_slices: float, quantity: QuantitySpec,
                  provenance: Provenance, series_instance_uid: str, series_number: int, instance_number: int,
-                 series_datetime: datetime.datetime, uid_root: str | None = None) -> None:
+                 series_datetime: datetime.datetime, uid_root: str | None = None,
+                 series_description: str | None = None, derivation: str | None = None) -> None:
         if not isinstance(pixel_array, np.ndarray) or pixel_array.dtype != np.uint16:
             raise TypeError(f"pixel_array: expected a uint16 numpy array, got {getattr(pixel_array, 'dtype', None)!s} "
                             f"{type(pixel_array).__name__}")
@@ -103,7 +104,7 @@ class DerivedMRImage(SOPClass):
             manufacturer_model_name=MANUFACTURER_MODEL_NAME, device_serial_number=DEVICE_SERIAL_NUMBER,
             software_versions=provenance.software_versions[0],  # all three set below (highdicom types one)
             transfer_syntax_uid=ExplicitVRLittleEndian,
-            series_description=f"synthMRF {quantity.name} map [{quantity.unit_label}] (MR image)",
+            series_description=series_description or f"synthMRF {quantity.name} map [{quantity.unit_label}] (MR image)",
             series_date=series_datetime.date(), series_time=series_datetime.time(),
             content_date=series_datetime.date(), content_time=series_datetime.time())
         copy_character_set(self, source)
@@ -131,7 +132,7 @@ class DerivedMRImage(SOPClass):
         reference.PurposeOfReferenceCodeSequence = [SOURCE_PURPOSE]
         reference.SpatialLocationsPreserved = "YES"
         self.SourceImageSequence = [reference]
-        self.DerivationDescription = provenance.derivation_description(quantity.name)
+        self.DerivationDescription = derivation or provenance.derivation_description(quantity.name)
         self.DerivationCodeSequence = [DERIVATION]
         instance = Dataset()
         instance.ReferencedSOPClassUID = source_frame.sop_class_uid
@@ -180,11 +181,13 @@ def encode(frames: np.ndarray, spec: QuantitySpec) -> tuple[np.ndarray, int]:
 
 
 def build_derived_series(series: DicomSeries, values: np.ndarray, quantity: str | QuantitySpec,
-                         provenance: Provenance, *, series_number: int,
-                         uid_root: str | None = None) -> list[DerivedMRImage]:
+                         provenance: Provenance, *, series_number: int, uid_root: str | None = None,
+                         series_description: str | None = None, derivation: str | None = None
+                         ) -> list[DerivedMRImage]:
     """One :class:`DerivedMRImage` per source frame, in grid order, for ``values`` ((i, j, k) on the grid).
 
-    ``quantity``: a name in :data:`~pipeline.dicom_output.quantities.QUANTITIES`, or a spec (the quality map's).
+    ``quantity``: a name in :data:`~pipeline.dicom_output.quantities.QUANTITIES`, or a spec (the quality map's, a
+    synthetic contrast's). ``series_description`` and ``derivation`` replace the map's (synthetic contrasts).
     """
     spec = quantity if isinstance(quantity, QuantitySpec) else quantity_spec(quantity)
     frames = map_frames(values, series.grid)
@@ -206,7 +209,8 @@ def build_derived_series(series: DicomSeries, values: np.ndarray, quantity: str 
                        pixel_spacing=list(grid.pixel_spacing), slice_thickness=thickness,
                        spacing_between_slices=grid.slice_spacing, quantity=spec, provenance=provenance,
                        series_instance_uid=series_uid, series_number=series_number, instance_number=k + 1,
-                       series_datetime=now, uid_root=uid_root)
+                       series_datetime=now, uid_root=uid_root, series_description=series_description,
+                       derivation=derivation)
         for k, source_frame in enumerate(series.frames)]
     logger.info("derived %s series %s in study %s: %d images", spec.name, series_uid, series.study_instance_uid,
                 len(images))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
+from pipeline.contrasts import Contrast
 from pipeline.dicom_series import RESULT_MANUFACTURER
 
 MANUFACTURER = RESULT_MANUFACTURER  # read_series refuses this manufacturer's objects as input
@@ -21,6 +22,8 @@ SEQUENCE_HASH_SHOWN = 16  # hex digits of the sequence hash in SoftwareVersions 
 FLAG_PREFIX = "OUT OF RANGE: "  # SeriesDescription of every result series of a flagged study
 FLAG_NOTE = "FLAGGED: input or result outside the model's validated range, interpret with caution"
 COMMENT_MAX = 1024  # of ImageComments (LT allows 10240): reasons are one line each, a few of them
+CONTRAST_COMMENT = ("Synthetic image, not acquired: computed from the synthMRF T1, T2 and PD maps by a signal "
+                    "equation (see Derivation Description); not for primary diagnosis without the acquired images")
 QUALITY_COMMENT = ("Q: how well the synthesised MRF signal fits the dictionary; 1 = on the dictionary manifold, "
                    "0 = misfit angle of 15 degrees or more")
 _HEX = re.compile(r"[0-9a-f]{16,64}")
@@ -66,6 +69,12 @@ class Provenance:
     def content_description(self, quantity: str) -> str:
         """A one-line summary for ContentDescription (LO)."""
         return f"synthMRF {quantity} map; model {self.model_label}"
+
+    def contrast_derivation(self, contrast: Contrast) -> str:
+        """DerivationDescription of a synthetic contrast: computed, not acquired, and how."""
+        return (f"synthetic {contrast.description}, NOT ACQUIRED: computed from the synthMRF T1, T2 and PD maps by "
+                f"{contrast.equation}; model {self.model_label}; MRF sequence sha256 {self.sequence_hash}; "
+                f"synthmrf {self.software_version}")
 
     def derivation_description(self, quantity: str) -> str:
         """Full provenance for DerivationDescription (ST), the sequence hash unabbreviated."""

@@ -1,4 +1,5 @@
-"""The mapped quantities (T1, T2, PD): their codes, units, display windows and integer encodings."""
+"""The mapped quantities (T1, T2, PD), the quality map and the synthetic contrasts: their codes, units, display
+windows and integer encodings."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from highdicom.pm import RealWorldValueMapping
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from pipeline.contrasts import MAX_CONTRASTS, Contrast
 from pipeline.dicom_series import DicomSeries, SeriesGrid
 
 IS_MAX = 2**31 - 1  # DICOM Integer String
@@ -53,6 +55,23 @@ QUANTITIES: Mapping[str, QuantitySpec] = {
 # mille (slope 0.001), as a derived MR series only. No standard code names it: a local code (99 prefix) and UCUM 1.
 QUALITY = QuantitySpec("Q", Code("MATCHQ", "99SYNTHMRF", "MRF dictionary match quality"), codes.UCUM.NoUnits, "0-1",
                        0.5, 1.0, 1e-3, "OTHER", "OTHER", 4)
+
+
+CONTRAST_OFFSET = 5  # synthetic contrast i: series offset 5 + i (derived series source x 100 + 15 + i)
+CONTRAST_SCALE = 1000.0  # a synthetic image's pixel value: signal x 1000 (PD 1, fully relaxed, no T2 decay: 1000)
+
+
+def contrast_spec(contrast: Contrast, index: int, values: np.ndarray) -> QuantitySpec:
+    """A synthetic contrast (arbitrary units, no standard code: a local one) shown as a derived MR series, with a
+    display window from the 2nd to the 98th percentile of its non-zero ``values`` (already x CONTRAST_SCALE)."""
+    if not 0 <= index < MAX_CONTRASTS:
+        raise ValueError(f"index: at most {MAX_CONTRASTS} synthetic contrasts, got index {index}")
+    inside = np.asarray(values)[np.asarray(values) > 0]
+    lo, hi = (np.percentile(inside, [2, 98]) if inside.size else (0.0, 1.0))
+    hi = max(float(hi), float(lo) + 1.0)
+    concept = Code(f"SYN{contrast.name.upper()}"[:16], "99SYNTHMRF", f"synthetic {contrast.description}"[:64])
+    return QuantitySpec(contrast.name, concept, codes.UCUM.ArbitraryUnit, "a.u.", (float(lo) + hi) / 2,
+                        hi - float(lo), 0.1, "OTHER", "OTHER", CONTRAST_OFFSET + index)
 
 
 def quantity_spec(name: object, argument: str = "quantity") -> QuantitySpec:

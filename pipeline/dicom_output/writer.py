@@ -1,4 +1,5 @@
-"""Write the result series of one source series: a Parametric Map and a derived MR series per quantity.
+"""Write the result series of one source series: a Parametric Map and a derived MR series per quantity, the
+quality series and the synthetic contrasts (derived MR series marked as computed, not acquired).
 
 Everything is built (and so validated) before the first file is written. Each file is written under a
 hidden temporary name in ``out_dir``, flushed to disk and renamed; if any write fails, the files this
@@ -22,10 +23,19 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
+from pipeline.contrasts import MAX_CONTRASTS, Contrast
 from pipeline.dicom_output.derived_series import build_derived_series
 from pipeline.dicom_output.parametric_map import build_parametric_map
-from pipeline.dicom_output.provenance import QUALITY_COMMENT, Provenance, flag_result
-from pipeline.dicom_output.quantities import QUALITY, map_frames, quantity_spec, result_series_number
+from pipeline.dicom_output.provenance import CONTRAST_COMMENT, QUALITY_COMMENT, Provenance, flag_result
+from pipeline.dicom_output.quantities import (
+    CONTRAST_SCALE,
+    QUALITY,
+    QUANTITIES,
+    contrast_spec,
+    map_frames,
+    quantity_spec,
+    result_series_number,
+)
 from pipeline.dicom_output.source import read_source_headers
 from pipeline.dicom_series import DicomSeries
 
@@ -58,14 +68,17 @@ def write_dataset_atomic(ds: Dataset, path: Path) -> None:
 def write_result_series(series: DicomSeries, maps: Mapping[str, np.ndarray], out_dir: Path, provenance: Provenance,
                         *, derived: bool = True, quantities: Sequence[str] = ("T1", "T2"),
                         quality: np.ndarray | None = None, warnings: Sequence[str] = (),
-                        uid_root: str | None = None) -> list[Path]:
+                        uid_root: str | None = None,
+                        contrasts: Sequence[tuple[Contrast, np.ndarray]] = ()) -> list[Path]:
     """Write ``quantities`` of ``maps`` ((i, j, k) volumes on ``series.grid``) into ``out_dir``; the paths.
 
     Per quantity: one Parametric Map (series number source x 100 + k) and, with ``derived``, one classic
     MR series (source x 100 + 10 + k), each a new series in the source study. A ``quality`` map (Q in
     [0, 1], :mod:`pipeline.quality`) adds a classic MR series of its own (source x 100 + 14). ``warnings``:
     the reasons the study is flagged out of range (see the module docstring); none, not flagged. ``uid_root``:
-    the organisational root of every UID created (default: pydicom's).
+    the organisational root of every UID created (default: pydicom's). ``contrasts``: synthetic contrasts and
+    their images (:func:`pipeline.contrasts.synthesise`, on ``series.grid``), one classic MR series each
+    (source x 100 + 15 + i; pixel values: signal x 1000), described as "synthetic ..., not acquired".
     """
     if isinstance(quantities, str) or not quantities:
         raise ValueError(f"quantities: expected a non-empty sequence of names, got {quantities!r}")
@@ -79,6 +92,13 @@ def write_result_series(series: DicomSeries, maps: Mapping[str, np.ndarray], out
         raise ValueError(f"maps: no volume for {missing}; it has {sorted(maps)}")
     for spec in specs:
         map_frames(maps[spec.name], series.grid, f"maps[{spec.name!r}]")
+    if len(contrasts) > MAX_CONTRASTS or len({c.name for c, _ in contrasts}) != len(contrasts):
+        raise ValueError(f"contrasts: at most {MAX_CONTRASTS}, names unique; got {[c.name for c, _ in contrasts]}")
+    reserved = {*QUANTITIES, QUALITY.name} & {c.name for c, _ in contrasts}
+    if reserved:
+        raise ValueError(f"contrasts: names {sorted(reserved)} are taken by the maps")
+    for contrast, values in contrasts:
+        map_frames(values, series.grid, f"contrasts[{contrast.name!r}]")
     if quality is not None:
         frames = map_frames(quality, series.grid, "quality")
         slack = QUALITY.derived_slope / 2  # float rounding of a resampled map: stored as 0 or 1000 all the same
@@ -106,6 +126,16 @@ def write_result_series(series: DicomSeries, maps: Mapping[str, np.ndarray], out
         for im in images:
             im.ImageComments = QUALITY_COMMENT
         derived_files.extend((out_dir / derived_file_name(QUALITY.name, int(im.InstanceNumber)), im) for im in images)
+    for index, (contrast, signal) in enumerate(contrasts):
+        values = np.asarray(signal, dtype=np.float32) * CONTRAST_SCALE
+        spec = contrast_spec(contrast, index, values)
+        images = build_derived_series(series, values, spec, provenance, uid_root=uid_root,
+                                      series_number=result_series_number(series, spec, derived=True),
+                                      series_description=f"synthMRF synthetic {contrast.name}, not acquired",
+                                      derivation=provenance.contrast_derivation(contrast))
+        for im in images:
+            im.ImageComments = CONTRAST_COMMENT
+        derived_files.extend((out_dir / derived_file_name(spec.name, int(im.InstanceNumber)), im) for im in images)
     files += derived_files
     if warnings:
         for _, ds in files:

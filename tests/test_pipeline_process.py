@@ -154,6 +154,19 @@ def test_end_to_end_dicom_in_maps_out(subject: Path, package: ModelPackage, tmp_
     with capsys.disabled():
         print("\nregional medians vs truth:", "; ".join(report))
 
+    # Synthetic contrasts: the expected tissue ordering on the phantom, and a derived series each.
+    contrast = {}
+    for name in ("T1w", "T2w", "FLAIR", "DIR"):
+        image, affine = load_volume(out / f"synthetic_{name}.nii.gz")
+        on_truth = resample_to_grid(image, affine, labels.shape, truth_affine, order=0)
+        contrast[name] = {t: float(np.median(on_truth[tissues[t] & (on_truth > 0)])) for t in ("WM", "GM", "CSF")}
+    assert contrast["T1w"]["WM"] > contrast["T1w"]["GM"] > contrast["T1w"]["CSF"], contrast["T1w"]
+    assert contrast["T2w"]["CSF"] > contrast["T2w"]["GM"] > contrast["T2w"]["WM"], contrast["T2w"]
+    assert contrast["FLAIR"]["CSF"] < 0.5 * contrast["FLAIR"]["GM"], contrast["FLAIR"]
+    assert contrast["DIR"]["GM"] > 2 * max(contrast["DIR"]["WM"], contrast["DIR"]["CSF"]), contrast["DIR"]
+    for name in ("T1w", "T2w", "PDw", "FLAIR", "DIR"):
+        assert len([p for p in result.dicom_files if p.name.startswith(f"{name}_mr_")]) == source_mprage.shape[2]
+
     # DICOM: T1, T2, PD Parametric Maps and derived series in the source study, valid per dciodvfy.
     dciodvfy = shutil.which("dciodvfy")
     assert dciodvfy is not None, "dciodvfy is required (apt-get install dicom3tools)"

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.config import ConfigError, NodeConfig, config_from_mapping, load_config
+from pipeline.result_kinds import DEFAULT_OUTPUTS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS_FILE = ROOT / "config" / "synthmrf.toml"
@@ -17,7 +18,7 @@ def test_shipped_file_spells_out_the_defaults() -> None:
     defaults = NodeConfig().model_dump()
     assert from_file.pop("destinations") == [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
                                               "port": 4242, "tls": False, "tls_ca": None, "tls_cert": None,
-                                              "tls_key": None}]
+                                              "tls_key": None, "outputs": list(DEFAULT_OUTPUTS)}]
     defaults.pop("destinations")
     assert from_file == defaults
 

@@ -231,6 +231,7 @@ class PipelineSection(_Section):
     models_dir: Path = Path("var/synthmrf/models")  # the model registry (as 'synthmrf model --models-dir')
     device: str = "auto"  # auto (CUDA when present), cpu or cuda
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    backend: Literal["auto", "torch", "onnxruntime"] = "auto"  # auto: ONNX Runtime for float32 on CPU, else torch
     derived_series: bool = True  # viewer-friendly derived MR series beside the Parametric Maps
     pd_map: bool = False  # also a PD Parametric Map
     # Process series whose acquisition lies outside the model's trained protocols (field strength, family,

@@ -71,6 +71,7 @@ class ProcessOptions:
     keep_working: bool = False  # also write the working-grid volumes (input, mask, maps) under working/
     batch: int | None = None  # slices per forward pass; None: 1 on CPU, 16 on CUDA
     precision: str = "auto"  # float32, bfloat16, or auto: bfloat16 where the hardware has it natively
+    backend: str = "auto"  # torch, onnxruntime, or auto: ONNX Runtime for float32 on CPU (model/inference.py)
     allow_out_of_range: bool = False  # process an acquisition outside the model's trained ranges (and say so)
     # Acquisition values given by the user (pipeline.acquisition.OVERRIDABLE; None: not given): they replace
     # what the header or sidecar says, or what it left to the family defaults.
@@ -216,7 +217,8 @@ def process_series(source: str | Path, out_dir: str | Path, package: ModelPackag
     with stages.stage("inference"):
         package.model.to(device)
         channels = synthesise_channels(normalised, mask, package, batch=options.batch, device=device,
-                                       precision=options.precision, protocol=features_for(package, protocol))
+                                       precision=options.precision, protocol=features_for(package, protocol),
+                                       backend=options.backend)
     with stages.stage("match"):
         matcher = _matcher(package.sequence, device)
         check_compatible(package, matcher.dictionary)

@@ -20,6 +20,9 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("var/synthmrf/models"),
               envvar="SYNTHMRF_MODELS_DIR", show_default=True, help="Model registry folder.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
+              help="Inference engine: auto runs ONNX Runtime for float32 on CPU (exported once per model and cached "
+                   "in SYNTHMRF_CACHE_DIR) and torch for CUDA or bfloat16.")
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="Network arithmetic; auto uses bfloat16 where the hardware computes it natively.")
 @click.option("--pd-map/--no-pd-map", default=False, show_default=True, help="Also write a PD Parametric Map.")
@@ -54,8 +57,8 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 @click.option("--flip-angle", "flip_angle_deg", type=click.FloatRange(min=0, max=90, min_open=True), metavar="DEG",
               help="Readout flip angle in degrees.")
 @click.option("--te", "te_ms", type=POSITIVE, metavar="MS", help="Echo time.")
-def process(source: Path, out_dir: Path, model_ref: str | None, models_dir: Path, device: str, precision: str,
-            pd_map: bool, derived: bool, contrasts: bool, keep_working: bool, allow_out_of_range: bool,
+def process(source: Path, out_dir: Path, model_ref: str | None, models_dir: Path, device: str, backend: str,
+            precision: str, pd_map: bool, derived: bool, contrasts: bool, keep_working: bool, allow_out_of_range: bool,
             uid_root: str | None, sidecar: Path | None, **overrides: float | str | None) -> None:
     """Turn SOURCE, a folder holding one 3D T1-weighted (MPRAGE) DICOM series or a NIfTI file, into
     quantitative maps. The series is checked first; input that cannot be an MPRAGE volume (a localiser,
@@ -89,8 +92,8 @@ def process(source: Path, out_dir: Path, model_ref: str | None, models_dir: Path
             check_uid_root(uid_root)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--uid-root") from exc
-    options = ProcessOptions(device=device, precision=precision, derived_series=derived, pd_dicom=pd_map,
-                             keep_working=keep_working, allow_out_of_range=allow_out_of_range,
+    options = ProcessOptions(device=device, precision=precision, backend=backend, derived_series=derived,
+                             pd_dicom=pd_map, keep_working=keep_working, allow_out_of_range=allow_out_of_range,
                              protocol_overrides=overrides, sidecar=sidecar, uid_root=uid_root,
                              contrasts=DEFAULT_CONTRASTS if contrasts else ())
     try:

@@ -26,7 +26,7 @@ class PipelineProcessor:
         from pipeline.process import ProcessOptions, process_series
 
         package = load_model(model, self.cfg.models_dir)  # None: the active model, looked up for every job
-        options = ProcessOptions(device=self.cfg.device, precision=self.cfg.precision,
+        options = ProcessOptions(device=self.cfg.device, precision=self.cfg.precision, backend=self.cfg.backend,
                                  derived_series=self.cfg.derived_series, pd_dicom=self.cfg.pd_map,
                                  allow_out_of_range=self.cfg.allow_out_of_range, uid_root=self.cfg.uid_root,
                                  contrasts=tuple(c.contrast() for c in self.cfg.synthetic_contrasts))

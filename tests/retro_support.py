@@ -142,6 +142,10 @@ def config_toml(cfg: NodeConfig, path: Path) -> Path:
     lines: list[str] = []
 
     def value(v: object) -> str:
+        if isinstance(v, dict):  # an inline table (a list of them: [[pipeline.synthetic_contrasts]])
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
         return json.dumps(v)
 
     for section, body in data.items():

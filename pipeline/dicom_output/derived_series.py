@@ -174,10 +174,14 @@ class DerivedMRImage(SOPClass):
 
 
 def encode(frames: np.ndarray, spec: QuantitySpec) -> tuple[np.ndarray, int]:
-    """Stored uint16 values of ``frames`` (in the quantity's unit) and how many were clipped."""
-    stored = np.rint(frames.astype(np.float64) / spec.derived_slope)
-    clipped = int(np.count_nonzero((stored < 0) | (stored > STORED_MAX)))
-    return np.clip(stored, 0, STORED_MAX).astype(np.uint16), clipped
+    """Stored uint16 values of ``frames`` (in the quantity's unit) and how many were clipped: float64 (so a value
+    half a step from two stored values rounds as written), one array, in place."""
+    stored = frames.astype(np.float64)
+    stored /= spec.derived_slope
+    np.rint(stored, out=stored)
+    clipped = int(np.count_nonzero(stored < 0)) + int(np.count_nonzero(stored > STORED_MAX))
+    np.clip(stored, 0, STORED_MAX, out=stored)
+    return stored.astype(np.uint16), clipped
 
 
 def build_derived_series(series: DicomSeries, values: np.ndarray, quantity: str | QuantitySpec,

@@ -63,7 +63,7 @@ def test_one_input(data: bytes) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            info = inspect_instance(event, TARGET, len(raw) - len(data), len(data),  # type: ignore[arg-type]
+            info = inspect_instance(event, TARGET, len(raw) - len(data),  # type: ignore[arg-type]
                                     IngressSection(), MprageSection())
             if info.discard:
                 return

@@ -155,8 +155,7 @@ def handle_store(event: Event, spool: Spool, arrivals: Arrivals, identities: Ser
             raise SpoolFullError(received.refusal)
         if received.refusal is not None:
             raise InstanceRefusedError(OUT_OF_RESOURCES, received.refusal)
-        info = inspect_instance(event, Path(received.name), received.header_bytes, received.data_bytes, limits,
-                                rules)
+        info = inspect_instance(event, Path(received.name), received.header_bytes, limits, rules)
         size = received.data_bytes
         if info.discard:
             logger.debug("discarded %s of series %s from %s: %s", info.sop_instance_uid, info.series_instance_uid,

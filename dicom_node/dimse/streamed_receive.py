@@ -50,7 +50,7 @@ class Settings:
     folder: Path
     max_bytes: float
     floor: Callable[[], int]  # bytes that must stay free
-    meta_for: MetaFor | None
+    meta_for: MetaFor
 
 
 _settings: dict[int, Settings] = {}  # id(AE) -> how its associations receive
@@ -64,7 +64,7 @@ class ReceiveFile:
     every fragment: that flush does nothing here). ``refusal`` says why bytes were dropped; ``data_bytes``
     counts the data set as received."""
 
-    def __init__(self, settings: Settings, owner: int | None) -> None:
+    def __init__(self, settings: Settings, owner: int) -> None:
         self.fd, self.name = tempfile.mkstemp(prefix=PREFIX, suffix=".part", dir=settings.folder)
         self.settings = settings
         self.owner = owner
@@ -77,16 +77,15 @@ class ReceiveFile:
         self._in_header = True  # pynetdicom's preamble and "DICM" are skipped until begin() writes our header
         self.header_bytes = 0  # where the data set starts in the file
         self._closed = False
-        if owner is not None:
-            with _open_lock:
-                _open.setdefault(owner, set()).add(self)
+        with _open_lock:
+            _open.setdefault(owner, set()).add(self)
 
     @property
     def file(self) -> ReceiveFile:
         return self
 
     def flush(self) -> None:
-        """pynetdicom's flush after each fragment: the bytes stay in the buffer (see :meth:`sync`)."""
+        """pynetdicom's flush after each fragment: the bytes stay in the buffer until it is full or closed."""
 
     def begin(self, header: bytes) -> None:
         """Write the preamble and File Meta Information; what is written after it is the data set."""
@@ -119,18 +118,16 @@ class ReceiveFile:
                              space=True)
                 return
             self._next_space_check = self._written + min(SPACE_CHECK_BYTES, headroom)  # checked before it is used
-        view = memoryview(self._buffer)
         try:
-            while view:
-                n = os.write(self.fd, view)
-                view = view[n:]
-                self._written += n
+            with memoryview(self._buffer) as view:
+                done = 0
+                while done < len(view):
+                    done += os.write(self.fd, view[done:])
+            self._written += done
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             self._refuse("storage full: the disk filled while receiving", space=True)
-        finally:
-            view.release()
         self._buffer.clear()
 
     def _refuse(self, why: str, space: bool = False) -> None:
@@ -141,12 +138,6 @@ class ReceiveFile:
         with contextlib.suppress(OSError):
             os.ftruncate(self.fd, 0)
 
-    def sync(self) -> None:
-        """Write what is buffered and make the file durable (before it is renamed into the spool)."""
-        self._drain()
-        if self.refusal is None:
-            os.fsync(self.fd)
-
     def close(self) -> None:
         """Write what is buffered and close (idempotent)."""
         if self._closed:
@@ -156,13 +147,12 @@ class ReceiveFile:
         finally:
             self._closed = True
             os.close(self.fd)
-            if self.owner is not None:
-                with _open_lock:
-                    files = _open.get(self.owner)
-                    if files is not None:
-                        files.discard(self)
-                        if not files:
-                            del _open[self.owner]
+            with _open_lock:
+                files = _open.get(self.owner)
+                if files is not None:
+                    files.discard(self)
+                    if not files:
+                        del _open[self.owner]
 
 
 def _receiving_settings() -> tuple[Settings | None, Any]:
@@ -184,7 +174,7 @@ def _create_file_meta(**kwargs: Any) -> Any:
     """Stands in for pynetdicom's ``create_file_meta``: our File Meta Information, as bytes, for a streamed data
     set (pynetdicom's, as a data set, otherwise or when ours cannot be made)."""
     settings, assoc = _receiving_settings()
-    if settings is not None and settings.meta_for is not None:
+    if settings is not None:
         try:
             return settings.meta_for(str(kwargs["sop_class_uid"]), str(kwargs["sop_instance_uid"]),
                                      str(kwargs["transfer_syntax"]), assoc.requestor.ae_title)
@@ -206,8 +196,7 @@ def _write_file_meta_info(fp: Any, meta: Any, *args: Any, **kwargs: Any) -> None
     fp.begin(b"\0" * 128 + b"DICM" + encoded.getvalue())
 
 
-def enable(ae: Any, folder: Path, max_bytes: float, floor: Callable[[], int],
-           meta_for: MetaFor | None = None) -> None:
+def enable(ae: Any, folder: Path, max_bytes: float, floor: Callable[[], int], meta_for: MetaFor) -> None:
     """Stream every C-STORE data set that ``ae``'s associations receive into ``folder`` (see the module
     docstring); until :func:`disable`."""
     _settings[id(ae)] = Settings(Path(folder), float(max_bytes), floor, meta_for)

@@ -207,18 +207,16 @@ def _read_data_set(path: Path, offset: int, transfer_syntax: UID) -> Dataset:
                             defer_size=DEFER_BYTES)
 
 
-def inspect_instance(event: Event, path: Path, data_offset: int, data_bytes: int,
-                     limits: IngressSection | None = None, rules: MprageSection | None = None) -> InstanceInfo:
-    """Check a C-STORE request whose data set (``data_bytes`` long) was received into the DICOM file ``path``
-    (starting at ``data_offset``); :class:`InstanceRefusedError` says why it is refused.
+def inspect_instance(event: Event, path: Path, data_offset: int, limits: IngressSection | None = None,
+                     rules: MprageSection | None = None) -> InstanceInfo:
+    """Check a C-STORE request whose data set was received into the DICOM file ``path`` (starting at
+    ``data_offset``; its size was bounded while it arrived, see ``streamed_receive``);
+    :class:`InstanceRefusedError` says why it is refused.
 
     ``limits`` (default: the ``[ingress]`` defaults) bound the instance; with ``rules``, an MR instance the
     MPRAGE rules refuse by its own header is marked for discarding (unless ``keep_non_candidates``)."""
     limits = limits or IngressSection()
     request = cast(C_STORE, event.request)
-    if data_bytes > limits.max_instance_mb * 2**20:
-        raise InstanceRefusedError(OUT_OF_RESOURCES, f"instance of {data_bytes / 2**20:,.0f} MB exceeds "
-                                                     f"ingress.max_instance_mb {limits.max_instance_mb:g}")
     try:
         command_sop = require_uid(request.AffectedSOPInstanceUID, "Affected SOP Instance UID")
         command_class = require_uid(request.AffectedSOPClassUID, "Affected SOP Class UID")

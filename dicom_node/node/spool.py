@@ -249,8 +249,9 @@ class Spool:
     def store_file(self, series_uid: str, sop_uid: str, path: str | Path) -> StoreOutcome:
         """Move a received DICOM file from ``tmp/`` into the series' ``incoming/``, durably.
 
-        Returns DUPLICATE, deleting the file, if the series already holds that SOP Instance UID.
-        :class:`SpoolFullError` (the file is left to the caller) when less than the minimum is free;
+        Returns DUPLICATE, deleting the file, if the series already holds that SOP Instance UID. The caller has
+        kept the free-space floor while the file was written (:meth:`check_space`; the streamed receive checks
+        as it writes). :class:`SpoolFullError` (the file is left to the caller) if the fsync meets a full disk;
         :class:`StoredNotSyncedError` when the instance is in ``incoming/`` but the folder's fsync
         (``fsync_directories``) failed. The file is fsynced before the rename: from then on a crash
         cannot lose it (``prepare`` rolls a complete leftover forward).
@@ -261,7 +262,6 @@ class Spool:
             self._sync_unsynced(series_uid, sop_uid)
             os.unlink(path)
             return StoreOutcome.DUPLICATE
-        self.check_space(0)
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)

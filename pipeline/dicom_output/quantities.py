@@ -66,7 +66,8 @@ def contrast_spec(contrast: Contrast, index: int, values: np.ndarray) -> Quantit
     display window from the 2nd to the 98th percentile of its non-zero ``values`` (already x CONTRAST_SCALE)."""
     if not 0 <= index < MAX_CONTRASTS:
         raise ValueError(f"index: at most {MAX_CONTRASTS} synthetic contrasts, got index {index}")
-    inside = np.asarray(values)[np.asarray(values) > 0]
+    values = np.asarray(values)
+    inside = values[values > 0]
     lo, hi = (np.percentile(inside, [2, 98]) if inside.size else (0.0, 1.0))
     hi = max(float(hi), float(lo) + 1.0)
     concept = Code(f"SYN{contrast.name.upper()}"[:16], "99SYNTHMRF", f"synthetic {contrast.description}"[:64])

@@ -75,8 +75,9 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """"torch" or "onnxruntime". "auto": ONNX Runtime for float32 on CPU when it is installed (2.3x faster
-    here, outputs within 1e-4), torch for CUDA and for bfloat16 (the CPUs that compute it natively)."""
+    """"torch" or "onnxruntime". "auto": ONNX Runtime for float32 on CPU when it is installed (inference
+    1.7x faster on a 192x192x150 study here, channels within 2.4e-6 of torch's), torch for CUDA and for
+    bfloat16 (the CPUs that compute it natively)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "onnxruntime":

@@ -1,7 +1,7 @@
 """ONNX Runtime inference for CPUs: the package's networks exported to ONNX once and cached with a checksum.
 
 torch stays the reference (and the CUDA path); on CPU, ONNX Runtime runs the same grouped convolutions
-2.3x faster here (measured in :mod:`bench.bench_model`). The export is keyed by the weights' SHA-256 and
+1.7x faster here (inference of a 192x192x150 study, README). The export is keyed by the weights' SHA-256 and
 the networks run (:attr:`~pipeline.model.package.ModelPackage.signal_channels`), written to
 ``<cache>/onnx/`` (``SYNTHMRF_CACHE_DIR``, as the dictionaries) under a temporary name and renamed, with
 the ONNX file's SHA-256 beside it; a cached file whose checksum does not match is exported again.

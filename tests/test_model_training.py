@@ -175,6 +175,44 @@ def test_fine_tuning_starts_from_a_package_and_keeps_its_ranges(tiny_dataset: Pa
     assert result.exit_code == 2 and "--init-from" in result.output, result.output
 
 
+def test_training_some_networks_equals_training_them_in_the_ensemble(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Networks trained alone (the others' outputs are never used) learn exactly what they learn inside the
+    full ensemble; the others keep their weights; a run of every network resumes on fewer."""
+    dataset = load_dataset(tiny_dataset, tmp_path / "cache")
+    unet = replace(TINY, dropout=0.0)  # dropout masks depend on the tensor's shape
+    config = TrainConfig(epochs=2, iterations_per_epoch=2, batch_size=2, crop=32, validation_slices=2, unet=unet,
+                         bf16=False, warmup_iterations=1, learning_rate=1e-2)
+    active = [0, 1, 3, 5]
+    full = train(dataset, tmp_path / "full", config, progress=False)
+    some = train(dataset, tmp_path / "some", config, progress=False, networks=active)
+    torch.manual_seed(config.seed)
+    start = UNetEnsemble(unet).state_dict()
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "some" / "checkpoint.pt", weights_only=False)["model"]
+    best = torch.load(tmp_path / "some" / "best.pt", weights_only=False)["state"]
+    for name, t in b.items():
+        if not t.ndim:
+            continue
+        for g in range(7):
+            part = network_slice(t, g, 7)
+            if g in active:
+                assert torch.allclose(t[part], a[name][part], atol=2e-5), (name, g)
+            else:  # as initialised (the output bias is set from the training targets' means)
+                assert torch.equal(t[part], best[name][part]), (name, g)
+                assert name == "head.bias" or torch.equal(t[part], start[name][part]), (name, g)
+    for g, channel in enumerate(full["best_val_mse"]):
+        if g in active:
+            assert some["best_val_mse"][channel] == pytest.approx(full["best_val_mse"][channel], rel=1e-3)
+        else:
+            assert some["best_val_mse"][channel] == math.inf
+    assert "nan" in (tmp_path / "some" / "metrics.csv").read_text().splitlines()[1]
+    # The run of all seven resumes on four: its Adam moments are cut to those networks' blocks.
+    resumed = train(dataset, tmp_path / "full", replace(config, epochs=3), progress=False, networks=active)
+    assert resumed["epochs"] == 3
+    with pytest.raises(ValueError, match=r"or fewer"):
+        train(dataset, tmp_path / "some", replace(config, epochs=3), progress=False)
+
+
 def test_same_seed_same_training(tiny_dataset: Path, tmp_path: Path) -> None:
     dataset = load_dataset(tiny_dataset, tmp_path / "cache")
     config = TrainConfig(epochs=1, iterations_per_epoch=2, batch_size=2, crop=32, validation_slices=2, unet=TINY,

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.model.package import ModelPackage
-from pipeline.model.unet import UNetConfig, UNetEnsemble, expand_input_planes, network_slice
+from pipeline.model.unet import UNetConfig, UNetEnsemble, expand_input_planes, merge_subset, network_slice, subset
 from pipeline.mrf.coefficients import CHANNEL_NAMES
 from pipeline.mrf.epg import resolve_device
 from training.preprocess import Dataset, PreparedSubject, channel_ranges
@@ -186,11 +187,15 @@ def _check_initial(initial: ModelPackage, dataset: Dataset, config: TrainConfig)
 
 
 def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), *, device: str = "auto",
-          resume: bool = True, progress: bool = True, initial: ModelPackage | None = None) -> dict[str, object]:
+          resume: bool = True, progress: bool = True, initial: ModelPackage | None = None,
+          networks: Sequence[int] | None = None) -> dict[str, object]:
     """Train (or resume) in ``run_dir``; returns a summary. Best weights: ``run_dir/best.pt``.
 
     ``initial`` fine-tunes a model package: the run starts from its weights and keeps its channel ranges,
     so its outputs keep their meaning; its name is recorded as ``config.init_from``.
+    ``networks``: train only these networks (default all); the others keep their weights and cost nothing
+    (inference skips the networks of channels without signal, so training them is wasted). A run resumes
+    on the same networks or on fewer.
     """
     config = replace(config, init_from=None if initial is None else initial.name)
     rank, world = _distributed()
@@ -206,9 +211,11 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
         ranges = channel_ranges(train_subjects)
     torch.manual_seed(config.seed)
     model = UNetEnsemble(config.unet).to(dev)
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     n_nets = config.unet.n_nets
-    state = _State(0, [math.inf] * n_nets, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    active = tuple(range(n_nets)) if networks is None else tuple(sorted(set(networks)))
+    if not active or not all(0 <= g < n_nets for g in active):
+        raise ValueError(f"networks: expected indices in 0..{n_nets - 1}, got {networks}")
+    state = _State(0, [math.inf] * n_nets, {})
     checkpoint = run_dir / CHECKPOINT
     if resume and checkpoint.is_file():
         saved = torch.load(checkpoint, map_location=dev, weights_only=False)
@@ -218,27 +225,41 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
                                         "schedule the number of epochs is part of it); use a new run folder, or "
                                         "--init-from a package of this run to train on")
         model.load_state_dict(saved["model"])
-        optimiser.load_state_dict(saved["optimiser"])
+        trained = tuple(saved.get("networks", range(n_nets)))
+        if not set(active) <= set(trained):
+            raise RunConfigurationError(f"{checkpoint}: trained networks {list(trained)}; it can resume on those "
+                                        f"or fewer, not on {list(active)}")
+        work = _working_model(model, active)
+        optimiser = torch.optim.Adam(work.parameters(), lr=config.learning_rate)
+        optimiser.load_state_dict(_optimiser_for(saved["optimiser"], trained, active))
         state = _State(saved["epoch"], saved["best_val"], saved["best_state"])
         logger.info("resuming %s at epoch %d", run_dir, state.epoch)
-    elif initial is not None:
-        model.load_state_dict(expand_input_planes(initial.model.state_dict(), config.unet))
-        state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        logger.info("starting from the weights of %s", initial.name)
     else:
-        _initialise_output_bias(model, train_subjects, ranges, config)
-    net: torch.nn.Module = model
+        if initial is not None:
+            model.load_state_dict(expand_input_planes(initial.model.state_dict(), config.unet))
+            logger.info("starting from the weights of %s", initial.name)
+        else:
+            _initialise_output_bias(model, train_subjects, ranges, config)
+        state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        work = _working_model(model, active)
+        optimiser = torch.optim.Adam(work.parameters(), lr=config.learning_rate)
+    if len(active) < n_nets:
+        logger.info("training networks %s only (%s keep their weights)", [CHANNEL_NAMES[g] for g in active],
+                    [c for g, c in enumerate(CHANNEL_NAMES) if g not in active])
+    net: torch.nn.Module = work
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     validation = _validation_set(val_subjects, config.validation_slices, ranges, config)
+    validation = (validation[0], validation[1][:, list(active)], validation[2])
     if initial is not None and state.epoch == 0 and rank == 0:  # the package's weights are the best so far
-        state.best_val = [float(v) for v in validation_mse(model, validation, dev)]
+        for g, v in zip(active, validation_mse(work, validation, dev), strict=True):
+            state.best_val[g] = float(v)
     metrics_path = run_dir / METRICS
     started = time.monotonic()
     stopped_early = False
     while state.epoch < config.epochs:
         rng = np.random.default_rng([config.seed, state.epoch, rank])
-        losses = np.zeros(n_nets)
+        losses = np.zeros(len(active))
         tick = time.monotonic()
         bar = tqdm(range(config.iterations_per_epoch), desc=f"epoch {state.epoch + 1}/{config.epochs}",
                    unit="it", disable=not progress or rank != 0, leave=False)
@@ -249,7 +270,7 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
             x, y, p = _sample_batch(train_subjects, rng, config.batch_size // world, config.crop, ranges, config)
             with _autocast(dev, config.bf16):
                 out = net(x.to(dev), None if p is None else p.to(dev))
-            per_net = ((out.float() - y.to(dev)) ** 2).mean(dim=(0, 2, 3))
+            per_net = ((out.float() - y[:, list(active)].to(dev)) ** 2).mean(dim=(0, 2, 3))
             optimiser.zero_grad(set_to_none=True)
             per_net.sum().backward()
             optimiser.step()
@@ -258,18 +279,20 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
         seconds = time.monotonic() - tick
         state.epoch += 1
         if rank == 0:
-            val = validation_mse(model, validation, dev)
+            val = validation_mse(work, validation, dev)
+            if work is not model:
+                merge_subset(model, work, active)
             current = model.state_dict()
-            for g in range(n_nets):
-                if val[g] < state.best_val[g]:
-                    state.best_val[g] = float(val[g])
+            for g, v in zip(active, val, strict=True):
+                if v < state.best_val[g]:
+                    state.best_val[g] = float(v)
                     for name, tensor in current.items():
                         if tensor.ndim and tensor.shape[0] % n_nets == 0:
                             state.best_state[name][network_slice(tensor, g, n_nets)] = \
                                 tensor[network_slice(tensor, g, n_nets)].detach()
-            _append_metrics(metrics_path, state.epoch, losses / config.iterations_per_epoch, val,
-                            config.iterations_per_epoch / seconds)
-            _save(checkpoint, model, optimiser, state, config, ranges)
+            _append_metrics(metrics_path, state.epoch, _spread(losses / config.iterations_per_epoch, active, n_nets),
+                            _spread(val, active, n_nets), config.iterations_per_epoch / seconds)
+            _save(checkpoint, model, optimiser, state, config, ranges, active)
         if config.max_minutes is not None and time.monotonic() - started > 60 * config.max_minutes:
             stopped_early = state.epoch < config.epochs
             break
@@ -277,6 +300,31 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
         dist.barrier()
     return {"epochs": state.epoch, "best_val_mse": dict(zip(CHANNEL_NAMES, state.best_val, strict=True)),
             "stopped_early": stopped_early, "channel_ranges": ranges.tolist()}
+
+
+def _working_model(model: UNetEnsemble, active: tuple[int, ...]) -> UNetEnsemble:
+    """The module the optimiser trains: ``model`` itself, or the ensemble of its ``active`` networks."""
+    return model if len(active) == model.config.n_nets else subset(model, active)
+
+
+def _spread(values: np.ndarray, active: tuple[int, ...], n_nets: int) -> np.ndarray:
+    """Per-network values of the active networks placed among ``n_nets`` (NaN for the untrained ones)."""
+    full = np.full(n_nets, np.nan)
+    full[list(active)] = values
+    return full
+
+
+def _optimiser_for(saved: dict[str, object], trained: tuple[int, ...], active: tuple[int, ...]) -> dict[str, object]:
+    """An Adam state saved while training networks ``trained``, cut down to networks ``active`` (each moment
+    tensor holds one block per trained network, as the weights do)."""
+    if trained == active:
+        return saved
+    keep = [trained.index(g) for g in active]
+    moments_by_param: dict[int, dict[str, object]] = saved["state"]  # type: ignore[assignment]
+    state = {key: {name: torch.cat([t[network_slice(t, j, len(trained))] for j in keep])
+                   if isinstance(t, torch.Tensor) and t.ndim else t for name, t in moments.items()}
+             for key, moments in moments_by_param.items()}
+    return {**saved, "state": state}
 
 
 def _append_metrics(path: Path, epoch: int, train: np.ndarray, val: np.ndarray, its: float) -> None:
@@ -290,10 +338,10 @@ def _append_metrics(path: Path, epoch: int, train: np.ndarray, val: np.ndarray, 
 
 
 def _save(path: Path, model: UNetEnsemble, optimiser: torch.optim.Optimizer, state: _State, config: TrainConfig,
-          ranges: np.ndarray) -> None:
+          ranges: np.ndarray, active: tuple[int, ...]) -> None:
     payload = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "epoch": state.epoch,
                "best_val": state.best_val, "best_state": state.best_state, "config": asdict(config),
-               "channel_ranges": ranges}
+               "channel_ranges": ranges, "networks": list(active)}
     tmp = path.with_suffix(".partial")
     torch.save(payload, tmp)
     tmp.replace(path)

@@ -41,12 +41,16 @@ import click
                    "constant input planes; a package without them gains them when fine-tuned (--init-from).")
 @click.option("--normalisation", type=click.Choice(["p95", "max"]), default="p95", show_default=True,
               help="Input scaling: the brain's 95th percentile (robust), or its maximum (models before 0.3).")
+@click.option("--networks", type=click.Choice(["signal", "all"]), default="signal", show_default=True,
+              help="signal: train only the networks of channels the sequence's dictionary puts signal in (for a "
+                   "real-valued signal such as FISP the imaginary channels hold noise only and inference skips "
+                   "their networks: 4 of 7 networks, 1.7x less work per step); all: every network.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, iterations_per_epoch: int,
           batch_size: int, crop: int, learning_rate: float, lr_schedule: str, min_learning_rate: float,
           init_from: str | None, models_dir: Path, validation_slices: int, bf16: bool | None, max_minutes: float | None,
-          protocol_aware: bool, normalisation: str, seed: int, device: str) -> None:
+          protocol_aware: bool, normalisation: str, networks: str, seed: int, device: str) -> None:
     """Train (or resume) the ensemble: Adam, MSE per network, best weights per network by validation MSE.
 
     Several GPUs: torchrun --nproc-per-node N $(which synthmrf) train ... (DistributedDataParallel).
@@ -84,8 +88,18 @@ def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, it
                          seed=seed, bf16=bf16, validation_slices=validation_slices, max_minutes=max_minutes,
                          normalisation=normalisation,
                          unet=UNetConfig(protocol_features=N_FEATURES if protocol_aware else 0))
+    active = None
+    if networks == "signal":
+        from pipeline.mrf.coefficients import CHANNEL_RANK, signal_channels
+        from pipeline.mrf.dictionary import load_or_build_dictionary
+        from pipeline.mrf.sequence import load_sequence
+
+        seq_doc = dataset.manifest.get("sequence")
+        sequence = load_sequence(str(seq_doc.get("name", "")) if isinstance(seq_doc, dict) else "")
+        flags = signal_channels(load_or_build_dictionary(sequence, rank=CHANNEL_RANK).atoms[:, :CHANNEL_RANK])
+        active = [g for g, carries in enumerate(flags) if carries]
     try:
-        summary = run_training(dataset, run_dir, config, device=device, initial=initial)
+        summary = run_training(dataset, run_dir, config, device=device, initial=initial, networks=active)
     except (InitialModelError, RunConfigurationError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(summary, indent=1))

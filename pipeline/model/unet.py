@@ -135,6 +135,21 @@ def subset(model: UNetEnsemble, nets: Sequence[int]) -> UNetEnsemble:
     return small.to(device=p.device, dtype=p.dtype).train(model.training)
 
 
+def merge_subset(model: UNetEnsemble, small: UNetEnsemble, nets: Sequence[int]) -> None:
+    """Copy the weights of ``small`` (a :func:`subset` of ``model`` for ``nets``) back into ``model``'s networks
+    ``nets``, in place; the other networks are left as they are."""
+    n = model.config.n_nets
+    if small.config.n_nets != len(nets):
+        raise ValueError(f"small: {small.config.n_nets} networks for {len(nets)} indices")
+    current = model.state_dict()
+    for key, t in small.state_dict().items():
+        if not t.ndim:
+            continue
+        size = t.shape[0] // len(nets)
+        for j, k in enumerate(nets):
+            current[key][network_slice(current[key], k, n)] = t[j * size : (j + 1) * size]
+
+
 def expand_input_planes(state: dict[str, torch.Tensor], config: UNetConfig) -> dict[str, torch.Tensor]:
     """A state dict of a model with fewer input planes, widened to ``config``'s (new planes' weights 0)."""
     key = "encoders.0.conv1.weight"

@@ -245,6 +245,9 @@ class PipelineSection(_Section):
     synthetic_contrasts: list[ContrastConfig] = Field(default_factory=lambda: list(DEFAULT_CONTRAST_CONFIGS),
                                                       max_length=MAX_CONTRASTS)
 
+    # Regional T1/T2/PD over the AAL3 atlas regions (regions.csv/json; DICOM Segmentation and TID 1500 report).
+    regions: bool = True
+
     @field_validator("synthetic_contrasts")
     @classmethod
     def _unique_contrasts(cls, value: list[ContrastConfig]) -> list[ContrastConfig]:

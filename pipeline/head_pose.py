@@ -34,10 +34,20 @@ class WorkingSpace:
     shape: tuple[int, int, int]
     rigid: np.ndarray  # template -> patient RAS mm (head pose)
     mask: np.ndarray  # bool brain mask on the working grid
+    to_template: sitk.Transform  # patient point -> template (MNI) point: the affine fit and the demons warp
 
     def resample(self, volume: np.ndarray, affine: np.ndarray, *, order: int = 1) -> np.ndarray:
         """``volume`` (with RAS ``affine``) sampled on the working grid."""
         return resample_to_grid(volume, affine, self.shape, self.affine, order=order)
+
+    def from_template(self, volume: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int],
+                      target_affine: np.ndarray, *, labels: bool = False) -> np.ndarray:
+        """A template-space ``volume`` (RAS ``affine``) carried onto the patient grid (``shape``, RAS
+        ``target_affine``) through the head's affine fit and brain warp; ``labels``: nearest neighbour."""
+        out = sitk.Resample(to_sitk(volume, affine), _grid_image(target_affine, shape), self.to_template,
+                            sitk.sitkNearestNeighbor if labels else sitk.sitkLinear, 0.0)  # float32: labels exact
+        values = np.transpose(sitk.GetArrayFromImage(out), (2, 1, 0))
+        return np.rint(values).astype(np.int32) if labels else values
 
 
 def _grid_image(affine: np.ndarray, shape: tuple[int, int, int]) -> sitk.Image:
@@ -53,8 +63,10 @@ def _affine_transform(template_to_patient: np.ndarray) -> sitk.AffineTransform:
     return t
 
 
-def _brain_mask(volume: np.ndarray, affine: np.ndarray, working_affine: np.ndarray, fitted: np.ndarray) -> np.ndarray:
-    """Template brain mask on the working grid: affine fit refined by demons on a 2 mm copy of the grid."""
+def _brain_mask(volume: np.ndarray, affine: np.ndarray, working_affine: np.ndarray,
+                fitted: np.ndarray) -> tuple[np.ndarray, sitk.Transform]:
+    """Template brain mask on the working grid: affine fit refined by demons on a 2 mm copy of the grid; and
+    the transform that does it (patient point -> template point)."""
     template = load_template(1)
     template_image = to_sitk(template.image, template.affine)
     template_mask = to_sitk(template.brain_mask, template.affine)
@@ -83,7 +95,7 @@ def _brain_mask(volume: np.ndarray, affine: np.ndarray, working_affine: np.ndarr
     composite = sitk.CompositeTransform([to_template, warp])
     fine = _grid_image(working_affine, WORKING_SHAPE)
     mask = sitk.Resample(template_mask, fine, composite, sitk.sitkLinear, 0.0)
-    return np.transpose(sitk.GetArrayFromImage(mask), (2, 1, 0)) > BRAIN_MASK_THRESHOLD
+    return np.transpose(sitk.GetArrayFromImage(mask), (2, 1, 0)) > BRAIN_MASK_THRESHOLD, composite
 
 
 def place_head(volume: np.ndarray, affine: np.ndarray) -> WorkingSpace:
@@ -91,5 +103,5 @@ def place_head(volume: np.ndarray, affine: np.ndarray) -> WorkingSpace:
     rigid = register_to_template(volume, affine, kind="rigid")
     fitted = register_to_template(volume, affine, kind="affine", initial=rigid)
     working_affine = rigid @ working_grid_in_template()
-    mask = _brain_mask(volume, affine, working_affine, fitted)
-    return WorkingSpace(working_affine, WORKING_SHAPE, rigid, mask)
+    mask, to_template = _brain_mask(volume, affine, working_affine, fitted)
+    return WorkingSpace(working_affine, WORKING_SHAPE, rigid, mask, to_template)

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -50,6 +50,14 @@ from pipeline.normalise import normalise
 from pipeline.protocol import AcquisitionProtocol, out_of_range
 from pipeline.qc_figure import qc_figure
 from pipeline.quality import StudyVerdict, match_volume_with_quality, study_verdict
+from pipeline.regions import (
+    ATLAS_CITATION,
+    ATLAS_NAME,
+    RegionStats,
+    patient_regions,
+    region_statistics,
+    write_region_tables,
+)
 from pipeline.volume_io import load_volume, save_volume
 
 logger = logging.getLogger(__name__)
@@ -80,6 +88,9 @@ class ProcessOptions:
     # Synthetic contrasts computed from the maps (NIfTI synthetic_<name>.nii.gz; with derived_series also a
     # derived MR series each): the defaults of pipeline.contrasts, or () for none.
     contrasts: tuple[Contrast, ...] = DEFAULT_CONTRASTS
+    # Anatomical regions (pipeline.regions): regions.csv/json and regions.nii.gz; with dicom, a Segmentation and a
+    # TID 1500 measurement report.
+    regions: bool = True
 
 
 @dataclass
@@ -158,8 +169,17 @@ def _protocol(source: Path, series: DicomSeries | None, options: ProcessOptions)
         raise SeriesRejected(f"{source}: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class _OnSource:
+    """The results on the source grid: maps (T1, T2, PD, Q), the brain mask, the region labels (or None)."""
+
+    maps: dict[str, np.ndarray]
+    mask: np.ndarray
+    regions: np.ndarray | None = None
+
+
 def _to_source(maps: dict[str, np.ndarray], mask: np.ndarray, space: WorkingSpace, shape: tuple[int, int, int],
-               affine: np.ndarray) -> dict[str, np.ndarray]:
+               affine: np.ndarray) -> _OnSource:
     """Working-grid maps on the source grid: mask-weighted trilinear, so edges are not pulled toward zero."""
     weight = resample_to_grid(mask.astype(np.float32), space.affine, shape, affine)
     inside = weight > 0.5
@@ -167,7 +187,7 @@ def _to_source(maps: dict[str, np.ndarray], mask: np.ndarray, space: WorkingSpac
     for name, values in maps.items():
         summed = resample_to_grid(values * mask, space.affine, shape, affine)
         out[name] = np.where(inside, summed / np.maximum(weight, 1e-6), 0.0).astype(np.float32)
-    return out
+    return _OnSource(out, inside)
 
 
 def process_series(source: str | Path, out_dir: str | Path, package: ModelPackage, *,
@@ -228,8 +248,14 @@ def process_series(source: str | Path, out_dir: str | Path, package: ModelPackag
                                 grid=matcher.dictionary.grid)
         if not verdict.ok:
             logger.warning("result flagged: %s", verdict.summary())
+    with stages.stage("to_source"):
+        on_source = _to_source(maps, mask, space, (volume.shape[0], volume.shape[1], volume.shape[2]), affine)
+    if options.regions:
+        with stages.stage("regions"):
+            labels = patient_regions(space, on_source.maps["T1"], on_source.maps["T2"], on_source.mask, affine)
+            on_source = replace(on_source, regions=labels)
     with stages.stage("write"):
-        result = _write(out_dir, source, series, volume.shape, affine, space, working, mask, maps, package,
+        result = _write(out_dir, source, series, on_source, affine, space, working, mask, maps, package,
                         options, protocol, verdict)
     result.stages = stages.record
     _rewrite_stages(result)
@@ -260,7 +286,7 @@ def _provenance_doc(source: Path, series: DicomSeries | None, package: ModelPack
     }
 
 
-def _write(out_dir: Path, source: Path, series: DicomSeries | None, shape: tuple[int, ...], affine: np.ndarray,
+def _write(out_dir: Path, source: Path, series: DicomSeries | None, results: _OnSource, affine: np.ndarray,
            space: WorkingSpace, working: np.ndarray, mask: np.ndarray, maps: dict[str, np.ndarray],
            package: ModelPackage, options: ProcessOptions, protocol: AcquisitionProtocol,
            verdict: StudyVerdict) -> ProcessResult:
@@ -269,7 +295,7 @@ def _write(out_dir: Path, source: Path, series: DicomSeries | None, shape: tuple
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        on_source = _to_source(maps, mask, space, (shape[0], shape[1], shape[2]), affine)
+        on_source = results.maps
         written: dict[str, str] = {}
         for q in (*QUANTITIES, "Q"):
             save_volume(staging / f"{q}.nii.gz", on_source[q], affine)
@@ -277,6 +303,15 @@ def _write(out_dir: Path, source: Path, series: DicomSeries | None, shape: tuple
         synthetic = [(c, synthesise(c, on_source["T1"], on_source["T2"], on_source["PD"])) for c in options.contrasts]
         for contrast, values in synthetic:
             save_volume(staging / f"synthetic_{contrast.name}.nii.gz", values, affine)
+        region_stats: list[RegionStats] = []
+        region_files: dict[str, object] = {}
+        if results.regions is not None:
+            region_stats = region_statistics(results.regions, on_source, affine)
+            merged = region_statistics(results.regions, on_source, affine, merged=True)
+            tables = write_region_tables(region_stats, merged, staging)
+            save_volume(staging / "regions.nii.gz", results.regions.astype(np.int16), affine)
+            region_files = {"tables": [t.name for t in tables], "labels": "regions.nii.gz", "atlas": ATLAS_NAME,
+                            "citation": ATLAS_CITATION, "regions": len(region_stats)}
         if options.keep_working:
             for name, values in (("mprage", working), ("brain_mask", mask.astype(np.float32)), *maps.items()):
                 save_volume(staging / "working" / f"{name}.nii.gz", values, space.affine)
@@ -290,8 +325,8 @@ def _write(out_dir: Path, source: Path, series: DicomSeries | None, shape: tuple
         contrasts = {c.name: {"file": f"synthetic_{c.name}.nii.gz", "imitates": c.description, "signal": c.equation}
                      for c in options.contrasts}
         doc = _provenance_doc(source, series, package, space, float(mask.sum()) / 1000.0,
-                              {"maps": written, "synthetic_contrasts": contrasts, "qc_figure": "qc.png",
-                               "dicom": dicom_files}, protocol, verdict)
+                              {"maps": written, "synthetic_contrasts": contrasts, "regions": region_files,
+                               "qc_figure": "qc.png", "dicom": dicom_files}, protocol, verdict)
         (staging / "provenance.json").write_text(json.dumps(doc, indent=1))
         _publish(staging, out_dir)
     except BaseException:

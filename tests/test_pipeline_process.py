@@ -3,6 +3,7 @@ failures leave nothing behind."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from pipeline.dicom_series import SeriesRejected
 from pipeline.geometry import resample_to_grid
 from pipeline.model.package import SHIPPED_DIR, ModelPackage, load_package
 from pipeline.process import ProcessOptions, process_series
+from pipeline.regions import report_regions
 from pipeline.volume_io import load_volume
 from training.evaluation.subjects import tissue_masks_from_labels
 from training.phantom.dataset import make_dataset
@@ -130,7 +132,8 @@ def test_end_to_end_dicom_in_maps_out(subject: Path, package: ModelPackage, tmp_
     out = tmp_path / "result"
     result = process_series(subject / "mprage_dicom", out, package, options=ProcessOptions(pd_dicom=True))
     assert _leftovers(tmp_path) == []
-    assert set(result.stages) == {"read", "convert", "register", "resample", "mask", "inference", "match", "write"}
+    assert set(result.stages) == {"read", "convert", "register", "resample", "mask", "inference", "match", "to_source",
+                                  "regions", "write"}
 
     # Maps on the source grid, in ms, agree with the phantom's truth per tissue.
     source_mprage, source_affine = load_volume(subject / "mprage.nii.gz")
@@ -167,6 +170,27 @@ def test_end_to_end_dicom_in_maps_out(subject: Path, package: ModelPackage, tmp_
     assert contrast["DIR"]["GM"] > 1.5 * max(contrast["DIR"]["WM"], contrast["DIR"]["CSF"]), contrast["DIR"]
     for name in ("T1w", "T2w", "PDw", "FLAIR", "DIR"):
         assert len([p for p in result.dicom_files if p.name.startswith(f"{name}_mr_")]) == source_mprage.shape[2]
+
+    # Regions: the atlas carried onto this oblique head lands on the phantom's own anatomy (its labels were
+    # drawn independently of AAL3): each region mostly on a truth label of its side and kind.
+    regions, regions_affine = load_volume(out / "regions.nii.gz")
+    on_truth = resample_to_grid(regions, regions_affine, labels.shape, truth_affine, order=0).astype(int)
+    # The phantom's lobes are boxes, so only structures it draws anatomically are named; every region's side is.
+    expected = {"Thalamus": "thalamus", "Cerebellar cortex": "cerebellar", "Cerebral white matter": "white matter",
+                "Caudate nucleus": "caudate", "Frontal lobe": "frontal"}
+    rows = {r["region"]: r for r in csv.DictReader((out / "regions.csv").open())}
+    found = {}
+    for region in report_regions():
+        inside = on_truth == region.label
+        if inside.sum() >= 50:
+            values, counts = np.unique(labels.astype(int)[inside], return_counts=True)
+            found[region.name] = names.get(int(values[np.argmax(counts)]), "background")
+            assert int(rows[region.name]["segment"]) == region.label
+    wrong = [(region.name, found[region.name]) for region in report_regions() if region.name in found and (
+        not found[region.name].startswith(region.side or "")
+        or expected.get(region.structure.name, "") not in found[region.name])]
+    assert wrong == [] and len(found) >= 30, (wrong, found)
+    assert float(rows["Cerebral white matter"]["T1_mean"]) < float(rows["Frontal lobe"]["T1_mean"])
 
     # DICOM: T1, T2, PD Parametric Maps and derived series in the source study, valid per dciodvfy.
     dciodvfy = shutil.which("dciodvfy")

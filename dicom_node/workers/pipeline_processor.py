@@ -29,5 +29,6 @@ class PipelineProcessor:
         options = ProcessOptions(device=self.cfg.device, precision=self.cfg.precision, backend=self.cfg.backend,
                                  derived_series=self.cfg.derived_series, pd_dicom=self.cfg.pd_map,
                                  allow_out_of_range=self.cfg.allow_out_of_range, uid_root=self.cfg.uid_root,
-                                 contrasts=tuple(c.contrast() for c in self.cfg.synthetic_contrasts))
+                                 contrasts=tuple(c.contrast() for c in self.cfg.synthetic_contrasts),
+                                 regions=self.cfg.regions)
         return process_series(input_dir, out_dir, package, options=options)

@@ -8,6 +8,7 @@ relaxometry study), and values inside broad literature ranges for 1.5 T (WM T1 a
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from click.testing import CliRunner
 from nilearn import datasets, image
 
 from dicom_node.cli import cli
+from pipeline.geometry import resample_to_grid
+from pipeline.regions import report_regions, template_regions
 from pipeline.volume_io import load_volume
 
 COLIN27 = Path("/usr/share/mricron/templates/ch2.nii.gz")
@@ -45,3 +48,22 @@ def test_colin27_maps_are_ordered_and_plausible(tmp_path: Path, capsys: pytest.C
     assert median["WM"]["Q"] > 0.9 and median["GM"]["Q"] > 0.9
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["acquisition"]["field_strength_t"] == 1.5 and provenance["quality"]["ok"]
+
+    # Regions: AAL3 was drawn on Colin27 itself, so the atlas placed directly (Colin27 lies in MNI space) is an
+    # independent reference for where the pipeline's registration chain carried it.
+    ours, ours_affine = load_volume(out / "regions.nii.gz")
+    atlas, atlas_affine = template_regions()
+    direct = resample_to_grid(atlas.astype(np.float32), atlas_affine, ours.shape, ours_affine, order=0)
+    rows = {r["region"]: r for r in csv.DictReader((out / "regions.csv").open())}
+    agreement = {}
+    for region in report_regions():
+        inside = ours.astype(int) == region.label
+        assert inside.sum() >= 50, f"{region.name}: {int(inside.sum())} voxels"
+        agreement[region.name] = float(np.mean(direct[inside] == region.label))
+    with capsys.disabled():
+        print("Colin27 regions on the atlas's own labels:", {k: round(v, 2) for k, v in agreement.items()})
+    assert np.median(list(agreement.values())) > 0.8 and min(agreement.values()) > 0.5, agreement
+    t1 = {name: float(row["T1_mean"]) for name, row in rows.items()}
+    assert t1["Cerebral white matter"] < min(t1["Frontal lobe"], t1["Temporal lobe"], t1["Occipital lobe"])
+    for structure in ("Thalamus", "Putamen", "Frontal lobe", "Cerebral white matter"):  # a head is near symmetric
+        assert abs(t1[f"{structure} left"] / t1[f"{structure} right"] - 1) < 0.1, structure

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dicom_node.retro.config import RetroSection, SourceConfig, check_ae_title
 from pipeline.contrasts import DEFAULT_CONTRASTS, MAX_CONTRASTS, Contrast
-from pipeline.result_kinds import DEFAULT_OUTPUTS, KINDS
+from pipeline.result_kinds import DEFAULT_OUTPUTS, KINDS, SUMMARY
 
 ENV_PREFIX = "SYNTHMRF_"
 _PROCESSOR = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -247,6 +247,9 @@ class PipelineSection(_Section):
 
     # Regional T1/T2/PD over the AAL3 atlas regions (regions.csv/json; DICOM Segmentation and TID 1500 report).
     regions: bool = True
+    # The summary page (one Secondary Capture, "not for diagnosis"): made only when this is on; destinations
+    # receive it when their outputs list "summary".
+    summary: bool = False
 
     @field_validator("synthetic_contrasts")
     @classmethod
@@ -363,6 +366,14 @@ class NodeConfig(_Section):
         if hw and hw <= self.node.min_free_mb:
             raise ValueError(f"retention.high_water_free_mb ({hw}) must exceed node.min_free_mb "
                              f"({self.node.min_free_mb}), or be 0 (off)")
+        return self
+
+    @model_validator(mode="after")
+    def _summary_made_when_sent(self) -> NodeConfig:
+        wanting = [d.name for d in self.destinations if SUMMARY in d.outputs]
+        if wanting and not self.pipeline.summary:
+            raise ValueError(f"destinations {wanting} list 'summary' in outputs, but [pipeline] summary is false: "
+                             "set it to true so the summary page is made")
         return self
 
     @model_validator(mode="after")

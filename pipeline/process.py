@@ -58,6 +58,7 @@ from pipeline.regions import (
     region_statistics,
     write_region_tables,
 )
+from pipeline.summary_page import save_png, summary_page
 from pipeline.volume_io import load_volume, save_volume
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ class ProcessOptions:
     # Anatomical regions (pipeline.regions): regions.csv/json and regions.nii.gz; with dicom, a Segmentation and a
     # TID 1500 measurement report.
     regions: bool = True
+    # The summary page (QC panels and the regional table): summary.png and, with dicom, a Secondary Capture.
+    summary: bool = False
 
 
 @dataclass
@@ -319,9 +322,15 @@ def _write(out_dir: Path, source: Path, series: DicomSeries | None, results: _On
             f" | model {package.name}"
         qc_figure(staging / "qc.png", working, {q: maps[q] for q in QUANTITIES}, mask, title=title,
                   quality=maps["Q"], verdict=verdict)
+        page = None
+        if options.summary:
+            page = summary_page(staging / "qc.png", region_stats, model_label=package.name, verdict=verdict)
+            save_png(staging / "summary.png", page)
         dicom_files: list[str] = []
         if series is not None and options.dicom:
-            dicom_files = _write_dicom(series, on_source, staging / "dicom", package, options, verdict, synthetic)
+            region_dicom = (results.regions, region_stats) if results.regions is not None and region_stats else None
+            dicom_files = _write_dicom(series, on_source, staging / "dicom", package, options, verdict, synthetic,
+                                       region_dicom, page)
         contrasts = {c.name: {"file": f"synthetic_{c.name}.nii.gz", "imitates": c.description, "signal": c.equation}
                      for c in options.contrasts}
         doc = _provenance_doc(source, series, package, space, float(mask.sum()) / 1000.0,
@@ -338,10 +347,10 @@ def _write(out_dir: Path, source: Path, series: DicomSeries | None, results: _On
 
 
 def _write_dicom(series: DicomSeries, maps: dict[str, np.ndarray], folder: Path, package: ModelPackage,
-                 options: ProcessOptions, verdict: StudyVerdict,
-                 synthetic: list[tuple[Contrast, np.ndarray]]) -> list[str]:
-    """Parametric Maps and derived series (with the quality series and the synthetic contrasts); a flagged study
-    is marked in all."""
+                 options: ProcessOptions, verdict: StudyVerdict, synthetic: list[tuple[Contrast, np.ndarray]],
+                 regions: tuple[np.ndarray, list[RegionStats]] | None, page: np.ndarray | None) -> list[str]:
+    """Parametric Maps and derived series (with the quality series and the synthetic contrasts), the regions'
+    Segmentation and SR report, the summary ``page`` as a Secondary Capture; a flagged study is marked in all."""
     from pipeline.dicom_output import Provenance, write_result_series
 
     provenance = Provenance(str(package.manifest["name"]), str(package.manifest["version"]),
@@ -350,7 +359,19 @@ def _write_dicom(series: DicomSeries, maps: dict[str, np.ndarray], folder: Path,
     paths = write_result_series(series, maps, folder, provenance, derived=options.derived_series,
                                 quantities=quantities, quality=maps["Q"] if options.derived_series else None,
                                 warnings=verdict.reasons, uid_root=options.uid_root,
-                                contrasts=synthetic if options.derived_series else ())
+                                contrasts=synthetic if options.derived_series else (), regions=regions)
+    if page is not None:
+        from pipeline.dicom_output.provenance import flag_result
+        from pipeline.dicom_output.quantities import SUMMARY_OFFSET, offset_series_number
+        from pipeline.dicom_output.summary import build_summary
+        from pipeline.dicom_output.writer import write_datasets
+        from pipeline.result_kinds import SUMMARY_FILE_NAME
+
+        sc = build_summary(series, page, provenance, series_number=offset_series_number(series, SUMMARY_OFFSET),
+                           uid_root=options.uid_root)
+        if verdict.reasons:
+            flag_result(sc, verdict.reasons)
+        paths += write_datasets([(folder / SUMMARY_FILE_NAME, sc)])
     return [str(p.relative_to(folder)) for p in paths]
 
 

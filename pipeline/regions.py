@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -28,9 +29,10 @@ from pydicom.sr.coding import Code
 from scipy import ndimage
 
 from pipeline.geometry import resample_to_grid
-from pipeline.head_pose import WorkingSpace
-from pipeline.mrf.dictionary import cache_dir
 from pipeline.template import load_template
+
+if TYPE_CHECKING:
+    from pipeline.head_pose import WorkingSpace
 
 ATLAS_SCHEME = "99SMRFAAL3"  # private coding scheme: structures of AAL3 without a SNOMED CT code
 GREY, WHITE, TISSUE = "grey matter", "white matter", "grey or white matter"  # TISSUE: deep grey, not CSF
@@ -157,6 +159,8 @@ def template_regions() -> tuple[np.ndarray, np.ndarray]:
     unlabelled voxel inside the MNI brain mask becomes cerebral white matter (of its side) when the nearest
     AAL3 label belongs to a cerebral structure (not to the cerebellum or the brainstem nuclei). Built once
     (about 10 s) and cached in ``SYNTHMRF_CACHE_DIR/regions``, keyed by the atlas file and the grouping."""
+    from pipeline.mrf.dictionary import cache_dir  # torch: only when the atlas is needed
+
     aal, affine, names = _atlas()
     key = hashlib.sha256(aal.tobytes() + repr((STRUCTURES, sorted(names.items()))).encode()).hexdigest()[:16]
     path = cache_dir() / "regions" / f"{ATLAS_NAME}-{key}.npy"
@@ -277,13 +281,16 @@ def region_statistics(labels: np.ndarray, maps: Mapping[str, np.ndarray], affine
 
 def region_table(stats: Sequence[RegionStats]) -> list[dict[str, object]]:
     """One row per region (``regions.csv`` / ``regions.json``): name, structure, side, tissue, finding-site
-    code, segment number (0: merged, not a segment), voxels, ml, and mean/sd/median of each map."""
+    code, segment number in the DICOM Segmentation (the regions present numbered 1..n in label order, as
+    PS3.3 C.8.20.2.4 requires; 0: merged, not a segment), voxels, ml, and mean/sd/median of each map."""
+    present = sorted({s.region.label for s in stats if s.region.label})
+    segment = {label: n for n, label in enumerate(present, start=1)}
     rows: list[dict[str, object]] = []
     for s in stats:
         code = s.region.structure.code
         row: dict[str, object] = {"region": s.region.name, "structure": s.region.structure.name,
                                   "side": s.region.side or ("both" if s.region.structure.sided else ""),
-                                  "tissue": s.region.structure.tissue, "segment": s.region.label,
+                                  "tissue": s.region.structure.tissue, "segment": segment.get(s.region.label, 0),
                                   "code": f"{code.scheme_designator}:{code.value}", "voxels": s.voxels,
                                   "volume_ml": round(s.volume_ml, 2)}
         for name, q in s.values.items():

@@ -114,3 +114,11 @@ def test_the_deploy_configurations_are_valid() -> None:
                          environ={"SYNTHMRF_JOBS__DATABASE_URL": "postgresql://u:p@db:5432/synthmrf"})
     assert (shared.jobs.backend, shared.jobs.database_url, shared.jobs.workers) == (
         "postgres", "postgresql://u:p@db:5432/synthmrf", 0)
+
+
+def test_a_destination_wanting_the_summary_needs_it_made() -> None:
+    dest = {"name": "viewer", "ae_title": "VIEWER", "host": "127.0.0.1", "port": 104, "outputs": ["summary"]}
+    with pytest.raises(ConfigError, match=r"\[pipeline\] summary"):
+        config_from_mapping({"destinations": [dest]}, environ={})
+    cfg = config_from_mapping({"destinations": [dest], "pipeline": {"summary": True}}, environ={})
+    assert cfg.pipeline.summary and cfg.destinations[0].outputs == ["summary"]

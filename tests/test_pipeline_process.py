@@ -185,11 +185,12 @@ def test_end_to_end_dicom_in_maps_out(subject: Path, package: ModelPackage, tmp_
         if inside.sum() >= 50:
             values, counts = np.unique(labels.astype(int)[inside], return_counts=True)
             found[region.name] = names.get(int(values[np.argmax(counts)]), "background")
-            assert int(rows[region.name]["segment"]) == region.label
     wrong = [(region.name, found[region.name]) for region in report_regions() if region.name in found and (
         not found[region.name].startswith(region.side or "")
         or expected.get(region.structure.name, "") not in found[region.name])]
     assert wrong == [] and len(found) >= 30, (wrong, found)
+    segments = [int(r["segment"]) for r in rows.values() if r["side"] != "both"]
+    assert segments == list(range(1, len(segments) + 1))  # the regions present, numbered as in the SEG
     assert float(rows["Cerebral white matter"]["T1_mean"]) < float(rows["Frontal lobe"]["T1_mean"])
 
     # DICOM: T1, T2, PD Parametric Maps and derived series in the source study, valid per dciodvfy.

@@ -34,6 +34,9 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 @click.option("--regions/--no-regions", default=True, show_default=True,
               help="Regional T1/T2/PD over the AAL3 atlas regions carried onto the head (OUT/regions.csv, "
                    "regions.json, regions.nii.gz and, for DICOM input, a Segmentation and a TID 1500 report).")
+@click.option("--summary/--no-summary", default=False, show_default=True,
+              help="A summary page (QC panels and the regional table): OUT/summary.png and, for DICOM input, a "
+                   "Secondary Capture 'synthMRF summary, not for diagnosis' for viewers without SEG/SR support.")
 @click.option("--keep-working", is_flag=True, help="Also write the working-grid volumes (OUT/working/).")
 @click.option("--allow-out-of-range", is_flag=True,
               help="Process an acquisition outside the protocols the model was trained on (field strength, "
@@ -61,8 +64,8 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
               help="Readout flip angle in degrees.")
 @click.option("--te", "te_ms", type=POSITIVE, metavar="MS", help="Echo time.")
 def process(source: Path, out_dir: Path, model_ref: str | None, models_dir: Path, device: str, backend: str,
-            precision: str, pd_map: bool, derived: bool, contrasts: bool, regions: bool, keep_working: bool,
-            allow_out_of_range: bool,
+            precision: str, pd_map: bool, derived: bool, contrasts: bool, regions: bool, summary: bool,
+            keep_working: bool, allow_out_of_range: bool,
             uid_root: str | None, sidecar: Path | None, **overrides: float | str | None) -> None:
     """Turn SOURCE, a folder holding one 3D T1-weighted (MPRAGE) DICOM series or a NIfTI file, into
     quantitative maps. The series is checked first; input that cannot be an MPRAGE volume (a localiser,
@@ -99,7 +102,8 @@ def process(source: Path, out_dir: Path, model_ref: str | None, models_dir: Path
     options = ProcessOptions(device=device, precision=precision, backend=backend, derived_series=derived,
                              pd_dicom=pd_map, keep_working=keep_working, allow_out_of_range=allow_out_of_range,
                              protocol_overrides=overrides, sidecar=sidecar, uid_root=uid_root,
-                             contrasts=DEFAULT_CONTRASTS if contrasts else (), regions=regions)
+                             contrasts=DEFAULT_CONTRASTS if contrasts else (), regions=regions,
+                             summary=summary)
     try:
         result = process_series(source, out_dir, package, options=options)
     except SeriesRejected as exc:

@@ -30,5 +30,5 @@ class PipelineProcessor:
                                  derived_series=self.cfg.derived_series, pd_dicom=self.cfg.pd_map,
                                  allow_out_of_range=self.cfg.allow_out_of_range, uid_root=self.cfg.uid_root,
                                  contrasts=tuple(c.contrast() for c in self.cfg.synthetic_contrasts),
-                                 regions=self.cfg.regions)
+                                 regions=self.cfg.regions, summary=self.cfg.summary)
         return process_series(input_dir, out_dir, package, options=options)

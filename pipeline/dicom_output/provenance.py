@@ -6,7 +6,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from highdicom.sr import CodedConcept, ContainerContentItem, ContentSequence, RelationshipTypeValues, TextContentItem
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from pipeline.contrasts import Contrast
 from pipeline.dicom_series import RESULT_MANUFACTURER
@@ -26,6 +29,7 @@ CONTRAST_COMMENT = ("Synthetic image, not acquired: computed from the synthMRF T
                     "equation (see Derivation Description); not for primary diagnosis without the acquired images")
 QUALITY_COMMENT = ("Q: how well the synthesised MRF signal fits the dictionary; 1 = on the dictionary manifold, "
                    "0 = misfit angle of 15 degrees or more")
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  # the flag in an SR (TID 1500 row 12)
 _HEX = re.compile(r"[0-9a-f]{16,64}")
 _PRINTABLE = re.compile(r"[ -\[\]-~]+")  # printable ASCII without the backslash (DICOM's value delimiter)
 
@@ -76,6 +80,12 @@ class Provenance:
                 f"{contrast.equation}; model {self.model_label}; MRF sequence sha256 {self.sequence_hash}; "
                 f"synthmrf {self.software_version}")
 
+    def regions_derivation(self) -> str:
+        """DerivationDescription of the regions' Segmentation: how the regions were found, on which maps."""
+        return ("synthMRF regions: the AAL3 atlas carried onto the patient by affine and demons registration to the "
+                "MNI template, kept inside the brain mask where the tissue class of the T1/T2 maps fits the structure; "
+                f"model {self.model_label}; MRF sequence sha256 {self.sequence_hash}; synthmrf {self.software_version}")
+
     def derivation_description(self, quantity: str) -> str:
         """Full provenance for DerivationDescription (ST), the sequence hash unabbreviated."""
         return (f"synthMRF {quantity} map from a 3D T1-weighted (MPRAGE) series by synthetic MR fingerprinting; "
@@ -90,9 +100,25 @@ def flag_comment(reasons: Sequence[str]) -> str:
     return text if len(text) <= COMMENT_MAX else text[: COMMENT_MAX - 3] + "..."
 
 
+def _comment_in_report(sr: Dataset, text: str) -> None:
+    """``text`` as a Comment in the Qualitative Evaluations container of a TID 1500 report (at its end)."""
+    contains = RelationshipTypeValues.CONTAINS
+    container = next((item for item in sr.ContentSequence if item.ValueType == "CONTAINER"
+                      and CodedConcept.from_dataset(item.ConceptNameCodeSequence[0]) == QUALITATIVE_EVALUATIONS), None)
+    if container is None:
+        container = ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type=contains)
+        container.ContentSequence = ContentSequence()
+        sr.ContentSequence.append(container)
+    container.ContentSequence.append(TextContentItem(name=codes.DCM.Comment, value=text, relationship_type=contains))
+
+
 def flag_result(ds: Dataset, reasons: Sequence[str]) -> None:
-    """Mark ``ds`` (a result instance) as flagged: SeriesDescription, ImageComments, DerivationDescription."""
+    """Mark ``ds`` (a result instance) as flagged: SeriesDescription and, in an image, ImageComments and
+    DerivationDescription; an SR (which has neither) gets the comment in its report's Qualitative Evaluations."""
     ds.SeriesDescription = (FLAG_PREFIX + str(ds.SeriesDescription))[:LO_MAX]
     comment = flag_comment(reasons)
+    if ds.Modality == "SR":
+        _comment_in_report(ds, comment)
+        return
     ds.ImageComments = f"{ds.ImageComments}\n{comment}" if ds.get("ImageComments") else comment
     ds.DerivationDescription = f"{ds.DerivationDescription}; {FLAG_NOTE} (reasons in Image Comments)"

@@ -59,6 +59,8 @@ QUALITY = QuantitySpec("Q", Code("MATCHQ", "99SYNTHMRF", "MRF dictionary match q
 
 CONTRAST_OFFSET = 5  # synthetic contrast i: series offset 5 + i (derived series source x 100 + 15 + i)
 CONTRAST_SCALE = 1000.0  # a synthetic image's pixel value: signal x 1000 (PD 1, fully relaxed, no T2 decay: 1000)
+# The regions: Segmentation source x 100 + 30, its SR report + 31 (past the contrasts' 15..22: MAX_CONTRASTS 8)
+REGIONS_SEG_OFFSET, REGIONS_SR_OFFSET, SUMMARY_OFFSET = 30, 31, 32
 
 
 def contrast_spec(contrast: Contrast, index: int, values: np.ndarray) -> QuantitySpec:
@@ -101,7 +103,11 @@ def map_frames(values: object, grid: SeriesGrid, argument: str = "values") -> np
 
 def result_series_number(series: DicomSeries, spec: QuantitySpec, *, derived: bool) -> int:
     """Source SeriesNumber x 100 + k (+ 10 for the derived series): T1 of series 3 is 301 and 311."""
-    k = spec.series_offset + (DERIVED_SERIES_OFFSET if derived else 0)
+    return offset_series_number(series, spec.series_offset + (DERIVED_SERIES_OFFSET if derived else 0))
+
+
+def offset_series_number(series: DicomSeries, k: int) -> int:
+    """Source SeriesNumber x 100 + ``k``; FALLBACK_SERIES_BASE + ``k`` where the source has no (or a huge) one."""
     source = series.header.get("SeriesNumber")
     if source not in (None, "") and 0 < int(source) * 100 + k <= IS_MAX:
         return int(source) * 100 + k

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from pydicom.uid import generate_uid
+from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
 _ROOT = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 MAX_ROOT_LENGTH = 40  # leaves 24 characters of the 64 for the random part
@@ -25,3 +25,9 @@ def new_uid(root: str | None = None) -> str:
     if not root:
         return str(generate_uid())
     return str(generate_uid(prefix=f"{check_uid_root(root)}."))
+
+
+def stable_uid(root: str | None, *names: str) -> str:
+    """The same UID for the same ``names`` (and ``root``): an identifier of a thing, not of an instance."""
+    prefix = f"{check_uid_root(root)}." if root else PYDICOM_ROOT_UID
+    return str(generate_uid(prefix=prefix, entropy_srcs=list(names)))

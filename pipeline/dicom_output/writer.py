@@ -9,16 +9,20 @@ replaces the files of an earlier result one by one (stage into a fresh folder wh
 survive a failure).
 
 A study flagged out of range (``warnings``) is marked in every result instance: SeriesDescription starts
-with "OUT OF RANGE: ", ImageComments names the reasons and DerivationDescription says it was flagged.
+with "OUT OF RANGE: ", ImageComments names the reasons and DerivationDescription says it was flagged (the
+SR report, which has neither, has the reasons as a comment in its content).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import tempfile
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -31,15 +35,26 @@ from pipeline.dicom_output.quantities import (
     CONTRAST_SCALE,
     QUALITY,
     QUANTITIES,
+    REGIONS_SEG_OFFSET,
+    REGIONS_SR_OFFSET,
     contrast_spec,
     map_frames,
+    offset_series_number,
     quantity_spec,
     result_series_number,
 )
+from pipeline.dicom_output.region_report import build_region_report, check_region_stats
+from pipeline.dicom_output.segmentation import build_segmentation, label_frames
 from pipeline.dicom_output.source import read_source_headers
 from pipeline.dicom_series import DicomSeries
+from pipeline.result_kinds import REGION_REPORT_FILE_NAME, SEGMENTATION_FILE_NAME
+
+if TYPE_CHECKING:  # pipeline.regions brings the registration stack (torch among it): not at import time
+    from pipeline.regions import RegionStats
 
 logger = logging.getLogger(__name__)
+
+FSYNC_WORKERS = 8  # flushes in flight at once (write_datasets)
 
 
 def map_file_name(quantity: str) -> str:
@@ -51,25 +66,62 @@ def derived_file_name(quantity: str, instance_number: int) -> str:
 
 
 def write_dataset_atomic(ds: Dataset, path: Path) -> None:
-    """Write ``ds`` as a DICOM file at ``path`` via a hidden temporary file in the same folder."""
+    """Write ``ds`` as a DICOM file at ``path`` via a hidden temporary file in the same folder: ``path`` holds the
+    whole file or none. Not flushed to disk (:func:`write_datasets` flushes many files at once)."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
             ds.save_as(fh, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_datasets(files: Sequence[tuple[Path, Dataset]]) -> list[Path]:
+    """Write each dataset at its path (folders existing), all or none; the paths.
+
+    Each file is written under a hidden name (:func:`write_dataset_atomic`) and flushed to disk, and once all
+    are, renamed to its path, in order. The flushes run concurrently while the next files are encoded (one
+    after the other, each would wait for a journal commit of its own). If anything fails, every file written
+    is removed again.
+    """
+    token = secrets.token_hex(4)
+    staged = [path.with_name(f".{path.name}.{token}.staged") for path, _ in files]
+    written: list[Path] = []
+    try:
+        with ThreadPoolExecutor(FSYNC_WORKERS) as pool:
+            flushed = []
+            for (_, ds), stage in zip(files, staged, strict=True):
+                write_dataset_atomic(ds, stage)
+                flushed.append(pool.submit(_fsync, stage))
+            for future in flushed:
+                future.result()
+        for (path, _), stage in zip(files, staged, strict=True):
+            os.replace(stage, path)
+            written.append(path)
+    except BaseException:
+        for path in (*staged, *written):
+            path.unlink(missing_ok=True)
+        raise
+    return written
+
+
 def write_result_series(series: DicomSeries, maps: Mapping[str, np.ndarray], out_dir: Path, provenance: Provenance,
                         *, derived: bool = True, quantities: Sequence[str] = ("T1", "T2"),
                         quality: np.ndarray | None = None, warnings: Sequence[str] = (),
                         uid_root: str | None = None,
-                        contrasts: Sequence[tuple[Contrast, np.ndarray]] = ()) -> list[Path]:
+                        contrasts: Sequence[tuple[Contrast, np.ndarray]] = (),
+                        regions: tuple[np.ndarray, Sequence[RegionStats]] | None = None) -> list[Path]:
     """Write ``quantities`` of ``maps`` ((i, j, k) volumes on ``series.grid``) into ``out_dir``; the paths.
 
     Per quantity: one Parametric Map (series number source x 100 + k) and, with ``derived``, one classic
@@ -79,6 +131,9 @@ def write_result_series(series: DicomSeries, maps: Mapping[str, np.ndarray], out
     the organisational root of every UID created (default: pydicom's). ``contrasts``: synthetic contrasts and
     their images (:func:`pipeline.contrasts.synthesise`, on ``series.grid``), one classic MR series each
     (source x 100 + 15 + i; pixel values: signal x 1000), described as "synthetic ..., not acquired".
+    ``regions``: a label volume (integer, on ``series.grid``: 0 or a Region.label) and the statistics of each
+    region in it (:mod:`pipeline.regions`, over exactly its voxels); written as a Segmentation (source x 100 +
+    30, ``SEG_regions.dcm``) and its TID 1500 SR report (+ 31, ``SR_regions.dcm``), after the Parametric Maps.
     """
     if isinstance(quantities, str) or not quantities:
         raise ValueError(f"quantities: expected a non-empty sequence of names, got {quantities!r}")
@@ -104,6 +159,12 @@ def write_result_series(series: DicomSeries, maps: Mapping[str, np.ndarray], out
         slack = QUALITY.derived_slope / 2  # float rounding of a resampled map: stored as 0 or 1000 all the same
         if frames.min() < -slack or frames.max() > 1 + slack:
             raise ValueError(f"quality: values must be in [0, 1], got {frames.min():g}..{frames.max():g}")
+    if regions is not None:
+        if not isinstance(regions, tuple) or len(regions) != 2:
+            raise TypeError(f"regions: expected a tuple (labels, stats), got {type(regions).__name__}")
+        labels, region_stats = regions
+        _, voxels = label_frames(labels, series, argument="regions[0]")
+        check_region_stats(region_stats, voxels, "regions[1]")
     out_dir = Path(out_dir)
     headers = read_source_headers(series)
     # The Parametric Maps come first in the returned list (and so in what the node sends): they are the
@@ -120,6 +181,12 @@ def write_result_series(series: DicomSeries, maps: Mapping[str, np.ndarray], out
                                           series_number=result_series_number(series, spec, derived=True))
             derived_files.extend((out_dir / derived_file_name(spec.name, int(im.InstanceNumber)), im)
                                  for im in images)
+    if regions is not None:
+        seg = build_segmentation(series, labels, [s.region for s in region_stats], provenance, uid_root=uid_root,
+                                 series_number=offset_series_number(series, REGIONS_SEG_OFFSET))
+        sr = build_region_report(series, seg, region_stats, provenance, uid_root=uid_root,
+                                 series_number=offset_series_number(series, REGIONS_SR_OFFSET))
+        files += [(out_dir / SEGMENTATION_FILE_NAME, seg), (out_dir / REGION_REPORT_FILE_NAME, sr)]
     if quality is not None:
         images = build_derived_series(series, quality, QUALITY, provenance, uid_root=uid_root,
                                       series_number=result_series_number(series, QUALITY, derived=True))
@@ -141,15 +208,7 @@ def write_result_series(series: DicomSeries, maps: Mapping[str, np.ndarray], out
         for _, ds in files:
             flag_result(ds, warnings)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    try:
-        for path, ds in files:
-            write_dataset_atomic(ds, path)
-            written.append(path)
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
+    written = write_datasets(files)
     logger.info("wrote %d files of %d result series for series %s into %s", len(written),
                 len({ds.SeriesInstanceUID for _, ds in files}), series.series_instance_uid, out_dir)
     return written

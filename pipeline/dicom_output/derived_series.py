@@ -19,21 +19,32 @@ Encoding (unsigned 16 bit, intercept 0): T1 in whole ms (slope 1, so a viewer th
 rescale still shows ms; up to 65535 ms), T2 in 0.1 ms (slope 0.1; up to 6553.5 ms), PD in 1e-4
 (slope 0.0001; up to 6.5535). Values outside the range are clipped (and logged). Window centre and
 width are in the real unit (they apply after the rescale).
+
+A series is built fast: :class:`DerivedMRImage` constructs (and validates) its first image only; every image
+then is what the series' images share, encoded once, plus its own few attributes (UID, number, creation
+time, source references, position, pixels). The result is what constructing each image would give, byte
+for byte as written (tests/test_dicom_output_fast_path.py).
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
+import io
 import logging
 from collections.abc import Sequence
 
 import numpy as np
 from highdicom import SOPClass
 from highdicom.sr import CodedConcept
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
-from pydicom.valuerep import format_number_as_ds
+from pydicom.tag import Tag
+from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage
+from pydicom.valuerep import DA, TM, format_number_as_ds
 
 from pipeline.dicom_output.provenance import (
     DEVICE_SERIAL_NUMBER,
@@ -70,6 +81,11 @@ MR_COPIED = ("MRAcquisitionType", "MagneticFieldStrength", "ImagingFrequency", "
 MR_EMPTY = ("ScanOptions", "RepetitionTime", "EchoTime", "EchoTrainLength", "InversionTime")
 DERIVATION = CodedConcept.from_code(codes.DCM.UnspecifiedMethodOfCalculation)
 SOURCE_PURPOSE = CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
+PIXEL_DATA = 0x7FE00010
+# What differs between the images of one derived series; the rest is built and encoded once (_SeriesTemplate).
+INSTANCE_ATTRIBUTES = ("SOPInstanceUID", "InstanceNumber", "InstanceCreationDate", "InstanceCreationTime",
+                       "SourceImageSequence", "ReferencedSeriesSequence", "ImagePositionPatient", "SliceLocation",
+                       "PixelData")
 
 
 def _ds(value: float) -> str:
@@ -124,31 +140,13 @@ class DerivedMRImage(SOPClass):
         copy_lossy_compression(self, source)
         self.RealWorldValueMappingSequence = [
             real_world_value_mapping(quantity, (0, STORED_MAX), slope=quantity.derived_slope)]
-        reference = Dataset()
-        reference.ReferencedSOPClassUID = source_frame.sop_class_uid
-        reference.ReferencedSOPInstanceUID = source_frame.sop_instance_uid
-        if source_frame.frame_number is not None:
-            reference.ReferencedFrameNumber = source_frame.frame_number
-        reference.PurposeOfReferenceCodeSequence = [SOURCE_PURPOSE]
-        reference.SpatialLocationsPreserved = "YES"
-        self.SourceImageSequence = [reference]
         self.DerivationDescription = derivation or provenance.derivation_description(quantity.name)
         self.DerivationCodeSequence = [DERIVATION]
-        instance = Dataset()
-        instance.ReferencedSOPClassUID = source_frame.sop_class_uid
-        instance.ReferencedSOPInstanceUID = source_frame.sop_instance_uid
-        series_reference = Dataset()
-        series_reference.SeriesInstanceUID = source.SeriesInstanceUID
-        series_reference.ReferencedInstanceSequence = [instance]
-        self.ReferencedSeriesSequence = [series_reference]
         # Image Plane
         self.PixelSpacing = [_ds(v) for v in pixel_spacing]
         self.ImageOrientationPatient = [_ds(v) for v in orientation]
-        self.ImagePositionPatient = [_ds(v) for v in position]
         self.SliceThickness = _ds(slice_thickness)
         self.SpacingBetweenSlices = _ds(spacing_between_slices)
-        normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
-        self.SliceLocation = _ds(float(np.asarray(position, float) @ normal))
         # MR Image (the source acquisition the map derives from)
         for keyword, fallback in MR_TYPE1_FALLBACKS.items():
             value = source_attribute(source, keyword)
@@ -170,7 +168,79 @@ class DerivedMRImage(SOPClass):
         self.WindowCenter = _ds(quantity.window_center)
         self.WindowWidth = _ds(quantity.window_width)
         self.WindowCenterWidthExplanation = f"{quantity.name} [{quantity.unit_label}]"
-        self.PixelData = np.ascontiguousarray(pixel_array, dtype="<u2").tobytes()
+        _set_slice(self, source_frame, source.SeriesInstanceUID, position, _normal(orientation), pixel_array)
+
+
+def _normal(orientation: Sequence[float]) -> np.ndarray:
+    return np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+
+
+def _set_slice(image: Dataset, source_frame: SourceFrame, source_series_uid: str, position: Sequence[float],
+               normal: np.ndarray, pixel_array: np.ndarray) -> None:
+    """The attributes of one slice: references to its source frame, its position, its pixels (the rest of
+    :data:`INSTANCE_ATTRIBUTES` is set where the image is made)."""
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source_frame.sop_class_uid
+    reference.ReferencedSOPInstanceUID = source_frame.sop_instance_uid
+    if source_frame.frame_number is not None:
+        reference.ReferencedFrameNumber = source_frame.frame_number
+    reference.PurposeOfReferenceCodeSequence = [SOURCE_PURPOSE]
+    reference.SpatialLocationsPreserved = "YES"
+    image.SourceImageSequence = [reference]
+    instance = Dataset()
+    instance.ReferencedSOPClassUID = source_frame.sop_class_uid
+    instance.ReferencedSOPInstanceUID = source_frame.sop_instance_uid
+    series_reference = Dataset()
+    series_reference.SeriesInstanceUID = source_series_uid
+    series_reference.ReferencedInstanceSequence = [instance]
+    image.ReferencedSeriesSequence = [series_reference]
+    image.ImagePositionPatient = [_ds(v) for v in position]
+    image.SliceLocation = _ds(float(np.asarray(position, float) @ normal))
+    # OW: what writing makes of the keyword's "OB or OW" for 16-bit pixels, in a pass it skips for an image of a
+    # _SeriesTemplate (whose shared attributes are written as encoded)
+    image.add_new(PIXEL_DATA, "OW", np.ascontiguousarray(pixel_array, dtype="<u2").tobytes())
+
+
+class _SeriesTemplate:
+    """What all images of one derived series share, taken from its first image and encoded once.
+
+    :meth:`image` makes an image of the series from it without re-encoding the shared attributes: they stay
+    encoded (pydicom raw elements, decoded when read or changed, written as they are).
+    """
+
+    def __init__(self, first: DerivedMRImage) -> None:
+        own = {Tag(keyword) for keyword in INSTANCE_ATTRIBUTES}
+        shared = Dataset({tag: elem for tag, elem in first.items() if tag not in own})
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, False  # Explicit VR Little Endian, as written
+        write_dataset(buffer, shared)
+        self._shared = read_dataset(io.BytesIO(buffer.getvalue()), is_implicit_VR=False, is_little_endian=True)
+        self._file_meta = first.file_meta
+        self._preamble = first.preamble
+
+    def image(self, sop_instance_uid: str, instance_number: int) -> DerivedMRImage:
+        """An image of the series: the shared attributes, its UID, number and creation time (:func:`_set_slice`
+        adds the rest of :data:`INSTANCE_ATTRIBUTES`)."""
+        image = DerivedMRImage.__new__(DerivedMRImage)  # not constructed again: the first image was
+        Dataset.__init__(image, dict(self._shared.items()))
+        image.set_original_encoding(False, True, self._shared.original_character_set)
+        image.preamble = self._preamble
+        # own elements, of immutable values (UIDs, bytes, numbers): a shallow copy each, a fraction of a deep copy
+        image.file_meta = FileMetaDataset({tag: copy.copy(elem) for tag, elem in self._file_meta.items()})
+        image.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+        # as highdicom computed it for the first image; the UID (padded to even length) is all that varies
+        image.file_meta.FileMetaInformationGroupLength += (
+            _even(len(sop_instance_uid)) - _even(len(self._file_meta.MediaStorageSOPInstanceUID)))
+        image.SOPInstanceUID = sop_instance_uid
+        image.InstanceNumber = instance_number
+        now = datetime.datetime.now()  # as highdicom sets them, in the image's own construction
+        image.InstanceCreationDate = DA(now.date())
+        image.InstanceCreationTime = TM(now.time())
+        return image
+
+
+def _even(n: int) -> int:
+    return n + n % 2
 
 
 def encode(frames: np.ndarray, spec: QuantitySpec) -> tuple[np.ndarray, int]:
@@ -204,18 +274,24 @@ def build_derived_series(series: DicomSeries, values: np.ndarray, quantity: str 
     if clipped:
         logger.warning("derived %s series %s: %d voxels outside 0..%g %s clipped", spec.name, series_uid, clipped,
                        spec.derived_max, spec.unit_label)
-    now = datetime.datetime.now()
-    thickness = slice_thickness(series.header, grid.slice_spacing)
     source = source_header(series)
-    images = [
-        DerivedMRImage(source=source, source_frame=source_frame, pixel_array=stored[k],
-                       position=grid.positions[k].tolist(), orientation=grid.orientation.tolist(),
-                       pixel_spacing=list(grid.pixel_spacing), slice_thickness=thickness,
-                       spacing_between_slices=grid.slice_spacing, quantity=spec, provenance=provenance,
-                       series_instance_uid=series_uid, series_number=series_number, instance_number=k + 1,
-                       series_datetime=now, uid_root=uid_root, series_description=series_description,
-                       derivation=derivation)
-        for k, source_frame in enumerate(series.frames)]
+    orientation = grid.orientation.tolist()
+    positions = grid.positions.tolist()
+    first = DerivedMRImage(source=source, source_frame=series.frames[0], pixel_array=stored[0], position=positions[0],
+                           orientation=orientation, pixel_spacing=list(grid.pixel_spacing),
+                           slice_thickness=slice_thickness(series.header, grid.slice_spacing),
+                           spacing_between_slices=grid.slice_spacing, quantity=spec, provenance=provenance,
+                           series_instance_uid=series_uid, series_number=series_number, instance_number=1,
+                           series_datetime=datetime.datetime.now(), uid_root=uid_root,
+                           series_description=series_description, derivation=derivation)
+    template = _SeriesTemplate(first)
+    normal = _normal(orientation)
+    images = []
+    for k, source_frame in enumerate(series.frames):
+        # the first image keeps the UID its construction drew (UIDs are drawn in the order they always were)
+        image = template.image(first.SOPInstanceUID if k == 0 else new_uid(uid_root), k + 1)
+        _set_slice(image, source_frame, source.SeriesInstanceUID, positions[k], normal, stored[k])
+        images.append(image)
     logger.info("derived %s series %s in study %s: %d images", spec.name, series_uid, series.study_instance_uid,
                 len(images))
     return images

@@ -248,7 +248,7 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
                     [c for g, c in enumerate(CHANNEL_NAMES) if g not in active])
     net: torch.nn.Module = work
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(work, device_ids=[dev.index] if dev.type == "cuda" else None)
     validation = _validation_set(val_subjects, config.validation_slices, ranges, config)
     validation = (validation[0], validation[1][:, list(active)], validation[2])
     if initial is not None and state.epoch == 0 and rank == 0:  # the package's weights are the best so far

@@ -85,7 +85,7 @@ def test_a_structure_lands_at_its_patient_coordinates(placed: tuple[Path, Workin
     series = read_series(subject / "mprage_dicom")
     grid = series.grid
     maps = _to_source({"T1": 1000.0 * on_working, "T2": 100.0 * on_working}, space.mask, space, grid.shape,
-                      grid.ras_affine)
+                      grid.ras_affine).maps
     assert np.linalg.norm(_voxel_centroid_lps(maps["T1"], grid.lps_affine) - truth_lps) < 1.0
 
     # ... and in the DICOM Parametric Map, read back with pydicom alone.

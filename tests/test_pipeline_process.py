@@ -116,7 +116,7 @@ def test_node_passes_allow_out_of_range(monkeypatch: pytest.MonkeyPatch, tmp_pat
 def test_out_of_range_processed_when_allowed(series_at_7t: Path, package: ModelPackage, tmp_path: Path) -> None:
     out = tmp_path / "result"
     result = CliRunner().invoke(cli, ["process", str(series_at_7t), "--out", str(out), "--allow-out-of-range",
-                                      "--no-derived"])
+                                      "--no-derived", "--no-regions", "--no-contrasts"])
     assert result.exit_code == 0, result.output
     provenance = json.loads((out / "provenance.json").read_text())
     assert [r.split()[0] for r in provenance["out_of_range"]] == ["MagneticFieldStrength"]

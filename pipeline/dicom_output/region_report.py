@@ -51,7 +51,7 @@ from pipeline.dicom_output.source import copy_character_set, copy_retired_patien
 from pipeline.dicom_output.uids import new_uid, stable_uid
 from pipeline.dicom_series import DicomSeries
 
-if TYPE_CHECKING:  # pipeline.regions brings the registration stack (torch among it): not at import time
+if TYPE_CHECKING:  # pipeline.regions brings nibabel, scipy and the atlas code: not at import time
     from pipeline.regions import RegionStats
 
 logger = logging.getLogger(__name__)

@@ -55,7 +55,7 @@ from pipeline.dicom_output.source import (
 from pipeline.dicom_output.uids import new_uid
 from pipeline.dicom_series import DicomSeries
 
-if TYPE_CHECKING:  # pipeline.regions brings the registration stack (torch among it): not at import time
+if TYPE_CHECKING:  # pipeline.regions brings nibabel, scipy and the atlas code: not at import time
     from pipeline.regions import Region
 
 logger = logging.getLogger(__name__)

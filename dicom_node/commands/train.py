@@ -90,13 +90,15 @@ def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, it
                          unet=UNetConfig(protocol_features=N_FEATURES if protocol_aware else 0))
     active = None
     if networks == "signal":
-        from pipeline.mrf.coefficients import CHANNEL_RANK, signal_channels
+        from pipeline.model.package import channel_signal_record
+        from pipeline.mrf.coefficients import CHANNEL_RANK
         from pipeline.mrf.dictionary import load_or_build_dictionary
         from pipeline.mrf.sequence import load_sequence
 
         seq_doc = dataset.manifest.get("sequence")
         sequence = load_sequence(str(seq_doc.get("name", "")) if isinstance(seq_doc, dict) else "")
-        flags = signal_channels(load_or_build_dictionary(sequence, rank=CHANNEL_RANK).atoms[:, :CHANNEL_RANK])
+        record = channel_signal_record(load_or_build_dictionary(sequence, rank=CHANNEL_RANK))  # as packages say
+        flags: list[bool] = record["carries_signal"]  # type: ignore[assignment]
         active = [g for g, carries in enumerate(flags) if carries]
     try:
         summary = run_training(dataset, run_dir, config, device=device, initial=initial, networks=active)

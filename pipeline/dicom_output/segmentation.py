@@ -3,9 +3,9 @@ source study.
 
 One segment per region that has voxels in the label volume, in label order. Segment numbers: PS3.3
 C.8.20.2.4 wants those of a BINARY segmentation to run 1..n, so a region's segment number is its rank among the
-regions present (:func:`segment_numbers`): its Region.label when every region is present, smaller after a
-region left out. The segment label is the region's name, its Tracking ID too; the SR report finds a region's
-segment by it (:mod:`pipeline.dicom_output.region_report`).
+regions present (:func:`pipeline.regions.segment_numbers`): its Region.label when every region is present,
+smaller after a region left out. The segment label is the region's name, its Tracking ID too; the SR report
+finds a region's segment by it (:mod:`pipeline.dicom_output.region_report`).
 
 Each segment: category Anatomical Structure, type the structure's code (SNOMED CT, or the atlas' private
 scheme) with the side as Segmented Property Type Modifier, anatomic region Brain, algorithm AUTOMATIC (the
@@ -113,11 +113,6 @@ def label_frames(labels: object, series: DicomSeries, regions: Sequence[Region] 
     return series.grid.to_frames(labels), present
 
 
-def segment_numbers(present: Sequence[int]) -> dict[int, int]:
-    """Segment number of each region label in ``present``: 1..n in label order (PS3.3 C.8.20.2.4)."""
-    return {label: n for n, label in enumerate(sorted(present), start=1)}
-
-
 def _description(region: Region, number: int, algorithm: AlgorithmIdentificationSequence,
                  uid_root: str | None) -> SegmentDescription:
     description = SegmentDescription(
@@ -142,6 +137,8 @@ def build_segmentation(series: DicomSeries, labels: np.ndarray, regions: Sequenc
     frames, voxels = label_frames(labels, series, list(by_label.values()))
     if not voxels:
         raise ValueError("labels: no region has a voxel; there is nothing to segment")
+    from pipeline.regions import segment_numbers  # here: the module's import stays light (see above)
+
     numbers = segment_numbers(list(voxels))
     lut = np.zeros(max(numbers) + 1, np.uint8)
     for label, number in numbers.items():

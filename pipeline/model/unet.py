@@ -145,9 +145,8 @@ def merge_subset(model: UNetEnsemble, small: UNetEnsemble, nets: Sequence[int]) 
     for key, t in small.state_dict().items():
         if not t.ndim:
             continue
-        size = t.shape[0] // len(nets)
         for j, k in enumerate(nets):
-            current[key][network_slice(current[key], k, n)] = t[j * size : (j + 1) * size]
+            current[key][network_slice(current[key], k, n)] = t[network_slice(t, j, len(nets))]
 
 
 def expand_input_planes(state: dict[str, torch.Tensor], config: UNetConfig) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ matrix product. SimpleITK works in LPS; conversion happens here and nowhere else
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -21,6 +22,13 @@ logger = logging.getLogger(__name__)
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 TEMPLATE_RESOLUTION_MM = 2  # fine enough for a head pose; 8x fewer voxels than 1 mm
 FIXED_MASK_DILATION_MM = 10.0  # sample the brain and its rim, not the empty template background
+# Brain sizes the affine fit starts from. From a single start at the template's size, mutual information
+# often settled on the template brain stretched over the whole head of a small (x0.87) brain (brain mask
+# Dice 0.68 against the phantom's); from three starts, the lowest metric was the brain in all ten phantoms
+# tried (Dice 0.973-0.987), brains scaled x0.87-1.18.
+SCALE_STARTS = (0.85, 1.0, 1.15)
+COARSE_SHRINK = (4,)  # the starts compete at 8 mm; the winner is refined at 4 and 2 mm
+FINE_SHRINK = (2, 1)
 
 
 def to_sitk(data: np.ndarray, ras_affine: np.ndarray) -> sitk.Image:
@@ -50,14 +58,24 @@ def _ras_matrix(transform: sitk.Euler3DTransform | sitk.AffineTransform) -> np.n
     return LPS_FROM_RAS @ lps @ LPS_FROM_RAS
 
 
+@dataclass(frozen=True)
+class Registration:
+    """A fixed-to-moving RAS transform (4x4) and the metric it reached (Mattes MI: lower is better)."""
+
+    transform: np.ndarray
+    metric: float
+
+
 def register_images(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray, *,
                     kind: Literal["rigid", "affine"] = "rigid", initial: np.ndarray | None = None,
-                    fixed_mask: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
-    """Fixed-to-moving RAS transform (4x4) maximising Mattes mutual information (any two contrasts).
+                    fixed_mask: np.ndarray | None = None, seed: int = 0,
+                    shrink: tuple[int, ...] = (4, 2, 1)) -> Registration:
+    """Fixed-to-moving RAS transform maximising Mattes mutual information (any two contrasts), and its metric.
 
     ``kind`` "rigid" (6 degrees of freedom) or "affine" (12). ``initial`` (4x4, fixed to moving) starts
     the search; without it the images' intensity moments do. ``fixed_mask`` limits the metric's samples.
-    Multi-resolution (8, 4, 2 mm smoothing), regular-step gradient descent with physical-shift scales.
+    Multi-resolution: one level per ``shrink`` factor of the fixed grid, smoothed by as many mm; regular-step
+    gradient descent with physical-shift scales.
     """
     if kind not in ("rigid", "affine"):
         raise ValueError(f"kind: expected 'rigid' or 'affine', got {kind!r}")
@@ -65,18 +83,14 @@ def register_images(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndar
     moving_image = sitk.Cast(to_sitk(moving, moving_affine), sitk.sitkFloat32)
     transform: sitk.Euler3DTransform | sitk.AffineTransform
     if initial is None:
-        blank = sitk.Euler3DTransform() if kind == "rigid" else sitk.AffineTransform(3)
-        found = sitk.CenteredTransformInitializer(fixed_image, moving_image, blank,
-                                                  sitk.CenteredTransformInitializerFilter.MOMENTS)
-        transform = sitk.Euler3DTransform(found) if kind == "rigid" else sitk.AffineTransform(found)
-    else:
-        lps = LPS_FROM_RAS @ initial @ LPS_FROM_RAS
-        size = np.asarray(fixed.shape) - 1
-        centre = (LPS_FROM_RAS @ fixed_affine @ np.append(size / 2, 1.0))[:3]
-        transform = sitk.AffineTransform(3) if kind == "affine" else sitk.Euler3DTransform()
-        transform.SetCenter(centre.tolist())
-        transform.SetMatrix((lps[:3, :3] if kind == "affine" else _nearest_rotation(lps[:3, :3])).ravel().tolist())
-        transform.SetTranslation((lps[:3, 3] + lps[:3, :3] @ centre - centre).tolist())
+        initial = moments_start(fixed_image, moving_image)
+    lps = LPS_FROM_RAS @ initial @ LPS_FROM_RAS
+    size = np.asarray(fixed.shape) - 1
+    centre = (LPS_FROM_RAS @ fixed_affine @ np.append(size / 2, 1.0))[:3]
+    transform = sitk.AffineTransform(3) if kind == "affine" else sitk.Euler3DTransform()
+    transform.SetCenter(centre.tolist())
+    transform.SetMatrix((lps[:3, :3] if kind == "affine" else nearest_rotation(lps[:3, :3])).ravel().tolist())
+    transform.SetTranslation((lps[:3, 3] + lps[:3, :3] @ centre - centre).tolist())
 
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
@@ -88,18 +102,27 @@ def register_images(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndar
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=200,
                                                  relaxationFactor=0.5, gradientMagnitudeTolerance=1e-6)
     reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([4, 2, 1])
-    reg.SetSmoothingSigmasPerLevel([4.0, 2.0, 1.0])
+    reg.SetShrinkFactorsPerLevel(list(shrink))
+    reg.SetSmoothingSigmasPerLevel([float(f) for f in shrink])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetInitialTransform(transform, inPlace=True)
     reg.Execute(fixed_image, moving_image)
     logger.debug("%s registration: metric %.4f after %d iterations (%s)", kind, reg.GetMetricValue(),
                  reg.GetOptimizerIteration(), reg.GetOptimizerStopConditionDescription())
-    return _ras_matrix(transform)
+    return Registration(_ras_matrix(transform), float(reg.GetMetricValue()))
+
+
+def moments_start(fixed: sitk.Image, moving: sitk.Image) -> np.ndarray:
+    """The translation (4x4 RAS, fixed to moving) that puts the images' centres of intensity on each other
+    (SimpleITK images, as :func:`to_sitk` makes them)."""
+    found = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
+                                              sitk.CenteredTransformInitializerFilter.MOMENTS)
+    return _ras_matrix(sitk.Euler3DTransform(found))
 
 
 def register_to_template(image: np.ndarray, ras_affine: np.ndarray, *, kind: Literal["rigid", "affine"] = "rigid",
-                         initial: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+                         initial: np.ndarray | None = None, seed: int = 0,
+                         shrink: tuple[int, ...] = (4, 2, 1)) -> Registration:
     """Template-to-patient RAS transform (4x4) that best aligns the MNI template with the head ``image``.
 
     The template is skull-stripped: the metric samples the template's brain and a 10 mm rim, so the
@@ -109,10 +132,30 @@ def register_to_template(image: np.ndarray, ras_affine: np.ndarray, *, kind: Lit
     rim = ndimage.binary_dilation(template.brain_mask > 0.5,
                                   iterations=int(np.ceil(FIXED_MASK_DILATION_MM / TEMPLATE_RESOLUTION_MM)))
     return register_images(template.image, template.affine, image, ras_affine, kind=kind, initial=initial,
-                           fixed_mask=rim, seed=seed)
+                           fixed_mask=rim, seed=seed, shrink=shrink)
 
 
-def _nearest_rotation(m: np.ndarray) -> np.ndarray:
+def fit_template_affine(image: np.ndarray, ras_affine: np.ndarray) -> Registration:
+    """The affine template-to-patient transform of the head ``image``: started at the head's centre with each
+    brain size in :data:`SCALE_STARTS`, optimised at 8 mm, and the best of them refined."""
+    template = load_template(TEMPLATE_RESOLUTION_MM)
+    centre = moments_start(to_sitk(template.image, template.affine), to_sitk(image, ras_affine))
+    pivot = template.brain_centre_mm
+    starts = []
+    for scale in SCALE_STARTS:
+        scaling = np.eye(4)
+        scaling[:3, :3] *= scale
+        scaling[:3, 3] = pivot - scale * pivot
+        starts.append(register_to_template(image, ras_affine, kind="affine", initial=centre @ scaling,
+                                           shrink=COARSE_SHRINK))
+    best = min(starts, key=lambda r: r.metric)
+    logger.debug("affine starts: metrics %s",
+                 ", ".join(f"x{s}: {r.metric:.3f}" for s, r in zip(SCALE_STARTS, starts, strict=True)))
+    return register_to_template(image, ras_affine, kind="affine", initial=best.transform, shrink=FINE_SHRINK)
+
+
+def nearest_rotation(m: np.ndarray) -> np.ndarray:
+    """The rotation closest to the 3x3 matrix ``m`` (its polar factor, with determinant +1)."""
     u, _, vt = np.linalg.svd(m)
     r = u @ vt
     if np.linalg.det(r) < 0:

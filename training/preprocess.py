@@ -83,7 +83,7 @@ def mprage_to_mrf(mprage: np.ndarray, mprage_affine: np.ndarray, coeffs: np.ndar
     reference = np.abs(coeffs[..., 0]).astype(np.float32)
     region = ndimage.binary_dilation(mask, iterations=REGISTRATION_RIM_VOXELS)
     return register_images(reference, mrf_affine, mprage, mprage_affine, kind="rigid", initial=np.eye(4),
-                           fixed_mask=region)
+                           fixed_mask=region).transform
 
 
 def prepare_subject(subject_dir: Path, cache: Path, *, register: bool = True,

@@ -23,3 +23,20 @@ def resample_to_grid(data: np.ndarray, affine: np.ndarray, shape: tuple[int, ...
                                    output_shape=tuple(shape), order=order, mode="constant", cval=fill,
                                    prefilter=False)
     return out
+
+
+def covering_box(mask: np.ndarray, affine: np.ndarray, shape: tuple[int, ...],
+                 target_affine: np.ndarray) -> tuple[slice, slice, slice]:
+    """The box of the target grid (``shape``, ``target_affine``) whose trilinear samples of a volume on
+    ``mask``'s grid (``affine``) can see a voxel of ``mask``: outside it, such samples of a volume that is zero
+    outside ``mask`` are exactly zero. The whole grid for an empty mask."""
+    present = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    if any(p.size == 0 for p in present):
+        return (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+    lo = [p[0] - 1 for p in present]
+    hi = [p[-1] + 1 for p in present]
+    corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    in_target = (np.linalg.inv(target_affine) @ affine @ corners.T)[:3]
+    start = np.maximum(np.floor(in_target.min(axis=1)).astype(int) - 1, 0)
+    stop = np.minimum(np.ceil(in_target.max(axis=1)).astype(int) + 2, np.asarray(shape[:3]))
+    return (slice(int(start[0]), int(stop[0])), slice(int(start[1]), int(stop[1])), slice(int(start[2]), int(stop[2])))

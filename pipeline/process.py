@@ -37,7 +37,7 @@ from pipeline.acquisition import (
 from pipeline.contrasts import DEFAULT_CONTRASTS, Contrast, synthesise
 from pipeline.convert import convert_series
 from pipeline.dicom_series import MAX_VOXEL_MM, MIN_FRAMES, DicomSeries, SeriesRejected, read_series
-from pipeline.geometry import resample_to_grid
+from pipeline.geometry import covering_box, resample_to_grid
 from pipeline.head_pose import WorkingSpace, place_head
 from pipeline.model.inference import features_for, synthesise_channels
 from pipeline.model.package import ModelPackage, check_compatible
@@ -183,13 +183,20 @@ class _OnSource:
 
 def _to_source(maps: dict[str, np.ndarray], mask: np.ndarray, space: WorkingSpace, shape: tuple[int, int, int],
                affine: np.ndarray) -> _OnSource:
-    """Working-grid maps on the source grid: mask-weighted trilinear, so edges are not pulled toward zero."""
-    weight = resample_to_grid(mask.astype(np.float32), space.affine, shape, affine)
-    inside = weight > 0.5
+    """Working-grid maps on the source grid: mask-weighted trilinear, so edges are not pulled toward zero.
+    Only the source grid's box around the brain is sampled (outside it every sample is zero)."""
+    box = covering_box(mask, space.affine, shape, affine)
+    box_shape = tuple(s.stop - s.start for s in box)
+    box_affine = affine.copy()
+    box_affine[:3, 3] = (affine @ np.array([s.start for s in box] + [1.0]))[:3]
+    weight = resample_to_grid(mask.astype(np.float32), space.affine, box_shape, box_affine)
+    inside = np.zeros(shape, dtype=bool)
+    inside[box] = weight > 0.5
     out = {}
     for name, values in maps.items():
-        summed = resample_to_grid(values * mask, space.affine, shape, affine)
-        out[name] = np.where(inside, summed / np.maximum(weight, 1e-6), 0.0).astype(np.float32)
+        summed = resample_to_grid(values * mask, space.affine, box_shape, box_affine)
+        out[name] = np.zeros(shape, dtype=np.float32)
+        out[name][box] = np.where(inside[box], summed / np.maximum(weight, 1e-6), 0.0)
     return _OnSource(out, inside)
 
 
@@ -245,7 +252,7 @@ def process_series(source: str | Path, out_dir: str | Path, package: ModelPackag
     with stages.stage("match"):
         matcher = _matcher(package.sequence, device)
         check_compatible(package, matcher.dictionary)
-        maps = match_volume_with_quality(from_channels(channels), mask, matcher)
+        maps = match_volume_with_quality(from_channels(channels[mask]), mask, matcher)
         del channels
         verdict = study_verdict(maps["Q"], mask, maps["T1"], maps["T2"], protocol_reasons=ood_reasons,
                                 grid=matcher.dictionary.grid)

@@ -65,16 +65,18 @@ def quality_map(score_volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def match_volume_with_quality(coeffs: np.ndarray, mask: np.ndarray, matcher: Matcher) -> dict[str, np.ndarray]:
-    """T1, T2 (ms), PD and Q maps of a coefficient volume (X, Y, Z, K); zero outside ``mask``.
+    """T1, T2 (ms), PD and Q maps of a coefficient volume (X, Y, Z, K), or of the coefficients of ``mask``'s
+    voxels in C order (V, K), which spares building the whole volume; zero outside ``mask``.
 
     The same matching as :func:`pipeline.mrf.matching.match_volume`, keeping each voxel's score.
     """
-    if mask.shape != coeffs.shape[:-1]:
+    voxels = coeffs.ndim == 2 and coeffs.shape[0] == int(np.count_nonzero(mask))
+    if not voxels and mask.shape != coeffs.shape[:-1]:
         raise ValueError(f"mask: shape {mask.shape} does not match coefficients {coeffs.shape[:-1]}")
     k = matcher.dictionary.rank
     if coeffs.shape[-1] < k:
         raise ValueError(f"coeffs: {coeffs.shape[-1]} components, dictionary needs {k}")
-    result = matcher.match(coeffs[mask][:, :k])
+    result = matcher.match((coeffs if voxels else coeffs[mask])[:, :k])
     maps = {}
     for name, values in (("T1", result.t1_ms), ("T2", result.t2_ms), ("PD", result.pd),
                          ("Q", quality_from_score(result.score))):

@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.dicom_output import Provenance, write_result_series
 from pipeline.dicom_series import read_series
-from pipeline.geometry import resample_to_grid
+from pipeline.geometry import covering_box, resample_to_grid
 from pipeline.head_pose import WorkingSpace, place_head
 from pipeline.process import _to_source
 from pipeline.volume_io import load_volume
@@ -111,3 +111,29 @@ def _centroid_ras(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     idx = np.argwhere(mask > 0.5).astype(float)
     return (affine[:3, :3] @ idx.T + affine[:3, 3:]).T.mean(axis=0)
 
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_covering_box_holds_every_sample_that_sees_the_mask(seed: int) -> None:
+    """Resampling the whole target grid is zero outside the box and equals resampling the box alone inside."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((40, 36, 30), dtype=bool)
+    mask[10:25, 8:20, 12:22] = rng.random((15, 12, 10)) > 0.3
+    values = np.where(mask, rng.random(mask.shape).astype(np.float32) + 1, 0).astype(np.float32)
+    angle = np.deg2rad(rng.uniform(-30, 30))
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    source = np.eye(4)
+    source[:3, :3] = rotation @ np.diag(rng.uniform(0.6, 1.4, 3))
+    source[:3, 3] = rng.uniform(-5, 5, 3)
+    target, shape = np.diag([1.1, 0.9, 1.3, 1.0]), (50, 48, 40)
+    target[:3, 3] = -8.0
+    full = resample_to_grid(values, source, shape, target)
+    box = covering_box(mask, source, shape, target)
+    box_affine = target.copy()
+    box_affine[:3, 3] = (target @ np.array([s.start for s in box] + [1.0]))[:3]
+    inside = resample_to_grid(values, source, tuple(s.stop - s.start for s in box), box_affine)
+    assert full.any() and sum(s.stop - s.start for s in box) < sum(shape)
+    np.testing.assert_array_equal(full[box], inside)
+    outside = full.copy()
+    outside[box] = 0
+    assert not outside.any()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.model.inference import features_for, synthesise_channels
+from pipeline.model.inference import features_for, inference_dtype, resolve_backend, synthesise_channels
 from pipeline.model.package import SHIPPED_DIR, load_package
 from pipeline.mrf.coefficients import from_channels
 from pipeline.mrf.matching import match_volume
@@ -48,7 +48,10 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     subject = _subject(workdir)
     package = load_package(next(p for p in sorted(SHIPPED_DIR.iterdir()) if p.is_dir()))
-    print(f"torch threads {torch.get_num_threads()}; input {subject / 'mprage_dicom'}")
+    dtype = inference_dtype(torch.device("cpu"), ProcessOptions().precision)
+    print(f"torch threads {torch.get_num_threads()}; inference {dtype} with "
+          f"{resolve_backend(ProcessOptions().backend, torch.device('cpu'), dtype)} (CPU bf16 native: "
+          f"{dtype == torch.bfloat16}); input {subject / 'mprage_dicom'}")
     runs = []
     for r in range(args.runs):
         start = time.perf_counter()

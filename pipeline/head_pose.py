@@ -27,6 +27,10 @@ DEMONS_SPACING_MM = 2.0
 DEMONS_ITERATIONS = 10  # Dice vs phantom truth 0.9851 at 10, 0.9857 at 20, 0.9858 at 30 (2.8 vs 5.7 s)
 DEMONS_SMOOTHING_MM = 1.5  # standard deviation of the field smoothing, in voxels of the 2 mm grid
 STRIP_DILATION_VOXELS = 2  # keep 4 mm around the affine-fitted brain: the outline, not the scalp
+# Demons and the final mask cover the affine-fitted brain's box and this much around it (the warp is zero
+# beyond; demons moves the outline by far less). On 6 phantoms: Dice against the truth changed by -0.0014 to
+# +0.0023, masks agreed with the whole-grid ones at Dice 0.996-0.999, 1.6-1.9x faster (loaded machine).
+BOX_MARGIN_MM = 24.0
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,15 @@ def _brain_mask(volume: np.ndarray, affine: np.ndarray, working_affine: np.ndarr
     coarse_affine[:3, :3] *= factor
     coarse_affine[:3, 3] += working_affine[:3, :3] @ np.full(3, (factor - 1) / 2)
     coarse_shape = tuple(n // factor for n in WORKING_SHAPE)
-    coarse = _grid_image(coarse_affine, coarse_shape)  # type: ignore[arg-type]
+    # Demons runs on the box around the affine-fitted brain (plus BOX_MARGIN_MM), not the whole 2 mm grid.
+    fitted_mask = sitk.Resample(template_mask, _grid_image(coarse_affine, coarse_shape), to_template,  # type: ignore[arg-type]
+                                sitk.sitkLinear, 0.0)
+    inside = np.argwhere(np.transpose(sitk.GetArrayFromImage(fitted_mask), (2, 1, 0)) > BRAIN_MASK_THRESHOLD)
+    margin = int(BOX_MARGIN_MM // factor)
+    lo = np.maximum(inside.min(axis=0) - margin, 0) if inside.size else np.zeros(3, int)
+    hi = np.minimum(inside.max(axis=0) + margin + 1, coarse_shape) if inside.size else np.asarray(coarse_shape)
+    coarse_affine[:3, 3] += coarse_affine[:3, :3] @ lo
+    coarse = _grid_image(coarse_affine, tuple(int(n) for n in hi - lo))  # type: ignore[arg-type]
 
     atlas = sitk.Resample(template_image, coarse, to_template, sitk.sitkLinear, 0.0)
     atlas_mask = sitk.Resample(template_mask, coarse, to_template, sitk.sitkLinear, 0.0) > BRAIN_MASK_THRESHOLD
@@ -96,9 +108,15 @@ def _brain_mask(volume: np.ndarray, affine: np.ndarray, working_affine: np.ndarr
     warp = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
     # Output point p (working grid, patient space) -> p + u(p) -> template: the warp applies first.
     composite = sitk.CompositeTransform([to_template, warp])
-    fine = _grid_image(working_affine, WORKING_SHAPE)
-    mask = sitk.Resample(template_mask, fine, composite, sitk.sitkLinear, 0.0)
-    return np.transpose(sitk.GetArrayFromImage(mask), (2, 1, 0)) > BRAIN_MASK_THRESHOLD, composite
+    fine_lo, fine_hi = lo * factor, np.minimum(hi * factor, WORKING_SHAPE)
+    fine_affine = working_affine.copy()
+    fine_affine[:3, 3] += working_affine[:3, :3] @ fine_lo
+    fine = _grid_image(fine_affine, tuple(int(n) for n in fine_hi - fine_lo))  # type: ignore[arg-type]
+    boxed = sitk.Resample(template_mask, fine, composite, sitk.sitkLinear, 0.0)
+    mask = np.zeros(WORKING_SHAPE, dtype=bool)
+    mask[tuple(slice(a, b) for a, b in zip(fine_lo, fine_hi, strict=True))] = (
+        np.transpose(sitk.GetArrayFromImage(boxed), (2, 1, 0)) > BRAIN_MASK_THRESHOLD)
+    return mask, composite
 
 
 def head_pose(fitted: np.ndarray) -> np.ndarray:

@@ -1,8 +1,8 @@
 """Registration of a head image to the MNI template with SimpleITK (Mattes mutual information).
 
-Transforms are returned as 4x4 RAS matrices that map *template* mm to *patient* mm (ITK's fixed-to-moving
-convention with the template fixed), so a grid defined in template space reaches patient space by one
-matrix product. SimpleITK works in LPS; conversion happens here and nowhere else.
+Transforms are returned (in a :class:`Registration`) as 4x4 RAS matrices that map *template* mm to
+*patient* mm (ITK's fixed-to-moving convention with the template fixed), so a grid defined in template
+space reaches patient space by one matrix product. SimpleITK works in LPS; conversion happens here and nowhere else.
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def moments_start(fixed: sitk.Image, moving: sitk.Image) -> np.ndarray:
 def register_to_template(image: np.ndarray, ras_affine: np.ndarray, *, kind: Literal["rigid", "affine"] = "rigid",
                          initial: np.ndarray | None = None, seed: int = 0,
                          shrink: tuple[int, ...] = (4, 2, 1)) -> Registration:
-    """Template-to-patient RAS transform (4x4) that best aligns the MNI template with the head ``image``.
+    """The template-to-patient RAS transform (4x4) that best aligns the MNI template with the head ``image``,
+    and its metric.
 
     The template is skull-stripped: the metric samples the template's brain and a 10 mm rim, so the
     scalp of a real head does not pull the fit.

@@ -4,8 +4,8 @@ An affine registration to the MNI template fits head position, size and shape; i
 factor, about the template's brain centre) is the head pose. The working grid (defined in template
 space, :func:`pipeline.template.working_grid_in_template`) is carried into patient space by that pose, so a
 sagittal, coronal or tilted acquisition is resampled into the axial, template-aligned slices the model
-was trained on, at the head's own size. (A separate rigid registration, which cannot scale, missed the
-phantoms' known rotation by 3.9-8.2 degrees on brains scaled x0.87-1.16; the affine's rotation by 0.7-1.0.)
+was trained on, at the head's own size. (A separate rigid registration, which cannot scale, was 0.4-8.8
+degrees off the known rotation of 8 phantoms with brains scaled x0.88-1.16; the affine's rotation 0.3-1.8.)
 A diffeomorphic demons
 registration (2 mm, on the skull-stripped head) fits the brain outline for the atlas brain mask. The
 working grid itself stays a 4x4 affine, so maps go back to the source grid exactly.

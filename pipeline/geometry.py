@@ -25,6 +25,13 @@ def resample_to_grid(data: np.ndarray, affine: np.ndarray, shape: tuple[int, ...
     return out
 
 
+def offset_affine(affine: np.ndarray, start: object) -> np.ndarray:
+    """The affine of the part of ``affine``'s grid that starts at voxel ``start`` (3 indices)."""
+    out = np.array(affine, dtype=np.float64)
+    out[:3, 3] += out[:3, :3] @ np.asarray(start, dtype=np.float64)
+    return out
+
+
 def covering_box(mask: np.ndarray, affine: np.ndarray, shape: tuple[int, ...],
                  target_affine: np.ndarray) -> tuple[slice, slice, slice]:
     """The box of the target grid (``shape``, ``target_affine``) whose trilinear samples of a volume on

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk  # noqa: N813 (the universal alias)
 
-from pipeline.geometry import resample_to_grid
+from pipeline.geometry import offset_affine, resample_to_grid
 from pipeline.registration import LPS_FROM_RAS, fit_template_affine, nearest_rotation, to_sitk
 from pipeline.template import WORKING_SHAPE, load_template, working_grid_in_template
 
@@ -29,7 +29,7 @@ DEMONS_SMOOTHING_MM = 1.5  # standard deviation of the field smoothing, in voxel
 STRIP_DILATION_VOXELS = 2  # keep 4 mm around the affine-fitted brain: the outline, not the scalp
 # Demons and the final mask cover the affine-fitted brain's box and this much around it (the warp is zero
 # beyond; demons moves the outline by far less). On 6 phantoms: Dice against the truth changed by -0.0014 to
-# +0.0023, masks agreed with the whole-grid ones at Dice 0.996-0.999, 1.6-1.9x faster (loaded machine).
+# +0.0023, masks agreed with the whole-grid ones at Dice 0.996-0.999, 1.4-2.2x faster (loaded machine).
 BOX_MARGIN_MM = 24.0
 
 
@@ -91,8 +91,7 @@ def _brain_mask(volume: np.ndarray, affine: np.ndarray, working_affine: np.ndarr
     margin = int(BOX_MARGIN_MM // factor)
     lo = np.maximum(inside.min(axis=0) - margin, 0) if inside.size else np.zeros(3, int)
     hi = np.minimum(inside.max(axis=0) + margin + 1, coarse_shape) if inside.size else np.asarray(coarse_shape)
-    coarse_affine[:3, 3] += coarse_affine[:3, :3] @ lo
-    coarse = _grid_image(coarse_affine, tuple(int(n) for n in hi - lo))  # type: ignore[arg-type]
+    coarse = _grid_image(offset_affine(coarse_affine, lo), tuple(int(n) for n in hi - lo))  # type: ignore[arg-type]
 
     atlas = sitk.Resample(template_image, coarse, to_template, sitk.sitkLinear, 0.0)
     atlas_mask = sitk.Resample(template_mask, coarse, to_template, sitk.sitkLinear, 0.0) > BRAIN_MASK_THRESHOLD
@@ -109,9 +108,8 @@ def _brain_mask(volume: np.ndarray, affine: np.ndarray, working_affine: np.ndarr
     # Output point p (working grid, patient space) -> p + u(p) -> template: the warp applies first.
     composite = sitk.CompositeTransform([to_template, warp])
     fine_lo, fine_hi = lo * factor, np.minimum(hi * factor, WORKING_SHAPE)
-    fine_affine = working_affine.copy()
-    fine_affine[:3, 3] += working_affine[:3, :3] @ fine_lo
-    fine = _grid_image(fine_affine, tuple(int(n) for n in fine_hi - fine_lo))  # type: ignore[arg-type]
+    fine = _grid_image(offset_affine(working_affine, fine_lo),
+                       tuple(int(n) for n in fine_hi - fine_lo))  # type: ignore[arg-type]
     boxed = sitk.Resample(template_mask, fine, composite, sitk.sitkLinear, 0.0)
     mask = np.zeros(WORKING_SHAPE, dtype=bool)
     mask[tuple(slice(a, b) for a, b in zip(fine_lo, fine_hi, strict=True))] = (

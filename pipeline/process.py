@@ -37,7 +37,7 @@ from pipeline.acquisition import (
 from pipeline.contrasts import DEFAULT_CONTRASTS, Contrast, synthesise
 from pipeline.convert import convert_series
 from pipeline.dicom_series import MAX_VOXEL_MM, MIN_FRAMES, DicomSeries, SeriesRejected, read_series
-from pipeline.geometry import covering_box, resample_to_grid
+from pipeline.geometry import covering_box, offset_affine, resample_to_grid
 from pipeline.head_pose import WorkingSpace, place_head
 from pipeline.model.inference import features_for, synthesise_channels
 from pipeline.model.package import ModelPackage, check_compatible
@@ -187,8 +187,7 @@ def _to_source(maps: dict[str, np.ndarray], mask: np.ndarray, space: WorkingSpac
     Only the source grid's box around the brain is sampled (outside it every sample is zero)."""
     box = covering_box(mask, space.affine, shape, affine)
     box_shape = tuple(s.stop - s.start for s in box)
-    box_affine = affine.copy()
-    box_affine[:3, 3] = (affine @ np.array([s.start for s in box] + [1.0]))[:3]
+    box_affine = offset_affine(affine, [s.start for s in box])
     weight = resample_to_grid(mask.astype(np.float32), space.affine, box_shape, box_affine)
     inside = np.zeros(shape, dtype=bool)
     inside[box] = weight > 0.5

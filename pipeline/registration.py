@@ -28,7 +28,8 @@ FIXED_MASK_DILATION_MM = 10.0  # sample the brain and its rim, not the empty tem
 # Dice 0.76 against the phantom's). Each start is optimised at 8 mm; the winner is the one with the lowest
 # metric over every voxel at 2 mm, unsmoothed: there the brain fit of a x0.88 brain scored -0.44..-0.48
 # against -0.22..-0.26 for the head fits (three runs of two phantoms), while the 8 mm metrics the
-# optimisations ended with were close (-0.69 vs -0.64) and once picked the head.
+# optimisations ended with were close (-0.69 vs -0.64; a `process` run that chose by them once ended with
+# the head as brain mask).
 SCALE_STARTS = (0.85, 1.0, 1.15)
 COARSE_SHRINK = (4,)  # the starts compete at 8 mm; the winner is refined at 4 and 2 mm
 FINE_SHRINK = (2, 1)

@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.dicom_output import Provenance, write_result_series
 from pipeline.dicom_series import read_series
-from pipeline.geometry import covering_box, resample_to_grid
+from pipeline.geometry import covering_box, offset_affine, resample_to_grid
 from pipeline.head_pose import WorkingSpace, place_head
 from pipeline.process import _to_source
 from pipeline.volume_io import load_volume
@@ -129,9 +129,8 @@ def test_covering_box_holds_every_sample_that_sees_the_mask(seed: int) -> None:
     target[:3, 3] = -8.0
     full = resample_to_grid(values, source, shape, target)
     box = covering_box(mask, source, shape, target)
-    box_affine = target.copy()
-    box_affine[:3, 3] = (target @ np.array([s.start for s in box] + [1.0]))[:3]
-    inside = resample_to_grid(values, source, tuple(s.stop - s.start for s in box), box_affine)
+    inside = resample_to_grid(values, source, tuple(s.stop - s.start for s in box),
+                              offset_affine(target, [s.start for s in box]))
     assert full.any() and sum(s.stop - s.start for s in box) < sum(shape)
     np.testing.assert_array_equal(full[box], inside)
     outside = full.copy()

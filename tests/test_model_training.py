@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -240,8 +241,10 @@ def test_evaluate_command_writes_the_report(tiny_dataset: Path, tmp_path: Path) 
     assert list(summary["datasets"]) == ["ds", "ds-2"]
     assert summary["datasets"]["ds"]["subjects"] == json.loads((tiny_dataset / "manifest.json").read_text())[
         "split"]["test"]
-    by_protocol = (out / "by_protocol.csv").read_text().splitlines()
-    assert len(by_protocol) == 1 + 2 * 2  # header + datasets x map sets (dl, lookup) of the one group
+    by_protocol = pd.read_csv(out / "by_protocol.csv")
+    # datasets x map sets of the one group: the method's own error (true: matching the simulated MRF), dl, lookup
+    assert by_protocol[["dataset", "map_set"]].values.tolist() == [[d, m] for d in ("ds", "ds-2")
+                                                                   for m in ("true", "dl", "lookup")]
     markdown = (out / "summary.md").read_text()
     assert "## ds (" in markdown and "## ds-2 (" in markdown and "By acquisition group" in markdown
     for name in ("ds", "ds-2"):

@@ -131,7 +131,8 @@ def evaluate_package(sets: Sequence[EvaluationSet], package: ModelPackage, out_d
                 yield _subject_maps(item, subject, package, matcher, baseline, slice_step, with_true)
 
         summary = evaluate_subjects(maps(), comparisons, out_dir / item.name, n_boot=n_boot, seed=seed)
-        table = protocol_table(summary.regional, summary.voxelwise_subjects, groups)
+        table = protocol_table(summary.regional, summary.voxelwise_subjects, groups,
+                               others=("true", "dl", "lookup") if with_true else ("dl", "lookup"))
         table.insert(0, "dataset", item.name)
         table.insert(3, "n_outside_training", [outside[g] for g in table["group"]])
         summaries[item.name] = summary
@@ -170,7 +171,10 @@ def _markdown(sets: Sequence[EvaluationSet], summaries: Mapping[str, EvaluationS
                   summaries[item.name].files["summary_md"].read_text(),
                   "### By acquisition group (plain estimates)", "",
                   "CCC: Lin's CCC of regional means; MdAPE: median over subjects of the voxelwise median absolute "
-                  "percent error; bias: mean 100 (map set - truth) / truth of the tissue's regional means.", "",
+                  "percent error; bias: mean 100 (map set - truth) / truth of the tissue's regional means."
+                  + (" The true rows are the method's own error (matching the subject's simulated MRF: partial "
+                     "volume and dictionary), which a perfect network would reproduce; dl minus true is the "
+                     "network's." if with_true else ""), "",
                   markdown_table(table.drop(columns=["dataset", "n_outside_training"]))]
         outside = table.drop_duplicates("group")
         outside = outside[outside["n_outside_training"] > 0]

@@ -25,7 +25,7 @@ from pipeline.contrasts import DEFAULT_CONTRASTS
 from pipeline.dicom_output import Provenance, build_derived_series
 from pipeline.dicom_output import derived_series as derived_module
 from pipeline.dicom_output import writer as writer_module
-from pipeline.dicom_output.derived_series import DerivedMRImage, encode
+from pipeline.dicom_output.derived_series import DerivedMRImage, encode, encoded_file
 from pipeline.dicom_output.provenance import QUALITY_COMMENT, flag_result
 from pipeline.dicom_output.quantities import QuantitySpec, contrast_spec, map_frames, quantity_spec
 from pipeline.dicom_output.source import slice_thickness, source_header
@@ -140,6 +140,30 @@ def test_each_image_is_the_one_the_constructor_builds_for_its_slice(case: str, t
         _assert_identical(images[k], reference)
     if japanese:
         assert str(pydicom.dcmread(io.BytesIO(_encoded(images[-1]))).PatientName) == JAPANESE[1]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_encoded_file_is_what_save_as_writes(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer's encoding of a derived image (shared attributes from their encoding once per series) is pydicom's
+    byte for byte: as built, after the writer marks the image (changed and added shared attributes) and after
+    attributes were read (pydicom decodes what is read)."""
+    orientation, style, japanese, _ = CASES[case]
+    series = _series(tmp_path, orientation, style, japanese)
+    images = build_derived_series(series, _values(series), "T2", PROVENANCE, series_number=312)
+    expected = [_encoded(im) for im in images]
+    with monkeypatch.context() as patch:  # the shortcut, not pydicom's save_as
+        patch.setattr(Dataset, "save_as", lambda *args, **kwargs: pytest.fail("save_as called"))
+        assert [encoded_file(im) for im in images] == expected
+        _ = [(im.SeriesDescription, im.PatientName, im.RealWorldValueMappingSequence[0].LUTLabel) for im in images[:3]]
+        assert [encoded_file(im) for im in images[:3]] == expected[:3]
+    for im in images[:2]:  # what write_result_series does to the images of a flagged study
+        im.ImageComments = QUALITY_COMMENT
+        flag_result(im, REASONS)
+    assert [encoded_file(im) for im in images[:3]] == [_encoded(im) for im in images[:3]]
+    assert encoded_file(images[2]) == expected[2]
+    assert encoded_file(images[0]) != expected[0]
+    if japanese:
+        assert str(pydicom.dcmread(io.BytesIO(encoded_file(images[0]))).PatientName) == JAPANESE[1]
 
 
 def test_images_of_a_series_share_no_state(tmp_path: Path) -> None:

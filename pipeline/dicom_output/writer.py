@@ -30,7 +30,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from pipeline.contrasts import MAX_CONTRASTS, Contrast
-from pipeline.dicom_output.derived_series import build_derived_series
+from pipeline.dicom_output.derived_series import build_derived_series, encoded_file
 from pipeline.dicom_output.parametric_map import build_parametric_map
 from pipeline.dicom_output.provenance import CONTRAST_COMMENT, QUALITY_COMMENT, Provenance, flag_result
 from pipeline.dicom_output.quantities import (
@@ -94,7 +94,7 @@ def write_dataset_atomic(ds: Dataset, path: Path) -> None:
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
-            ds.save_as(fh, enforce_file_format=True)
+            fh.write(encoded_file(ds))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

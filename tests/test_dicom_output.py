@@ -378,6 +378,25 @@ def test_a_failed_write_leaves_nothing_behind(classic: Written, tmp_path: Path,
     assert len(written) == 5 and list(out.iterdir()) == []
 
 
+def test_a_failed_build_after_a_staged_series_leaves_nothing_behind(classic: Written, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Series are written (hidden) as they are built: one failing later removes those already written."""
+    real = writer_module.build_derived_series
+    calls: list[str] = []
+
+    def fail_on_second(*args: object, **kwargs: object) -> object:
+        calls.append("build")
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer_module, "build_derived_series", fail_on_second)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match=r"out of memory \(simulated\)"):
+        write_result_series(classic.series, classic.maps, out, PROVENANCE)
+    assert len(calls) == 2 and list(out.iterdir()) == []
+
+
 def test_atomic_write_removes_its_temporary_file(classic: Written, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     ds = classic.outputs[("mr", "T1")][0]

@@ -1,9 +1,10 @@
 """Write the result series of one source series: a Parametric Map and a derived MR series per quantity, the
 quality series and the synthetic contrasts (derived MR series marked as computed, not acquired).
 
-Everything is built (and so validated) before the first file is written. Each file is written under a
-hidden temporary name in ``out_dir``, flushed to disk and renamed; if any write fails, the files this
-call already wrote are removed again, so a fresh ``out_dir`` is left without a partial result. File
+The inputs are checked before anything is built. Each series is written under hidden names in ``out_dir`` as
+soon as it is built, and flushed to disk while the next is built; only once every file is built and flushed are
+they renamed into place. If anything fails, every file this call wrote is removed again, so a fresh ``out_dir``
+is left without a partial result. File
 names are deterministic (``T1_map.dcm``, ``T1_mr_0001.dcm``, ``Q_mr_0001.dcm``, ...): writing again
 replaces the files of an earlier result one by one (stage into a fresh folder where the old result must
 survive a failure).
@@ -109,33 +110,57 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_datasets(files: Sequence[tuple[Path, Dataset]]) -> list[Path]:
-    """Write each dataset at its path (folders existing), all or none; the paths.
+class StagedFiles:
+    """Datasets written under hidden names beside their paths and flushed to disk concurrently (a flush one after
+    the other would wait for a journal commit each), then renamed into place by :meth:`commit`, all or none: used
+    as a context manager, whatever was staged or committed is removed again if the block fails."""
 
-    Each file is written under a hidden name (:func:`write_dataset_atomic`) and flushed to disk, and once all
-    are, renamed to its path, in order. The flushes run concurrently while the next files are encoded (one
-    after the other, each would wait for a journal commit of its own). If anything fails, every file written
-    is removed again.
-    """
-    token = secrets.token_hex(4)
-    staged = [path.with_name(f".{path.name}.{token}.staged") for path, _ in files]
-    written: list[Path] = []
-    try:
-        with ThreadPoolExecutor(FSYNC_WORKERS) as pool:
-            flushed = []
-            for (_, ds), stage in zip(files, staged, strict=True):
-                write_dataset_atomic(ds, stage)
-                flushed.append(pool.submit(_fsync, stage))
-            for future in flushed:
-                future.result()
-        for (path, _), stage in zip(files, staged, strict=True):
-            os.replace(stage, path)
-            written.append(path)
-    except BaseException:
-        for path in (*staged, *written):
-            path.unlink(missing_ok=True)
-        raise
-    return written
+    def __init__(self) -> None:
+        self._token = secrets.token_hex(4)
+        self._staged: dict[Path, Path] = {}  # path -> its hidden name
+        self._flushes: list[Future[None]] = []
+        self._committed: list[Path] = []
+        self._pool = ThreadPoolExecutor(FSYNC_WORKERS)
+
+    def __enter__(self) -> StagedFiles:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._pool.shutdown(wait=True)
+        if exc_type is not None:
+            for path in (*self._staged.values(), *self._committed):
+                path.unlink(missing_ok=True)
+
+    def add(self, files: Sequence[tuple[Path, Dataset]]) -> None:
+        """Write each dataset under a hidden name beside its path (folders existing) and start flushing it."""
+        for path, ds in files:
+            if path in self._staged:
+                raise ValueError(f"{path}: staged twice")
+            stage = path.with_name(f".{path.name}.{self._token}.staged")
+            self._staged[path] = stage
+            write_dataset_atomic(ds, stage)
+            self._flushes.append(self._pool.submit(_fsync, stage))
+
+    def commit(self, order: Sequence[Path] | None = None) -> list[Path]:
+        """Once every file is flushed, rename each to its path (in ``order``: every staged path once; default, as
+        staged); the paths."""
+        order = list(self._staged) if order is None else list(order)
+        if sorted(order) != sorted(self._staged):
+            raise ValueError("order: must name every staged path once")
+        for future in self._flushes:
+            future.result()
+        for path in order:
+            os.replace(self._staged[path], path)
+            del self._staged[path]
+            self._committed.append(path)
+        return order
+
+
+def write_datasets(files: Sequence[tuple[Path, Dataset]]) -> list[Path]:
+    """Write each dataset at its path (folders existing), all or none (:class:`StagedFiles`); the paths, in order."""
+    with StagedFiles() as staged:
+        staged.add(files)
+        return staged.commit()
 
 
 def write_result_series(series: DicomSeries, maps: Mapping[str, np.ndarray], out_dir: Path, provenance: Provenance,
@@ -189,16 +214,30 @@ def write_result_series(series: DicomSeries, maps: Mapping[str, np.ndarray], out
         check_region_stats(region_stats, voxels, "regions[1]")
     out_dir = Path(out_dir)
     headers = read_source_headers(series)
+    out_dir.mkdir(parents=True, exist_ok=True)
     # The Parametric Maps come first in the returned list (and so in what the node sends): they are the
     # result; the derived images, hundreds of files, follow.
     files: list[tuple[Path, Dataset]] = []
-    derived_files: list[tuple[Path, Dataset]] = []
+    derived_paths: list[Path] = []
     # The Segmentation and its SR (highdicom, pure Python: 4-5 s for 37 regions) are built in a forked process
-    # while this one builds the maps and derived series: a second core does them.
+    # while this one builds the maps and derived series and writes the derived series: a second core does them.
     fork = regions is not None and "fork" in multiprocessing.get_all_start_methods()
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) if fork else nullcontext() as pool:
+    with (ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) if fork else nullcontext() as pool,
+          StagedFiles() as staged):
         region_objects = None if regions is None else _beside(pool, _region_objects, series, labels, region_stats,
                                                               provenance, uid_root)
+
+        def stage_derived(name: str, images: Sequence[Dataset], comment: str | None = None) -> None:
+            """Mark and stage one derived series (files written and flushing while the next is built)."""
+            for im in images:
+                if comment is not None:
+                    im.ImageComments = comment
+                if warnings:
+                    flag_result(im, warnings)
+            named = [(out_dir / derived_file_name(name, int(im.InstanceNumber)), im) for im in images]
+            staged.add(named)
+            derived_paths.extend(path for path, _ in named)
+
         for spec in specs:
             values = maps[spec.name]
             pm = build_parametric_map(series, values, spec.name, provenance, source_images=headers,
@@ -206,37 +245,30 @@ def write_result_series(series: DicomSeries, maps: Mapping[str, np.ndarray], out
                                       uid_root=uid_root)
             files.append((out_dir / map_file_name(spec.name), pm))
             if derived:
-                images = build_derived_series(series, values, spec.name, provenance, uid_root=uid_root,
-                                              series_number=result_series_number(series, spec, derived=True))
-                derived_files.extend((out_dir / derived_file_name(spec.name, int(im.InstanceNumber)), im)
-                                     for im in images)
+                stage_derived(spec.name, build_derived_series(
+                    series, values, spec.name, provenance, uid_root=uid_root,
+                    series_number=result_series_number(series, spec, derived=True)))
         if quality is not None:
-            images = build_derived_series(series, quality, QUALITY, provenance, uid_root=uid_root,
-                                          series_number=result_series_number(series, QUALITY, derived=True))
-            for im in images:
-                im.ImageComments = QUALITY_COMMENT
-            derived_files.extend((out_dir / derived_file_name(QUALITY.name, int(im.InstanceNumber)), im)
-                                 for im in images)
+            stage_derived(QUALITY.name, build_derived_series(
+                series, quality, QUALITY, provenance, uid_root=uid_root,
+                series_number=result_series_number(series, QUALITY, derived=True)), QUALITY_COMMENT)
         for index, (contrast, signal) in enumerate(contrasts):
             values = np.asarray(signal, dtype=np.float32) * CONTRAST_SCALE
             spec = contrast_spec(contrast, index, values)
-            images = build_derived_series(series, values, spec, provenance, uid_root=uid_root,
-                                          series_number=result_series_number(series, spec, derived=True),
-                                          series_description=f"synthMRF synthetic {contrast.name}, not acquired",
-                                          derivation=provenance.contrast_derivation(contrast))
-            for im in images:
-                im.ImageComments = CONTRAST_COMMENT
-            derived_files.extend((out_dir / derived_file_name(spec.name, int(im.InstanceNumber)), im)
-                                 for im in images)
+            stage_derived(spec.name, build_derived_series(
+                series, values, spec, provenance, uid_root=uid_root,
+                series_number=result_series_number(series, spec, derived=True),
+                series_description=f"synthMRF synthetic {contrast.name}, not acquired",
+                derivation=provenance.contrast_derivation(contrast)), CONTRAST_COMMENT)
         if region_objects is not None:
             seg, sr = region_objects.result()
             files += [(out_dir / SEGMENTATION_FILE_NAME, seg), (out_dir / REGION_REPORT_FILE_NAME, sr)]
-    files += derived_files
-    if warnings:
-        for _, ds in files:
-            flag_result(ds, warnings)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = write_datasets(files)
+        if warnings:
+            for _, ds in files:
+                flag_result(ds, warnings)
+        staged.add(files)
+        written = staged.commit([*(path for path, _ in files), *derived_paths])
     logger.info("wrote %d files of %d result series for series %s into %s", len(written),
-                len({ds.SeriesInstanceUID for _, ds in files}), series.series_instance_uid, out_dir)
+                len(files) + len({path.name.rsplit("_", 1)[0] for path in derived_paths}), series.series_instance_uid,
+                out_dir)
     return written

@@ -39,7 +39,7 @@ from pipeline.convert import convert_series
 from pipeline.dicom_series import MAX_VOXEL_MM, MIN_FRAMES, DicomSeries, SeriesRejected, read_series
 from pipeline.geometry import covering_box, offset_affine, resample_to_grid
 from pipeline.head_pose import WorkingSpace, place_head
-from pipeline.model.inference import features_for, synthesise_channels
+from pipeline.model.inference import features_for, network_input, synthesise_channels
 from pipeline.model.package import ModelPackage, check_compatible
 from pipeline.mrf.coefficients import from_channels
 from pipeline.mrf.dictionary import load_or_build_dictionary
@@ -245,7 +245,8 @@ def process_series(source: str | Path, out_dir: str | Path, package: ModelPackag
             raise SeriesRejected(f"{source}: no signal inside the brain mask ({exc})") from exc
     with stages.stage("inference"):
         package.model.to(device)
-        channels = synthesise_channels(normalised, mask, package, batch=options.batch, device=device,
+        channels = synthesise_channels(network_input(package, normalised, mask, protocol), mask, package,
+                                       batch=options.batch, device=device,
                                        precision=options.precision, protocol=features_for(package, protocol),
                                        backend=options.backend)
     with stages.stage("match"):

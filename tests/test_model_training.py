@@ -14,7 +14,8 @@ import torch
 from click.testing import CliRunner
 
 from dicom_node.cli import cli
-from pipeline.model.inference import synthesise_channels
+from pipeline.apparent_t1 import apparent_t1_plane
+from pipeline.model.inference import features_for, network_input, synthesise_channels
 from pipeline.model.package import check_compatible, load_package
 from pipeline.model.unet import UNetConfig, UNetEnsemble, expand_input_planes, network_slice, parameter_counts
 from pipeline.mrf.dictionary import Dictionary
@@ -174,6 +175,51 @@ def test_fine_tuning_starts_from_a_package_and_keeps_its_ranges(tiny_dataset: Pa
     result = CliRunner().invoke(cli, ["train", "--data", str(tiny_dataset), "--run-dir", str(tmp_path / "cli"),
                                       "--init-from", str(tmp_path / "nowhere-0.0")])
     assert result.exit_code == 2 and "--init-from" in result.output, result.output
+
+
+def test_a_physics_plane_is_gained_by_fine_tuning_and_fed_at_inference(tiny_dataset: Path, tmp_path: Path) -> None:
+    """A protocol-aware package fine-tunes into one that also takes the apparent T1 plane: zero weights on it, so
+    it starts with the package's outputs; inference builds the plane (network_input) and refuses a bare volume."""
+    dataset = load_dataset(tiny_dataset, tmp_path / "cache")
+    aware = replace(TINY, protocol_features=N_FEATURES, dropout=0.0)
+    base = TrainConfig(epochs=1, iterations_per_epoch=2, batch_size=2, crop=32, validation_slices=2, unet=aware,
+                       warmup_iterations=1, learning_rate=1e-2, bf16=False)
+    train(dataset, tmp_path / "base", base, progress=False)
+    package = load_package(package_run(tmp_path / "base", tiny_dataset, tmp_path / "pkg", name="tiny", version="0.0"))
+    physics = replace(aware, physics_planes=1)
+    tuned = TrainConfig(**{**base.__dict__, "unet": physics, "learning_rate": 1e-12, "init_from": package.name})
+    train(dataset, tmp_path / "physics", tuned, progress=False, initial=package)
+    assert torch.load(tmp_path / "physics" / "best.pt", weights_only=False)["state"][
+        "encoders.0.conv1.weight"].shape[1] == 1 + N_FEATURES + 1
+    widened = load_package(package_run(tmp_path / "physics", tiny_dataset, tmp_path / "pkg2", name="tiny-physics",
+                                       version="0.0"))
+    assert widened.model.config.physics_planes == 1
+    rng = np.random.default_rng(0)
+    mask = np.zeros((32, 32, 4), bool)
+    mask[6:26, 8:24] = True
+    normalised = np.where(mask, rng.uniform(0.2, 1.1, mask.shape), 0).astype(np.float32)
+    features = features_for(package, PAPER_PROTOCOL)
+    planes = network_input(widened, normalised, mask, PAPER_PROTOCOL)
+    assert planes.shape == (*mask.shape, 2) and np.all(planes[..., 1][~mask] == 0)
+    assert np.array_equal(planes[..., 1][mask], apparent_t1_plane(normalised[mask], PAPER_PROTOCOL))
+    assert network_input(package, normalised, mask, PAPER_PROTOCOL) is normalised
+    start = UNetEnsemble(physics).eval()  # where the fine-tune started: the package's weights, zeros on the plane
+    start.load_state_dict(expand_input_planes(package.model.state_dict(), physics))
+    x = torch.from_numpy(np.moveaxis(planes[..., :2, :], 2, 0).transpose(0, 3, 1, 2).copy())
+    p = torch.from_numpy(np.stack([features] * 2))
+    with torch.no_grad():
+        assert torch.allclose(start(x, p), package.model.eval()(x[:, :1], p), atol=1e-4)
+    channels = synthesise_channels(planes, mask, widened, protocol=features)
+    assert channels.shape == (*mask.shape, 7) and np.isfinite(channels).all() and np.all(channels[~mask] == 0)
+    with pytest.raises(ValueError, match=r"expected \(X, Y, Z, 2\)"):
+        synthesise_channels(normalised, mask, widened, protocol=features)
+    # the planes are appended: a physics model without protocol planes cannot gain them later
+    bare = replace(TINY, physics_planes=1)
+    train(dataset, tmp_path / "bare", TrainConfig(**{**base.__dict__, "unet": bare}), progress=False)
+    bare_package = load_package(package_run(tmp_path / "bare", tiny_dataset, tmp_path / "pkg3", name="tiny-bare",
+                                            version="0.0"))
+    with pytest.raises(ValueError, match=r"architecture"):
+        train(dataset, tmp_path / "gain", tuned, progress=False, initial=bare_package)
 
 
 def test_training_some_networks_equals_training_them_in_the_ensemble(tiny_dataset: Path, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.model.inference import synthesise_channels
+from pipeline.model.inference import features_for, network_input, synthesise_channels
 from pipeline.model.package import ModelPackage, check_compatible
 from pipeline.mrf.coefficients import from_channels
 from pipeline.mrf.dictionary import load_or_build_dictionary
@@ -78,8 +78,8 @@ def _subject_maps(item: EvaluationSet, subject: str, package: ModelPackage, matc
     prepared = item.data.prepare(subject, item.cache)
     volume = normalised_volume(prepared, base.labels.shape, package.normalisation)
     mask = evaluation_mask(base.brain_mask, prepared.slices, slice_step)
-    features = prepared.features if package.model.config.protocol_features else None
-    channels = synthesise_channels(volume, mask, package, protocol=features)
+    channels = synthesise_channels(network_input(package, volume, mask, prepared.protocol), mask, package,
+                                   protocol=features_for(package, prepared.protocol))
     maps = {"dl": match_volume(from_channels(channels), mask, matcher),
             "lookup": baseline.maps(item.data.root / subject, volume, mask, prepared.protocol.field_strength_t)}
     if with_true:

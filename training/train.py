@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from pipeline.apparent_t1 import apparent_t1_plane
 from pipeline.model.package import ModelPackage
 from pipeline.model.unet import UNetConfig, UNetEnsemble, expand_input_planes, merge_subset, network_slice, subset
 from pipeline.mrf.coefficients import CHANNEL_NAMES
@@ -65,7 +66,7 @@ class _State:
 
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-"""Inputs (B, 1, H, W), scaled targets (B, 7, H, W), protocol features (B, P) or None."""
+"""Inputs (B, 1 + physics planes, H, W), scaled targets (B, 7, H, W), protocol features (B, P) or None."""
 
 
 def _sample_batch(subjects: list[PreparedSubject], rng: np.random.Generator, batch: int, crop: int,
@@ -76,21 +77,30 @@ def _sample_batch(subjects: list[PreparedSubject], rng: np.random.Generator, bat
     for _ in range(batch):
         s = subjects[rng.integers(len(subjects))]
         i = int(rng.integers(len(s.slices)))
-        x = np.asarray(s.inputs[i], np.float32) * np.float32(s.input_factor(config.normalisation))
+        x = _input_planes(s, i, config)
         y = np.asarray(s.targets[i], np.float32)
         ps.append(s.features)
         if crop:
             rows, cols = np.nonzero(s.masks[i])
             k = int(rng.integers(rows.size))
-            r0 = int(np.clip(rows[k] - crop // 2, 0, x.shape[0] - crop))
-            c0 = int(np.clip(cols[k] - crop // 2, 0, x.shape[1] - crop))
-            x, y = x[r0 : r0 + crop, c0 : c0 + crop], y[:, r0 : r0 + crop, c0 : c0 + crop]
+            r0 = int(np.clip(rows[k] - crop // 2, 0, x.shape[1] - crop))
+            c0 = int(np.clip(cols[k] - crop // 2, 0, x.shape[2] - crop))
+            x, y = x[:, r0 : r0 + crop, c0 : c0 + crop], y[:, r0 : r0 + crop, c0 : c0 + crop]
         if rng.random() < 0.5:
-            x, y = x[::-1], y[:, ::-1]
+            x, y = x[:, ::-1], y[:, ::-1]
         xs.append(x.copy())
         ys.append(((y - lo) / span).copy())
-    return (torch.from_numpy(np.stack(xs))[:, None], torch.from_numpy(np.stack(ys)),
+    return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)),
             _features(ps, config))
+
+
+def _input_planes(s: PreparedSubject, i: int, config: TrainConfig) -> np.ndarray:
+    """Slice ``i`` of ``s`` as the networks take it: (1 + physics planes, X, Y), the normalised MPRAGE and, for a
+    model with a physics plane, its apparent T1 in the brain (as :func:`pipeline.model.inference.network_input`)."""
+    x = np.asarray(s.inputs[i], np.float32) * np.float32(s.input_factor(config.normalisation))
+    if not config.unet.physics_planes:
+        return x[None]
+    return np.stack([x, np.where(s.masks[i], apparent_t1_plane(x, s.protocol), np.float32(0))])
 
 
 def _features(rows: list[np.ndarray], config: TrainConfig) -> torch.Tensor | None:
@@ -102,10 +112,9 @@ def _validation_set(subjects: list[PreparedSubject], n: int, ranges: np.ndarray,
     picks = [(s, i) for s in subjects for i in range(len(s.slices))]
     chosen = [picks[int(j)] for j in np.linspace(0, len(picks) - 1, min(n, len(picks)))]
     lo, span = ranges[:, 0, None, None], (ranges[:, 1] - ranges[:, 0])[:, None, None]
-    x = np.stack([np.asarray(s.inputs[i], np.float32) * np.float32(s.input_factor(config.normalisation))
-                  for s, i in chosen])
+    x = np.stack([_input_planes(s, i, config) for s, i in chosen])
     y = np.stack([(np.asarray(s.targets[i], np.float32) - lo) / span for s, i in chosen])
-    return (torch.from_numpy(x)[:, None], torch.from_numpy(y.astype(np.float32)),
+    return (torch.from_numpy(x), torch.from_numpy(y.astype(np.float32)),
             _features([s.features for s, _ in chosen], config))
 
 
@@ -174,10 +183,14 @@ class RunConfigurationError(ValueError):
 
 
 def _check_initial(initial: ModelPackage, dataset: Dataset, config: TrainConfig) -> None:
-    """A run may start from a package of the same architecture (a model without protocol planes may gain
-    them) and the dataset's sequence only."""
-    if replace(initial.model.config, protocol_features=config.unet.protocol_features) != config.unet or \
-            initial.model.config.protocol_features not in (0, config.unet.protocol_features):
+    """A run may start from a package of the same architecture (a model without protocol or physics planes may
+    gain them) and the dataset's sequence only."""
+    own = initial.model.config
+    if replace(own, protocol_features=config.unet.protocol_features,
+               physics_planes=config.unet.physics_planes) != config.unet or \
+            own.protocol_features not in (0, config.unet.protocol_features) or \
+            own.physics_planes not in (0, config.unet.physics_planes) or \
+            (own.physics_planes and own.protocol_features != config.unet.protocol_features):  # planes gained at the end
         raise InitialModelError(f"--init-from {initial.name}: its architecture {initial.model.config} differs "
                                 f"from the run's {config.unet}")
     if initial.sequence.hash() != dataset.sequence_hash:

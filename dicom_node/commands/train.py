@@ -39,6 +39,10 @@ import click
 @click.option("--protocol-aware/--no-protocol-aware", default=True, show_default=True,
               help="Give the networks the acquisition protocol (field strength, TI, timing, flip, TE, family) as "
                    "constant input planes; a package without them gains them when fine-tuned (--init-from).")
+@click.option("--physics-input/--no-physics-input", default=False, show_default=True,
+              help="Also give the networks each voxel's apparent T1: the protocol's MPRAGE signal equation inverted "
+                   "relative to white matter of the field's literature T1 (pipeline/apparent_t1.py), so that "
+                   "protocols look alike before the networks; a package without it gains it when fine-tuned.")
 @click.option("--normalisation", type=click.Choice(["p95", "max"]), default="p95", show_default=True,
               help="Input scaling: the brain's 95th percentile (robust), or its maximum (models before 0.3).")
 @click.option("--networks", type=click.Choice(["signal", "all"]), default="signal", show_default=True,
@@ -50,7 +54,7 @@ import click
 def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, iterations_per_epoch: int,
           batch_size: int, crop: int, learning_rate: float, lr_schedule: str, min_learning_rate: float,
           init_from: str | None, models_dir: Path, validation_slices: int, bf16: bool | None, max_minutes: float | None,
-          protocol_aware: bool, normalisation: str, networks: str, seed: int, device: str) -> None:
+          protocol_aware: bool, physics_input: bool, normalisation: str, networks: str, seed: int, device: str) -> None:
     """Train (or resume) the ensemble: Adam, MSE per network, best weights per network by validation MSE.
 
     Several GPUs: torchrun --nproc-per-node N $(which synthmrf) train ... (DistributedDataParallel).
@@ -87,7 +91,8 @@ def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, it
                          learning_rate=learning_rate, lr_schedule=lr_schedule, min_learning_rate=min_learning_rate,
                          seed=seed, bf16=bf16, validation_slices=validation_slices, max_minutes=max_minutes,
                          normalisation=normalisation,
-                         unet=UNetConfig(protocol_features=N_FEATURES if protocol_aware else 0))
+                         unet=UNetConfig(protocol_features=N_FEATURES if protocol_aware else 0,
+                                         physics_planes=1 if physics_input else 0))
     active = None
     if networks == "signal":
         from pipeline.model.package import channel_signal_record

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from pipeline.apparent_t1 import apparent_t1_plane
 from pipeline.model import onnx_backend
 from pipeline.model.package import ModelPackage
 from pipeline.model.unet import UNetEnsemble, subset
@@ -63,6 +64,16 @@ def features_for(package: ModelPackage, protocol: AcquisitionProtocol) -> np.nda
     return protocol_features(protocol) if package.model.config.protocol_features else None
 
 
+def network_input(package: ModelPackage, normalised: np.ndarray, mask: np.ndarray,
+                  protocol: AcquisitionProtocol) -> np.ndarray:
+    """What :func:`synthesise_channels` takes as ``volume`` for ``package``: the normalised, skull-stripped MPRAGE
+    (X, Y, Z), and for a model with a physics plane its apparent T1 (zero outside ``mask``) on a last axis."""
+    if not package.model.config.physics_planes:
+        return normalised
+    plane = np.where(mask, apparent_t1_plane(normalised, protocol), np.float32(0))
+    return np.stack([normalised, plane], axis=-1).astype(np.float32)
+
+
 _SUBSETS: weakref.WeakKeyDictionary[UNetEnsemble, dict[tuple[int, ...], UNetEnsemble]] = weakref.WeakKeyDictionary()
 
 
@@ -106,7 +117,8 @@ def synthesise_channels(volume: np.ndarray, mask: np.ndarray, package: ModelPack
     """The seven MRF channels (X, Y, Z, 7), in coefficient units, zero outside ``mask`` and exactly zero in the
     channels whose training targets carried no signal (``package.signal_channels``: their networks are skipped).
 
-    ``volume`` is the normalised, skull-stripped MPRAGE on the model's grid (slices along axis 2).
+    ``volume`` is the normalised, skull-stripped MPRAGE on the model's grid (slices along axis 2), with the
+    physics planes of a model that takes them on a last axis (:func:`network_input`).
     ``crop`` runs the networks on each batch's in-plane brain bounding box (plus a margin, on the
     pooling lattice) instead of the whole slice: the networks are convolutional and the input outside
     the brain is zero, so the brain values change by far less than the model's error
@@ -115,16 +127,18 @@ def synthesise_channels(volume: np.ndarray, mask: np.ndarray, package: ModelPack
     ``protocol``: the acquisition's features (:func:`pipeline.protocol.protocol_features`), required by
     protocol-conditioned models and refused by the others. ``backend``: see :func:`resolve_backend`.
     """
-    if volume.shape != mask.shape or volume.ndim != 3:
-        raise ValueError(f"volume, mask: expected two 3-D arrays of one shape, got {volume.shape}, {mask.shape}")
     active = [k for k, carries in enumerate(package.signal_channels) if carries]
     model = _model_for(package.model, tuple(active))
+    planes = 1 + model.config.physics_planes
+    if volume.shape[:3] != mask.shape or mask.ndim != 3 or volume.shape[3:] != ((planes,) if planes > 1 else ()):
+        raise ValueError(f"volume, mask: expected {'(X, Y, Z)' if planes == 1 else f'(X, Y, Z, {planes})'} and "
+                         f"(X, Y, Z) for {package.name}, got {volume.shape}, {mask.shape}")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device=dev, memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
     batch = batch or (CUDA_BATCH if dev.type == "cuda" else CPU_BATCH)
     ranges = package.channel_ranges[active]
     lo, span = ranges[:, 0].reshape(1, -1, 1, 1), (ranges[:, 1] - ranges[:, 0]).reshape(1, -1, 1, 1)
-    out = np.zeros((*volume.shape, len(CHANNEL_NAMES)), dtype=np.float32)
+    out = np.zeros((*mask.shape, len(CHANNEL_NAMES)), dtype=np.float32)
     slices = np.flatnonzero(mask.any(axis=(0, 1)))
     dtype = inference_dtype(dev, precision)
     needs = model.config.protocol_features
@@ -144,7 +158,9 @@ def synthesise_channels(volume: np.ndarray, mask: np.ndarray, package: ModelPack
         for s in range(0, slices.size, batch):
             ks = slices[s : s + batch]
             wx, wy = crop_window(mask[:, :, ks]) if crop else (slice(0, volume.shape[0]), slice(0, volume.shape[1]))
-            x = np.ascontiguousarray(np.moveaxis(volume[wx, wy][:, :, ks], 2, 0)[:, None], dtype=np.float32)
+            window = volume[wx, wy][:, :, ks]
+            x = np.ascontiguousarray(np.transpose(window.reshape(*window.shape[:3], planes), (2, 3, 0, 1)),
+                                     dtype=np.float32)
             p = None if features is None else np.repeat(features, x.shape[0], axis=0)
             # Training targets lie in [0, 1]; tanh may undershoot, so clamp before rescaling.
             y = np.clip(forward(x, p), 0.0, 1.0) * span + lo

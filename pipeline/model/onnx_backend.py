@@ -47,10 +47,10 @@ def _key(package: ModelPackage, active: tuple[int, ...]) -> str:
 
 
 def export(model: UNetEnsemble, path: Path) -> None:
-    """Write ``model`` (eval mode) as ONNX to ``path``: inputs ``image`` (B, 1, H, W) and, for a protocol-
-    conditioned model, ``protocol`` (B, features); output ``channels`` (B, nets, H, W)."""
+    """Write ``model`` (eval mode) as ONNX to ``path``: inputs ``image`` (B, 1 + physics planes, H, W) and, for a
+    protocol-conditioned model, ``protocol`` (B, features); output ``channels`` (B, nets, H, W)."""
     p = model.config.protocol_features
-    image = torch.zeros(1, 1, 64, 64)
+    image = torch.zeros(1, 1 + model.config.physics_planes, 64, 64)
     args: tuple[torch.Tensor, ...] = (image, torch.zeros(1, p)) if p else (image,)
     names = ["image", "protocol"][: len(args)]
     axes = {"image": {0: "batch", 2: "height", 3: "width"}, "channels": {0: "batch", 2: "height", 3: "width"}}

@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline.model.inference import features_for, synthesise_channels
+from pipeline.model.inference import features_for, network_input, synthesise_channels
 from pipeline.model.package import (
     MANIFEST,
     SHIPPED_DIR,
@@ -352,7 +352,8 @@ class ModelRegistry:
         package = _load(path, name)
         check_compatible(package, self.dictionary())
         volume, mask = _smoke_input()
-        out = synthesise_channels(volume, mask, package, protocol=features_for(package, PAPER_PROTOCOL))[mask]
+        out = synthesise_channels(network_input(package, volume, mask, PAPER_PROTOCOL), mask, package,
+                                  protocol=features_for(package, PAPER_PROTOCOL))[mask]
         if not np.all(np.isfinite(out)):
             raise PackageError(f"{name}: smoke inference produced non-finite channel values")
         lo, hi = package.channel_ranges[:, 0], package.channel_ranges[:, 1]

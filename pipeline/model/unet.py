@@ -8,9 +8,11 @@ Dropout (default 0.1) follows the two deepest levels.
 
 Protocol conditioning (``protocol_features`` > 0, models from 0.3): the acquisition's feature vector
 (:func:`pipeline.protocol.protocol_features`) enters every network as constant input planes beside
-the image, so the first convolution of each network sees (1 + protocol_features) channels. A model
-without them fine-tunes into one with them by :func:`expand_input_planes` (zero weights on the new
-planes: the same outputs as before until training moves them).
+the image, so the first convolution of each network sees (1 + protocol_features) channels. Physics planes
+(``physics_planes`` = 1): the image's apparent T1 (:mod:`pipeline.apparent_t1`) comes with the image, (B, 2, H,
+W), and enters after the protocol planes. A model without either fine-tunes into one with them by
+:func:`expand_input_planes` (zero weights on the new planes: the same outputs as before until training moves
+them).
 
 The seven networks share no weights. They are stored as grouped convolutions (``groups=n_nets``),
 so one forward pass runs all seven with the same kernels a single network would use; every
@@ -38,6 +40,7 @@ class UNetConfig:
     depth: int = 4  # pooling steps; the bottleneck has base_filters * 2**depth filters
     dropout: float = 0.1
     protocol_features: int = 0  # constant input planes carrying the acquisition protocol
+    physics_planes: int = 0  # image planes after the MPRAGE: 1 = its apparent T1 (pipeline.apparent_t1)
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -77,8 +80,8 @@ class _DecoderLevel(nn.Module):
 
 
 class UNetEnsemble(nn.Module):
-    """Input (B, 1, H, W) with H, W divisible by 2**depth, and for a protocol-conditioned model the
-    protocol features (B, protocol_features); output (B, n_nets, H, W) in [-1, 1]."""
+    """Input (B, 1 + physics_planes, H, W) with H, W divisible by 2**depth, and for a protocol-conditioned model
+    the protocol features (B, protocol_features); output (B, n_nets, H, W) in [-1, 1]."""
 
     def __init__(self, config: UNetConfig = UNetConfig()) -> None:
         super().__init__()
@@ -86,7 +89,7 @@ class UNetEnsemble(nn.Module):
         n, f, depth = config.n_nets, config.base_filters, config.depth
         widths = [f * 2**i for i in range(depth + 1)]
         self.encoders = nn.ModuleList(
-            _EncoderLevel(n, 1 + config.protocol_features if i == 0 else widths[i - 1], widths[i],
+            _EncoderLevel(n, input_planes(config) if i == 0 else widths[i - 1], widths[i],
                           config.dropout if i >= depth - 1 else 0.0)
             for i in range(depth + 1)
         )
@@ -94,8 +97,9 @@ class UNetEnsemble(nn.Module):
         self.head = nn.Conv2d(n * f, n, 1, groups=n)
 
     def forward(self, x: torch.Tensor, protocol: torch.Tensor | None = None) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"x: expected (B, 1, H, W), got {tuple(x.shape)}")
+        planes = 1 + self.config.physics_planes
+        if x.ndim != 4 or x.shape[1] != planes:
+            raise ValueError(f"x: expected (B, {planes}, H, W), got {tuple(x.shape)}")
         step = 2**self.config.depth
         if x.shape[-1] % step or x.shape[-2] % step:
             raise ValueError(f"x: height and width must be multiples of {step}, got {tuple(x.shape[-2:])}")
@@ -104,11 +108,11 @@ class UNetEnsemble(nn.Module):
             if protocol is None or protocol.shape != (x.shape[0], p):
                 got = None if protocol is None else tuple(protocol.shape)
                 raise ValueError(f"protocol: this model needs features of shape ({x.shape[0]}, {p}), got {got}")
-            planes = protocol.to(x).view(x.shape[0], p, 1, 1).expand(-1, -1, *x.shape[-2:])
-            x = torch.cat([x, planes], dim=1)
+            constant = protocol.to(x).view(x.shape[0], p, 1, 1).expand(-1, -1, *x.shape[-2:])
+            x = torch.cat([x[:, :1], constant, x[:, 1:]], dim=1)
         elif protocol is not None:
             raise ValueError("protocol: this model takes no protocol features")
-        # Per network a block of (1 + p) channels: the grouped first convolution sees its own copy.
+        # Per network a block of input_planes channels: the grouped first convolution sees its own copy.
         x = x.repeat(1, self.config.n_nets, 1, 1)
         skips = []
         for i, level in enumerate(self.encoders):
@@ -149,11 +153,17 @@ def merge_subset(model: UNetEnsemble, small: UNetEnsemble, nets: Sequence[int]) 
             current[key][network_slice(current[key], k, n)] = t[network_slice(t, j, len(nets))]
 
 
+def input_planes(config: UNetConfig) -> int:
+    """Channels the first convolution of each network sees: image, protocol planes, physics planes."""
+    return 1 + config.protocol_features + config.physics_planes
+
+
 def expand_input_planes(state: dict[str, torch.Tensor], config: UNetConfig) -> dict[str, torch.Tensor]:
-    """A state dict of a model with fewer input planes, widened to ``config``'s (new planes' weights 0)."""
+    """A state dict of a model with fewer input planes, widened to ``config``'s (new planes' weights 0: the planes
+    are ordered image, protocol, physics, so a model gains them at the end)."""
     key = "encoders.0.conv1.weight"
     weight = state[key]
-    want = 1 + config.protocol_features
+    want = input_planes(config)
     if weight.shape[1] == want:
         return state
     if weight.shape[1] > want:

@@ -19,6 +19,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import metadata
@@ -65,6 +66,7 @@ logger = logging.getLogger(__name__)
 
 QUANTITIES = ("T1", "T2", "PD")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NIFTI_THREADS = 2  # NIfTI files compressed at once, beside the DICOM writing
 MIN_BRAIN_ML = 500.0  # an adult brain mask is 1,100-1,700 ml; far less means registration failed
 
 
@@ -304,15 +306,18 @@ def _write(out_dir: Path, source: Path, series: DicomSeries | None, results: _On
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
+    # The NIfTI files are compressed by threads (zlib lets go of the GIL) while this one builds the DICOM results.
+    nifti = ThreadPoolExecutor(NIFTI_THREADS)
+    saved: list[Future[Path]] = []
     try:
         on_source = results.maps
         written: dict[str, str] = {}
         for q in (*QUANTITIES, "Q"):
-            save_volume(staging / f"{q}.nii.gz", on_source[q], affine)
+            saved.append(nifti.submit(save_volume, staging / f"{q}.nii.gz", on_source[q], affine))
             written[q] = f"{q}.nii.gz"
         synthetic = [(c, synthesise(c, on_source["T1"], on_source["T2"], on_source["PD"])) for c in options.contrasts]
         for contrast, values in synthetic:
-            save_volume(staging / f"synthetic_{contrast.name}.nii.gz", values, affine)
+            saved.append(nifti.submit(save_volume, staging / f"synthetic_{contrast.name}.nii.gz", values, affine))
         region_stats: list[RegionStats] = []
         region_files: dict[str, object] = {}
         if results.regions is not None:
@@ -344,10 +349,15 @@ def _write(out_dir: Path, source: Path, series: DicomSeries | None, results: _On
                               {"maps": written, "synthetic_contrasts": contrasts, "regions": region_files,
                                "qc_figure": "qc.png", "dicom": dicom_files}, protocol, verdict)
         (staging / "provenance.json").write_text(json.dumps(doc, indent=1))
+        for future in saved:
+            future.result()
         _publish(staging, out_dir)
     except BaseException:
+        nifti.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        nifti.shutdown(wait=True)
     return ProcessResult(out_dir, {q: out_dir / name for q, name in written.items()},
                          [out_dir / "dicom" / name for name in dicom_files], out_dir / "qc.png",
                          out_dir / "provenance.json", series.series_instance_uid if series is not None else None)

@@ -219,3 +219,23 @@ def test_end_to_end_dicom_in_maps_out(subject: Path, package: ModelPackage, tmp_
     assert load_volume(result.maps["Q"])[0].shape == source_mprage.shape
     quality = [p for p in result.dicom_files if p.name.startswith("Q_mr_")]
     assert len(quality) == source_mprage.shape[2]
+
+
+def test_a_failed_nifti_write_leaves_nothing(subject: Path, package: ModelPackage, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The NIfTI files are written by threads beside the rest: one failing there fails the run, and nothing of it
+    is left (no result folder, no staging folder)."""
+    import pipeline.process
+
+    real = pipeline.process.save_volume
+
+    def full_disk_for_t2(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+        if path.name == "T2.nii.gz":
+            raise OSError(28, "No space left on device (simulated)")
+        return real(path, data, affine)
+
+    monkeypatch.setattr(pipeline.process, "save_volume", full_disk_for_t2)
+    with pytest.raises(OSError, match="No space left"):
+        process_series(subject / "mprage.nii.gz", tmp_path / "out", package,
+                       options=ProcessOptions(regions=False, contrasts=()))
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []

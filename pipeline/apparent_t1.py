@@ -59,7 +59,8 @@ def _pulses(t1: np.ndarray, n: int, flip_rad: float, spacing_ms: float) -> tuple
     e, one_minus = _affine(t1, spacing_ms)
     a, b = np.cos(flip_rad) * e, one_minus
     a_n = a**n
-    return a_n, b * np.where(np.isclose(a, 1.0), n, (1 - a_n) / np.where(np.isclose(a, 1.0), 1.0, 1 - a))
+    unit = np.isclose(a, 1.0)  # no flip and no relaxation: the geometric sum is n
+    return a_n, b * np.where(unit, n, (1 - a_n) / np.where(unit, 1.0, 1 - a))
 
 
 def centre_signal(protocol: AcquisitionProtocol, t1_ms: np.ndarray) -> np.ndarray:
@@ -101,3 +102,8 @@ def apparent_t1_plane(normalised: np.ndarray, protocol: AcquisitionProtocol) -> 
     log_t1 = np.log2(np.append(T1_GRID_MS[:last], null_t1) / 1000.0)[::-1]
     relative = relative + np.arange(relative.size) * 1e-12  # ties (saturated short T1) broken in grid order
     return np.interp(np.asarray(normalised, np.float64), relative, log_t1).astype(np.float32)
+
+
+def brain_apparent_t1(normalised: np.ndarray, mask: np.ndarray, protocol: AcquisitionProtocol) -> np.ndarray:
+    """:func:`apparent_t1_plane` inside ``mask``, zero outside (float32): the plane the networks take."""
+    return np.where(mask, apparent_t1_plane(normalised, protocol), np.float32(0))

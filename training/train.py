@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.apparent_t1 import apparent_t1_plane
+from pipeline.apparent_t1 import brain_apparent_t1
 from pipeline.model.package import ModelPackage
 from pipeline.model.unet import UNetConfig, UNetEnsemble, expand_input_planes, merge_subset, network_slice, subset
 from pipeline.mrf.coefficients import CHANNEL_NAMES
@@ -100,7 +100,7 @@ def _input_planes(s: PreparedSubject, i: int, config: TrainConfig) -> np.ndarray
     x = np.asarray(s.inputs[i], np.float32) * np.float32(s.input_factor(config.normalisation))
     if not config.unet.physics_planes:
         return x[None]
-    return np.stack([x, np.where(s.masks[i], apparent_t1_plane(x, s.protocol), np.float32(0))])
+    return np.stack([x, brain_apparent_t1(x, s.masks[i], s.protocol)])
 
 
 def _features(rows: list[np.ndarray], config: TrainConfig) -> torch.Tensor | None:

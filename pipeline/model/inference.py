@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from pipeline.apparent_t1 import apparent_t1_plane
+from pipeline.apparent_t1 import brain_apparent_t1
 from pipeline.model import onnx_backend
 from pipeline.model.package import ModelPackage
 from pipeline.model.unet import UNetEnsemble, subset
@@ -70,8 +70,7 @@ def network_input(package: ModelPackage, normalised: np.ndarray, mask: np.ndarra
     (X, Y, Z), and for a model with a physics plane its apparent T1 (zero outside ``mask``) on a last axis."""
     if not package.model.config.physics_planes:
         return normalised
-    plane = np.where(mask, apparent_t1_plane(normalised, protocol), np.float32(0))
-    return np.stack([normalised, plane], axis=-1).astype(np.float32)
+    return np.stack([normalised, brain_apparent_t1(normalised, mask, protocol)], axis=-1).astype(np.float32)
 
 
 _SUBSETS: weakref.WeakKeyDictionary[UNetEnsemble, dict[tuple[int, ...], UNetEnsemble]] = weakref.WeakKeyDictionary()

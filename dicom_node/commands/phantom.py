@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
+from pipeline.protocol import Family
 from training.phantom.geometry import Orientation
 from training.phantom.styles import DicomStyle, Vendor
 
@@ -49,3 +51,33 @@ def make(n_subjects: int, out: Path, seed: int, style: str, vendor: str, orienta
                              mrf=mrf, downsample=2 if fast else 1, world=world)
     manifest = make_dataset(n_subjects, out, seed=seed, options=options, workers=workers)
     click.echo(f"manifest: {manifest}")
+
+
+@phantom.command("select")
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="New folder: manifest.json and one link per selected subject (nothing is copied).")
+@click.option("--family", "families", multiple=True, type=click.Choice([f.value for f in Family]),
+              help="Keep subjects of this protocol family (repeatable; default: every family).")
+@click.option("--exclude-family", "exclude", multiple=True, type=click.Choice([f.value for f in Family]),
+              help="Drop subjects of this protocol family (repeatable).")
+@click.option("--field-strength", "fields_t", multiple=True, type=click.Choice(["1.5", "3"]),
+              help="Keep subjects at this field strength in T (repeatable; default: both).")
+def select(source: Path, out: Path, families: tuple[str, ...], exclude: tuple[str, ...],
+           fields_t: tuple[str, ...]) -> None:
+    """Make a dataset of some of SOURCE's subjects, each keeping its train/val/test part.
+
+    For cross-world checks, e.g. leave-one-protocol-family-out: train on
+    `select SRC --out no-ge --exclude-family ir-fspgr`, evaluate on `select SRC --out ge --family ir-fspgr`
+    with `synthmrf evaluate --split all`.
+    """
+    from training.phantom.selection import select_subjects
+
+    try:
+        path = select_subjects(source, out, families=[Family(f) for f in families],
+                               exclude=[Family(f) for f in exclude], fields_t=[float(f) for f in fields_t])
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    manifest = json.loads(path.read_text())
+    parts = ", ".join(f"{len(ids)} {part}" for part, ids in manifest["split"].items())
+    click.echo(f"{manifest['n_subjects']} subjects ({parts}): {path}")

@@ -1,0 +1,80 @@
+"""Selections of a dataset's subjects by protocol family and field strength (leave-one-family-out)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from dicom_node.cli import cli
+from pipeline.protocol import Family
+from training.evaluation.datasets import DatasetInfo
+from training.phantom.selection import select_subjects
+
+SUBJECTS = {  # id: (family, field, split)
+    "sub-001": ("mprage", 3.0, "train"), "sub-002": ("ir-fspgr", 3.0, "train"), "sub-003": ("tfe", 1.5, "test"),
+    "sub-004": ("ir-fspgr", 1.5, "test"), "sub-005": ("mprage", 1.5, "val"),
+}
+
+
+def _acquisition(family: str, field: float) -> dict[str, object]:
+    return {"family": family, "field_strength_t": field, "ti_ms": 900.0, "shot_interval_ms": 2200.0,
+            "echo_spacing_ms": 7.0, "flip_angle_deg": 9.0, "te_ms": 3.0}
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    root = tmp_path / "world"
+    split: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    entries = []
+    for sid, (family, field, part) in SUBJECTS.items():
+        (root / sid).mkdir(parents=True)
+        (root / sid / "T1.nii.gz").write_bytes(b"truth of " + sid.encode())
+        entries.append({"id": sid, "acquisition": _acquisition(family, field), "split": part})
+        split[part].append(sid)
+    (root / "manifest.json").write_text(json.dumps({"format": "synthmrf-phantom/1", "seed": 3, "split": split,
+                                                    "subjects": entries}))
+    return root
+
+
+def test_excluding_a_family_keeps_the_rest_with_their_split(source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "no-ge"
+    select_subjects(source, out, exclude=[Family.IR_FSPGR])
+    info = DatasetInfo.read(out)
+    assert sorted(info.entries) == ["sub-001", "sub-003", "sub-005"]
+    assert (info.split("train"), info.split("val"), info.split("test")) == (["sub-001"], ["sub-005"], ["sub-003"])
+    assert (out / "sub-003" / "T1.nii.gz").read_bytes() == b"truth of sub-003"  # a link, not a copy
+    assert (out / "sub-003").is_symlink() and not (out / "sub-002").exists()
+    assert info.protocol("sub-003").family is Family.TFE
+    assert info.manifest["selected_from"]["excluded_families"] == ["ir-fspgr"]
+
+
+def test_family_and_field_strength_combine(source: Path, tmp_path: Path) -> None:
+    select_subjects(source, tmp_path / "ge-15", families=[Family.IR_FSPGR], fields_t=[1.5])
+    assert DatasetInfo.read(tmp_path / "ge-15").split("all") == ["sub-004"]
+
+
+def test_reselecting_into_the_same_folder_replaces_the_links(source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sel"
+    select_subjects(source, out, families=[Family.MPRAGE])
+    select_subjects(source, out, families=[Family.TFE])
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "sub-003"]
+
+
+def test_refusals_name_the_reason(source: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no subject matches"):
+        select_subjects(source, tmp_path / "none", families=[Family.TFE], fields_t=[3.0])
+    with pytest.raises(ValueError, match="holds files other than"):
+        select_subjects(source, source, families=[Family.TFE])  # would overwrite the source's own folders
+
+
+def test_cli_prints_the_counts(source: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["phantom", "select", str(source), "--out", str(tmp_path / "ge"),
+                                       "--family", "ir-fspgr"])
+    assert result.exit_code == 0, result.output
+    assert "2 subjects (1 train, 0 val, 1 test)" in result.output
+    bad = CliRunner().invoke(cli, ["phantom", "select", str(source), "--out", str(tmp_path / "x"),
+                                    "--family", "tfe", "--field-strength", "3"])
+    assert bad.exit_code == 1 and "no subject matches" in bad.output

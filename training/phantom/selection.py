@@ -1,0 +1,72 @@
+"""A dataset of some of another dataset's subjects (by protocol family and field strength), for cross-world
+checks such as leave-one-protocol-family-out: train on one selection, evaluate on its complement.
+
+The new folder holds a manifest and one symbolic link per selected subject (nothing is copied); each subject
+keeps its entry and its part of the source's train/val/test split, so a selection's test subjects are test
+subjects of the source too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Collection
+from pathlib import Path
+
+from pipeline.protocol import Family
+from training.preprocess import subject_protocol
+
+MANIFEST_NAME = "manifest.json"
+
+
+def _matches(entry: dict[str, object], families: Collection[Family], exclude: Collection[Family],
+             fields_t: Collection[float]) -> bool:
+    protocol = subject_protocol(entry)
+    if families and protocol.family not in families:
+        return False
+    if protocol.family in exclude:
+        return False
+    return not fields_t or any(abs(protocol.field_strength_t - f) < 0.25 for f in fields_t)
+
+
+def select_subjects(source: Path, out: Path, *, families: Collection[Family] = (), exclude: Collection[Family] = (),
+                    fields_t: Collection[float] = ()) -> Path:
+    """Write ``out/manifest.json`` with the subjects of ``source`` whose acquisition is of one of ``families``
+    (all if empty), none of ``exclude`` and one of ``fields_t`` (all if empty), and link their folders;
+    return the manifest path. Raises ValueError if nothing is selected or ``out`` holds another dataset."""
+    manifest = json.loads((source / MANIFEST_NAME).read_text())
+    entries = manifest.get("subjects")
+    if not isinstance(entries, list):
+        raise ValueError(f"{source / MANIFEST_NAME}: no 'subjects' list; only datasets with per-subject entries "
+                         "(synthmrf phantom make) can be selected from")
+    chosen = [e for e in entries if _matches(e, set(families), set(exclude), set(fields_t))]
+    if not chosen:
+        raise ValueError(f"{source}: no subject matches (families {sorted(f.value for f in families) or 'any'}, "
+                         f"excluding {sorted(f.value for f in exclude) or 'none'}, fields "
+                         f"{sorted(fields_t) or 'any'} T)")
+    if out.exists() and any(p.name != MANIFEST_NAME and not p.is_symlink() for p in out.iterdir()):
+        raise ValueError(f"{out}: holds files other than a selection's links; choose an empty or new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    ids = [str(e["id"]) for e in chosen]
+    for link in out.iterdir():
+        if link.is_symlink() and link.name not in ids:
+            link.unlink()
+    for sid in ids:
+        link = out / sid
+        target = (source / sid).resolve()
+        if link.is_symlink() and link.resolve() == target:
+            continue
+        if link.is_symlink():
+            link.unlink()
+        os.symlink(target, link, target_is_directory=True)
+    split = manifest.get("split") if isinstance(manifest.get("split"), dict) else {}
+    selected = dict(manifest)
+    selected["subjects"] = chosen
+    selected["n_subjects"] = len(chosen)
+    selected["split"] = {part: [s for s in split.get(part, []) if s in ids] for part in ("train", "val", "test")}
+    selected["selected_from"] = {"dataset": str(source.resolve()), "families": sorted(f.value for f in families),
+                                 "excluded_families": sorted(f.value for f in exclude),
+                                 "field_strengths_t": sorted(fields_t)}
+    path = out / MANIFEST_NAME
+    path.write_text(json.dumps(selected, indent=1) + "\n")
+    return path

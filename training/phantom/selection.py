@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline.protocol import Family
 from training.preprocess import subject_protocol
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = "manifest.json"  # as training.phantom.dataset names it (importing that module would load torch)
 
 
 def _matches(entry: dict[str, object], families: Collection[Family], exclude: Collection[Family],
@@ -48,18 +48,13 @@ def select_subjects(source: Path, out: Path, *, families: Collection[Family] = (
         raise ValueError(f"{out}: holds files other than a selection's links; choose an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
     ids = [str(e["id"]) for e in chosen]
-    for link in out.iterdir():
-        if link.is_symlink() and link.name not in ids:
-            link.unlink()
-    for sid in ids:
-        link = out / sid
-        target = (source / sid).resolve()
-        if link.is_symlink() and link.resolve() == target:
-            continue
+    for link in out.iterdir():  # an earlier selection's links (the check above allows nothing else)
         if link.is_symlink():
             link.unlink()
-        os.symlink(target, link, target_is_directory=True)
-    split = manifest.get("split") if isinstance(manifest.get("split"), dict) else {}
+    for sid in ids:
+        os.symlink((source / sid).resolve(), out / sid, target_is_directory=True)
+    split = manifest.get("split")
+    split = split if isinstance(split, dict) else {}
     selected = dict(manifest)
     selected["subjects"] = chosen
     selected["n_subjects"] = len(chosen)

@@ -73,6 +73,7 @@ quiet_seconds = 2.0
 settle_seconds = 0.2
 [jobs]
 poll_interval_s = 0.1
+stop_timeout_s = 45
 [pipeline]
 processor = "node_support:fast_processor"
 [dispatch]
@@ -97,8 +98,9 @@ port = {sink.port}
     assoc.abort()
 
     # 2. restart; the sender sends the whole series again; kill -9 of the worker process while the job runs:
-    #    the node hands the job back at once and starts a new worker, which runs it again
-    node = Serve(config, log, port, NODE_TEST_PROCESSOR_DELAY_S="60")
+    #    the node hands the job back at once and starts a new worker, which runs it again (a job that swallows
+    #    the first interrupt, as a library catching BaseException would)
+    node = Serve(config, log, port, NODE_TEST_PROCESSOR_DELAY_S="60", NODE_TEST_PROCESSOR_SWALLOW_STOP="1")
     serves.append(node)
     r = run_tool(["storescu", "-aet", "MODALITY", "-aec", "SYNTHMRF", "127.0.0.1", str(port),
                   *map(str, series.files)])
@@ -113,11 +115,15 @@ port = {sink.port}
     assert not psutil.pid_exists(worker.pid) or worker.status() == psutil.STATUS_ZOMBIE
     [replacement] = worker_processes(node)
 
-    # 3. SIGTERM while the job runs: the worker hands the job back and the node exits in seconds, not after
-    #    the job's 60 s
+    # 3. SIGTERM while the job runs (the worker also gets the parent-death signal of the thread that started it):
+    #    the worker interrupts the job again when the first interrupt is swallowed, hands it back, and the node
+    #    exits in seconds, not after the job's 60 s nor the 45 s after which it kills its workers
     start = time.monotonic()
     assert node.terminate(60) == 0
-    assert time.monotonic() - start < 20
+    stopped_in = time.monotonic() - start
+    text = log.read_text()
+    assert stopped_in < 20 and "did not stop in" not in text, (stopped_in, text[-4000:])
+    assert "interrupting it again" in text
     assert not psutil.pid_exists(replacement.pid)
     [job] = jobs_of(storage)
     assert (job.state, job.attempts, job.interruptions) == (JobState.QUEUED, 0, 1)  # handed back, not counted

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import signal
 import threading
 from pathlib import Path
-from types import FrameType
 
 import click
 
@@ -29,16 +27,12 @@ def serve(config_path: Path | None) -> None:
     from dicom_node.node import Node, NodeLockedError
     from dicom_node.retro.schedules import start_scheduler
     from dicom_node.state_db import DatabaseUnavailableError
+    from dicom_node.stop_signals import stop_on_signals
 
     cfg = load(config_path)
     configure_logging(cfg.logging.level, cfg.logging.format)
     stop = threading.Event()
-
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop_on_signals(stop)
     node = Node(cfg)
     try:
         node.start()

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import signal
 import threading
 from pathlib import Path
-from types import FrameType
 
 import click
 
@@ -28,6 +26,7 @@ def worker(config_path: Path | None, count: int | None) -> None:
     from dicom_node.logs import configure_logging
     from dicom_node.node.job_store import open_job_store
     from dicom_node.state_db import DatabaseUnavailableError
+    from dicom_node.stop_signals import stop_on_signals
     from dicom_node.workers.pool import WorkerPool, take_over_dead
 
     cfg = load(config_path)
@@ -37,12 +36,7 @@ def worker(config_path: Path | None, count: int | None) -> None:
     except DatabaseUnavailableError as exc:
         raise click.ClickException(str(exc)) from exc
     stop = threading.Event()
-
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop_on_signals(stop)
     take_over_dead(store, cfg, owners=store.dead_local_members())
     pool = WorkerPool(cfg, store, count if count is not None else max(cfg.jobs.workers, 1)).start()
     click.echo(f"synthmrf worker: {pool.count} worker process(es) on {store}", err=True)

@@ -29,11 +29,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 from dicom_node.config import NodeConfig
 from dicom_node.node.job_store import Job, JobState, JobStore, new_member_id, open_job_store
 from dicom_node.node.spool import Spool
+from dicom_node.stop_signals import stop_on_signals
 from dicom_node.workers.processor import LazyProcessor, Processor, rejection_types
 
 logger = logging.getLogger(__name__)
@@ -106,13 +106,14 @@ class JobRunner:
                     if stale != out:
                         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
             out.mkdir(parents=True)
-            self.running(True)
             try:
+                self.running(True)
                 result = self.processor(claim.input_dir, out, model=self.cfg.pipeline.model)
             finally:
                 self.running(False)
             files = _result_files(result, out)
         except WorkerStopping:
+            self.running(False)  # again: the interrupt may have come inside the first call
             shutil.rmtree(out, ignore_errors=True)
             released = self.store.release_job(job.id, job.run_token)
             logger.warning("job %s: interrupted by a stop; %s", job.id, "queued again" if released else
@@ -301,6 +302,27 @@ def _stop_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def _interrupt_again_after_stop(stop: threading.Event, in_job: threading.Event, rearm: Callable[[], None],
+                                every_s: float = 2.0) -> None:
+    """A thread that, once ``stop`` is set, interrupts the main thread again every ``every_s`` while ``in_job``
+    stays set: the WorkerStopping raised at the first signal can be lost (raised inside a finaliser or under
+    a library's bare ``except``), and the job would then run to its end instead of being handed back."""
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def run() -> None:
+        stop.wait()
+        while True:
+            time.sleep(every_s)
+            if not in_job.is_set():
+                return
+            logger.warning("the running job did not stop at SIGTERM; interrupting it again")
+            rearm()
+            signal.pthread_kill(main, signal.SIGTERM)
+
+    threading.Thread(target=run, name="interrupt-again", daemon=True).start()
+
+
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
 
 
@@ -319,16 +341,19 @@ def worker_process_main(cfg: NodeConfig, member_id: str, device: str | None,
 
     configure_logging(cfg.logging.level, cfg.logging.format)
     stop = threading.Event()
-    in_job = threading.Event()
+    in_job = threading.Event()  # set while the processor runs; cleared by the runner when it ends, however
+    # written in the signal handler, so plain values (no locks): a stop was asked for; the next signal may
+    # interrupt the job (once: a second signal raising again while the first unwinds could skip a lock's release)
+    asked = {"stop": False, "armed": True}
 
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-        if in_job.is_set():
-            in_job.clear()
+    def in_handler(signum: int) -> None:
+        asked["stop"] = True
+        if in_job.is_set() and asked["armed"]:
+            asked["armed"] = False
             raise WorkerStopping(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop_on_signals(stop, in_handler)
+    _interrupt_again_after_stop(stop, in_job, rearm=lambda: asked.update(armed=True))
     if parent_pid is not None:
         _stop_with_parent(parent_pid)
     store = open_job_store(cfg.node.storage_dir, cfg.jobs.backend, cfg.jobs.database_url)
@@ -342,7 +367,7 @@ def worker_process_main(cfg: NodeConfig, member_id: str, device: str | None,
             in_job.clear()
             return
         in_job.set()
-        if stop.is_set():
+        if asked["stop"]:
             in_job.clear()
             raise WorkerStopping("stop requested")
 

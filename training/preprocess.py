@@ -31,7 +31,6 @@ from pipeline.geometry import resample_to_grid
 from pipeline.mrf.coefficients import CHANNEL_NAMES, to_channels
 from pipeline.normalise import intensity_scale
 from pipeline.protocol import PAPER_PROTOCOL, AcquisitionProtocol, protocol_features
-from pipeline.registration import register_images
 from pipeline.volume_io import load_volume
 
 logger = logging.getLogger(__name__)
@@ -80,6 +79,8 @@ def _cache_paths(cache: Path, subject: str) -> dict[str, Path]:
 def mprage_to_mrf(mprage: np.ndarray, mprage_affine: np.ndarray, coeffs: np.ndarray, mrf_affine: np.ndarray,
                   mask: np.ndarray) -> np.ndarray:
     """Rigid MRF-to-MPRAGE patient transform (4x4 RAS): MPRAGE registered to the first singular image."""
+    from pipeline.registration import register_images  # SimpleITK: only datasets that need registering
+
     reference = np.abs(coeffs[..., 0]).astype(np.float32)
     region = ndimage.binary_dilation(mask, iterations=REGISTRATION_RIM_VOXELS)
     return register_images(reference, mrf_affine, mprage, mprage_affine, kind="rigid", initial=np.eye(4),

@@ -47,7 +47,7 @@ class TrainConfig:
     crop: int = 128  # 0 = whole 256x256 slices, as the paper
     learning_rate: float = 1e-4
     seed: int = 0
-    bf16: bool = True  # autocast (2x faster with native bf16, 13x slower emulated); CUDA uses its own autocast
+    bf16: bool = True  # autocast (2x faster with native bf16, 13x slower emulated); fp16 on GPUs without bf16
     validation_slices: int = 32
     warmup_iterations: int = 100  # linear learning-rate warm-up from 0
     lr_schedule: str = "constant"  # or "cosine": from learning_rate down to min_learning_rate at the last epoch
@@ -132,9 +132,15 @@ def learning_rate_at(step: int, config: TrainConfig) -> float:
     return cosine * warm
 
 
+def _autocast_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CPUs and on GPUs that have it (Ampere on); fp16 on older GPUs (then with a gradient scaler)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
 def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+    return torch.autocast(device.type, dtype=_autocast_dtype(device), enabled=enabled)
 
 
 def validation_mse(model: torch.nn.Module, data: Batch, device: torch.device, batch: int = 8) -> np.ndarray:
@@ -268,6 +274,8 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
         for g, v in zip(active, validation_mse(work, validation, dev), strict=True):
             state.best_val[g] = float(v)
     metrics_path = run_dir / METRICS
+    # fp16 gradients of an MSE of about 1e-3 underflow without scaling; bf16 has float32's range
+    scaler = torch.amp.GradScaler(dev.type, enabled=config.bf16 and _autocast_dtype(dev) == torch.float16)
     started = time.monotonic()
     stopped_early = False
     while state.epoch < config.epochs:
@@ -285,8 +293,9 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
                 out = net(x.to(dev), None if p is None else p.to(dev))
             per_net = ((out.float() - y[:, list(active)].to(dev)) ** 2).mean(dim=(0, 2, 3))
             optimiser.zero_grad(set_to_none=True)
-            per_net.sum().backward()
-            optimiser.step()
+            scaler.scale(per_net.sum()).backward()
+            scaler.step(optimiser)
+            scaler.update()
             losses += per_net.detach().cpu().numpy()
             bar.set_postfix(mse=f"{per_net.mean().item():.2e}")
         seconds = time.monotonic() - tick

@@ -31,9 +31,10 @@ import click
               envvar="SYNTHMRF_MODELS_DIR", show_default=True, help="Model registry for --init-from NAME.")
 @click.option("--validation-slices", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--bf16/--no-bf16", default=None,
-              help="Mixed precision (bf16 autocast on CPU, fp16 on CUDA). Default: on where the hardware computes "
-                   "bf16 natively (CUDA, CPUs with AVX512-BF16 or AMX); on an AVX2-only CPU emulated bf16 made a "
-                   "training step 13x slower than float32 (82 vs 6.3 s, batch 8 of 128^2 crops).")
+              help="Mixed precision (bf16 autocast; fp16 with gradient scaling on GPUs without bf16). Default: "
+                   "on where the hardware computes bf16 natively (CUDA, CPUs with AVX512-BF16 or AMX); on an "
+                   "AVX2-only CPU emulated bf16 made a training step 13x slower than float32 (82 vs 6.3 s, "
+                   "batch 8 of 128^2 crops).")
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop cleanly after this much wall time (resume later with the same command).")
 @click.option("--protocol-aware/--no-protocol-aware", default=True, show_default=True,

@@ -78,3 +78,34 @@ def test_cli_prints_the_counts(source: Path, tmp_path: Path) -> None:
     bad = CliRunner().invoke(cli, ["phantom", "select", str(source), "--out", str(tmp_path / "x"),
                                     "--family", "tfe", "--field-strength", "3"])
     assert bad.exit_code == 1 and "no subject matches" in bad.output
+
+
+def _package(folder: Path, name: str, version: str, seed: int, train: list[str], val: list[str],
+             init_from: str | None = None) -> Path:
+    """A package folder with only its manifest (all that --unseen-by reads)."""
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({
+        "format": "synthmrf-model/1", "name": name, "version": version,
+        "training": {"dataset": {"seed": seed, "split": {"train": train, "val": val, "test": []}},
+                     "config": {"init_from": init_from}}}))
+    return folder
+
+
+def test_unseen_by_drops_what_a_model_and_its_ancestors_trained_on(source: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"  # an installed ancestor, as the registry keeps it
+    _package(models / "parent-1", "parent", "1", seed=3, train=["sub-001"], val=["sub-005"])
+    child = _package(tmp_path / "child", "child", "0", seed=3, train=["sub-002"], val=[], init_from="parent-1")
+    other_world = _package(tmp_path / "other", "other", "0", seed=4, train=["sub-003"], val=[])
+    result = CliRunner().invoke(cli, ["phantom", "select", str(source), "--out", str(tmp_path / "fresh"),
+                                      "--unseen-by", str(child), "--unseen-by", str(other_world),
+                                      "--models-dir", str(models)])
+    assert result.exit_code == 0, result.output
+    info = DatasetInfo.read(tmp_path / "fresh")
+    assert sorted(info.entries) == ["sub-003", "sub-004"]  # sub-003: the other model's world had another seed
+    assert info.manifest["selected_from"]["unseen_by"] == ["child-0", "other-0", "parent-1"]
+
+    orphan = _package(tmp_path / "orphan", "orphan", "0", seed=3, train=["sub-004"], val=[], init_from="gone-9")
+    warned = CliRunner().invoke(cli, ["phantom", "select", str(source), "--out", str(tmp_path / "o"),
+                                      "--unseen-by", str(orphan), "--models-dir", str(models)])
+    assert warned.exit_code == 0 and "descends from gone-9" in warned.output
+    assert "sub-004" not in DatasetInfo.read(tmp_path / "o").entries

@@ -63,21 +63,58 @@ def make(n_subjects: int, out: Path, seed: int, style: str, vendor: str, orienta
               help="Drop subjects of this protocol family (repeatable).")
 @click.option("--field-strength", "fields_t", multiple=True, type=click.Choice(["1.5", "3"]),
               help="Keep subjects at this field strength in T (repeatable; default: both).")
+@click.option("--unseen-by", "models", multiple=True, metavar="PKG|NAME",
+              help="Drop the subjects this model package (folder, or installed/built-in NAME-VERSION) and the "
+                   "packages it was fine-tuned from trained or validated on (repeatable).")
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("var/synthmrf/models"),
+              envvar="SYNTHMRF_MODELS_DIR", show_default=True, help="Model registry for --unseen-by NAME.")
 def select(source: Path, out: Path, families: tuple[str, ...], exclude: tuple[str, ...],
-           fields_t: tuple[str, ...]) -> None:
+           fields_t: tuple[str, ...], models: tuple[str, ...], models_dir: Path) -> None:
     """Make a dataset of some of SOURCE's subjects, each keeping its train/val/test part.
 
     For cross-world checks, e.g. leave-one-protocol-family-out: train on
     `select SRC --out no-ge --exclude-family ir-fspgr`, evaluate on `select SRC --out ge --family ir-fspgr`
-    with `synthmrf evaluate --split all`.
+    with `synthmrf evaluate --split all`; or compare models on subjects none of them saw:
+    `select SRC --out fresh --unseen-by PKG1 --unseen-by PKG2`.
     """
     from training.phantom.selection import select_subjects
 
+    manifests: list[dict[str, object]] = []
+    for ref in models:
+        lineage, unknown = _lineage(ref, models_dir)
+        manifests += lineage
+        if unknown:
+            click.echo(f"warning: {ref} descends from {unknown} (fine-tuned from it), which is not installed or "
+                       "built in here: the subjects that one trained on are not known and not dropped", err=True)
     try:
         path = select_subjects(source, out, families=[Family(f) for f in families],
-                               exclude=[Family(f) for f in exclude], fields_t=[float(f) for f in fields_t])
+                               exclude=[Family(f) for f in exclude], fields_t=[float(f) for f in fields_t],
+                               unseen_by=manifests)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     manifest = json.loads(path.read_text())
     parts = ", ".join(f"{len(ids)} {part}" for part, ids in manifest["split"].items())
     click.echo(f"{manifest['n_subjects']} subjects ({parts}): {path}")
+
+
+def _lineage(ref: str, models_dir: Path) -> tuple[list[dict[str, object]], str | None]:
+    """The manifests of package ``ref`` and of the packages it was fine-tuned from (``init_from``), as far as
+    they are found; and the name of the first one not found (None if the chain ends)."""
+    from pipeline.model.package import PackageError, read_manifest
+    from pipeline.model.registry import ModelRegistry, RegistryError
+
+    registry = ModelRegistry(models_dir)
+    chain: list[dict[str, object]] = []
+    current: str | None = ref
+    while current is not None and len(chain) < 20:
+        try:
+            manifest = read_manifest(Path(current)) if Path(current).is_dir() else registry.info(current)
+        except (PackageError, RegistryError, OSError, ValueError) as exc:
+            if not chain:
+                raise click.BadParameter(str(exc), param_hint="--unseen-by") from exc
+            return chain, current
+        chain.append(manifest)
+        training = manifest.get("training")
+        config = training.get("config") if isinstance(training, dict) else None
+        current = config.get("init_from") if isinstance(config, dict) else None
+    return chain, None

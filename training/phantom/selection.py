@@ -1,5 +1,6 @@
-"""A dataset of some of another dataset's subjects (by protocol family and field strength), for cross-world
-checks such as leave-one-protocol-family-out: train on one selection, evaluate on its complement.
+"""A dataset of some of another dataset's subjects (by protocol family and field strength, or those no given
+model trained on), for cross-world checks such as leave-one-protocol-family-out: train on one selection,
+evaluate on its complement.
 
 The new folder holds a manifest and one symbolic link per selected subject (nothing is copied); each subject
 keeps its entry and its part of the source's train/val/test split, so a selection's test subjects are test
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from pipeline.protocol import Family
@@ -29,20 +30,39 @@ def _matches(entry: dict[str, object], families: Collection[Family], exclude: Co
     return not fields_t or any(abs(protocol.field_strength_t - f) < 0.25 for f in fields_t)
 
 
+def trained_on(source_manifest: dict[str, object], model_manifests: Sequence[dict[str, object]]) -> set[str]:
+    """The subject ids of a phantom dataset that models (their package manifests) trained or validated on: those
+    of each model whose training dataset had the same phantom seed (subjects depend only on seed and index, so
+    a same-seed dataset of another size or folder holds the same subjects)."""
+    seen: set[str] = set()
+    for model in model_manifests:
+        training = model.get("training")
+        dataset = training.get("dataset") if isinstance(training, dict) else None
+        if not isinstance(dataset, dict) or dataset.get("seed") != source_manifest.get("seed"):
+            continue
+        split = dataset.get("split")
+        if isinstance(split, dict):
+            seen.update(str(s) for part in ("train", "val") for s in split.get(part, []))
+    return seen
+
+
 def select_subjects(source: Path, out: Path, *, families: Collection[Family] = (), exclude: Collection[Family] = (),
-                    fields_t: Collection[float] = ()) -> Path:
+                    fields_t: Collection[float] = (), unseen_by: Sequence[dict[str, object]] = ()) -> Path:
     """Write ``out/manifest.json`` with the subjects of ``source`` whose acquisition is of one of ``families``
-    (all if empty), none of ``exclude`` and one of ``fields_t`` (all if empty), and link their folders;
-    return the manifest path. Raises ValueError if nothing is selected or ``out`` holds another dataset."""
+    (all if empty), none of ``exclude`` and one of ``fields_t`` (all if empty), and that none of the models
+    ``unseen_by`` (package manifests) trained or validated on; link their folders; return the manifest path.
+    Raises ValueError if nothing is selected or ``out`` holds another dataset."""
     manifest = json.loads((source / MANIFEST_NAME).read_text())
     entries = manifest.get("subjects")
     if not isinstance(entries, list):
         raise ValueError(f"{source / MANIFEST_NAME}: no 'subjects' list; only datasets with per-subject entries "
                          "(synthmrf phantom make) can be selected from")
-    chosen = [e for e in entries if _matches(e, set(families), set(exclude), set(fields_t))]
+    seen = trained_on(manifest, unseen_by)
+    chosen = [e for e in entries if _matches(e, set(families), set(exclude), set(fields_t))
+              and str(e["id"]) not in seen]
     if not chosen:
-        raise ValueError(f"{source}: no subject matches (families {sorted(f.value for f in families) or 'any'}, "
-                         f"excluding {sorted(f.value for f in exclude) or 'none'}, fields "
+        raise ValueError(f"{source}: no subject matches ({len(seen)} seen by the models; families "
+                         f"{sorted(f.value for f in families) or 'any'}, excluding {sorted(f.value for f in exclude) or 'none'}, fields "
                          f"{sorted(fields_t) or 'any'} T)")
     if out.exists() and any(p.name != MANIFEST_NAME and not p.is_symlink() for p in out.iterdir()):
         raise ValueError(f"{out}: holds files other than a selection's links; choose an empty or new folder")
@@ -61,7 +81,8 @@ def select_subjects(source: Path, out: Path, *, families: Collection[Family] = (
     selected["split"] = {part: [s for s in split.get(part, []) if s in ids] for part in ("train", "val", "test")}
     selected["selected_from"] = {"dataset": str(source.resolve()), "families": sorted(f.value for f in families),
                                  "excluded_families": sorted(f.value for f in exclude),
-                                 "field_strengths_t": sorted(fields_t)}
+                                 "field_strengths_t": sorted(fields_t),
+                                 "unseen_by": sorted({f"{m.get('name')}-{m.get('version')}" for m in unseen_by})}
     path = out / MANIFEST_NAME
     path.write_text(json.dumps(selected, indent=1) + "\n")
     return path

@@ -62,7 +62,8 @@ def select_subjects(source: Path, out: Path, *, families: Collection[Family] = (
               and str(e["id"]) not in seen]
     if not chosen:
         raise ValueError(f"{source}: no subject matches ({len(seen)} seen by the models; families "
-                         f"{sorted(f.value for f in families) or 'any'}, excluding {sorted(f.value for f in exclude) or 'none'}, fields "
+                         f"{sorted(f.value for f in families) or 'any'}, excluding "
+                         f"{sorted(f.value for f in exclude) or 'none'}, fields "
                          f"{sorted(fields_t) or 'any'} T)")
     if out.exists() and any(p.name != MANIFEST_NAME and not p.is_symlink() for p in out.iterdir()):
         raise ValueError(f"{out}: holds files other than a selection's links; choose an empty or new folder")

@@ -113,11 +113,24 @@ def test_split_follows_the_paper_proportions() -> None:
     assert split == split_subjects(ids, seed=0) and split != split_subjects(ids, seed=1)
 
 
+def test_split_sizes_can_be_chosen() -> None:
+    ids = [f"sub-{i:03d}" for i in range(1, 61)]
+    split = split_subjects(ids, seed=3, n_val=6, n_test=8)
+    assert {k: len(v) for k, v in split.items()} == {"train": 46, "val": 6, "test": 8}
+    assert sorted(split["train"] + split["val"] + split["test"]) == ids
+    assert split_subjects(ids, seed=3, n_val=0, n_test=0)["train"] == ids
+    with pytest.raises(ValueError, match="leave no training subject of 60"):
+        split_subjects(ids, seed=3, n_val=30, n_test=30)
+
+
 def test_make_dataset_rejects_bad_counts(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"n_subjects: must be >= 1, got 0"):
         make_dataset(0, tmp_path)
     with pytest.raises(ValueError, match=r"workers: must be >= 1, got 0"):
         make_dataset(1, tmp_path, workers=0)
+    with pytest.raises(ValueError, match="leave no training subject"):
+        make_dataset(4, tmp_path, n_val=2, n_test=2)
+    assert not (tmp_path / "sub-001").exists()
 
 
 @pytest.mark.slow

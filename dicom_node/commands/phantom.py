@@ -40,8 +40,13 @@ def phantom() -> None:
 @click.option("--fast", is_flag=True, help="Half-resolution grids (smoke tests only, not for training).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Subjects made in parallel (each process peaks at about 2 GB).")
+@click.option("--val-subjects", "n_val", type=click.IntRange(min=0), default=None,
+              help="Validation subjects (default: the paper's 2 of 37, at least 1). A rerun into a finished "
+                   "folder with another split rewrites only the manifest: subjects do not depend on it.")
+@click.option("--test-subjects", "n_test", type=click.IntRange(min=0), default=None,
+              help="Test subjects (default: the paper's 5 of 37, at least 1).")
 def make(n_subjects: int, out: Path, seed: int, style: str, vendor: str, orientation: str, oblique_deg: float,
-         world: str, mrf: bool, fast: bool, workers: int) -> None:
+         world: str, mrf: bool, fast: bool, workers: int, n_val: int | None, n_test: int | None) -> None:
     """Write N phantom subjects and a manifest with a train/val/test split into OUT."""
     from training.phantom.dataset import make_dataset
     from training.phantom.subject import PhantomOptions
@@ -49,7 +54,11 @@ def make(n_subjects: int, out: Path, seed: int, style: str, vendor: str, orienta
     options = PhantomOptions(orientation=Orientation(orientation), style=DicomStyle(style),
                              vendor=None if vendor == "mixed" else Vendor(vendor), oblique_deg=oblique_deg,
                              mrf=mrf, downsample=2 if fast else 1, world=world)
-    manifest = make_dataset(n_subjects, out, seed=seed, options=options, workers=workers)
+    try:
+        manifest = make_dataset(n_subjects, out, seed=seed, options=options, workers=workers, n_val=n_val,
+                                n_test=n_test)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
     click.echo(f"manifest: {manifest}")
 
 

@@ -27,11 +27,17 @@ SETTINGS_NAME = "settings.json"  # seed and options: a rerun into the folder res
 SPLIT_FRACTIONS = {"val": 2 / 37, "test": 5 / 37}  # the paper's 30 / 2 / 5 of 37 volunteers
 
 
-def split_subjects(ids: list[str], seed: int) -> dict[str, list[str]]:
-    """Seeded split in the paper's proportions; val and test get at least one subject from 3 subjects on."""
+def split_subjects(ids: list[str], seed: int, n_val: int | None = None,
+                   n_test: int | None = None) -> dict[str, list[str]]:
+    """Seeded split; ``n_val`` and ``n_test`` default to the paper's proportions (val and test get at least one
+    subject from 3 subjects on). Raises ValueError if fewer than one training subject would remain."""
     n = len(ids)
-    n_val = max(1, round(n * SPLIT_FRACTIONS["val"])) if n >= 3 else 0
-    n_test = max(1, round(n * SPLIT_FRACTIONS["test"])) if n >= 2 else 0
+    if n_val is None:
+        n_val = max(1, round(n * SPLIT_FRACTIONS["val"])) if n >= 3 else 0
+    if n_test is None:
+        n_test = max(1, round(n * SPLIT_FRACTIONS["test"])) if n >= 2 else 0
+    if n_val < 0 or n_test < 0 or n_val + n_test >= n:
+        raise ValueError(f"split: {n_val} validation + {n_test} test subjects leave no training subject of {n}")
     order = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2**32 - 1,))).permutation(n)
     shuffled = [ids[i] for i in order]
     return {"train": sorted(shuffled[n_val + n_test:]), "val": sorted(shuffled[:n_val]),
@@ -82,8 +88,10 @@ def _make_one(seed: int, index: int, options: PhantomOptions, out: Path) -> dict
 
 
 def make_dataset(n_subjects: int, out: Path, *, seed: int = 0, options: PhantomOptions | None = None,
-                 workers: int = 1, progress: bool = True) -> Path:
-    """Write ``n_subjects`` subjects and the manifest into ``out``; return the manifest path.
+                 workers: int = 1, progress: bool = True, n_val: int | None = None,
+                 n_test: int | None = None) -> Path:
+    """Write ``n_subjects`` subjects and the manifest into ``out``; return the manifest path. ``n_val`` and
+    ``n_test`` size the split (default: the paper's proportions).
 
     Subject i depends only on (seed, i), so the result does not depend on ``workers``. A rerun into the
     same folder with the same seed and options keeps the subjects an interrupted run completed.
@@ -92,6 +100,7 @@ def make_dataset(n_subjects: int, out: Path, *, seed: int = 0, options: PhantomO
         raise ValueError(f"n_subjects: must be >= 1, got {n_subjects}")
     if workers < 1:
         raise ValueError(f"workers: must be >= 1, got {workers}")
+    split_subjects([str(i) for i in range(n_subjects)], seed, n_val, n_test)  # a bad split fails before any work
     options = options or PhantomOptions()
     out.mkdir(parents=True, exist_ok=True)
     _claim_folder(out, json.loads(json.dumps({"seed": seed, "options": _options_doc(options)}, default=str)))
@@ -116,7 +125,7 @@ def make_dataset(n_subjects: int, out: Path, *, seed: int = 0, options: PhantomO
                 bar.update()
     bar.close()
     entries = [made[i] for i in range(n_subjects)]
-    split = split_subjects([str(e["id"]) for e in entries], seed)
+    split = split_subjects([str(e["id"]) for e in entries], seed, n_val, n_test)
     where = {sid: name for name, ids in split.items() for sid in ids}
     for e in entries:
         e["split"] = where[str(e["id"])]

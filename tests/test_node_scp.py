@@ -9,6 +9,7 @@ import logging
 import socket
 import struct
 import subprocess
+import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -470,6 +471,50 @@ def large_instance(folder: Path, megabytes: int) -> tuple[Path, Dataset]:
     return path, ds
 
 
+def cutting_proxy(port: int, cut_after: int, before_cut: Callable[[], object]) -> tuple[int, Callable[[], int]]:
+    """A one-connection TCP proxy to 127.0.0.1:``port`` that forwards ``cut_after`` bytes of the client's stream,
+    calls ``before_cut``, then resets both connections. Returns its port and a function that waits for the cut and
+    returns the bytes forwarded."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+    count = [0]
+
+    def replies(upstream: socket.socket, client: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := upstream.recv(65536):
+                client.sendall(data)
+
+    def run() -> None:
+        client, _ = listener.accept()
+        listener.close()
+        upstream = socket.create_connection(("127.0.0.1", port))
+        back = threading.Thread(target=replies, args=(upstream, client), daemon=True)
+        back.start()
+        with contextlib.suppress(OSError):
+            while count[0] < cut_after and (data := client.recv(min(65536, cut_after - count[0]))):
+                upstream.sendall(data)
+                count[0] += len(data)
+        with contextlib.suppress(Exception):  # a failed wait shows as the test's own assertion
+            before_cut()
+        # a reset: linger 0, then close once no thread blocks in recv on the socket (a blocked recv keeps the
+        # kernel socket, and the close would send nothing); shutting the read side down wakes that recv
+        for sock in (upstream, client):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RD)
+        back.join(10)
+        upstream.close()
+        client.close()
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+
+    def forwarded() -> int:
+        assert done.wait(60), "the proxy did not cut the connection"
+        return count[0]
+    return listener.getsockname()[1], forwarded
+
+
 def test_a_large_instance_streams_to_disk_and_a_cut_association_leaves_nothing(
         start_node: StartNode, tmp_path: Path) -> None:
     node = start_node(ingress={"max_instance_mb": 300})
@@ -494,22 +539,28 @@ def test_a_large_instance_streams_to_disk_and_a_cut_association_leaves_nothing(
         b.seek(-64 * 2**20, 2)
         assert a.read() == b.read()
 
-    # the sender dies in the middle of the data set: what had arrived is deleted, nothing is stored
+    # the connection dies in the middle of the data set (a proxy forwards 64 MB of storescu's stream, then resets
+    # both sides: deterministic, where killing storescu raced a loopback transfer of 250 MB): what had arrived is
+    # deleted, nothing is stored
     cut, _ = large_instance(tmp_path, 250)
-    sender = subprocess.Popen([tool("storescu"), "-aec", "SYNTHMRF", "127.0.0.1", str(node.port), str(cut)],
-                              env=TOOL_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tmp = node.storage_dir / "tmp"
+    arrived: list[int] = []
 
     def arriving() -> bool:
         for p in tmp.iterdir():
             with contextlib.suppress(FileNotFoundError):  # a file may go between listing and stat
-                if p.stat().st_size > 8 * 2**20:
+                if p.stat().st_size > 32 * 2**20:
+                    arrived.append(p.stat().st_size)
                     return True
         return False
 
-    wait_until(arriving, 30, poll_s=0.002, what="the data set to be arriving")
-    sender.kill()
-    sender.wait()
+    proxy_port, forwarded = cutting_proxy(node.port, 64 * 2**20,
+                                          lambda: wait_until(arriving, 30, what="the data set to be arriving"))
+    sender = subprocess.Popen([tool("storescu"), "-aec", "SYNTHMRF", "127.0.0.1", str(proxy_port), str(cut)],
+                              env=TOOL_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert sender.wait(60) != 0
+    assert forwarded() == 64 * 2**20
+    assert arrived, "the node did not stream the data set to its tmp folder"
     wait_until(lambda: not any(tmp.iterdir()), 10, what="the partial file to be deleted")
     assert len(spooled(node)) == 1
     assert echoscu(node).returncode == 0

@@ -57,8 +57,8 @@ def make(n_subjects: int, out: Path, seed: int, style: str, vendor: str, orienta
     try:
         manifest = make_dataset(n_subjects, out, seed=seed, options=options, workers=workers, n_val=n_val,
                                 n_test=n_test)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from e
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"manifest: {manifest}")
 
 
@@ -104,6 +104,44 @@ def select(source: Path, out: Path, families: tuple[str, ...], exclude: tuple[st
     manifest = json.loads(path.read_text())
     parts = ", ".join(f"{len(ids)} {part}" for part, ids in manifest["split"].items())
     click.echo(f"{manifest['n_subjects']} subjects ({parts}): {path}")
+
+
+@phantom.command("ceiling")
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--split", type=click.Choice(["all", "train", "val", "test"]), default="all", show_default=True,
+              help="Subjects of the manifest's split to describe.")
+def ceiling(dataset: Path, split: str) -> None:
+    """How much of each subject's tissue T1 and T2 an MPRAGE can reveal in DATASET's world.
+
+    An MPRAGE is weighted by T1 and PD, next to nothing by T2, so two oracles bound any MPRAGE-only method:
+    the tissue's mean over subjects (knows the tissue class only) and a line in the tissue's exact T1 and PD
+    (in-sample). Prints each tissue's spread and correlations and the oracles' Lin's CCC and median absolute
+    % error over (subject, tissue) pairs of WM, cortical GM and deep GM: compare with `synthmrf evaluate`'s
+    regional CCC (approximately: no partial volume here).
+    """
+    from training.phantom.ceiling import identifiability_ceiling
+
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    entries = manifest.get("subjects")
+    if not isinstance(entries, list):
+        raise click.ClickException(f"{dataset}: manifest.json has no 'subjects' list (a synthmrf phantom dataset)")
+    if split != "all":
+        wanted = set(manifest.get("split", {}).get(split, []))
+        entries = [e for e in entries if str(e.get("id")) in wanted]
+    try:
+        result = identifiability_ceiling(entries)
+    except ValueError as exc:
+        raise click.ClickException(f"{dataset}: {exc}") from exc
+    click.echo(f"{len(entries)} subjects ({split}), {result.n_pairs} (subject, tissue) pairs")
+    click.echo(f"{'field':>5} {'tissue':<8} {'quantity':<6} {'mean':>7} {'SD':>6} {'CV %':>5} {'r(T1)':>6} "
+               f"{'r(PD)':>6}")
+    for s in result.spreads:
+        click.echo(f"{s.field_strength_t:>4}T {s.tissue:<8} {s.quantity[:2].upper():<6} {s.mean:>7.0f} {s.sd:>6.1f} "
+                   f"{100 * s.sd / s.mean:>5.1f} {s.corr_with_t1:>6.2f} {s.corr_with_pd:>6.2f}")
+    click.echo(f"{'oracle':<18} {'CCC T1':>7} {'CCC T2':>7} {'MdAPE T1 %':>11} {'MdAPE T2 %':>11}")
+    for name, ccc, err in (("class mean", result.ccc_class_mean, result.mdape_class_mean),
+                           ("exact T1 and PD", result.ccc_exact_t1_pd, result.mdape_exact_t1_pd)):
+        click.echo(f"{name:<18} {ccc['t1_ms']:>7.3f} {ccc['t2_ms']:>7.3f} {err['t1_ms']:>11.1f} {err['t2_ms']:>11.1f}")
 
 
 def _lineage(ref: str, models_dir: Path) -> tuple[list[dict[str, object]], str | None]:

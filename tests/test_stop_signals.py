@@ -34,8 +34,8 @@ def in_handler(signum):
     raise Interrupted(signum)
 stop = threading.Event()
 stop_on_signals(stop, in_handler)
-print("ready", flush=True)
 try:
+    print("ready", flush=True)  # inside the try: the signal may come while print returns
     time.sleep(60)
 except Interrupted as exc:
     print("interrupted by", exc.args[0], "stop set:", stop.wait(5), flush=True)

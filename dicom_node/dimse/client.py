@@ -16,6 +16,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 
+from dicom_node.dimse.reactor_pause import use_for_requestors
 from dicom_node.dimse.status import STORE_WARNINGS, SUCCESS
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def _associate(ae: AE, peer: Peer) -> Association:
 
 
 def _ae(calling_ae_title: str, connect_timeout_s: float, dimse_timeout_s: float) -> AE:
+    use_for_requestors()
     ae = AE(ae_title=calling_ae_title)
     ae.connection_timeout = connect_timeout_s
     ae.acse_timeout = connect_timeout_s

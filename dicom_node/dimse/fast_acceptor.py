@@ -38,6 +38,8 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from dicom_node.dimse.reactor_pause import PauseSafeAssociation
+
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.02  # longest a reactor waits before re-checking timers and flags
@@ -147,7 +149,7 @@ class EventDrivenDUL(DULServiceProvider):
             self._wake_recv.close()
 
 
-class EventDrivenAssociation(Association):
+class EventDrivenAssociation(PauseSafeAssociation):
     """An acceptor association whose reactor waits for messages instead of sleeping."""
 
     def __init__(self, ae: Any, mode: str) -> None:

@@ -36,6 +36,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from dicom_node.dimse.client import Peer, client_tls
+from dicom_node.dimse.reactor_pause import use_for_requestors
 from dicom_node.dimse.status import STATUS_NAMES, UNABLE_TO_PROCESS_FIRST, UNABLE_TO_PROCESS_LAST
 from dicom_node.dimse.storage_scp import TRANSFER_SYNTAXES
 from dicom_node.retro.config import SourceConfig
@@ -150,6 +151,7 @@ def _ae(archive: Archive, dimse_timeout_s: float) -> AE:
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     s = archive.source
+    use_for_requestors()
     ae = AE(ae_title=archive.calling_ae_title)
     ae.connection_timeout = s.connect_timeout_s
     ae.acse_timeout = s.connect_timeout_s

@@ -341,9 +341,9 @@ def worker_process_main(cfg: NodeConfig, member_id: str, device: str | None,
 
     configure_logging(cfg.logging.level, cfg.logging.format)
     stop = threading.Event()
-    in_job = threading.Event()  # set while the processor runs; cleared by the runner when it ends, however
-    # written in the signal handler, so plain values (no locks): a stop was asked for; the next signal may
-    # interrupt the job (once: a second signal raising again while the first unwinds could skip a lock's release)
+    in_job = threading.Event()  # set while the processor runs; cleared by the runner when it ends, however it ends
+    # Written in the signal handler, so plain values (no locks): whether a stop was asked for, and whether the next
+    # signal may interrupt the job (once: a second signal raising while the first unwinds could skip a lock's release).
     asked = {"stop": False, "armed": True}
 
     def in_handler(signum: int) -> None:

@@ -117,6 +117,47 @@ def info(name: str | None) -> None:
     click.echo(json.dumps(_registry().info(name), indent=1))
 
 
+def _package_folder(ref: str) -> Path:
+    """A package folder as given, or the folder of an installed or built-in NAME-VERSION."""
+    return Path(ref) if Path(ref).is_dir() else _registry().path_of(ref)
+
+
+@model.command()
+@click.argument("base")
+@click.option("--take", "takes", multiple=True, required=True, metavar="CHANNEL=PACKAGE",
+              help="Take CHANNEL's networks from PACKAGE (a folder or NAME-VERSION). CHANNEL: SV1..SV4 (the "
+                   "singular vector's real and imaginary networks) or one of SV1_re, SV2_re, SV2_im, ... "
+                   "Repeatable.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="New package folder (must not exist).")
+@click.option("--name", required=True, help="Model name of the new package.")
+@click.option("--version", "version", required=True, help="Model version of the new package.")
+@_clean_errors
+def combine(base: str, takes: tuple[str, ...], out_dir: Path, name: str, version: str) -> None:
+    """Write a package made of BASE (a folder or NAME-VERSION) with some channels' networks taken from others.
+
+    The seven networks are independent and each keeps its channel range, so every channel of the new package
+    gives exactly what its source gave. The sources must share architecture, MRF sequence, SVD basis and input
+    normalisation. The manifest records each channel's source; the protocol ranges are the sources'
+    intersection. Evaluate the result ('synthmrf evaluate --model DIR') before installing it.
+    """
+    from pipeline.model.combine import combine_packages
+
+    sources: dict[str, Path] = {}
+    for take in takes:
+        channel, sep, ref = take.partition("=")
+        if not sep or not channel.strip() or not ref.strip():
+            raise click.BadParameter(f"{take!r}: expected CHANNEL=PACKAGE, e.g. SV4=synthmrf-phantom-0.3",
+                                     param_hint="--take")
+        if channel.strip() in sources:
+            raise click.BadParameter(f"{channel.strip()!r} is given twice", param_hint="--take")
+        sources[channel.strip()] = _package_folder(ref.strip())
+    path = combine_packages(_package_folder(base), sources, out_dir, name=name, version=version)
+    manifest = json.loads((path / "manifest.json").read_text())
+    for channel, entry in manifest["training"]["combined_from"].items():
+        click.echo(f"{channel}: {entry['package']}")
+    click.echo(f"wrote {path}")
+
 
 @model.command("package")
 @click.option("--run-dir", "run_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),

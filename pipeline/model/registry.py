@@ -276,6 +276,10 @@ class ModelRegistry:
             raise RegistryError(f"model {name!r}: not installed and not built in (available: {known})")
         return available[name]
 
+    def path_of(self, name: str | None = None) -> Path:
+        """The folder of package ``name`` (default: the active one), installed or built in."""
+        return self._find(self._resolve(name))[1]
+
     def _resolve(self, name: str | None) -> str:
         if name is not None:
             return name

@@ -1,0 +1,152 @@
+"""A package whose networks come from several packages of one architecture, sequence and basis.
+
+The seven networks share no weights (grouped convolutions, :mod:`pipeline.model.unet`), and each one's
+output is rescaled by its own channel range, so a network can be lifted out of one package into another
+unchanged: the combined package gives, channel for channel, exactly what its source gave. Training keeps
+each network's best validation epoch on its own, so a run may improve some channels and worsen others;
+combining keeps the better ones. The manifest names the source of every channel and, as the protocol ranges
+a series is judged against, the intersection of the sources' ranges: every network has seen them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from pipeline.model.package import (
+    BASIS_KEY,
+    SEQUENCE,
+    WEIGHTS,
+    PackageError,
+    read_manifest,
+    verify_checksums,
+    write_package,
+)
+from pipeline.model.unet import UNetConfig, network_slice
+from pipeline.mrf.coefficients import CHANNEL_NAMES
+from pipeline.protocol import RANGED_FIELDS
+
+
+def resolve_channels(spec: str) -> list[int]:
+    """Network indices named by ``spec``: a channel (``SV4_re``) or a singular vector (``SV4``: all its channels)."""
+    key = spec.strip()
+    exact = [i for i, name in enumerate(CHANNEL_NAMES) if name.lower() == key.lower()]
+    if exact:
+        return exact
+    vector = [i for i, name in enumerate(CHANNEL_NAMES) if name.split("_")[0].lower() == key.lower()]
+    if not vector:
+        choices = sorted({n.split("_")[0] for n in CHANNEL_NAMES}) + list(CHANNEL_NAMES)
+        raise PackageError(f"channel {spec!r}: expected one of {', '.join(choices)}")
+    return vector
+
+
+def _load(path: Path) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
+    manifest = read_manifest(path)
+    verify_checksums(path, manifest)
+    return manifest, load_file(str(path / WEIGHTS))
+
+
+def _dict_or_none(value: object) -> dict[str, object] | None:
+    return value if isinstance(value, dict) else None
+
+
+def _protocol_ranges(manifest: Mapping[str, object]) -> dict[str, object] | None:
+    return _dict_or_none(manifest.get("protocol_ranges"))
+
+
+def _label(manifest: Mapping[str, object]) -> str:
+    return f"{manifest.get('name')}-{manifest.get('version')}"
+
+
+def _check_same(base: Mapping[str, object], other: Mapping[str, object], base_w: Mapping[str, torch.Tensor],
+                other_w: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a source that differs from the base in anything but its weights and channel ranges."""
+    who = _label(other)
+    for key, what in (("architecture", "architecture"), ("sequence", "MRF sequence"), ("channels", "channels")):
+        if base.get(key) != other.get(key):
+            raise PackageError(f"{who}: its {what} differs from the base's ({other.get(key)} vs {base.get(key)})")
+    norm = [dict(m.get("preprocessing", {})).get("normalisation") for m in (base, other)]  # type: ignore[call-overload]
+    if norm[0] != norm[1]:
+        raise PackageError(f"{who}: input normalisation {norm[1]!r}, the base's is {norm[0]!r}")
+    if not torch.equal(base_w[BASIS_KEY], other_w[BASIS_KEY]):
+        raise PackageError(f"{who}: its SVD basis differs from the base's")
+    if set(base_w) != set(other_w):
+        raise PackageError(f"{who}: its weights hold other tensors than the base's")
+
+
+def intersect_ranges(ranges: Sequence[Mapping[str, object]]) -> dict[str, object]:
+    """The protocol ranges every one of ``ranges`` covers (families and fields in all; numeric overlaps)."""
+    out: dict[str, object] = {}
+    for key in ("families", "field_strengths_t"):
+        common = set.intersection(*(set(r.get(key, [])) for r in ranges))  # type: ignore[call-overload]
+        if not common:
+            raise PackageError(f"protocol ranges: the sources share no {key}")
+        out[key] = sorted(common)
+    for name in RANGED_FIELDS[1:]:
+        spans = [r.get(name) for r in ranges]
+        if not all(isinstance(s, list) and len(s) == 2 for s in spans):
+            continue
+        lo, hi = max(float(s[0]) for s in spans), min(float(s[1]) for s in spans)  # type: ignore[index]
+        if lo > hi:
+            raise PackageError(f"protocol ranges: the sources' {name} ranges do not overlap")
+        out[name] = [lo, hi]
+    return out
+
+
+def combine_packages(base_dir: Path, takes: Mapping[str, Path], out_dir: Path, *, name: str,
+                     version: str) -> Path:
+    """Write ``out_dir``: the package ``base_dir`` with the networks of each channel spec in ``takes`` (see
+    :func:`resolve_channels`) taken from the package folder it maps to. Returns ``out_dir``."""
+    if out_dir.exists():
+        raise PackageError(f"{out_dir}: already exists")
+    base, weights = _load(base_dir)
+    ranges = np.asarray(base["channel_ranges"], dtype=np.float32)
+    sources = {i: (_label(base), str(base["files"][WEIGHTS])) for i in range(len(CHANNEL_NAMES))}  # type: ignore[index]
+    best_val = list(dict(base.get("training", {})).get("best_validation_mse", []))  # type: ignore[call-overload]
+    protocol_docs = [r for r in [_protocol_ranges(base)] if r is not None]
+    n_nets = int(dict(base["architecture"])["n_nets"])  # type: ignore[call-overload]
+    taken: set[int] = set()
+    for spec, source_dir in takes.items():
+        nets = resolve_channels(spec)
+        if taken & set(nets):
+            raise PackageError(f"channel {spec!r}: its networks are already taken by another --take")
+        taken |= set(nets)
+        other, other_w = _load(source_dir)
+        _check_same(base, other, weights, other_w)
+        for key, tensor in weights.items():
+            if key == BASIS_KEY or not tensor.ndim:
+                continue
+            for k in nets:
+                part = network_slice(tensor, k, n_nets)
+                tensor[part] = other_w[key][part]
+        other_val = list(dict(other.get("training", {})).get("best_validation_mse", []))  # type: ignore[call-overload]
+        for k in nets:
+            ranges[k] = np.asarray(other["channel_ranges"], dtype=np.float32)[k]  # type: ignore[index]
+            sources[k] = (_label(other), str(other["files"][WEIGHTS]))  # type: ignore[index]
+            if len(other_val) == len(CHANNEL_NAMES) and len(best_val) == len(CHANNEL_NAMES):
+                best_val[k] = other_val[k]
+        other_ranges = _protocol_ranges(other)
+        if other_ranges is not None:
+            protocol_docs.append(other_ranges)
+    arch = dict(base["architecture"])  # type: ignore[call-overload]
+    arch.pop("type", None)
+    training = {
+        **dict(base.get("training", {})),  # type: ignore[call-overload]
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "best_validation_mse": best_val,
+        "combined_from": {CHANNEL_NAMES[k]: {"package": label, "weights_sha256": sha}
+                          for k, (label, sha) in sources.items()},
+    }
+    basis = weights.pop(BASIS_KEY).numpy()
+    return write_package(
+        out_dir, name=name, version=version, state=weights, unet=UNetConfig(**arch), channel_ranges=ranges,
+        sequence_json=(base_dir / SEQUENCE).read_text(), basis=basis, training=training, metrics={},
+        normalisation=str(dict(base["preprocessing"])["normalisation"]),  # type: ignore[call-overload]
+        trained_protocols=intersect_ranges(protocol_docs) if protocol_docs else None,
+        channel_signal=_dict_or_none(base.get("channel_signal")))
+

@@ -1,0 +1,125 @@
+"""``synthmrf model combine``: a package whose channels come from several packages give what their sources gave."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dicom_node.cli import cli
+from pipeline.model.combine import combine_packages, intersect_ranges, resolve_channels
+from pipeline.model.package import PackageError, load_package, write_package
+from pipeline.model.unet import UNetConfig, UNetEnsemble
+from pipeline.mrf.dictionary import Dictionary
+from pipeline.mrf.sequence import Sequence
+
+TINY = UNetConfig(n_nets=7, base_filters=2, depth=4, protocol_features=3)
+RANGES_A = {"families": ["mprage", "tfe"], "field_strengths_t": [1.5, 3.0], "ti_ms": [700.0, 1100.0],
+            "flip_angle_deg": [7.0, 10.0]}
+RANGES_B = {"families": ["ir-fspgr", "mprage", "tfe"], "field_strengths_t": [3.0], "ti_ms": [400.0, 1000.0],
+            "flip_angle_deg": [8.0, 13.0]}
+MakePackage = Callable[..., Path]
+
+
+@pytest.fixture
+def make_package(tmp_path: Path, default_sequence: Sequence, default_dictionary: Dictionary) -> MakePackage:
+    """A tiny package with its own random weights (trained-looking batch-norm statistics) and channel ranges."""
+
+    def make(name: str, seed: int, ranges: dict[str, object], *, basis_sign: float = 1.0) -> Path:
+        torch.manual_seed(seed)
+        model = UNetEnsemble(TINY)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+        low = -0.5 - 0.1 * seed - 0.01 * np.arange(7, dtype=np.float32)
+        channel_ranges = np.stack([low, low + 1.5 + 0.1 * seed], axis=1)
+        return write_package(
+            tmp_path / name, name=name, version="1.0", state=model.state_dict(), unet=TINY,
+            channel_ranges=channel_ranges, sequence_json=default_sequence.to_json(),
+            basis=basis_sign * default_dictionary.basis[:, :4],
+            training={"created": "2026-01-01T00:00:00Z", "best_validation_mse": [float(seed)] * 7},
+            metrics={}, normalisation="p95", trained_protocols=ranges)
+
+    return make
+
+
+def outputs(path: Path) -> np.ndarray:
+    """The package's network outputs on a fixed input, rescaled to channel units."""
+    package = load_package(path)
+    generator = torch.Generator().manual_seed(7)
+    x = torch.rand(2, 1, 32, 32, generator=generator)
+    protocol = torch.rand(2, TINY.protocol_features, generator=generator)
+    with torch.no_grad():
+        y = package.model(x, protocol).numpy()
+    lo, hi = package.channel_ranges[:, 0], package.channel_ranges[:, 1]
+    return lo[None, :, None, None] + (hi - lo)[None, :, None, None] * (y + 1) / 2
+
+
+def test_channel_names_resolve_to_networks() -> None:
+    assert resolve_channels("SV1") == [0]
+    assert resolve_channels("sv4") == [5, 6]
+    assert resolve_channels("SV2_im") == [2]
+    with pytest.raises(PackageError, match="SV5"):
+        resolve_channels("SV5")
+
+
+def test_each_channel_gives_what_its_source_gave(make_package: MakePackage, tmp_path: Path) -> None:
+    a, b, c = make_package("a", 1, RANGES_A), make_package("b", 2, RANGES_B), make_package("c", 3, RANGES_A)
+    out = combine_packages(a, {"SV4": b, "SV2_re": c}, tmp_path / "ab", name="mixed", version="2.0")
+    got, from_a, from_b, from_c = outputs(out), outputs(a), outputs(b), outputs(c)
+    source = {0: from_a, 1: from_c, 2: from_a, 3: from_a, 4: from_a, 5: from_b, 6: from_b}
+    for k, expected in source.items():
+        np.testing.assert_allclose(got[:, k], expected[:, k], rtol=0, atol=1e-6, err_msg=f"channel {k}")
+    assert not np.allclose(from_a[:, 5], from_b[:, 5])  # the sources do differ where taken
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["name"] == "mixed" and manifest["version"] == "2.0"
+    combined = manifest["training"]["combined_from"]
+    assert [combined[n]["package"] for n in ("SV1_re", "SV2_re", "SV4_re", "SV4_im")] == \
+        ["a-1.0", "c-1.0", "b-1.0", "b-1.0"]
+    assert manifest["training"]["best_validation_mse"] == [1.0, 3.0, 1.0, 1.0, 1.0, 2.0, 2.0]
+    assert manifest["protocol_ranges"] == {"families": ["mprage", "tfe"], "field_strengths_t": [3.0],
+                                           "ti_ms": [700.0, 1000.0], "flip_angle_deg": [8.0, 10.0]}
+
+
+def test_sources_that_do_not_fit_are_refused(make_package: MakePackage, tmp_path: Path) -> None:
+    a = make_package("a", 1, RANGES_A)
+    flipped = make_package("flipped", 2, RANGES_A, basis_sign=-1.0)
+    with pytest.raises(PackageError, match="SVD basis"):
+        combine_packages(a, {"SV4": flipped}, tmp_path / "x", name="x", version="1")
+    with pytest.raises(PackageError, match="already taken"):
+        combine_packages(a, {"SV4": a, "SV4_im": a}, tmp_path / "y", name="y", version="1")
+    with pytest.raises(PackageError, match="already exists"):
+        combine_packages(a, {"SV4": a}, a, name="z", version="1")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_ranges_that_do_not_overlap_are_refused() -> None:
+    with pytest.raises(PackageError, match="ti_ms"):
+        intersect_ranges([{"families": ["mprage"], "field_strengths_t": [3.0], "ti_ms": [700.0, 800.0]},
+                          {"families": ["mprage"], "field_strengths_t": [3.0], "ti_ms": [900.0, 1000.0]}])
+    with pytest.raises(PackageError, match="families"):
+        intersect_ranges([{"families": ["mprage"], "field_strengths_t": [3.0]},
+                          {"families": ["tfe"], "field_strengths_t": [3.0]}])
+
+
+def test_cli_combine(make_package: MakePackage, tmp_path: Path) -> None:
+    a, b = make_package("a", 1, RANGES_A), make_package("b", 2, RANGES_B)
+    runner = CliRunner()
+    env = {"SYNTHMRF_MODELS_DIR": str(tmp_path / "models")}
+    result = runner.invoke(cli, ["model", "combine", str(a), "--take", f"SV3={b}", "--out", str(tmp_path / "m"),
+                                 "--name", "m", "--version", "1"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "SV3_re: b-1.0" in result.output and "SV1_re: a-1.0" in result.output
+    bad = runner.invoke(cli, ["model", "combine", str(a), "--take", "SV3", "--out", str(tmp_path / "n"),
+                              "--name", "n", "--version", "1"], env=env)
+    assert bad.exit_code == 2 and "CHANNEL=PACKAGE" in bad.output
+    missing = runner.invoke(cli, ["model", "combine", str(a), "--take", "SV3=nosuch-9.9", "--out",
+                                  str(tmp_path / "o"), "--name", "o", "--version", "1"], env=env)
+    assert missing.exit_code == 1 and "nosuch-9.9" in missing.output
+    assert not (tmp_path / "n").exists() and not (tmp_path / "o").exists()

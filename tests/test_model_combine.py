@@ -30,9 +30,10 @@ MakePackage = Callable[..., Path]
 def make_package(tmp_path: Path, default_sequence: Sequence, default_dictionary: Dictionary) -> MakePackage:
     """A tiny package with its own random weights (trained-looking batch-norm statistics) and channel ranges."""
 
-    def make(name: str, seed: int, ranges: dict[str, object], *, basis_sign: float = 1.0) -> Path:
+    def make(name: str, seed: int, ranges: dict[str, object], *, basis_sign: float = 1.0,
+             config: UNetConfig = TINY) -> Path:
         torch.manual_seed(seed)
-        model = UNetEnsemble(TINY)
+        model = UNetEnsemble(config)
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.2, 0.2)
@@ -40,7 +41,7 @@ def make_package(tmp_path: Path, default_sequence: Sequence, default_dictionary:
         low = -0.5 - 0.1 * seed - 0.01 * np.arange(7, dtype=np.float32)
         channel_ranges = np.stack([low, low + 1.5 + 0.1 * seed], axis=1)
         return write_package(
-            tmp_path / name, name=name, version="1.0", state=model.state_dict(), unet=TINY,
+            tmp_path / name, name=name, version="1.0", state=model.state_dict(), unet=config,
             channel_ranges=channel_ranges, sequence_json=default_sequence.to_json(),
             basis=basis_sign * default_dictionary.basis[:, :4],
             training={"created": "2026-01-01T00:00:00Z", "best_validation_mse": [float(seed)] * 7},
@@ -92,11 +93,15 @@ def test_sources_that_do_not_fit_are_refused(make_package: MakePackage, tmp_path
     flipped = make_package("flipped", 2, RANGES_A, basis_sign=-1.0)
     with pytest.raises(PackageError, match="SVD basis"):
         combine_packages(a, {"SV4": flipped}, tmp_path / "x", name="x", version="1")
+    wider = make_package("wider", 2, RANGES_A, config=UNetConfig(n_nets=7, base_filters=4, depth=4,
+                                                                  protocol_features=3))
+    with pytest.raises(PackageError, match="architecture"):
+        combine_packages(a, {"SV1": wider}, tmp_path / "w", name="w", version="1")
     with pytest.raises(PackageError, match="already taken"):
         combine_packages(a, {"SV4": a, "SV4_im": a}, tmp_path / "y", name="y", version="1")
     with pytest.raises(PackageError, match="already exists"):
         combine_packages(a, {"SV4": a}, a, name="z", version="1")
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert not any((tmp_path / n).exists() for n in ("x", "y", "w"))
 
 
 def test_ranges_that_do_not_overlap_are_refused() -> None:

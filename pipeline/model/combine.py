@@ -59,6 +59,12 @@ def _protocol_ranges(manifest: Mapping[str, object]) -> dict[str, object] | None
     return _dict_or_none(manifest.get("protocol_ranges"))
 
 
+def _config(manifest: Mapping[str, object]) -> UNetConfig:
+    arch = dict(manifest["architecture"])  # type: ignore[call-overload]
+    arch.pop("type", None)
+    return UNetConfig(**arch)
+
+
 def _label(manifest: Mapping[str, object]) -> str:
     return f"{manifest.get('name')}-{manifest.get('version')}"
 
@@ -67,7 +73,9 @@ def _check_same(base: Mapping[str, object], other: Mapping[str, object], base_w:
                 other_w: Mapping[str, torch.Tensor]) -> None:
     """Refuse a source that differs from the base in anything but its weights and channel ranges."""
     who = _label(other)
-    for key, what in (("architecture", "architecture"), ("sequence", "MRF sequence"), ("channels", "channels")):
+    if _config(base) != _config(other):
+        raise PackageError(f"{who}: its architecture differs from the base's ({_config(other)} vs {_config(base)})")
+    for key, what in (("sequence", "MRF sequence"), ("channels", "channels")):
         if base.get(key) != other.get(key):
             raise PackageError(f"{who}: its {what} differs from the base's ({other.get(key)} vs {base.get(key)})")
     norm = [dict(m.get("preprocessing", {})).get("normalisation") for m in (base, other)]  # type: ignore[call-overload]
@@ -109,7 +117,7 @@ def combine_packages(base_dir: Path, takes: Mapping[str, Path], out_dir: Path, *
     sources = {i: (_label(base), str(base["files"][WEIGHTS])) for i in range(len(CHANNEL_NAMES))}  # type: ignore[index]
     best_val = list(dict(base.get("training", {})).get("best_validation_mse", []))  # type: ignore[call-overload]
     protocol_docs = [r for r in [_protocol_ranges(base)] if r is not None]
-    n_nets = int(dict(base["architecture"])["n_nets"])  # type: ignore[call-overload]
+    n_nets = _config(base).n_nets
     taken: set[int] = set()
     for spec, source_dir in takes.items():
         nets = resolve_channels(spec)
@@ -133,8 +141,6 @@ def combine_packages(base_dir: Path, takes: Mapping[str, Path], out_dir: Path, *
         other_ranges = _protocol_ranges(other)
         if other_ranges is not None:
             protocol_docs.append(other_ranges)
-    arch = dict(base["architecture"])  # type: ignore[call-overload]
-    arch.pop("type", None)
     training = {
         **dict(base.get("training", {})),  # type: ignore[call-overload]
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -144,7 +150,7 @@ def combine_packages(base_dir: Path, takes: Mapping[str, Path], out_dir: Path, *
     }
     basis = weights.pop(BASIS_KEY).numpy()
     return write_package(
-        out_dir, name=name, version=version, state=weights, unet=UNetConfig(**arch), channel_ranges=ranges,
+        out_dir, name=name, version=version, state=weights, unet=_config(base), channel_ranges=ranges,
         sequence_json=(base_dir / SEQUENCE).read_text(), basis=basis, training=training, metrics={},
         normalisation=str(dict(base["preprocessing"])["normalisation"]),  # type: ignore[call-overload]
         trained_protocols=intersect_ranges(protocol_docs) if protocol_docs else None,

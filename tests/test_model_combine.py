@@ -117,9 +117,12 @@ def test_cli_combine(make_package: MakePackage, tmp_path: Path) -> None:
     a, b = make_package("a", 1, RANGES_A), make_package("b", 2, RANGES_B)
     runner = CliRunner()
     env = {"SYNTHMRF_MODELS_DIR": str(tmp_path / "models")}
+    (tmp_path / "metrics.json").write_text('{"ccc_t1": 0.99}')
     result = runner.invoke(cli, ["model", "combine", str(a), "--take", f"SV3={b}", "--out", str(tmp_path / "m"),
-                                 "--name", "m", "--version", "1"], env=env)
+                                 "--name", "m", "--version", "1", "--metrics", str(tmp_path / "metrics.json")],
+                           env=env)
     assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "m" / "manifest.json").read_text())["metrics"] == {"ccc_t1": 0.99}
     assert "SV3_re: b-1.0" in result.output and "SV1_re: a-1.0" in result.output
     bad = runner.invoke(cli, ["model", "combine", str(a), "--take", "SV3", "--out", str(tmp_path / "n"),
                               "--name", "n", "--version", "1"], env=env)

@@ -132,8 +132,11 @@ def _package_folder(ref: str) -> Path:
               help="New package folder (must not exist).")
 @click.option("--name", required=True, help="Model name of the new package.")
 @click.option("--version", "version", required=True, help="Model version of the new package.")
+@click.option("--metrics", "metrics_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="JSON object of evaluation metrics to record in the manifest.")
 @_clean_errors
-def combine(base: str, takes: tuple[str, ...], out_dir: Path, name: str, version: str) -> None:
+def combine(base: str, takes: tuple[str, ...], out_dir: Path, name: str, version: str,
+            metrics_path: Path | None) -> None:
     """Write a package made of BASE (a folder or NAME-VERSION) with some channels' networks taken from others.
 
     The seven networks are independent and each keeps its channel range, so every channel of the new package
@@ -152,7 +155,10 @@ def combine(base: str, takes: tuple[str, ...], out_dir: Path, name: str, version
         if channel.strip() in sources:
             raise click.BadParameter(f"{channel.strip()!r} is given twice", param_hint="--take")
         sources[channel.strip()] = _package_folder(ref.strip())
-    path = combine_packages(_package_folder(base), sources, out_dir, name=name, version=version)
+    metrics = json.loads(metrics_path.read_text()) if metrics_path else None
+    if metrics is not None and not isinstance(metrics, dict):
+        raise click.BadParameter("expected a JSON object", param_hint="--metrics")
+    path = combine_packages(_package_folder(base), sources, out_dir, name=name, version=version, metrics=metrics)
     manifest = json.loads((path / "manifest.json").read_text())
     for channel, entry in manifest["training"]["combined_from"].items():
         click.echo(f"{channel}: {entry['package']}")

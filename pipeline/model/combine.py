@@ -106,10 +106,11 @@ def intersect_ranges(ranges: Sequence[Mapping[str, object]]) -> dict[str, object
     return out
 
 
-def combine_packages(base_dir: Path, takes: Mapping[str, Path], out_dir: Path, *, name: str,
-                     version: str) -> Path:
+def combine_packages(base_dir: Path, takes: Mapping[str, Path], out_dir: Path, *, name: str, version: str,
+                     metrics: dict[str, object] | None = None) -> Path:
     """Write ``out_dir``: the package ``base_dir`` with the networks of each channel spec in ``takes`` (see
-    :func:`resolve_channels`) taken from the package folder it maps to. Returns ``out_dir``."""
+    :func:`resolve_channels`) taken from the package folder it maps to, and ``metrics`` (e.g. an evaluation of
+    the combination) in its manifest. Returns ``out_dir``."""
     if out_dir.exists():
         raise PackageError(f"{out_dir}: already exists")
     base, weights = _load(base_dir)
@@ -151,7 +152,7 @@ def combine_packages(base_dir: Path, takes: Mapping[str, Path], out_dir: Path, *
     basis = weights.pop(BASIS_KEY).numpy()
     return write_package(
         out_dir, name=name, version=version, state=weights, unet=_config(base), channel_ranges=ranges,
-        sequence_json=(base_dir / SEQUENCE).read_text(), basis=basis, training=training, metrics={},
+        sequence_json=(base_dir / SEQUENCE).read_text(), basis=basis, training=training, metrics=metrics or {},
         normalisation=str(dict(base["preprocessing"])["normalisation"]),  # type: ignore[call-overload]
         trained_protocols=intersect_ranges(protocol_docs) if protocol_docs else None,
         channel_signal=_dict_or_none(base.get("channel_signal")))

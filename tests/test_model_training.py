@@ -293,6 +293,9 @@ def test_evaluate_command_writes_the_report(tiny_dataset: Path, tmp_path: Path) 
                                                                    for m in ("true", "dl", "lookup")]
     markdown = (out / "summary.md").read_text()
     assert "## ds (" in markdown and "## ds-2 (" in markdown and "By acquisition group" in markdown
+    # One subject per split: no identifiability ceiling, and the report says why.
+    assert "Identifiability ceiling (`synthmrf phantom ceiling`): not computed: needs at least 2" in markdown
+    assert "2 subjects per field strength" in summary["datasets"]["ds"]["ceiling"]["not_computed"]
     for name in ("ds", "ds-2"):
         assert (out / name / "regional.csv").is_file() and (out / name / "summary.md").is_file()
         assert any(p.suffix == ".png" for p in (out / name).iterdir())

@@ -75,3 +75,24 @@ def test_cli_prints_the_oracles_for_a_split(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
     bad = CliRunner().invoke(cli, ["phantom", "ceiling", str(tmp_path)])
     assert bad.exit_code == 1 and "no 'subjects' list" in bad.output
+
+
+def test_the_evaluation_reports_the_ceiling_of_its_subjects(tmp_path: Path) -> None:
+    from training.evaluate_model import EvaluationSet, subjects_ceiling
+    from training.evaluation.datasets import DatasetInfo
+
+    subjects = entries(4, "independent") + [{**e, "id": f"sub-{i + 5:03d}", "acquisition": {"field_strength_t": 1.5}}
+                                            for i, e in enumerate(entries(1, "independent", seed=1))]
+    data = DatasetInfo(tmp_path, {"subjects": subjects, "split": {"test": [e["id"] for e in subjects]}})
+
+    def ceiling_of(ids: list[str]) -> object:
+        return subjects_ceiling(EvaluationSet(data, "ds", "test", tuple(ids), tmp_path / "cache"))
+
+    at_3t = ceiling_of([f"sub-{i:03d}" for i in range(1, 5)])
+    expected = identifiability_ceiling(subjects[:4])
+    assert not isinstance(at_3t, str) and at_3t.ccc_class_mean == expected.ccc_class_mean
+    # One 1.5 T subject would be its own class mean: no ceiling, and the reason says so.
+    assert "2 subjects per field strength" in str(ceiling_of([f"sub-{i:03d}" for i in range(1, 6)]))
+    bare = DatasetInfo(tmp_path, {"subjects": [{"id": "sub-001"}, {"id": "sub-002"}]})
+    assert "no tissue values" in str(subjects_ceiling(EvaluationSet(bare, "ds", "all", ("sub-001", "sub-002"),
+                                                                    tmp_path / "cache")))

@@ -35,6 +35,7 @@ from training.evaluation.datasets import DatasetInfo, normalised_volume
 from training.evaluation.protocols import markdown_table, protocol_group, protocol_table
 from training.evaluation.report import EvaluationSummary, evaluate_subjects
 from training.evaluation.subjects import SubjectMaps, load_phantom_subject
+from training.phantom.ceiling import Ceiling, identifiability_ceiling
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,20 @@ def _subject_maps(item: EvaluationSet, subject: str, package: ModelPackage, matc
     return replace(base, brain_mask=mask, maps={**base.maps, **maps})
 
 
+def subjects_ceiling(item: EvaluationSet) -> Ceiling | str:
+    """The identifiability ceiling (:mod:`training.phantom.ceiling`) of the set's subjects, or why there is none:
+    it needs phantom entries with tissue values and at least 2 subjects per field strength (the oracles are
+    in-sample: one subject would be its own class mean)."""
+    entries = [item.data.entries.get(subject, {}) for subject in item.subjects]
+    if not all(isinstance(e.get("tissues"), Mapping) and isinstance(e.get("acquisition"), Mapping) for e in entries):
+        return "not computed: the manifest has no tissue values for every subject (not a phantom dataset)"
+    fields = Counter(round(float(e["acquisition"]["field_strength_t"]) * 2) / 2  # type: ignore[index]
+                     for e in entries)
+    if min(fields.values()) < 2:
+        return "not computed: needs at least 2 subjects per field strength"
+    return identifiability_ceiling(entries)
+
+
 def check_sets(sets: Sequence[EvaluationSet], fitted_on: frozenset[Path]) -> None:
     """Raise ValueError unless ``sets`` have distinct names and some subjects each, none of them among the
     lookup baseline's training subjects ``fitted_on`` (resolved folders)."""
@@ -120,6 +135,7 @@ def evaluate_package(sets: Sequence[EvaluationSet], package: ModelPackage, out_d
     matcher = Matcher(dictionary)
     comparisons = COMPARISONS_WITH_TRUE if with_true else COMPARISONS
     summaries: dict[str, EvaluationSummary] = {}
+    ceilings = {item.name: subjects_ceiling(item) for item in sets}
     tables: list[pd.DataFrame] = []
     for item in sets:
         protocols = {subject: item.data.protocol(subject) for subject in item.subjects}
@@ -142,9 +158,10 @@ def evaluate_package(sets: Sequence[EvaluationSet], package: ModelPackage, out_d
              "summary_md": out_dir / "summary.md", "summary_json": out_dir / "summary.json"}
     by_protocol.to_csv(files["by_protocol_csv"], index=False)
     baseline.to_frame().to_csv(files["lookup_csv"], index=False)
-    files["summary_md"].write_text(_markdown(sets, summaries, by_protocol, package, baseline, slice_step, with_true))
-    files["summary_json"].write_text(json.dumps(_json(sets, summaries, by_protocol, package, baseline, slice_step,
-                                                      with_true), indent=1, allow_nan=False) + "\n")
+    files["summary_md"].write_text(_markdown(sets, summaries, by_protocol, ceilings, package, baseline, slice_step,
+                                             with_true))
+    files["summary_json"].write_text(json.dumps(_json(sets, summaries, by_protocol, ceilings, package, baseline,
+                                                      slice_step, with_true), indent=1, allow_nan=False) + "\n")
     logger.info("evaluation of %s on %d datasets written to %s", package.name, len(sets), out_dir)
     return EvaluationReport(summaries, by_protocol, files)
 
@@ -156,8 +173,29 @@ def _baseline_text(baseline: LookupBaseline) -> str:
             f"{len(baseline.fitted_on)} training subjects of {sources} (one lookup per field strength: {fields} T)")
 
 
+def _ceiling_text(ceiling: Ceiling | str) -> str:
+    if isinstance(ceiling, str):
+        return f"Identifiability ceiling (`synthmrf phantom ceiling`): {ceiling}."
+    cm, fit, err = ceiling.ccc_class_mean, ceiling.ccc_exact_t1_pd, ceiling.mdape_class_mean
+    return ("Identifiability ceiling of these subjects (`synthmrf phantom ceiling`; tissue values, in-sample): an "
+            f"oracle that knows only each tissue's class mean reaches CCC T1 {cm['t1_ms']:.3f} / T2 {cm['t2_ms']:.3f} "
+            f"(median error {err['t1_ms']:.1f} / {err['t2_ms']:.1f} %); one that also knows each tissue's exact T1 "
+            f"and PD, T1 {fit['t1_ms']:.3f} / T2 {fit['t2_ms']:.3f}. An MPRAGE carries next to no T2 weighting, so "
+            "no MPRAGE-only method can know T2 beyond the second oracle; regional CCC can exceed it through "
+            "partial volume, which the image shows.")
+
+
+def _ceiling_json(ceiling: Ceiling | str) -> dict[str, object]:
+    if isinstance(ceiling, str):
+        return {"not_computed": ceiling}
+    return {"ccc_class_mean": ceiling.ccc_class_mean, "ccc_exact_t1_pd": ceiling.ccc_exact_t1_pd,
+            "mdape_class_mean": ceiling.mdape_class_mean, "mdape_exact_t1_pd": ceiling.mdape_exact_t1_pd,
+            "n_pairs": ceiling.n_pairs}
+
+
 def _markdown(sets: Sequence[EvaluationSet], summaries: Mapping[str, EvaluationSummary], by_protocol: pd.DataFrame,
-              package: ModelPackage, baseline: LookupBaseline, slice_step: int, with_true: bool) -> str:
+              ceilings: Mapping[str, Ceiling | str], package: ModelPackage, baseline: LookupBaseline,
+              slice_step: int, with_true: bool) -> str:
     voxels = "brain of every axial slice with brain" if slice_step == 1 else \
         f"brain of one in every {slice_step} axial slices with brain"
     lines = [f"# Evaluation of {package.name}", "",
@@ -175,7 +213,8 @@ def _markdown(sets: Sequence[EvaluationSet], summaries: Mapping[str, EvaluationS
                   + (" The true rows are the method's own error (matching the subject's simulated MRF: partial "
                      "volume and dictionary), which a perfect network would reproduce; dl minus true is the "
                      "network's." if with_true else ""), "",
-                  markdown_table(table.drop(columns=["dataset", "n_outside_training"]))]
+                  markdown_table(table.drop(columns=["dataset", "n_outside_training"])), "",
+                  _ceiling_text(ceilings[item.name]), ""]
         outside = table.drop_duplicates("group")
         outside = outside[outside["n_outside_training"] > 0]
         if not outside.empty:
@@ -185,7 +224,8 @@ def _markdown(sets: Sequence[EvaluationSet], summaries: Mapping[str, EvaluationS
 
 
 def _json(sets: Sequence[EvaluationSet], summaries: Mapping[str, EvaluationSummary], by_protocol: pd.DataFrame,
-          package: ModelPackage, baseline: LookupBaseline, slice_step: int, with_true: bool) -> dict[str, object]:
+          ceilings: Mapping[str, Ceiling | str], package: ModelPackage, baseline: LookupBaseline, slice_step: int,
+          with_true: bool) -> dict[str, object]:
     def rows(table: pd.DataFrame) -> list[dict[str, object]]:
         return [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()}
                 for row in table.drop(columns=["dataset"]).to_dict(orient="records")]
@@ -195,5 +235,6 @@ def _json(sets: Sequence[EvaluationSet], summaries: Mapping[str, EvaluationSumma
                          "n_subjects": len(baseline.fitted_on), "field_strengths_t": list(baseline.tables)},
             "datasets": {item.name: {"root": str(item.data.root), "split": item.split,
                                      **summaries[item.name].to_dict(),
-                                     "by_protocol": rows(by_protocol[by_protocol["dataset"] == item.name])}
+                                     "by_protocol": rows(by_protocol[by_protocol["dataset"] == item.name]),
+                                     "ceiling": _ceiling_json(ceilings[item.name])}
                          for item in sets}}

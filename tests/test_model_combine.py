@@ -130,4 +130,9 @@ def test_cli_combine(make_package: MakePackage, tmp_path: Path) -> None:
     missing = runner.invoke(cli, ["model", "combine", str(a), "--take", "SV3=nosuch-9.9", "--out",
                                   str(tmp_path / "o"), "--name", "o", "--version", "1"], env=env)
     assert missing.exit_code == 1 and "nosuch-9.9" in missing.output
-    assert not (tmp_path / "n").exists() and not (tmp_path / "o").exists()
+    (tmp_path / "list.json").write_text("[1, 2]")
+    not_object = runner.invoke(cli, ["model", "combine", str(a), "--take", f"SV3={b}", "--out", str(tmp_path / "p"),
+                                     "--name", "p", "--version", "1", "--metrics", str(tmp_path / "list.json")],
+                               env=env)
+    assert not_object.exit_code == 2 and "expected a JSON object" in not_object.output
+    assert not any((tmp_path / n).exists() for n in ("n", "o", "p"))

@@ -117,6 +117,33 @@ def info(name: str | None) -> None:
     click.echo(json.dumps(_registry().info(name), indent=1))
 
 
+def _new_package_options(command: Callable[P, R]) -> Callable[P, R]:
+    """--out, --name, --version and --metrics of the commands that write a package."""
+    options = [
+        click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+                     help="New package folder (must not exist)."),
+        click.option("--name", required=True, help="Model name, e.g. synthmrf-phantom."),
+        click.option("--version", "version", required=True, help="Model version, e.g. 0.4."),
+        click.option("--metrics", "metrics_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     default=None, help="JSON object of evaluation metrics to record in the manifest."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _read_metrics(path: Path | None) -> dict[str, object] | None:
+    if path is None:
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"{path}: not valid JSON ({exc})", param_hint="--metrics") from exc
+    if not isinstance(metrics, dict):
+        raise click.BadParameter(f"{path}: expected a JSON object", param_hint="--metrics")
+    return metrics
+
+
 def _package_folder(ref: str) -> Path:
     """A package folder as given, or the folder of an installed or built-in NAME-VERSION."""
     return Path(ref) if Path(ref).is_dir() else _registry().path_of(ref)
@@ -128,12 +155,7 @@ def _package_folder(ref: str) -> Path:
               help="Take CHANNEL's networks from PACKAGE (a folder or NAME-VERSION). CHANNEL: SV1..SV4 (the "
                    "singular vector's real and imaginary networks) or one of SV1_re, SV2_re, SV2_im, ... "
                    "Repeatable.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="New package folder (must not exist).")
-@click.option("--name", required=True, help="Model name of the new package.")
-@click.option("--version", "version", required=True, help="Model version of the new package.")
-@click.option("--metrics", "metrics_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="JSON object of evaluation metrics to record in the manifest.")
+@_new_package_options
 @_clean_errors
 def combine(base: str, takes: tuple[str, ...], out_dir: Path, name: str, version: str,
             metrics_path: Path | None) -> None:
@@ -155,10 +177,8 @@ def combine(base: str, takes: tuple[str, ...], out_dir: Path, name: str, version
         if channel.strip() in sources:
             raise click.BadParameter(f"{channel.strip()!r} is given twice", param_hint="--take")
         sources[channel.strip()] = _package_folder(ref.strip())
-    metrics = json.loads(metrics_path.read_text()) if metrics_path else None
-    if metrics is not None and not isinstance(metrics, dict):
-        raise click.BadParameter("expected a JSON object", param_hint="--metrics")
-    path = combine_packages(_package_folder(base), sources, out_dir, name=name, version=version, metrics=metrics)
+    path = combine_packages(_package_folder(base), sources, out_dir, name=name, version=version,
+                            metrics=_read_metrics(metrics_path))
     manifest = json.loads((path / "manifest.json").read_text())
     for channel, entry in manifest["training"]["combined_from"].items():
         click.echo(f"{channel}: {entry['package']}")
@@ -170,17 +190,11 @@ def combine(base: str, takes: tuple[str, ...], out_dir: Path, name: str, version
               help="Training run folder (best.pt, metrics.csv, train_config.json).")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The dataset the run was trained on (its manifest names the sequence).")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="New package folder (must not exist).")
-@click.option("--name", required=True, help="Model name, e.g. synthmrf-phantom.")
-@click.option("--version", "version", required=True, help="Model version, e.g. 0.1.")
-@click.option("--metrics", "metrics_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="JSON of evaluation metrics to record (e.g. an evaluate summary.json).")
+@_new_package_options
 def package_model(run_dir: Path, data_dir: Path, out_dir: Path, name: str, version: str,
                   metrics_path: Path | None) -> None:
     """Package a training run's best weights with its channel ranges, SVD basis and provenance."""
     from training.packaging import package_run
 
-    metrics = json.loads(metrics_path.read_text()) if metrics_path else None
-    path = package_run(run_dir, data_dir, out_dir, name=name, version=version, metrics=metrics)
+    path = package_run(run_dir, data_dir, out_dir, name=name, version=version, metrics=_read_metrics(metrics_path))
     click.echo(f"wrote {path}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
 import signal
@@ -193,6 +194,9 @@ def legacy_multiframe(datasets: Sequence[Dataset], folder: Path) -> Series:
 # -- the fast, honest test processor -------------------------------------------------------------------------------
 
 
+PROCESSOR_DELAYING_IN = "test processor: delaying in process"  # logged with the worker's PID
+
+
 @dataclass(frozen=True)
 class FastResult:
     dicom_files: list[Path]
@@ -209,6 +213,8 @@ def fast_processor(input_dir: Path, out_dir: Path, *, model: str | None = None) 
     BaseException would.
     """
     delay = float(os.environ.get("NODE_TEST_PROCESSOR_DELAY_S", "0"))
+    if delay:
+        logging.getLogger(__name__).info("%s %d", PROCESSOR_DELAYING_IN, os.getpid())
     try:
         time.sleep(delay)
     except BaseException:

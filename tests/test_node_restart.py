@@ -10,7 +10,17 @@ from pathlib import Path
 
 import psutil
 import pytest
-from node_support import TOOL_ENV, ResultSink, Series, Serve, free_port, make_series, run_tool, wait_until
+from node_support import (
+    PROCESSOR_DELAYING_IN,
+    TOOL_ENV,
+    ResultSink,
+    Series,
+    Serve,
+    free_port,
+    make_series,
+    run_tool,
+    wait_until,
+)
 from pynetdicom import AE
 
 from dicom_node.node.job_store import Job, JobState, JobStore
@@ -114,6 +124,9 @@ port = {sink.port}
     assert again.interruptions == 1
     assert not psutil.pid_exists(worker.pid) or worker.status() == psutil.STATUS_ZOMBIE
     [replacement] = worker_processes(node)
+    # the job's second run is inside the processor (where it swallows an interrupt), not still being set up
+    wait_until(lambda: f"{PROCESSOR_DELAYING_IN} {replacement.pid}" in log.read_text(), 60,
+               what="the second run to reach the processor")
 
     # 3. SIGTERM while the job runs (the worker also gets the parent-death signal of the thread that started it):
     #    the worker interrupts the job again when the first interrupt is swallowed, hands it back, and the node

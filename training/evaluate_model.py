@@ -35,7 +35,7 @@ from training.evaluation.datasets import DatasetInfo, normalised_volume
 from training.evaluation.protocols import markdown_table, protocol_group, protocol_table
 from training.evaluation.report import EvaluationSummary, evaluate_subjects
 from training.evaluation.subjects import SubjectMaps, load_phantom_subject
-from training.phantom.ceiling import Ceiling, identifiability_ceiling
+from training.phantom.ceiling import Ceiling, field_strength_of, identifiability_ceiling
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +94,12 @@ def subjects_ceiling(item: EvaluationSet) -> Ceiling | str:
     it needs phantom entries with tissue values and at least 2 subjects per field strength (the oracles are
     in-sample: one subject would be its own class mean)."""
     entries = [item.data.entries.get(subject, {}) for subject in item.subjects]
-    if not all(isinstance(e.get("tissues"), Mapping) and isinstance(e.get("acquisition"), Mapping) for e in entries):
+    if not all(isinstance(e.get("tissues"), Mapping) for e in entries):
         return "not computed: the manifest has no tissue values for every subject (not a phantom dataset)"
-    fields = Counter(round(float(e["acquisition"]["field_strength_t"]) * 2) / 2  # type: ignore[index]
-                     for e in entries)
+    try:
+        fields = Counter(field_strength_of(e) for e in entries)
+    except ValueError as exc:
+        return f"not computed: {exc}"
     if min(fields.values()) < 2:
         return "not computed: needs at least 2 subjects per field strength"
     return identifiability_ceiling(entries)

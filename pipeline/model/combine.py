@@ -23,11 +23,12 @@ from pipeline.model.package import (
     SEQUENCE,
     WEIGHTS,
     PackageError,
+    manifest_unet_config,
     read_manifest,
     verify_checksums,
     write_package,
 )
-from pipeline.model.unet import UNetConfig, network_slice
+from pipeline.model.unet import network_slice
 from pipeline.mrf.coefficients import CHANNEL_NAMES
 from pipeline.protocol import RANGED_FIELDS
 
@@ -59,12 +60,6 @@ def _protocol_ranges(manifest: Mapping[str, object]) -> dict[str, object] | None
     return _dict_or_none(manifest.get("protocol_ranges"))
 
 
-def _config(manifest: Mapping[str, object]) -> UNetConfig:
-    arch = dict(manifest["architecture"])  # type: ignore[call-overload]
-    arch.pop("type", None)
-    return UNetConfig(**arch)
-
-
 def _label(manifest: Mapping[str, object]) -> str:
     return f"{manifest.get('name')}-{manifest.get('version')}"
 
@@ -73,8 +68,9 @@ def _check_same(base: Mapping[str, object], other: Mapping[str, object], base_w:
                 other_w: Mapping[str, torch.Tensor]) -> None:
     """Refuse a source that differs from the base in anything but its weights and channel ranges."""
     who = _label(other)
-    if _config(base) != _config(other):
-        raise PackageError(f"{who}: its architecture differs from the base's ({_config(other)} vs {_config(base)})")
+    theirs, ours = manifest_unet_config(other), manifest_unet_config(base)
+    if theirs != ours:
+        raise PackageError(f"{who}: its architecture differs from the base's ({theirs} vs {ours})")
     for key, what in (("sequence", "MRF sequence"), ("channels", "channels")):
         if base.get(key) != other.get(key):
             raise PackageError(f"{who}: its {what} differs from the base's ({other.get(key)} vs {base.get(key)})")
@@ -118,7 +114,7 @@ def combine_packages(base_dir: Path, takes: Mapping[str, Path], out_dir: Path, *
     sources = {i: (_label(base), str(base["files"][WEIGHTS])) for i in range(len(CHANNEL_NAMES))}  # type: ignore[index]
     best_val = list(dict(base.get("training", {})).get("best_validation_mse", []))  # type: ignore[call-overload]
     protocol_docs = [r for r in [_protocol_ranges(base)] if r is not None]
-    n_nets = _config(base).n_nets
+    config = manifest_unet_config(base)
     taken: set[int] = set()
     for spec, source_dir in takes.items():
         nets = resolve_channels(spec)
@@ -131,7 +127,7 @@ def combine_packages(base_dir: Path, takes: Mapping[str, Path], out_dir: Path, *
             if key == BASIS_KEY or not tensor.ndim:
                 continue
             for k in nets:
-                part = network_slice(tensor, k, n_nets)
+                part = network_slice(tensor, k, config.n_nets)
                 tensor[part] = other_w[key][part]
         other_val = list(dict(other.get("training", {})).get("best_validation_mse", []))  # type: ignore[call-overload]
         for k in nets:
@@ -151,7 +147,7 @@ def combine_packages(base_dir: Path, takes: Mapping[str, Path], out_dir: Path, *
     }
     basis = weights.pop(BASIS_KEY).numpy()
     return write_package(
-        out_dir, name=name, version=version, state=weights, unet=_config(base), channel_ranges=ranges,
+        out_dir, name=name, version=version, state=weights, unet=config, channel_ranges=ranges,
         sequence_json=(base_dir / SEQUENCE).read_text(), basis=basis, training=training, metrics=metrics or {},
         normalisation=str(dict(base["preprocessing"])["normalisation"]),  # type: ignore[call-overload]
         trained_protocols=intersect_ranges(protocol_docs) if protocol_docs else None,

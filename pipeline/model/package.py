@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,13 +170,18 @@ def verify_checksums(path: Path, manifest: dict[str, object]) -> None:
             raise PackageError(f"{file}: checksum mismatch (expected {expected[:16]}..., got {actual[:16]}...)")
 
 
+def manifest_unet_config(manifest: Mapping[str, object]) -> UNetConfig:
+    """The network configuration a manifest's ``architecture`` names (keys it lacks take their defaults)."""
+    arch = dict(manifest["architecture"])  # type: ignore[call-overload]
+    arch.pop("type", None)
+    return UNetConfig(**arch)
+
+
 def load_package(path: Path, *, device: str | torch.device = "cpu") -> ModelPackage:
     """Load and verify a package folder; the model comes back in eval mode, float32, on ``device``."""
     manifest = read_manifest(path)
     verify_checksums(path, manifest)
-    arch = dict(manifest["architecture"])  # type: ignore[call-overload]
-    arch.pop("type", None)
-    config = UNetConfig(**arch)
+    config = manifest_unet_config(manifest)
     tensors = load_file(str(path / WEIGHTS))
     basis = tensors.pop(BASIS_KEY).numpy()
     model = UNetEnsemble(config)

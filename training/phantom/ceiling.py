@@ -58,7 +58,8 @@ class Ceiling:
     n_pairs: int
 
 
-def _field(entry: Mapping[str, object]) -> float:
+def field_strength_of(entry: Mapping[str, object]) -> float:
+    """The entry's field strength in T, to the nearest 0.5 T (the oracles' grouping)."""
     acquisition = entry.get("acquisition")
     if not isinstance(acquisition, Mapping) or "field_strength_t" not in acquisition:
         raise ValueError(f"{entry.get('id')}: no acquisition.field_strength_t in its entry")
@@ -87,9 +88,9 @@ def identifiability_ceiling(entries: Sequence[Mapping[str, object]],
     truth: dict[str, list[float]] = {q: [] for q in QUANTITIES}
     by_class: dict[str, list[float]] = {q: [] for q in QUANTITIES}
     by_fit: dict[str, list[float]] = {q: [] for q in QUANTITIES}
-    fields = sorted({_field(e) for e in entries})
+    fields = sorted({field_strength_of(e) for e in entries})
     for field in fields:
-        group = [e for e in entries if _field(e) == field]
+        group = [e for e in entries if field_strength_of(e) == field]
         for tissue in tissues:
             values = {key: np.array([float(_tissue(e, tissue)[key]) for e in group])
                       for key in (*QUANTITIES, "pd")}

@@ -1,4 +1,7 @@
-"""``synthmrf model combine``: a package whose channels come from several packages give what their sources gave."""
+"""``synthmrf model combine`` and ``model interpolate``: packages made of other packages.
+
+A combined package's channels give what their sources gave; an interpolated package's weights lie on the line
+between its two sources."""
 
 from __future__ import annotations
 
@@ -10,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.numpy import load_file
 
 from dicom_node.cli import cli
-from pipeline.model.combine import combine_packages, intersect_ranges, resolve_channels
+from pipeline.model.combine import combine_packages, interpolate_packages, intersect_ranges, resolve_channels
 from pipeline.model.package import PackageError, load_package, write_package
 from pipeline.model.unet import UNetConfig, UNetEnsemble
 from pipeline.mrf.dictionary import Dictionary
@@ -31,15 +35,16 @@ def make_package(tmp_path: Path, default_sequence: Sequence, default_dictionary:
     """A tiny package with its own random weights (trained-looking batch-norm statistics) and channel ranges."""
 
     def make(name: str, seed: int, ranges: dict[str, object], *, basis_sign: float = 1.0,
-             config: UNetConfig = TINY) -> Path:
+             config: UNetConfig = TINY, range_seed: int | None = None) -> Path:
         torch.manual_seed(seed)
         model = UNetEnsemble(config)
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
-        low = -0.5 - 0.1 * seed - 0.01 * np.arange(7, dtype=np.float32)
-        channel_ranges = np.stack([low, low + 1.5 + 0.1 * seed], axis=1)
+        r = seed if range_seed is None else range_seed
+        low = -0.5 - 0.1 * r - 0.01 * np.arange(7, dtype=np.float32)
+        channel_ranges = np.stack([low, low + 1.5 + 0.1 * r], axis=1)
         return write_package(
             tmp_path / name, name=name, version="1.0", state=model.state_dict(), unet=config,
             channel_ranges=channel_ranges, sequence_json=default_sequence.to_json(),
@@ -136,3 +141,63 @@ def test_cli_combine(make_package: MakePackage, tmp_path: Path) -> None:
                                env=env)
     assert not_object.exit_code == 2 and "expected a JSON object" in not_object.output
     assert not any((tmp_path / n).exists() for n in ("n", "o", "p"))
+
+
+def _weights(path: Path) -> dict[str, np.ndarray]:
+    return load_file(str(path / "weights.safetensors"))
+
+
+def test_interpolation_lies_between_its_sources(make_package: MakePackage, tmp_path: Path) -> None:
+    a = make_package("a", 1, RANGES_A)
+    b = make_package("b", 2, RANGES_B, range_seed=1)  # a fine-tune keeps its parent's channel ranges
+    ends = [interpolate_packages(a, b, alpha, tmp_path / f"i{alpha}", name="i", version=str(alpha))
+            for alpha in (0.0, 1.0)]
+    np.testing.assert_array_equal(outputs(ends[0]), outputs(a))
+    np.testing.assert_array_equal(outputs(ends[1]), outputs(b))
+    mid = interpolate_packages(a, b, 0.25, tmp_path / "mid", name="mid", version="0.25")
+    wa, wb, wm = _weights(a), _weights(b), _weights(mid)
+    assert wa.keys() == wm.keys()
+    for key, value in wa.items():
+        if value.dtype == np.float16:  # stored fp16: the float32 mix, rounded once
+            expected = (0.75 * value.astype(np.float32) + 0.25 * wb[key].astype(np.float32)).astype(np.float16)
+            np.testing.assert_array_equal(wm[key], expected, err_msg=key)
+        else:  # the SVD basis (fp32) and integer counters are A's
+            np.testing.assert_array_equal(wm[key], value, err_msg=key)
+    got = outputs(mid)
+    assert not np.allclose(got, outputs(a)) and not np.allclose(got, outputs(b))
+    manifest = json.loads((mid / "manifest.json").read_text())
+    assert manifest["training"]["interpolated"]["alpha"] == 0.25
+    assert manifest["training"]["interpolated"]["to"]["package"] == "b-1.0"
+    assert manifest["protocol_ranges"] == {"families": ["ir-fspgr", "mprage", "tfe"], "field_strengths_t": [1.5, 3.0],
+                                           "ti_ms": [400.0, 1100.0], "flip_angle_deg": [7.0, 13.0]}
+
+
+def test_interpolation_refuses_what_cannot_be_mixed(make_package: MakePackage, tmp_path: Path) -> None:
+    a, other_ranges = make_package("a", 1, RANGES_A), make_package("b", 2, RANGES_A)
+    with pytest.raises(PackageError, match="channel ranges differ"):
+        interpolate_packages(a, other_ranges, 0.5, tmp_path / "x", name="x", version="1")
+    flipped = make_package("flipped", 3, RANGES_A, basis_sign=-1.0, range_seed=1)
+    with pytest.raises(PackageError, match="SVD basis"):
+        interpolate_packages(a, flipped, 0.5, tmp_path / "y", name="y", version="1")
+    with pytest.raises(PackageError, match="alpha"):
+        interpolate_packages(a, a, 1.5, tmp_path / "z", name="z", version="1")
+    with pytest.raises(PackageError, match="already exists"):
+        interpolate_packages(a, a, 0.5, a, name="w", version="1")
+    assert not any((tmp_path / n).exists() for n in ("x", "y", "z"))
+
+
+def test_cli_interpolate(make_package: MakePackage, tmp_path: Path) -> None:
+    a, b = make_package("a", 1, RANGES_A), make_package("b", 2, RANGES_B, range_seed=1)
+    runner = CliRunner()
+    env = {"SYNTHMRF_MODELS_DIR": str(tmp_path / "models")}
+    result = runner.invoke(cli, ["model", "interpolate", str(a), str(b), "--alpha", "0.5", "--out",
+                                 str(tmp_path / "m"), "--name", "m", "--version", "1"], env=env)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "m" / "manifest.json").read_text())["training"]["interpolated"]["alpha"] == 0.5
+    bad = runner.invoke(cli, ["model", "interpolate", str(a), str(b), "--alpha", "2", "--out", str(tmp_path / "n"),
+                              "--name", "n", "--version", "1"], env=env)
+    assert bad.exit_code == 2 and "alpha" in bad.output
+    refused = runner.invoke(cli, ["model", "interpolate", str(a), str(make_package("c", 3, RANGES_A)), "--out",
+                                  str(tmp_path / "o"), "--name", "o", "--version", "1"], env=env)
+    assert refused.exit_code == 1 and "channel ranges differ" in refused.output
+    assert not any((tmp_path / n).exists() for n in ("n", "o"))

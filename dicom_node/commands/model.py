@@ -185,6 +185,30 @@ def combine(base: str, takes: tuple[str, ...], out_dir: Path, name: str, version
     click.echo(f"wrote {path}")
 
 
+@model.command("interpolate")
+@click.argument("model_a", metavar="A")
+@click.argument("model_b", metavar="B")
+@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+              help="Weight of B: every weight is (1 - alpha) A + alpha B.")
+@_new_package_options
+@_clean_errors
+def interpolate(model_a: str, model_b: str, alpha: float, out_dir: Path, name: str, version: str,
+                metrics_path: Path | None) -> None:
+    """Write a package whose weights lie between A and B (folders or NAME-VERSION), e.g. a model and its fine-tune.
+
+    Weight-space ensembling (WiSE-FT, Wortsman et al. 2022): a fine-tune can gain on its training world and lose
+    on data it never saw; the weights between it and its parent often keep much of the gain and recover the
+    robustness. A and B must agree in architecture, MRF sequence, SVD basis, input normalisation and channel
+    ranges (a fine-tune keeps its parent's). The protocol ranges are the union of theirs. Evaluate the result
+    ('synthmrf evaluate --model DIR') on data neither trained on before installing it.
+    """
+    from pipeline.model.combine import interpolate_packages
+
+    path = interpolate_packages(_package_folder(model_a), _package_folder(model_b), alpha, out_dir, name=name,
+                                version=version, metrics=_read_metrics(metrics_path))
+    click.echo(f"wrote {path}")
+
+
 @model.command("package")
 @click.option("--run-dir", "run_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Training run folder (best.pt, metrics.csv, train_config.json).")

@@ -1,4 +1,6 @@
-"""A package whose networks come from several packages of one architecture, sequence and basis.
+"""Packages made of other packages of one architecture, sequence and basis: networks lifted from several
+packages (:func:`combine_packages`), or the weights of a model and its fine-tune interpolated
+(:func:`interpolate_packages`).
 
 The seven networks share no weights (grouped convolutions, :mod:`pipeline.model.unet`), and each one's
 output is rescaled by its own channel range, so a network can be lifted out of one package into another
@@ -6,6 +8,12 @@ unchanged: the combined package gives, channel for channel, exactly what its sou
 each network's best validation epoch on its own, so a run may improve some channels and worsen others;
 combining keeps the better ones. The manifest names the source of every channel and, as the protocol ranges
 a series is judged against, the intersection of the sources' ranges: every network has seen them.
+
+Interpolation is weight-space ensembling (WiSE-FT, Wortsman et al., CVPR 2022): fine-tuning on one world can
+gain there and lose on data it never saw; the weights on the line between a model and its fine-tune often
+keep much of the gain and recover the robustness. It needs the same channel ranges (the fine-tune keeps its
+parent's, ``synthmrf train --init-from``), since the networks' outputs are scaled by them. Its protocol
+ranges are the union of the two: the fine-tune descends from the other model, so the lineage saw both.
 """
 
 from __future__ import annotations
@@ -153,3 +161,53 @@ def combine_packages(base_dir: Path, takes: Mapping[str, Path], out_dir: Path, *
         trained_protocols=intersect_ranges(protocol_docs) if protocol_docs else None,
         channel_signal=_dict_or_none(base.get("channel_signal")))
 
+
+
+def _union_ranges(ranges: Sequence[Mapping[str, object]]) -> dict[str, object]:
+    """The protocol ranges any of ``ranges`` covers (families and fields of any; numeric hulls)."""
+    out: dict[str, object] = {}
+    for key in ("families", "field_strengths_t"):
+        out[key] = sorted(set().union(*(set(r.get(key, [])) for r in ranges)))  # type: ignore[call-overload]
+    for name in RANGED_FIELDS[1:]:
+        spans = [r.get(name) for r in ranges]
+        if all(isinstance(s, list) and len(s) == 2 for s in spans):
+            out[name] = [min(float(s[0]) for s in spans), max(float(s[1]) for s in spans)]  # type: ignore[index]
+    return out
+
+
+def interpolate_packages(a_dir: Path, b_dir: Path, alpha: float, out_dir: Path, *, name: str, version: str,
+                         metrics: dict[str, object] | None = None) -> Path:
+    """Write ``out_dir``: every weight ``(1 - alpha) * A + alpha * B`` (in float32, stored fp16) of the packages
+    ``a_dir`` (e.g. a model) and ``b_dir`` (e.g. its fine-tune), which must agree in everything but their
+    weights, including channel ranges; ``alpha`` in [0, 1]. Returns ``out_dir``."""
+    if not 0.0 <= alpha <= 1.0:
+        raise PackageError(f"alpha: expected a value in [0, 1], got {alpha}")
+    if out_dir.exists():
+        raise PackageError(f"{out_dir}: already exists")
+    a, a_w = _load(a_dir)
+    b, b_w = _load(b_dir)
+    _check_same(a, b, a_w, b_w)
+    if not np.array_equal(np.asarray(a["channel_ranges"]), np.asarray(b["channel_ranges"])):
+        raise PackageError(f"{_label(b)}: its channel ranges differ from {_label(a)}'s, so their networks' outputs "
+                           "are scaled differently and their weights cannot be interpolated")
+    for key, tensor in a_w.items():
+        if tensor.shape != b_w[key].shape:
+            raise PackageError(f"{_label(b)}: tensor {key} has shape {tuple(b_w[key].shape)}, "
+                               f"{_label(a)}'s {tuple(tensor.shape)}")
+    state = {key: (1.0 - alpha) * tensor.float() + alpha * b_w[key].float() if tensor.is_floating_point()
+             else tensor for key, tensor in a_w.items() if key != BASIS_KEY}
+    training = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "interpolated": {"alpha": alpha, "from": {"package": _label(a), "weights_sha256": str(a["files"][WEIGHTS])},  # type: ignore[index]
+                         "to": {"package": _label(b), "weights_sha256": str(b["files"][WEIGHTS])}},  # type: ignore[index]
+        "from_training": dict(a.get("training", {})),  # type: ignore[call-overload]
+        "to_training": dict(b.get("training", {})),  # type: ignore[call-overload]
+    }
+    protocol_docs = [r for r in (_protocol_ranges(a), _protocol_ranges(b)) if r is not None]
+    return write_package(
+        out_dir, name=name, version=version, state=state, unet=manifest_unet_config(a),
+        channel_ranges=np.asarray(a["channel_ranges"], dtype=np.float32), sequence_json=(a_dir / SEQUENCE).read_text(),
+        basis=a_w[BASIS_KEY].numpy(), training=training, metrics=metrics or {},
+        normalisation=str(dict(a["preprocessing"])["normalisation"]),  # type: ignore[call-overload]
+        trained_protocols=_union_ranges(protocol_docs) if protocol_docs else None,
+        channel_signal=_dict_or_none(a.get("channel_signal")))

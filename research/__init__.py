@@ -1,0 +1,1 @@
+"""Research tools kept with the repository (not part of the installed package)."""

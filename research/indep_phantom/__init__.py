@@ -1,0 +1,1 @@
+"""Independent MPRAGE phantom generator (Colin27-based evaluation datasets); see README.md."""

@@ -158,13 +158,18 @@ def test_end_to_end_dicom_in_maps_out(subject: Path, package: ModelPackage, tmp_
     with capsys.disabled():
         print("\nregional medians vs truth:", "; ".join(report))
 
-    # Synthetic contrasts: the tissue ordering radiologists expect, and the contrast the phantom's own truth maps give
-    # through the same equations (on this 2.5 mm input CSF's truth carries partial volume: its T1 is about 2800 ms,
-    # so FLAIR suppresses CSF without nulling it and DIR leaves some of it), and a derived series each.
+    # Synthetic contrasts: exactly the contrast equations applied to the saved maps; the tissue ordering radiologists
+    # expect; near the contrast the phantom's own truth maps give through the same equations (on this 2.5 mm input
+    # CSF's truth carries partial volume: its T1 is about 2800 ms, so FLAIR suppresses CSF without nulling it and DIR
+    # leaves some of it; how close depends on the model's partial-volume CSF, hence the maps' loose bound); and a
+    # derived series each.
     truth_maps = {q: load_volume(subject / f"{q}.nii.gz")[0] for q in ("T1", "T2", "PD")}
+    our_maps = {q: load_volume(out / f"{q}.nii.gz")[0] for q in ("T1", "T2", "PD")}
     contrast, expected = {}, {}
     for c in DEFAULT_CONTRASTS:
         image, affine = load_volume(out / f"synthetic_{c.name}.nii.gz")
+        np.testing.assert_allclose(image, synthesise(c, our_maps["T1"], our_maps["T2"], our_maps["PD"]),
+                                   rtol=1e-5, atol=1e-7, err_msg=c.name)
         on_truth = resample_to_grid(image, affine, labels.shape, truth_affine, order=0)
         from_truth = synthesise(c, truth_maps["T1"], truth_maps["T2"], truth_maps["PD"])
         voxels = {t: tissues[t] & (on_truth > 0) for t in ("WM", "GM", "CSF")}
@@ -176,7 +181,7 @@ def test_end_to_end_dicom_in_maps_out(subject: Path, package: ModelPackage, tmp_
     assert contrast["DIR"]["GM"] > max(contrast["DIR"]["WM"], contrast["DIR"]["CSF"]), contrast["DIR"]
     for name, ours, truth_of in (("FLAIR", "CSF", "WM"), ("DIR", "GM", "CSF")):
         ratio, true_ratio = (d[name][ours] / d[name][truth_of] for d in (contrast, expected))
-        assert abs(ratio / true_ratio - 1) < 0.15, (name, contrast[name], expected[name])
+        assert abs(ratio / true_ratio - 1) < 0.25, (name, contrast[name], expected[name])
     for name in ("T1w", "T2w", "PDw", "FLAIR", "DIR"):
         assert len([p for p in result.dicom_files if p.name.startswith(f"{name}_mr_")]) == source_mprage.shape[2]
 

@@ -124,8 +124,26 @@ def _gmm_1d(x: np.ndarray, means: np.ndarray, n_iter: int = 60) -> tuple[np.ndar
     return means[order], sd[order], w[order]
 
 
-def build_template(cache: Path) -> dict[str, np.ndarray]:
-    """Colin27 compartment fractions, brain mask, depth and pose centre (MNI grid); cached in ``cache``."""
+def _mni152_brain(bet: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """WM, GM and CSF fractions and the brain mask of synthmrf's own template (nilearn's MNI152 2009, which world v2
+    warps) on the Colin27 grid, as world v2 reads it: CSF = mask - GM - WM, GM + WM renormalised where above 1. For
+    the anatomy ablation only: with it, only the brain's anatomy is no longer independent of our simulator."""
+    from nilearn import datasets, image
+
+    ref = nib.Nifti1Image(bet, affine)
+    gm, wm = (np.clip(image.resample_to_img(t, ref, interpolation="linear").get_fdata(), 0, 1)
+              for t in (datasets.load_mni152_gm_template(resolution=1), datasets.load_mni152_wm_template(resolution=1)))
+    brain = image.resample_to_img(datasets.load_mni152_brain_mask(resolution=1), ref,
+                                  interpolation="nearest").get_fdata() > 0
+    scale = np.maximum(gm + wm, 1.0)
+    wm, gm = (np.where(brain, f / scale, 0).astype(np.float32) for f in (wm, gm))
+    csf = np.where(brain, np.clip(1 - wm - gm, 0, 1), 0).astype(np.float32)
+    return wm, gm, csf, brain
+
+
+def build_template(cache: Path, anatomy: str = "colin27") -> dict[str, np.ndarray]:
+    """Colin27 compartment fractions, brain mask, depth and pose centre (MNI grid); cached in ``cache``.
+    ``anatomy="mni152"``: the brain's WM / GM / CSF from our own template instead (:func:`_mni152_brain`)."""
     if cache.is_file():
         return dict(np.load(cache))
     t0 = time.time()
@@ -153,6 +171,8 @@ def build_template(cache: Path) -> dict[str, np.ndarray]:
     gm = np.where(low, a, 1 - b)
     csf = np.where(low, 1 - a, 0)
     wm, gm, csf = (np.where(brain, f, 0).astype(np.float32) for f in (wm, gm, csf))
+    if anatomy == "mni152":
+        wm, gm, csf, brain = _mni152_brain(bet, affine)
     # Deep grey nuclei from AAL (caudate 71-72, putamen 73-74, pallidum 75-76, thalamus 77-78).
     deep_mask = np.isin(aal, np.arange(71, 79))
     deep_w = np.clip(ndimage.gaussian_filter(deep_mask.astype(np.float32), 1.0) * 1.5, 0, 1)
@@ -780,11 +800,18 @@ def main() -> None:
     ap.add_argument("--only", type=int, nargs="*", help="subject indices (0-based) to (re)make")
     ap.add_argument("--no-kspace-weighting", dest="kspace_weighting", action="store_false",
                     help="ablation: every partition k-space line gets the centre echo's signal (no readout blurring)")
-    ap.add_argument("--template-cache", type=Path, default=DEFAULT_CACHE,
-                    help=f"Colin27 template cache, built on first use (default: {DEFAULT_CACHE})")
+    ap.add_argument("--template-cache", type=Path, default=None,
+                    help=f"template cache, built on first use (default: {DEFAULT_CACHE}, with -mni152 before the "
+                         "suffix for --anatomy mni152)")
+    ap.add_argument("--anatomy", choices=("colin27", "mni152"), default="colin27",
+                    help="ablation: mni152 renders the brain from synthmrf's own template's tissue maps (the rest of "
+                         "the head stays Colin27's)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    tpl = build_template(args.template_cache)
+    if args.template_cache is None:
+        args.template_cache = (DEFAULT_CACHE if args.anatomy == "colin27" else
+                               DEFAULT_CACHE.with_name(DEFAULT_CACHE.stem + "-mni152.npz"))
+    tpl = build_template(args.template_cache, args.anatomy)
     if "labels" not in tpl:
         tpl["labels"] = region_labels_for(tpl["fractions"], tpl["brain"], tpl["affine"])
         np.savez(args.template_cache, **tpl)  # type: ignore[arg-type]  # numpy's stub: allow_pickle

@@ -91,6 +91,11 @@ def test_the_evaluation_reports_the_ceiling_of_its_subjects(tmp_path: Path) -> N
     at_3t = ceiling_of([f"sub-{i:03d}" for i in range(1, 5)])
     expected = identifiability_ceiling(subjects[:4])
     assert not isinstance(at_3t, str) and at_3t.ccc_class_mean == expected.ccc_class_mean
+    # The report says when the exact-T1/PD oracle had too few subjects to fit and is the class mean again.
+    from training.evaluate_model import _ceiling_text
+
+    assert "falls back to the class mean" in _ceiling_text(at_3t)
+    assert "falls back" not in _ceiling_text(identifiability_ceiling(entries(40, "line")))
     # One 1.5 T subject would be its own class mean: no ceiling, and the reason says so.
     assert "2 subjects per field strength" in str(ceiling_of([f"sub-{i:03d}" for i in range(1, 6)]))
     bare = DatasetInfo(tmp_path, {"subjects": [{"id": "sub-001"}, {"id": "sub-002"}]})

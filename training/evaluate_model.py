@@ -35,7 +35,7 @@ from training.evaluation.datasets import DatasetInfo, normalised_volume
 from training.evaluation.protocols import markdown_table, protocol_group, protocol_table
 from training.evaluation.report import EvaluationSummary, evaluate_subjects
 from training.evaluation.subjects import SubjectMaps, load_phantom_subject
-from training.phantom.ceiling import Ceiling, field_strength_of, identifiability_ceiling
+from training.phantom.ceiling import MIN_SUBJECTS_FOR_FIT, Ceiling, field_strength_of, identifiability_ceiling
 
 logger = logging.getLogger(__name__)
 
@@ -179,12 +179,14 @@ def _ceiling_text(ceiling: Ceiling | str) -> str:
     if isinstance(ceiling, str):
         return f"Identifiability ceiling (`synthmrf phantom ceiling`): {ceiling}."
     cm, fit, err = ceiling.ccc_class_mean, ceiling.ccc_exact_t1_pd, ceiling.mdape_class_mean
+    fallback = "" if min(s.n_subjects for s in ceiling.spreads) >= MIN_SUBJECTS_FOR_FIT else \
+        f" (with fewer than {MIN_SUBJECTS_FOR_FIT} subjects at a field strength it falls back to the class mean there)"
     return ("Identifiability ceiling of these subjects (`synthmrf phantom ceiling`; tissue values, in-sample): an "
             f"oracle that knows only each tissue's class mean reaches CCC T1 {cm['t1_ms']:.3f} / T2 {cm['t2_ms']:.3f} "
             f"(median error {err['t1_ms']:.1f} / {err['t2_ms']:.1f} %); one that also knows each tissue's exact T1 "
-            f"and PD, T1 {fit['t1_ms']:.3f} / T2 {fit['t2_ms']:.3f}. An MPRAGE carries next to no T2 weighting, so "
-            "no MPRAGE-only method can know T2 beyond the second oracle; regional CCC can exceed it through "
-            "partial volume, which the image shows.")
+            f"and PD{fallback}, T1 {fit['t1_ms']:.3f} / T2 {fit['t2_ms']:.3f}. An MPRAGE carries next to no T2 "
+            "weighting, so no MPRAGE-only method can know T2 beyond the second oracle; regional CCC can exceed it "
+            "through partial volume, which the image shows.")
 
 
 def _ceiling_json(ceiling: Ceiling | str) -> dict[str, object]:

@@ -162,7 +162,6 @@ def combine_packages(base_dir: Path, takes: Mapping[str, Path], out_dir: Path, *
         channel_signal=_dict_or_none(base.get("channel_signal")))
 
 
-
 def _union_ranges(ranges: Sequence[Mapping[str, object]]) -> dict[str, object]:
     """The protocol ranges any of ``ranges`` covers (families and fields of any; numeric hulls)."""
     out: dict[str, object] = {}
@@ -190,10 +189,6 @@ def interpolate_packages(a_dir: Path, b_dir: Path, alpha: float, out_dir: Path, 
     if not np.array_equal(np.asarray(a["channel_ranges"]), np.asarray(b["channel_ranges"])):
         raise PackageError(f"{_label(b)}: its channel ranges differ from {_label(a)}'s, so their networks' outputs "
                            "are scaled differently and their weights cannot be interpolated")
-    for key, tensor in a_w.items():
-        if tensor.shape != b_w[key].shape:
-            raise PackageError(f"{_label(b)}: tensor {key} has shape {tuple(b_w[key].shape)}, "
-                               f"{_label(a)}'s {tuple(tensor.shape)}")
     state = {key: (1.0 - alpha) * tensor.float() + alpha * b_w[key].float() if tensor.is_floating_point()
              else tensor for key, tensor in a_w.items() if key != BASIS_KEY}
     training = {

@@ -1,5 +1,6 @@
-"""Phantom world v2: draws within their documented ranges, partial-volume limits against closed forms,
-vendor header semantics read back by the product's own header reader, world v1 unchanged."""
+"""Phantom worlds v2 and v3: draws within their documented ranges, partial-volume limits and anatomy changes
+against closed forms, vendor header semantics read back by the product's own header reader, world v1
+unchanged, a v3 subject its v2 namesake individualised."""
 
 from __future__ import annotations
 
@@ -14,15 +15,24 @@ from pipeline.acquisition import protocol_from_dicom
 from pipeline.mrf.dictionary import Dictionary
 from pipeline.mrf.sequence import Sequence
 from pipeline.protocol import Family
-from training.phantom.anatomy import TISSUES, RenderedAnatomy, Template, load_template
+from training.phantom.anatomy import TISSUES, RenderedAnatomy, Template, load_template, render
 from training.phantom.dicom_series import VENDOR_HEADERS, Vendor, classic_datasets, make_identity
+from training.phantom.fields import SmoothField
 from training.phantom.geometry import acquisition_grid, mrf_grid
 from training.phantom.mixing import fast_exchange
 from training.phantom.mprage import MprageProtocol, mprage_signal, noise_free_image
 from training.phantom.mrf import noise_free_coefficients
 from training.phantom.subject import PhantomOptions, draw_subject
 from training.phantom.tissues import truth_maps
-from training.phantom.world import AnatomyChanges, Lesions, draw_protocol, draw_tissue_values, draw_world
+from training.phantom.world import (
+    AnatomyChanges,
+    FoldWarp,
+    Lesions,
+    VentricleWarp,
+    draw_protocol,
+    draw_tissue_values,
+    draw_world,
+)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +134,54 @@ def test_lesions_and_atrophy_move_fractions_without_creating_tissue(template: Te
     f = {name: changed.fractions[TISSUES.index(name)] for name in TISSUES}
     assert f["lesion"][0] == pytest.approx(1.0) and f["wm"][0] == pytest.approx(0.0)  # centre of the blob
     assert f["gm"][2] < 0.6 and f["csf"][2] > 0.4  # GM beside CSF shrank into CSF
+
+
+def _constant(value: float) -> SmoothField:
+    return SmoothField(np.full((1, 2, 2, 2), value, np.float32), np.full(3, -500.0), 1000.0)
+
+
+def test_sharpening_and_thickness_follow_their_closed_forms(template: Template) -> None:
+    anatomy = _voxels(template, {"wm": [0.6, 1.0, 0.0], "gm": [0.4, 0.0, 0.35], "csf": [0.0, 0.0, 0.35]})
+    sharp = AnatomyChanges(atrophy=0.0, lesions=None, sharpness=3.0).apply(anatomy).fractions
+    np.testing.assert_allclose(sharp.sum(axis=0), anatomy.fractions.sum(axis=0), atol=1e-6)
+    wm, gm, csf = (TISSUES.index(n) for n in ("wm", "gm", "csf"))
+    assert sharp[wm, 0] == pytest.approx(0.6**3 / (0.6**3 + 0.4**3), rel=1e-5)  # the majority tissue grows
+    assert sharp[wm, 1] == pytest.approx(1.0) and sharp[gm, 1] == 0  # pure voxels stay pure
+    assert sharp[gm, 2] == pytest.approx(0.35) and sharp[csf, 2] == pytest.approx(0.35)  # a tie stays a tie
+    thicker = AnatomyChanges(0.0, None, thickness=_constant(0.3)).apply(anatomy).fractions
+    assert (thicker[wm, 0], thicker[gm, 0]) == pytest.approx((0.6 - 0.3 * 0.6, 0.4 + 0.3 * 0.6))
+    thinner = AnatomyChanges(0.0, None, thickness=_constant(-0.3)).apply(anatomy).fractions
+    assert (thinner[wm, 0], thinner[gm, 0]) == pytest.approx((0.6 + 0.3 * 0.4, 0.4 - 0.3 * 0.4))
+    for f in (thicker, thinner):
+        np.testing.assert_allclose(f.sum(axis=0), anatomy.fractions.sum(axis=0), atol=1e-6)
+        assert f[wm, 1] == 1.0 and f[gm, 2] == pytest.approx(0.35)  # no grey/white boundary: untouched
+
+
+def test_world_v3_is_its_v2_namesake_with_an_individual_cortex(template: Template) -> None:
+    sharper = 0
+    for index in range(4):
+        v2 = draw_subject(51, index, template, PhantomOptions(world="v2"))
+        v3 = draw_subject(51, index, template, PhantomOptions(world="v3"))
+        assert v3.protocol == v2.protocol and v3.tissues.manifest() == v2.tissues.manifest()
+        assert v3.identity == v2.identity and v3.vendor == v2.vendor and v3.mprage_grid.shape == v2.mprage_grid.shape
+        np.testing.assert_array_equal(v3.mprage_grid.affine, v2.mprage_grid.affine)
+        assert v2.changes is not None and v3.changes is not None
+        assert v2.changes.sharpness == 1 and v2.changes.thickness is None and not isinstance(v2.warp, FoldWarp)
+        assert 1 <= v3.changes.sharpness <= 2.5 and v3.changes.thickness is not None
+        assert v2.changes.atrophy <= v3.changes.atrophy <= v2.changes.atrophy + 0.25
+        assert isinstance(v2.warp, VentricleWarp) and isinstance(v3.warp, FoldWarp)
+        assert v3.warp.strength == v2.warp.strength and v3.warp.folds is not None
+        points = template.centre_mm[:, None] + np.random.default_rng(index).uniform(-60, 60, (3, 4000))
+        shift = v3.warp.to_template(points.astype(np.float32)) - v2.warp.to_template(points.astype(np.float32))
+        assert 0.2 < float(np.sqrt((shift**2).mean())) < 2.0 * 2.5  # fold-scale SD U(0.5, 2) mm per component
+        grid = mrf_grid(4)
+        before, after = render(template, v2.warp, grid), render(template, v3.warp, grid)
+        after = v3.changes.apply(after)
+        assert after.fractions.sum(axis=0).max() <= 1 + 1e-5
+        g = TISSUES.index("gm")
+        purity = [float((a.fractions[g] > 0.9).sum() / (a.fractions[g] > 0.1).sum()) for a in (before, after)]
+        sharper += v3.changes.sharpness > 1.3 and purity[1] > purity[0]
+    assert sharper >= 1
 
 
 @pytest.mark.parametrize("family", list(Family))

@@ -37,6 +37,19 @@ literature priors, signal-domain partial volume, one warped template. World v2 d
   enlarged ventricles (p 0.5): a radial pull toward the ventricles (strength U(0, 0.3), 30 mm
   Gaussian); WM lesions (p 0.5): 1-15 blobs of radius U(2, 8) mm in white matter, half of them within
   25 mm of the ventricles.
+
+World v3 is v2 plus an individual cortex, drawn from a stream of its own (a v3 subject is the v2 subject of
+the same seed and index with these changes). The template is a population average: its cortex is smoother,
+its tissue boundaries blurrier and its folds in the same place in every subject, and models trained on it
+read an individual brain's grey matter low (the README's anatomy ablation). Per subject:
+boundary sharpness (p 0.8): brain tissue fractions raised to a power U(1, 2.5) and renormalised (1 keeps the
+average's blur; an individual's boundaries are about one voxel wide); fold-scale displacement: each
+component SD U(0.5, 2) mm, correlation U(5, 10) mm (a gyrus is about 10 mm across), so sulci sit
+elsewhere than in the template; cortical thickness: a smooth field (SD U(0, 0.4), correlation 20 mm)
+moves the grey/white boundary by turning white matter next to grey into grey (> 0) or back (< 0); open
+sulci: averaging blurs the sulci shut (under 5 % of the template's CSF voxels are pure, against about 20 %
+in an individual's Colin27 segmentation), so a further U(0, 0.25) of cortical GM bordering CSF becomes CSF
+(added to v2's atrophy).
 """
 
 from __future__ import annotations
@@ -78,10 +91,23 @@ class AnatomyChanges:
 
     atrophy: float  # fraction of cortical GM bordering CSF that becomes CSF
     lesions: Lesions | None
+    sharpness: float = 1.0  # world v3: power applied to the brain tissue fractions (1: the template's blur)
+    thickness: SmoothField | None = None  # world v3: > 0 grows cortical GM into WM, < 0 shrinks it
 
     def apply(self, anatomy: RenderedAnatomy) -> RenderedAnatomy:
         f = anatomy.fractions.copy()
         wm, gm, csf, lesion = (TISSUES.index(n) for n in ("wm", "gm", "csf", "lesion"))
+        if self.sharpness != 1:
+            brain = [TISSUES.index(n) for n in ("wm", "gm", "deep_gm", "csf")]
+            total = f[brain].sum(axis=0)
+            powered = np.clip(f[brain] / np.maximum(total, 1e-6), 0, 1) ** np.float32(self.sharpness)
+            f[brain] = powered * (total / np.maximum(powered.sum(axis=0), 1e-12))
+        if self.thickness is not None:
+            t = np.clip(self.thickness(anatomy.template_mm)[0], -0.5, 0.5)
+            grown = np.clip(t, 0, None) * np.clip(4.0 * f[gm], 0, 1) * f[wm]
+            shrunk = np.clip(-t, 0, None) * np.clip(4.0 * f[wm], 0, 1) * f[gm]
+            f[wm] += shrunk - grown
+            f[gm] += grown - shrunk
         if self.atrophy > 0:
             # GM that shares its voxel with CSF (the cortical surface, sulci) loses tissue to CSF.
             border = np.clip(4.0 * f[csf], 0, 1)
@@ -107,6 +133,17 @@ class VentricleWarp(Warp):
         d = p - c
         pull = self.strength * np.exp(-(d**2).sum(axis=0) / (2 * VENTRICLE_SIGMA_MM**2))
         return (p - pull * d).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class FoldWarp(VentricleWarp):
+    """A :class:`VentricleWarp` plus a fold-scale displacement (template mm) that moves sulci and gyri."""
+
+    folds: SmoothField | None = None
+
+    def to_template(self, points_mm: np.ndarray) -> np.ndarray:
+        p = super().to_template(points_mm)
+        return p if self.folds is None else (p + self.folds(p)).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -223,3 +260,19 @@ def draw_world(rng: np.random.Generator, template: Template) -> WorldDraw:
     matrix = (int(round(fov / pixel)), int(round(fov / pixel)), int(round(extent / thick)))
     return WorldDraw(field_t, draw_protocol(rng, field_t), tissues, warp, AnatomyChanges(atrophy, lesions), bias,
                      _u(rng, 12, 45), _u(rng, 25, 60), orientation, pixel, thick, matrix, _u(rng, -15, 15))
+
+
+def individualise(rng: np.random.Generator, template: Template, draw: WorldDraw) -> WorldDraw:
+    """World v3: ``draw`` (a v2 draw) with the individual cortex of the module docstring."""
+    sharpness = _u(rng, 1, 2.5) if rng.random() < 0.8 else 1.0
+    folds = random_smooth_field(rng, components=3, centre_mm=template.centre_mm, extent_mm=260.0,
+                                correlation_mm=_u(rng, 5, 10), sd=_u(rng, 0.5, 2.0), spacing_mm=2.5)
+    thickness = random_smooth_field(rng, components=1, centre_mm=template.centre_mm, extent_mm=260.0,
+                                    correlation_mm=20.0, sd=_u(rng, 0.0, 0.4))
+    w = draw.warp
+    strength = w.strength if isinstance(w, VentricleWarp) else 0.0
+    warp = FoldWarp(w.rotation, w.scale, w.translation_mm, w.displacement, w.centre_mm, strength=strength,
+                    folds=folds)
+    changes = replace(draw.changes, atrophy=min(1.0, draw.changes.atrophy + _u(rng, 0, 0.25)), sharpness=sharpness,
+                      thickness=thickness)
+    return replace(draw, warp=warp, changes=changes)

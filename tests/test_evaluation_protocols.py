@@ -67,11 +67,14 @@ def test_protocol_table_groups_subjects(tmp_path: Path) -> None:
         members = [i for i, name in enumerate(SUBJECTS) if SUBJECTS[name][0] == group]
         truth = np.array([TRUTH_T1[k] * (1.0 + 0.03 * i) for i in members for k in REGIONS])
         assert rows.loc[(group, "dl"), "ccc_T1"] == pytest.approx(ccc(truth, factor * truth), rel=1e-9)
+        tissue = np.array([TRUTH_T1[k] * (1.0 + 0.03 * i) for i in members for k in (1, 2)])  # not the thalamus
+        assert rows.loc[(group, "dl"), "ccc_gmwm_T1"] == pytest.approx(ccc(tissue, factor * tissue), rel=1e-9)
     assert rows.loc[("ir-fspgr 1.5T", "lookup"), "ccc_T2"] == pytest.approx(1.0)
     assert rows.loc[("mprage 3T", "lookup"), "bias_GM_T2"] == pytest.approx(-5.0)
 
     text = markdown_table(table)
     assert "| ir-fspgr 1.5T | 3 | dl | " in text and "+10.0" in text and "-20.0" in text
+    assert "| CCC GM+WM T1 |" in text
     assert "mprage 3T" in text_table(table)
     with pytest.raises(ValueError, match=r"no group for subjects \['e'\]"):
         protocol_table(summary.regional, summary.voxelwise_subjects, {k: v for k, v in groups.items() if k != "e"})

@@ -83,6 +83,11 @@ def test_report_end_to_end(tmp_path: Path) -> None:
     assert summary.agreements[("true", "dl", "T2")].mean_difference.value == pytest.approx(0.0, abs=1e-9)
     truth_true = summary.agreements[("truth", "true", "T2")]
     assert truth_true.ccc.low <= truth_true.ccc.value <= truth_true.ccc.high
+    # The GM and WM table: the cortex and white-matter regions only (columns 0 and 1 of the region order).
+    tissue = summary.tissue_agreements[("true", "dl", "T1")]
+    assert tissue.n_pairs == 12
+    assert tissue.ccc.value == pytest.approx(lin_ccc(ref[:, :2].ravel(), oth[:, :2].ravel()), rel=1e-9)
+    assert tissue.ccc.value < result.ccc.value  # the ventricle's T1 no longer stretches the range
 
     data = json.loads((out / "summary.json").read_text())
     assert data["bootstrap"] == {"n_boot": 2000, "seed": 0, "confidence": 0.95, "clusters": "subjects",
@@ -90,6 +95,10 @@ def test_report_end_to_end(tmp_path: Path) -> None:
     row = next(r for r in data["agreement"] if (r["reference"], r["other"], r["quantity"]) == ("true", "dl", "T1"))
     assert row["ccc"]["value"] == pytest.approx(result.ccc.value)
     assert data["paper"]["T1"]["ccc"] == [0.8793, 0.8136, 0.9383]
+    assert data["agreement_gm_wm_regions"]["classes"] == ["GM", "WM"]
+    tissue_row = next(r for r in data["agreement_gm_wm_regions"]["rows"]
+                      if (r["reference"], r["other"], r["quantity"]) == ("true", "dl", "T1"))
+    assert tissue_row["ccc"]["value"] == pytest.approx(tissue.ccc.value) and tissue_row["n_pairs"] == 12
     assert len(data["voxelwise_median_ape_percent"]) == 3 * 3 * 2
 
     markdown = (out / "summary.md").read_text()
@@ -97,6 +106,7 @@ def test_report_end_to_end(tmp_path: Path) -> None:
     assert "0.8793 (0.8136 to 0.9383) | 48.23 (23.0 to 77.3)" in markdown
     assert "0.9078 (0.8981 to 0.9145) | 2.02 (-1.4 to 4.8)" in markdown
     assert "| WM | truth | dl | T1 |" in markdown
+    assert "GM and WM regions only" in markdown.split("### Voxelwise")[0]
 
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == sorted(["maps_sub-000.png"] + [f"{kind}_{r}_vs_{o}.png" for r, o in COMPARISONS

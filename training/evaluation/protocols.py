@@ -1,6 +1,7 @@
 """Agreement with the truth per acquisition group (sequence family x field strength), plain estimates.
 
-Per group and map set: Lin's CCC of the regional means (all subjects' regions pooled), the median over
+Per group and map set: Lin's CCC of the regional means (all subjects' regions pooled; every region, and
+the GM and WM regions only, as in the report's second agreement table), the median over
 subjects of the voxelwise median absolute percent error per tissue, and the mean bias
 100 (map set - truth) / truth of the regional means of the tissue's regions (:func:`tissue_of_region`),
 averaged over the group's subjects and regions. No bootstrap: groups hold few subjects.
@@ -15,6 +16,7 @@ import pandas as pd
 
 from pipeline.protocol import AcquisitionProtocol
 from training.evaluation.agreement import lin_ccc
+from training.evaluation.report import TISSUE_REGION_CLASSES
 from training.evaluation.subjects import tissue_of_region
 
 TISSUES = ("WM", "GM")
@@ -27,7 +29,8 @@ def protocol_group(protocol: AcquisitionProtocol) -> str:
 
 def metric_columns(quantities: Sequence[str] = ("T1", "T2"), tissues: Sequence[str] = TISSUES) -> list[str]:
     """The metric columns of :func:`protocol_table`."""
-    return ([f"ccc_{q}" for q in quantities] + [f"mape_{t}_{q}" for q in quantities for t in tissues]
+    return ([f"ccc_{q}" for q in quantities] + [f"ccc_gmwm_{q}" for q in quantities]
+            + [f"mape_{t}_{q}" for q in quantities for t in tissues]
             + [f"bias_{t}_{q}" for q in quantities for t in tissues])
 
 
@@ -52,8 +55,10 @@ def protocol_table(regional: pd.DataFrame, voxelwise: pd.DataFrame, groups: Mapp
             row: dict[str, object] = {"group": group, "n_subjects": len(members), "map_set": other}
             for quantity in quantities:
                 pairs = _pairs(regional[in_group & (regional["quantity"] == quantity)], reference, other)
-                row[f"ccc_{quantity}"] = lin_ccc(pairs[reference].to_numpy(), pairs[other].to_numpy()) \
-                    if len(pairs) >= 2 else float("nan")
+                row[f"ccc_{quantity}"] = _ccc(pairs, reference, other)
+                row[f"ccc_gmwm_{quantity}"] = _ccc(_pairs(regional[in_group & (regional["quantity"] == quantity)
+                                                                   & tissue.isin(TISSUE_REGION_CLASSES)],
+                                                          reference, other), reference, other)
                 for t in tissues:
                     errors = voxelwise[voxelwise["subject"].isin(members) & (voxelwise["tissue"] == t)
                                        & (voxelwise["reference"] == reference) & (voxelwise["other"] == other)
@@ -66,6 +71,10 @@ def protocol_table(regional: pd.DataFrame, voxelwise: pd.DataFrame, groups: Mapp
                         if len(pt) else float("nan")
             rows.append(row)
     return pd.DataFrame(rows, columns=["group", "n_subjects", "map_set", *metric_columns(quantities, tissues)])
+
+
+def _ccc(pairs: pd.DataFrame, reference: str, other: str) -> float:
+    return lin_ccc(pairs[reference].to_numpy(), pairs[other].to_numpy()) if len(pairs) >= 2 else float("nan")
 
 
 def _pairs(rows: pd.DataFrame, reference: str, other: str) -> pd.DataFrame:
@@ -89,7 +98,7 @@ def markdown_table(table: pd.DataFrame, reference: str = "truth") -> str:
 
 
 def _label(column: str) -> str:
-    kind, *rest = column.split("_")
+    kind, *rest = column.replace("gmwm", "GM+WM").split("_")
     return {"ccc": "CCC", "mape": "MdAPE %", "bias": "bias %"}[kind] + " " + " ".join(rest)
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 from training.evaluation.agreement import Agreement, Estimate, agreement
 from training.evaluation.figures import axial_slices, bland_altman_figure, maps_figure, scatter_figure
 from training.evaluation.regional import regional_matrix, subject_table
-from training.evaluation.subjects import SubjectMaps
+from training.evaluation.subjects import SubjectMaps, tissue_of_region
 from training.evaluation.voxelwise import COLUMNS as VOXEL_COLUMNS
 from training.evaluation.voxelwise import subject_errors, summarise_errors
 
@@ -43,10 +43,17 @@ PAPER_RESULTS: dict[str, PaperResult] = {
 
 PAPER_COMPARISON = ("true", "dl")
 
+TISSUE_REGION_CLASSES = ("GM", "WM")
+"""Regions of the second agreement table: cortex and white matter (:func:`tissue_of_region`). It leaves out
+the CSF regions, whose T2 an MPRAGE does not reveal and whose T1 (several times the tissue's) stretches the
+range a CCC is judged against, and the deep regions drawn from GM and WM together."""
+
 
 @dataclass(frozen=True)
 class EvaluationSummary:
-    """Everything the report computed; ``agreements`` is keyed by (reference, other, quantity).
+    """Everything the report computed; ``agreements`` is keyed by (reference, other, quantity), over every
+    region (the paper's analysis); ``tissue_agreements`` the same over the GM and WM regions only
+    (:data:`TISSUE_REGION_CLASSES`; empty when the regions have no such class).
 
     ``regional``: the regional table (``regional.csv``); ``voxelwise``: its summary over subjects;
     ``voxelwise_subjects``: the per-subject voxelwise rows (``voxelwise.csv``, empty without tissue masks).
@@ -63,6 +70,7 @@ class EvaluationSummary:
     files: Mapping[str, Path]
     regional: pd.DataFrame
     voxelwise_subjects: pd.DataFrame
+    tissue_agreements: Mapping[tuple[str, str, str], Agreement]
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready numbers (NaN becomes None)."""
@@ -70,11 +78,13 @@ class EvaluationSummary:
         def estimate(e: Estimate | None) -> dict[str, float | None] | None:
             return None if e is None else {"value": _num(e.value), "low": _num(e.low), "high": _num(e.high)}
 
-        rows = [{"reference": r, "other": o, "quantity": q, "n_subjects": a.n_subjects, "n_pairs": a.n_pairs,
-                 "ccc": estimate(a.ccc), "mean_difference_ms": estimate(a.mean_difference),
-                 "sd_difference_ms": _num(a.sd_difference),
-                 "limits_of_agreement_ms": [_num(v) for v in a.limits_of_agreement],
-                 "sd_ratio": estimate(a.sd_ratio)} for (r, o, q), a in self.agreements.items()]
+        def rows(agreements: Mapping[tuple[str, str, str], Agreement]) -> list[dict[str, object]]:
+            return [{"reference": r, "other": o, "quantity": q, "n_subjects": a.n_subjects, "n_pairs": a.n_pairs,
+                     "ccc": estimate(a.ccc), "mean_difference_ms": estimate(a.mean_difference),
+                     "sd_difference_ms": _num(a.sd_difference),
+                     "limits_of_agreement_ms": [_num(v) for v in a.limits_of_agreement],
+                     "sd_ratio": estimate(a.sd_ratio)} for (r, o, q), a in agreements.items()]
+
         voxelwise = [{k: (_num(v) if isinstance(v, float) else v) for k, v in row.items()}
                      for row in self.voxelwise.to_dict(orient="records")]
         paper = {q: asdict(p) for q, p in PAPER_RESULTS.items()}
@@ -82,7 +92,10 @@ class EvaluationSummary:
                 "quantities": list(self.quantities),
                 "bootstrap": {"n_boot": self.n_boot, "seed": self.seed, "confidence": self.confidence,
                               "clusters": "subjects", "interval": "percentile"},
-                "agreement": rows, "voxelwise_median_ape_percent": voxelwise,
+                "agreement": rows(self.agreements),
+                "agreement_gm_wm_regions": {"classes": list(TISSUE_REGION_CLASSES),
+                                            "rows": rows(self.tissue_agreements)},
+                "voxelwise_median_ape_percent": voxelwise,
                 "paper": {"reference": PAPER_COMPARISON[0], "other": PAPER_COMPARISON[1], **paper},
                 "files": {k: str(v) for k, v in self.files.items()}}
 
@@ -111,17 +124,24 @@ def _fmt(e: Estimate, digits: int) -> str:
     return f"{e.value:.{digits}f} ({e.low:.{digits}f} to {e.high:.{digits}f})"
 
 
-def _markdown(summary: EvaluationSummary) -> str:
-    n = len(summary.subjects)
-    lines = [f"### Agreement of regional means ({n} subjects; clustered bootstrap, {summary.n_boot} resamples, "
-             f"{summary.confidence:.0%} percentile intervals)", "",
-             "| Reference | Other | Quantity | CCC (CI) | Mean difference reference - other, ms (CI) "
-             "| SD ratio reference/other (CI) | Pairs |",
-             "|---|---|---|---|---|---|---|"]
-    for (reference, other, quantity), a in summary.agreements.items():
+_AGREEMENT_HEADER = ["| Reference | Other | Quantity | CCC (CI) | Mean difference reference - other, ms (CI) "
+                     "| SD ratio reference/other (CI) | Pairs |", "|---|---|---|---|---|---|---|"]
+
+
+def _agreement_rows(agreements: Mapping[tuple[str, str, str], Agreement]) -> list[str]:
+    lines = []
+    for (reference, other, quantity), a in agreements.items():
         ratio = "n/a" if a.sd_ratio is None else _fmt(a.sd_ratio, 2)
         lines.append(f"| {reference} | {other} | {quantity} | {_fmt(a.ccc, 4)} | {_fmt(a.mean_difference, 2)} "
                      f"| {ratio} | {a.n_pairs} |")
+    return lines
+
+
+def _markdown(summary: EvaluationSummary) -> str:
+    n = len(summary.subjects)
+    lines = [f"### Agreement of regional means, every region ({n} subjects; clustered bootstrap, {summary.n_boot} "
+             f"resamples, {summary.confidence:.0%} percentile intervals)", "", *_AGREEMENT_HEADER,
+             *_agreement_rows(summary.agreements)]
     for quantity in summary.quantities:
         paper = PAPER_RESULTS.get(quantity)
         if paper is None:
@@ -130,6 +150,11 @@ def _markdown(summary: EvaluationSummary) -> str:
         lines.append(f"| paper: {PAPER_COMPARISON[0]} | {PAPER_COMPARISON[1]} | {quantity} | "
                      f"{ccc[0]:.4f} ({ccc[1]:.4f} to {ccc[2]:.4f}) | {diff[0]:.2f} ({diff[1]:.1f} to {diff[2]:.1f}) "
                      f"| {paper.sd_ratio:.2f} | |")
+    if summary.tissue_agreements:
+        lines += ["", "### Agreement of regional means, GM and WM regions only (cortex, white matter; same "
+                  "resamples)", "", "CSF regions (T2 not revealed by an MPRAGE; T1 several times the tissue's, which "
+                  "stretches the range a CCC is judged against) and the deep regions drawn from GM and WM together "
+                  "are left out.", "", *_AGREEMENT_HEADER, *_agreement_rows(summary.tissue_agreements)]
     if not summary.voxelwise.empty:
         lines += ["", "### Voxelwise median absolute percent error (median over subjects of the per-subject "
                   "median; IQR)", "", "| Tissue | Reference | Other | Quantity | Median APE, % (IQR) | Subjects |",
@@ -189,17 +214,23 @@ def evaluate_subjects(subjects: Iterable[SubjectMaps], comparisons: Sequence[tup
         voxel_table.to_csv(files["voxelwise_csv"], index=False)
 
     agreements: dict[tuple[str, str, str], Agreement] = {}
+    tissue_agreements: dict[tuple[str, str, str], Agreement] = {}
     for reference, other in pairs:
         points: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for quantity in quantities:
             # Every subject has a row for every region and map set, so the matrices line up.
-            ref_mean = regional_matrix(table, reference, quantity, "mean")[2]
+            regions, ref_mean = regional_matrix(table, reference, quantity, "mean")[1:]
             oth_mean = regional_matrix(table, other, quantity, "mean")[2]
             ref_sd = regional_matrix(table, reference, quantity, "sd")[2]
             oth_sd = regional_matrix(table, other, quantity, "sd")[2]
             agreements[(reference, other, quantity)] = agreement(
                 ref_mean, oth_mean, reference_sd=ref_sd, other_sd=oth_sd, n_boot=n_boot, seed=seed,
                 confidence=confidence)
+            tissue = np.array([tissue_of_region(r) in TISSUE_REGION_CLASSES for r in regions])
+            if tissue.any():
+                tissue_agreements[(reference, other, quantity)] = agreement(
+                    ref_mean[:, tissue], oth_mean[:, tissue], reference_sd=ref_sd[:, tissue],
+                    other_sd=oth_sd[:, tissue], n_boot=n_boot, seed=seed, confidence=confidence)
             points[quantity] = (ref_mean.ravel(), oth_mean.ravel())
         stem = f"{_slug(reference)}_vs_{_slug(other)}"
         metrics = {q: agreements[(reference, other, q)] for q in quantities}
@@ -212,7 +243,8 @@ def evaluate_subjects(subjects: Iterable[SubjectMaps], comparisons: Sequence[tup
     files["summary_md"] = out_dir / "summary.md"
     summary = EvaluationSummary(subjects=tuple(seen), comparisons=pairs, quantities=quantities, n_boot=n_boot,
                                 seed=seed, confidence=confidence, agreements=agreements, voxelwise=voxel_summary,
-                                files=files, regional=table, voxelwise_subjects=voxel_table)
+                                files=files, regional=table, voxelwise_subjects=voxel_table,
+                                tissue_agreements=tissue_agreements)
     files["summary_json"].write_text(json.dumps(summary.to_dict(), indent=1, allow_nan=False) + "\n")
     files["summary_md"].write_text(_markdown(summary))
     logger.info("evaluation of %d subjects written to %s", len(seen), out_dir)

@@ -41,7 +41,8 @@ literature priors, signal-domain partial volume, one warped template. World v2 d
 World v3 is v2 plus an individual cortex, drawn from a stream of its own (a v3 subject is the v2 subject of
 the same seed and index with these changes). The template is a population average: its cortex is smoother,
 its tissue boundaries blurrier and its folds in the same place in every subject, and models trained on it
-read an individual brain's grey matter low (the README's anatomy ablation). Per subject:
+read an individual brain's grey matter low (the README's anatomy ablation; a fine-tune of 0.5 on v3 did not
+change that, so v3's variation is not yet the cure). Per subject:
 boundary sharpness (p 0.8): brain tissue fractions raised to a power U(1, 2.5) and renormalised (1 keeps the
 average's blur; an individual's boundaries are about one voxel wide); fold-scale displacement: each
 component SD U(0.5, 2) mm, correlation U(5, 10) mm (a gyrus is about 10 mm across), so sulci sit

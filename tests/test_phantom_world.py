@@ -28,6 +28,7 @@ from training.phantom.world import (
     AnatomyChanges,
     FoldWarp,
     Lesions,
+    Segmentation,
     VentricleWarp,
     draw_protocol,
     draw_tissue_values,
@@ -182,6 +183,38 @@ def test_world_v3_is_its_v2_namesake_with_an_individual_cortex(template: Templat
         purity = [float((a.fractions[g] > 0.9).sum() / (a.fractions[g] > 0.1).sum()) for a in (before, after)]
         sharper += v3.changes.sharpness > 1.3 and purity[1] > purity[0]
     assert sharper >= 1
+
+
+def test_segmentation_takes_the_most_likely_tissue_and_keeps_the_total(template: Template) -> None:
+    anatomy = _voxels(template, {"wm": [0.45, 0.9, 0.0], "gm": [0.55, 0.1, 0.5], "csf": [0.0, 0.0, 0.4]})
+    wm, gm, csf = (TISSUES.index(n) for n in ("wm", "gm", "csf"))
+    # The test voxels lie 8 mm apart (mrf_grid(8)): a blur of 0.1 mm leaves each voxel its own.
+    hard = Segmentation(1.0, _constant(0.0), 0.1).apply(anatomy, anatomy.fractions)
+    np.testing.assert_allclose(hard.sum(axis=0), anatomy.fractions.sum(axis=0), atol=1e-6)
+    np.testing.assert_allclose(hard[[wm, gm, csf]], [[0, 1, 0], [1, 0, 0.9], [0, 0, 0]], atol=1e-6)
+    # An offset of -log(2) on grey matter's log-fraction turns the 0.55 / 0.45 voxel to white matter.
+    moved = Segmentation(1.0, _constant(-float(np.log(2))), 0.1).apply(anatomy, anatomy.fractions)
+    assert moved[wm, 0] == pytest.approx(1.0) and moved[csf, 2] == pytest.approx(0.9)
+    half = Segmentation(0.5, _constant(0.0), 0.1).apply(anatomy, anatomy.fractions)
+    np.testing.assert_allclose(half, 0.5 * anatomy.fractions + 0.5 * hard, atol=1e-6)
+
+
+def test_world_v4_is_its_v3_namesake_resegmented(template: Template) -> None:
+    for index in range(2):
+        v3 = draw_subject(61, index, template, PhantomOptions(world="v3"))
+        v4 = draw_subject(61, index, template, PhantomOptions(world="v4"))
+        assert v3.changes is not None and v4.changes is not None and v3.changes.segmentation is None
+        seg = v4.changes.segmentation
+        assert seg is not None and 0.5 <= seg.weight <= 1 and 0.3 <= seg.blur_mm <= 0.8
+        assert v4.changes.sharpness == v3.changes.sharpness and v4.changes.atrophy == v3.changes.atrophy
+        assert v4.protocol == v3.protocol and v4.tissues.manifest() == v3.tissues.manifest()
+        grid = mrf_grid(4)
+        before = v3.changes.apply(render(template, v3.warp, grid))
+        after = v4.changes.apply(render(template, v4.warp, grid))
+        np.testing.assert_allclose(after.fractions.sum(axis=0), before.fractions.sum(axis=0), atol=1e-4)
+        g = TISSUES.index("gm")
+        purity = [float((a.fractions[g] > 0.9).sum() / (a.fractions[g] > 0.1).sum()) for a in (before, after)]
+        assert purity[1] > purity[0]
 
 
 @pytest.mark.parametrize("family", list(Family))

@@ -31,12 +31,13 @@ def phantom() -> None:
               show_default=True, help="MPRAGE slice orientation.")
 @click.option("--oblique-deg", type=float, default=15.0, show_default=True,
               help="Tilt of the oblique orientation.")
-@click.option("--world", type=click.Choice(["v1", "v2", "v3"]), default="v1", show_default=True,
+@click.option("--world", type=click.Choice(["v1", "v2", "v3", "v4"]), default="v1", show_default=True,
               help="v1: the paper's protocol at 3 T, narrow tissue priors, one partial-volume model. v2: protocol "
                    "family and timing, field strength, grid, tissue values, partial-volume model, anatomy (size, "
                    "atrophy, ventricles, lesions), bias and noise drawn per subject (ranges in the README); "
                    "--vendor, --orientation and --oblique-deg are then drawn too unless --vendor is given. v3: v2 "
-                   "plus an individual cortex (boundary sharpness, fold-scale displacement, cortical thickness).")
+                   "plus an individual cortex (boundary sharpness, fold-scale displacement, cortical thickness). "
+                   "v4: v3 plus an individual segmentation (the brain re-segmented with moving boundaries).")
 @click.option("--mrf/--no-mrf", default=True, show_default=True, help="Simulate the MRF coefficients.")
 @click.option("--fast", is_flag=True, help="Half-resolution grids (smoke tests only, not for training).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,

@@ -27,9 +27,9 @@ from training.phantom.geometry import Orientation, VolumeGrid, acquisition_grid,
 from training.phantom.mprage import MprageProtocol, acquire
 from training.phantom.mrf import acquire_mrf
 from training.phantom.tissues import TissueModel, draw_tissues, truth_maps
-from training.phantom.world import AnatomyChanges, draw_world, individualise
+from training.phantom.world import AnatomyChanges, draw_world, individualise, resegment
 
-WORLDS = ("v1", "v2", "v3")
+WORLDS = ("v1", "v2", "v3", "v4")
 V1_VENDORS = ["siemens", "ge"]  # world v1 draws between these two (the draws of a seed must not change)
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class PhantomOptions:
     rank: int = 4
     downsample: int = 1
     protocol: MprageProtocol = field(default_factory=MprageProtocol)
-    world: str = "v1"  # v2: protocol, grid, tissues, anatomy, noise per subject; v3: v2 + an individual cortex
+    world: str = "v1"  # v2: protocol, grid, tissues, anatomy, noise per subject; v3/v4: + an individual cortex
 
     def __post_init__(self) -> None:
         if self.world not in WORLDS:
@@ -124,9 +124,11 @@ def draw_subject(seed: int, index: int, template: Template, options: PhantomOpti
                        noise_seed, options.protocol, options.mprage_grid())
     # World v2 draws from a stream of its own, after v1's: v1 datasets of a seed stay as they were.
     world = draw_world(np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 2))), template)
-    if options.world == "v3":  # and v3's from one more, so a v3 subject is its v2 namesake, individualised
+    if options.world in ("v3", "v4"):  # and v3's from one more, so a v3 subject is its v2 namesake, individualised
         world = individualise(np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 3))), template,
                               world)
+    if options.world == "v4":  # v4's likewise: a v4 subject is its v3 namesake, re-segmented
+        world = resegment(np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 4))), template, world)
     d = options.downsample
     grid = acquisition_grid(world.orientation, matrix=tuple(-(-n // d) for n in world.matrix),  # type: ignore[arg-type]
                             pixel_mm=world.pixel_mm * d, slice_mm=world.slice_mm * d, oblique_deg=world.oblique_deg)
@@ -197,7 +199,9 @@ def make_subject(subject: Subject, template: Template, options: PhantomOptions, 
             "lesions": 0 if subject.changes.lesions is None else len(subject.changes.lesions.radii_mm),
             "sharpness": round(subject.changes.sharpness, 4),
             "thickness_sd": None if subject.changes.thickness is None
-            else round(float(subject.changes.thickness.values.std()), 4)},
+            else round(float(subject.changes.thickness.values.std()), 4),
+            "segmentation_weight": None if subject.changes.segmentation is None
+            else round(subject.changes.segmentation.weight, 4)},
         "mprage_grid": {"shape": list(mprage_grid.shape), "spacing_mm": np.round(mprage_grid.spacing_mm, 4).tolist()},
         "pose": {"rotation": np.round(w.rotation, 6).tolist(), "scale": np.round(w.scale, 6).tolist(),
                  "translation_mm": np.round(w.translation_mm, 4).tolist()},

@@ -123,7 +123,8 @@ class Segmentation:
 
 @dataclass(frozen=True)
 class AnatomyChanges:
-    """Per-subject changes to the rendered template: atrophy, lesions."""
+    """Per-subject changes to the rendered template, applied in this order: the individual segmentation (v4),
+    sharpening and cortical thickness (v3), atrophy, lesions (v2)."""
 
     atrophy: float  # fraction of cortical GM bordering CSF that becomes CSF
     lesions: Lesions | None

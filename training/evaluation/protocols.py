@@ -54,18 +54,16 @@ def protocol_table(regional: pd.DataFrame, voxelwise: pd.DataFrame, groups: Mapp
         for other in others:
             row: dict[str, object] = {"group": group, "n_subjects": len(members), "map_set": other}
             for quantity in quantities:
-                pairs = _pairs(regional[in_group & (regional["quantity"] == quantity)], reference, other)
-                row[f"ccc_{quantity}"] = _ccc(pairs, reference, other)
-                row[f"ccc_gmwm_{quantity}"] = _ccc(_pairs(regional[in_group & (regional["quantity"] == quantity)
-                                                                   & tissue.isin(TISSUE_REGION_CLASSES)],
+                selected = in_group & (regional["quantity"] == quantity)
+                row[f"ccc_{quantity}"] = _ccc(_pairs(regional[selected], reference, other), reference, other)
+                row[f"ccc_gmwm_{quantity}"] = _ccc(_pairs(regional[selected & tissue.isin(TISSUE_REGION_CLASSES)],
                                                           reference, other), reference, other)
                 for t in tissues:
                     errors = voxelwise[voxelwise["subject"].isin(members) & (voxelwise["tissue"] == t)
                                        & (voxelwise["reference"] == reference) & (voxelwise["other"] == other)
                                        & (voxelwise["quantity"] == quantity)]["median_ape"].dropna()
                     row[f"mape_{t}_{quantity}"] = float(errors.median()) if len(errors) else float("nan")
-                    pt = _pairs(regional[in_group & (regional["quantity"] == quantity) & (tissue == t)],
-                                reference, other)
+                    pt = _pairs(regional[selected & (tissue == t)], reference, other)
                     pt = pt[pt[reference] > 0]
                     row[f"bias_{t}_{quantity}"] = float(np.mean(100 * (pt[other] - pt[reference]) / pt[reference])) \
                         if len(pt) else float("nan")

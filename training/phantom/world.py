@@ -76,6 +76,8 @@ from training.phantom.geometry import Orientation
 from training.phantom.mprage import MprageProtocol
 from training.phantom.tissues import TissueModel, TissueValues
 
+BRAIN_TISSUES = [TISSUES.index(n) for n in ("wm", "gm", "deep_gm", "csf")]
+"""Indices (in :data:`TISSUES`) of the brain's compartments, which v3 sharpens and v4 re-segments."""
 VENTRICLE_CENTRE_MNI = np.array([0.0, -12.0, 14.0])
 VENTRICLE_SIGMA_MM = 30.0
 
@@ -106,18 +108,17 @@ class Segmentation:
 
     def apply(self, anatomy: RenderedAnatomy, fractions: np.ndarray) -> np.ndarray:
         """``fractions`` (tissues, N) of ``anatomy``'s voxels, re-segmented; each voxel keeps its brain total."""
-        brain = [TISSUES.index(n) for n in ("wm", "gm", "deep_gm", "csf")]
         f = fractions.copy()
-        total = f[brain].sum(axis=0)
-        logit = np.log(f[brain] / np.maximum(total, 1e-6) + 1e-4)
-        logit[brain.index(TISSUES.index("gm"))] += self.offset(anatomy.template_mm)[0]
+        total = f[BRAIN_TISSUES].sum(axis=0)
+        logit = np.log(f[BRAIN_TISSUES] / np.maximum(total, 1e-6) + 1e-4)
+        logit[BRAIN_TISSUES.index(TISSUES.index("gm"))] += self.offset(anatomy.template_mm)[0]
         winner = np.argmax(logit, axis=0)
-        spacing = np.linalg.norm(anatomy.grid.affine[:3, :3], axis=0)
-        blurred = np.stack([anatomy.full(np.where(winner == c, total, 0).astype(np.float32)) for c in range(4)])
-        blurred = np.stack([ndimage.gaussian_filter(b, self.blur_mm / spacing).reshape(-1)[anatomy.index]
-                            for b in blurred])
+        sigma = self.blur_mm / np.linalg.norm(anatomy.grid.affine[:3, :3], axis=0)
+        blurred = np.stack([ndimage.gaussian_filter(anatomy.full(np.where(winner == c, total, 0).astype(np.float32)),
+                                                    sigma).reshape(-1)[anatomy.index]
+                            for c in range(len(BRAIN_TISSUES))])
         hard = blurred * (total / np.maximum(blurred.sum(axis=0), 1e-12))
-        f[brain] = (1 - self.weight) * f[brain] + self.weight * hard
+        f[BRAIN_TISSUES] = (1 - self.weight) * f[BRAIN_TISSUES] + self.weight * hard
         return f
 
 
@@ -138,10 +139,9 @@ class AnatomyChanges:
             f = self.segmentation.apply(anatomy, f)
         wm, gm, csf, lesion = (TISSUES.index(n) for n in ("wm", "gm", "csf", "lesion"))
         if self.sharpness != 1:
-            brain = [TISSUES.index(n) for n in ("wm", "gm", "deep_gm", "csf")]
-            total = f[brain].sum(axis=0)
-            powered = np.clip(f[brain] / np.maximum(total, 1e-6), 0, 1) ** np.float32(self.sharpness)
-            f[brain] = powered * (total / np.maximum(powered.sum(axis=0), 1e-12))
+            total = f[BRAIN_TISSUES].sum(axis=0)
+            powered = np.clip(f[BRAIN_TISSUES] / np.maximum(total, 1e-6), 0, 1) ** np.float32(self.sharpness)
+            f[BRAIN_TISSUES] = powered * (total / np.maximum(powered.sum(axis=0), 1e-12))
         if self.thickness is not None:
             t = np.clip(self.thickness(anatomy.template_mm)[0], -0.5, 0.5)
             grown = np.clip(t, 0, None) * np.clip(4.0 * f[gm], 0, 1) * f[wm]

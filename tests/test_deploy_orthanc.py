@@ -47,6 +47,8 @@ def test_lua_rule_forwards_mprage_only_and_results_come_back(node_and_orthanc: t
     _store_to_orthanc(orthanc, [*mprage.files, *t2.files])
     [result] = wait_until(orthanc.series_tags, 60, 0.2, "the result back in Orthanc")
     assert result["PatientID"] == "LUA001"
+    # Orthanc holds the result before the node has the C-STORE response and marks the job delivered.
+    wait_until(node.idle, 10, what="the node to be idle")
     jobs = node.store.jobs()
     assert [(j.series_uid, j.state) for j in jobs] == [(mprage.series_uid, JobState.DELIVERED)]
 

@@ -3,7 +3,8 @@ file, the node's checks and MPRAGE rules, then the pipeline's header reading (se
 the acquisition protocol. A refusal with a reason (InstanceRefusedError, SeriesRejected, ProtocolError) is
 the expected outcome for bad input; any other exception is a crash.
 
-Run: ``python tests/fuzz_receive.py -runs=20000`` (libFuzzer flags; ``-max_total_time=60``); the test
+Run: ``TMPDIR=<scratch> python tests/fuzz_receive.py -runs=20000`` (libFuzzer flags; ``-max_total_time=60``;
+its series and corpus folders are made under TMPDIR and left there); the test
 suite runs a short bounded run (``tests/test_node_fuzz.py``). The seed is one valid MPRAGE-like
 instance; each input replaces its data set (one of a series of the fewest frames the pipeline takes).
 """

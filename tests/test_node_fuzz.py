@@ -5,6 +5,7 @@ on serving."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -130,8 +131,9 @@ def test_a_bounded_coverage_guided_run_finds_no_crash(tmp_path: Path) -> None:
     harness = Path(__file__).with_name("fuzz_receive.py")
     # -rss_limit_mb=0: libFuzzer reads the peak RSS from getrusage, which Linux carries over execve from this
     # (large) pytest process; the run itself needs about 130 MB.
+    # TMPDIR: the harness's series and corpus folders are made under tmp_path and go with it
     r = subprocess.run([sys.executable, str(harness), "-runs=600", "-seed=1", "-rss_limit_mb=0"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(tmp_path)})
     output = "\n".join(line for line in (r.stdout + r.stderr).splitlines() if "Instrumenting" not in line)
     assert r.returncode == 0, output[-4000:]
     assert "Done 600 runs" in r.stderr

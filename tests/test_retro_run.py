@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -272,8 +273,12 @@ def test_node_stopped_mid_retrieve_then_the_next_pass_completes_the_series(
 
 
 def test_c_get_source_forwards_to_the_node(tmp_path: Path, archive: tuple[ArchiveOrthanc, list[ArchiveStudy]],
-                                           node_port: int, phantom_mprage: list[Path]) -> None:
+                                           node_port: int, phantom_mprage: list[Path],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     orthanc, studies = archive
+    system_tmp = tmp_path / "system-tmp"  # where pynetdicom puts the data set of each C-GET sub-operation
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
     cfg = make_config(tmp_path, orthanc, node_port).model_copy(update={"sources": [orthanc.source(retrieve="get")]})
     with Node(cfg, processor=fast_processor) as node:
         progress = ProgressStore.open(cfg.node.storage_dir)
@@ -285,6 +290,7 @@ def test_c_get_source_forwards_to_the_node(tmp_path: Path, archive: tuple[Archiv
         [job] = node.store.jobs()
         assert job.state is JobState.DELIVERED and job.instances == len(phantom_mprage)
         assert not (Path(cfg.node.storage_dir) / "retro" / "get" / str(report.run_id)).exists()  # scratch removed
+        assert sorted(p.name for p in system_tmp.iterdir()) == []  # no temporary file left behind
         view.close()
         progress.close()
 

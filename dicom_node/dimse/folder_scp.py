@@ -27,6 +27,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
 
+from dicom_node.dimse import streamed_receive
 from dicom_node.dimse.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
 from dicom_node.dimse.storage_scp import (
     TRANSFER_SYNTAXES,
@@ -79,6 +80,8 @@ def store_to_folder(event: Event, folder: Path, on_stored: Stored | None = None,
     except Exception:
         logger.exception("storing a received instance failed")
         return PROCESSING_FAILURE
+    finally:
+        streamed_receive.discard_temporary_file(event.request)
     if on_stored is not None:
         try:
             on_stored(path, ds)

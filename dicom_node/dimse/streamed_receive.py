@@ -12,8 +12,10 @@ path. For the associations of an AE registered with :func:`enable`, that file is
   the rest is counted but not written, and the handler refuses the instance naming the limit.
 
 A file whose association ends before the data set is complete is deleted (:func:`discard_unfinished`).
-pynetdicom's switch is process-wide: other SCPs in the process get ordinary temporary files and read
-their data sets through ``event.dataset`` as before.
+pynetdicom's switch is process-wide while an AE is registered: other SCPs in the process get ordinary
+temporary files and read their data sets through ``event.dataset`` as before. pynetdicom deletes such a
+file after an SCP's handler but not after a C-STORE sub-operation of a C-GET (received by the requestor):
+that handler calls :func:`discard_temporary_file`.
 """
 
 from __future__ import annotations
@@ -207,7 +209,22 @@ def enable(ae: Any, folder: Path, max_bytes: float, floor: Callable[[], int], me
 
 
 def disable(ae: Any) -> None:
+    """Forget ``ae``'s settings; with the last AE gone, pynetdicom receives data sets in memory again."""
     _settings.pop(id(ae), None)
+    if not _settings:
+        _config.STORE_RECV_CHUNKED_DATASET = False
+
+
+def discard_temporary_file(request: Any) -> None:
+    """Close and delete the ordinary temporary file (not a :class:`ReceiveFile`) a C-STORE data set was
+    received into, once the handler has read it."""
+    f = getattr(request, "_dataset_file", None)
+    if f is None or isinstance(f, ReceiveFile):
+        return
+    with contextlib.suppress(OSError):
+        f.close()
+    with contextlib.suppress(OSError):
+        os.unlink(f.name)
 
 
 def received_file(request: Any) -> ReceiveFile | None:

@@ -158,3 +158,26 @@ def test_full_resolution_subject(tmp_path: Path) -> None:
     assert m["wm"] > 1.2 * m["gm"] > 1.2 * m["csf"]
     labels = np.asarray(_nifti(folder / FILES["labels"]).dataobj)
     assert set(np.unique(labels)) == set(range(48))
+
+
+@pytest.mark.slow
+def test_expected_mrf_target_changes_only_the_mrf(tmp_path: Path) -> None:
+    """``--mrf-target expected`` (world v2): the same MPRAGE, truth maps and settings otherwise; the MRF differs, and
+    old folders (made before the option) keep their settings."""
+    made = {}
+    for target in ("subject", "expected"):
+        result = CliRunner().invoke(phantom, ["make", "--subjects", "1", "--out", str(tmp_path / target), "--seed",
+                                              "5", "--fast", "--world", "v2", "--mrf-target", target])
+        assert result.exit_code == 0, result.output
+        made[target] = tmp_path / target / "sub-001"
+    for key in ("mprage", "t1", "t2", "pd", "brain_mask", "labels"):
+        np.testing.assert_array_equal(_load(made["subject"], key), _load(made["expected"], key), err_msg=key)
+    subject_mrf, expected_mrf = _load(made["subject"], "mrf"), _load(made["expected"], "mrf")
+    brain = _load(made["subject"], "brain_mask") > 0
+    change = np.abs(expected_mrf[brain] - subject_mrf[brain]).sum(axis=-1) / np.abs(subject_mrf[brain]).sum(axis=-1)
+    assert np.median(change) > 0.01
+    settings = {t: json.loads((tmp_path / t / "settings.json").read_text())["options"] for t in made}
+    assert "mrf_target" not in settings["subject"] and settings["expected"]["mrf_target"] == "expected"
+    refused = CliRunner().invoke(phantom, ["make", "--subjects", "1", "--out", str(tmp_path / "v1"), "--fast",
+                                           "--mrf-target", "expected"])
+    assert refused.exit_code != 0 and "needs world v2, v3 or v4" in refused.output

@@ -14,6 +14,7 @@ import pytest
 from pipeline.acquisition import protocol_from_dicom
 from pipeline.mrf.dictionary import Dictionary
 from pipeline.mrf.sequence import Sequence
+from pipeline.mrf.simulate import simulate_coefficients
 from pipeline.protocol import Family
 from training.phantom.anatomy import TISSUES, RenderedAnatomy, Template, load_template, render
 from training.phantom.dicom_series import VENDOR_HEADERS, Vendor, classic_datasets, make_identity
@@ -33,6 +34,7 @@ from training.phantom.world import (
     draw_protocol,
     draw_tissue_values,
     draw_world,
+    expected_t2_target,
 )
 
 
@@ -118,6 +120,53 @@ def test_exchange_mix_interpolates_the_two_limits(template: Template, default_se
               for lam in (0.0, 1.0, 0.3)]
     np.testing.assert_allclose(limits[2], 0.7 * limits[0] + 0.3 * limits[1], rtol=1e-5, atol=1e-7)
     assert np.abs(limits[0] - limits[1]).max() > 1e-3 * np.abs(limits[0]).max()  # the two models differ
+
+
+@pytest.mark.parametrize(("field_t", "t2_by_hand"), [
+    (3.0, {"wm": 70.0, "gm": 92.5, "deep_gm": 72.5, "csf": 1250.0, "scalp": 120.0, "lesion": 70.0 * 2.15}),
+    (1.5, {"wm": 77.5, "gm": 97.5, "deep_gm": 72.5, "csf": 1250.0, "scalp": 120.0, "lesion": 77.5 * 2.15}),
+])
+def test_expected_target_keeps_what_an_mprage_shows(template: Template, field_t: float,
+                                                    t2_by_hand: dict[str, float]) -> None:
+    """T2 at the midpoints of the docstring's uniform priors, no T2 field, lambda at its mean 0.5; T1 and PD kept."""
+    draw = draw_world(np.random.default_rng(11), template)
+    model = replace(draw.tissues, exchange=1.0)
+    target = expected_t2_target(model, field_t)
+    assert target.exchange == 0.5
+    for name, value in model.values.items():
+        assert (target.values[name].t1_ms, target.values[name].pd) == (value.t1_ms, value.pd)
+        assert target.values[name].t2_ms == pytest.approx(t2_by_hand[name])
+        t1_levels, t2_levels, pd_levels = target.level_tables(name)
+        np.testing.assert_array_equal(t1_levels, model.level_tables(name)[0])  # T1 and PD fields kept
+        np.testing.assert_array_equal(pd_levels, model.level_tables(name)[2])
+        np.testing.assert_allclose(t2_levels, t2_by_hand[name])  # no within-subject T2 field
+    with pytest.raises(ValueError, match="world v2-v4"):
+        expected_t2_target(replace(model, modulation=None), field_t)
+
+
+def test_expected_target_signal_is_the_mean_mix_at_the_prior_mean_t2(template: Template, default_sequence: Sequence,
+                                                                      default_dictionary: Dictionary) -> None:
+    """A pure GM voxel: the atom at the subject's T1 and the prior-mean T2, by the EPG simulation directly; a
+    GM/CSF voxel: the average of its signal-domain sum and its fast-exchange atom (rates averaged by hand)."""
+    model = expected_t2_target(draw_world(np.random.default_rng(12), template).tissues, 3.0)
+    anatomy = _voxels(template, {"gm": [1.0, 0.7], "csf": [0.0, 0.3]})
+    g, _ = model.level_indices(anatomy)
+    coeffs = noise_free_coefficients(default_sequence, default_dictionary, model, anatomy)
+    gm_t1, csf_t1 = model.level_tables("gm")[0][g[0]], model.level_tables("csf")[0][g[1]]
+    gm_pd, csf_pd = model.level_tables("gm")[2][g[0]], model.level_tables("csf")[2][g[1]]
+
+    def atom(t1: float, t2: float) -> np.ndarray:
+        return simulate_coefficients(default_sequence, default_dictionary, np.array([t1]), np.array([t2]),
+                                     np.ones(1), device="cpu")[0]
+
+    np.testing.assert_allclose(coeffs[0], gm_pd * atom(gm_t1, 92.5), rtol=1e-4, atol=1e-6)
+    gm_t1_pv = model.level_tables("gm")[0][g[1]]
+    gm_pd_pv = model.level_tables("gm")[2][g[1]]
+    w_gm, w_csf = 0.7 * gm_pd_pv, 0.3 * csf_pd
+    slow = w_gm * atom(gm_t1_pv, 92.5) + w_csf * atom(csf_t1, 1250.0)
+    fast = (w_gm + w_csf) * atom((w_gm + w_csf) / (w_gm / gm_t1_pv + w_csf / csf_t1),
+                                 (w_gm + w_csf) / (w_gm / 92.5 + w_csf / 1250.0))
+    np.testing.assert_allclose(coeffs[1], 0.5 * slow + 0.5 * fast, rtol=3e-3, atol=1e-5)  # fast: log T to 0.1 %
 
 
 def test_t2star_factor_scales_the_echo_decay() -> None:

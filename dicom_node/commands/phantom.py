@@ -39,6 +39,11 @@ def phantom() -> None:
                    "plus an individual cortex (boundary sharpness, fold-scale displacement, cortical thickness). "
                    "v4: v3 plus an individual segmentation (the brain re-segmented with moving boundaries).")
 @click.option("--mrf/--no-mrf", default=True, show_default=True, help="Simulate the MRF coefficients.")
+@click.option("--mrf-target", type=click.Choice(["subject", "expected"]), default="subject", show_default=True,
+              help="subject: the MRF of the subject's own tissue values. expected (worlds v2-v4, for training): "
+                   "the MRF keeps only what an MPRAGE shows: each tissue's T2 at its prior mean (no T2 field) and "
+                   "the partial-volume mix at its mean; T1, PD, anatomy, the MPRAGE and the truth maps are as with "
+                   "'subject'.")
 @click.option("--fast", is_flag=True, help="Half-resolution grids (smoke tests only, not for training).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Subjects made in parallel (each process peaks at about 2 GB).")
@@ -48,15 +53,16 @@ def phantom() -> None:
 @click.option("--test-subjects", "n_test", type=click.IntRange(min=0), default=None,
               help="Test subjects (default: the paper's 5 of 37, at least 1).")
 def make(n_subjects: int, out: Path, seed: int, style: str, vendor: str, orientation: str, oblique_deg: float,
-         world: str, mrf: bool, fast: bool, workers: int, n_val: int | None, n_test: int | None) -> None:
+         world: str, mrf: bool, mrf_target: str, fast: bool, workers: int, n_val: int | None,
+         n_test: int | None) -> None:
     """Write N phantom subjects and a manifest with a train/val/test split into OUT."""
     from training.phantom.dataset import make_dataset
     from training.phantom.subject import PhantomOptions
 
-    options = PhantomOptions(orientation=Orientation(orientation), style=DicomStyle(style),
-                             vendor=None if vendor == "mixed" else Vendor(vendor), oblique_deg=oblique_deg,
-                             mrf=mrf, downsample=2 if fast else 1, world=world)
     try:
+        options = PhantomOptions(orientation=Orientation(orientation), style=DicomStyle(style),
+                                 vendor=None if vendor == "mixed" else Vendor(vendor), oblique_deg=oblique_deg,
+                                 mrf=mrf, downsample=2 if fast else 1, world=world, mrf_target=mrf_target)
         manifest = make_dataset(n_subjects, out, seed=seed, options=options, workers=workers, n_val=n_val,
                                 n_test=n_test)
     except ValueError as exc:

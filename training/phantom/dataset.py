@@ -153,7 +153,10 @@ def make_dataset(n_subjects: int, out: Path, *, seed: int = 0, options: PhantomO
 
 
 def _options_doc(options: PhantomOptions) -> dict[str, object]:
-    return {**asdict(replace(options, protocol=None)), "protocol": asdict(options.protocol)}  # type: ignore[arg-type]
+    doc = {**asdict(replace(options, protocol=None)), "protocol": asdict(options.protocol)}  # type: ignore[arg-type]
+    if options.mrf_target == "subject":  # the default: folders made before the option existed still match
+        del doc["mrf_target"]
+    return doc
 
 
 def _grid_doc(grid: object) -> dict[str, object]:

@@ -27,9 +27,10 @@ from training.phantom.geometry import Orientation, VolumeGrid, acquisition_grid,
 from training.phantom.mprage import MprageProtocol, acquire
 from training.phantom.mrf import acquire_mrf
 from training.phantom.tissues import TissueModel, draw_tissues, truth_maps
-from training.phantom.world import AnatomyChanges, draw_world, individualise, resegment
+from training.phantom.world import AnatomyChanges, draw_world, expected_t2_target, individualise, resegment
 
 WORLDS = ("v1", "v2", "v3", "v4")
+MRF_TARGETS = ("subject", "expected")
 V1_VENDORS = ["siemens", "ge"]  # world v1 draws between these two (the draws of a seed must not change)
 
 logger = logging.getLogger(__name__)
@@ -64,10 +65,15 @@ class PhantomOptions:
     downsample: int = 1
     protocol: MprageProtocol = field(default_factory=MprageProtocol)
     world: str = "v1"  # v2: protocol, grid, tissues, anatomy, noise per subject; v3/v4: + an individual cortex
+    mrf_target: str = "subject"  # expected: the MRF keeps only what an MPRAGE shows (world.expected_t2_target)
 
     def __post_init__(self) -> None:
         if self.world not in WORLDS:
             raise ValueError(f"world: expected one of {WORLDS}, got {self.world!r}")
+        if self.mrf_target not in MRF_TARGETS:
+            raise ValueError(f"mrf_target: expected one of {MRF_TARGETS}, got {self.mrf_target!r}")
+        if self.mrf_target == "expected" and self.world == "v1":
+            raise ValueError("mrf_target 'expected' needs world v2, v3 or v4 (their priors define the expectation)")
 
     def mrf_grid(self) -> VolumeGrid:
         return mrf_grid(self.downsample)
@@ -168,7 +174,10 @@ def make_subject(subject: Subject, template: Template, options: PhantomOptions, 
     if options.mrf:
         if sequence is None or dictionary is None:
             raise ValueError("sequence, dictionary: required when options.mrf is set")
-        coeffs = acquire_mrf(sequence, dictionary, subject.tissues, anatomy, coil_phase=subject.coil_phase,
+        tissues = subject.tissues
+        if options.mrf_target == "expected":
+            tissues = expected_t2_target(tissues, subject.protocol.field_strength_t)
+        coeffs = acquire_mrf(sequence, dictionary, tissues, anatomy, coil_phase=subject.coil_phase,
                              snr=subject.mrf_snr, rng=noise)
         _save(coeffs, grid.affine, out_dir / FILES["mrf"])
         files["mrf"] = FILES["mrf"]

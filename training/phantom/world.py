@@ -78,6 +78,16 @@ from training.phantom.tissues import TissueModel, TissueValues
 
 BRAIN_TISSUES = [TISSUES.index(n) for n in ("wm", "gm", "deep_gm", "csf")]
 """Indices (in :data:`TISSUES`) of the brain's compartments, which v3 sharpens and v4 re-segments."""
+T2_RANGES_MS = {
+    3.0: {"wm": (55.0, 85.0), "gm": (70.0, 115.0), "deep_gm": (55.0, 90.0), "csf": (500.0, 2000.0),
+          "scalp": (80.0, 160.0)},
+    1.5: {"wm": (60.0, 95.0), "gm": (75.0, 120.0), "deep_gm": (55.0, 90.0), "csf": (500.0, 2000.0),
+          "scalp": (80.0, 160.0)},
+}
+"""World v2's T2 priors (uniform, ms) per field strength; lesions are WM x U(:data:`LESION_T2_FACTOR`)."""
+LESION_T2_FACTOR = (1.3, 3.0)
+EXPECTED_EXCHANGE = 0.5
+"""The mean of v2's partial-volume lambda: 0 (p 1/3), 1 (p 1/3) or U(0, 1)."""
 VENTRICLE_CENTRE_MNI = np.array([0.0, -12.0, 14.0])
 VENTRICLE_SIGMA_MM = 30.0
 
@@ -217,20 +227,40 @@ def draw_tissue_values(rng: np.random.Generator, field_t: float) -> dict[str, Ti
         gm_t1 = _u(rng, 1200, 1800) if three else _u(rng, 1000, 1450)
         if 1.35 <= gm_t1 / wm_t1 <= (1.95 if three else 2.1):
             break
-    wm_t2 = _u(rng, 55, 85) if three else _u(rng, 60, 95)
-    gm_t2 = _u(rng, 70, 115) if three else _u(rng, 75, 120)
+    t2 = T2_RANGES_MS[3.0 if three else 1.5]
+    wm_t2 = _u(rng, *t2["wm"])
+    gm_t2 = _u(rng, *t2["gm"])
     wm = TissueValues(wm_t1, wm_t2, _u(rng, 0.64, 0.74))
     return {
         "wm": wm,
         "gm": TissueValues(gm_t1, gm_t2, _u(rng, 0.76, 0.86)),
-        "deep_gm": TissueValues(wm_t1 + _u(rng, 0.25, 0.75) * (gm_t1 - wm_t1), _u(rng, 55, 90),
+        "deep_gm": TissueValues(wm_t1 + _u(rng, 0.25, 0.75) * (gm_t1 - wm_t1), _u(rng, *t2["deep_gm"]),
                                 _u(rng, 0.74, 0.84)),
-        "csf": TissueValues(_u(rng, 3300, 4500), _u(rng, 500, 2000), 1.0),
-        "scalp": TissueValues(_u(rng, 300, 450) if three else _u(rng, 230, 350), _u(rng, 80, 160),
+        "csf": TissueValues(_u(rng, 3300, 4500), _u(rng, *t2["csf"]), 1.0),
+        "scalp": TissueValues(_u(rng, 300, 450) if three else _u(rng, 230, 350), _u(rng, *t2["scalp"]),
                               _u(rng, 0.8, 1.0)),
-        "lesion": TissueValues(wm_t1 * _u(rng, 1.2, 2.0), wm_t2 * _u(rng, 1.3, 3.0),
+        "lesion": TissueValues(wm_t1 * _u(rng, 1.2, 2.0), wm_t2 * _u(rng, *LESION_T2_FACTOR),
                                min(1.0, wm.pd * _u(rng, 1.03, 1.2))),
     }
+
+
+def expected_t2_target(model: TissueModel, field_t: float) -> TissueModel:
+    """The tissue model of an MRF training target that keeps only what an MPRAGE can show (``--mrf-target
+    expected``): every tissue's T2 at its prior mean for ``field_t`` (no within-subject T2 field) and the
+    partial-volume mix at the prior mean lambda = 0.5, so the signal is that mix's expectation (it is linear
+    in lambda); T1, PD and anatomy stay the subject's. The subject's own T2 and exchange are drawn
+    independently of everything the MPRAGE shows, so the optimum of a squared-error loss is the same; the
+    target just loses that noise (with 60 subjects a network otherwise learns a subject's draw from
+    incidental features). Plug-in: the signal at the mean T2, not the mean signal (their matched T2 differ
+    by about 1 % over these priors)."""
+    t2 = T2_RANGES_MS[3.0 if field_t > 2 else 1.5]
+    mean = {name: (lo + hi) / 2 for name, (lo, hi) in t2.items()}
+    mean["lesion"] = mean["wm"] * sum(LESION_T2_FACTOR) / 2
+    values = {name: replace(v, t2_ms=mean[name]) for name, v in model.values.items()}
+    if model.modulation is None:
+        raise ValueError("expected_t2_target: a world v2-v4 tissue model (with per-tissue modulation) is needed")
+    modulation = {name: (a1, 0.0, ap) for name, (a1, _, ap) in model.modulation.items()}
+    return replace(model, values=values, modulation=modulation, exchange=EXPECTED_EXCHANGE)
 
 
 def draw_protocol(rng: np.random.Generator, field_t: float) -> MprageProtocol:

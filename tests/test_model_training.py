@@ -323,7 +323,8 @@ def test_distributed_training_with_torchrun(tiny_dataset: Path, tmp_path: Path) 
            "--data", str(tiny_dataset), "--run-dir", str(run), "--cache", str(tmp_path / "cache"), "--epochs", "1",
            "--iterations-per-epoch", "1", "--batch-size", "4", "--crop", "32", "--validation-slices", "2",
            "--device", "cpu"]
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    # TMPDIR: torchrun's own scratch folder (torchelastic_*) goes with tmp_path
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (run / "best.pt").is_file() and len((run / "metrics.csv").read_text().splitlines()) == 2

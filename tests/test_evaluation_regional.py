@@ -6,7 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.evaluation.regional import region_statistics, regional_matrix, regional_table
+from training.evaluation.regional import (
+    BETWEEN_COLUMNS,
+    COLUMNS,
+    between_subjects,
+    region_statistics,
+    regional_matrix,
+    regional_table,
+    tissue_means,
+)
 from training.evaluation.subjects import SubjectMaps
 from training.evaluation.voxelwise import median_absolute_percent_error, subject_errors, summarise_errors
 
@@ -106,3 +114,30 @@ def test_subject_errors_per_tissue_and_summary() -> None:
     per_subject = table[(table.tissue == "WM") & (table.quantity == "T1")].median_ape
     assert wm_t1.median_ape.item() == pytest.approx(per_subject.median())
     assert wm_t1.n_subjects.item() == 3
+
+
+def test_between_subjects_follows_tissue_means_by_hand() -> None:
+    """Each subject's cortex mean is its cortex regions' means weighted by voxels; r, SDs and the mean % difference
+    over subjects by hand. A map set that moves between subjects against the reference shows r = -1."""
+    regions = [("left frontal cortex", 1, 100), ("right insular cortex", 2, 300), ("left frontal white matter", 3, 50),
+               ("left lateral ventricle", 4, 80)]
+    truth_gm = {"s1": (100.0, 120.0), "s2": (110.0, 130.0), "s3": (90.0, 95.0), "s4": (105.0, 140.0)}
+    rows = []
+    for subject, (a, b) in truth_gm.items():
+        for name, label, n in regions:
+            value = {1: a, 2: b, 3: 70.0, 4: 1500.0}[label]
+            rows.append((subject, name, label, "truth", "T2", n, value, 1.0))
+            rows.append((subject, name, label, "dl", "T2", n, 200.0 - value if label < 3 else value, 1.0))
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    out = between_subjects(table, [("truth", "dl")], ["T2"]).set_index("tissue")
+    assert list(out.columns) == [c for c in BETWEEN_COLUMNS if c != "tissue"]
+    gm_truth = np.array([(100 * a + 300 * b) / 400 for a, b in truth_gm.values()])
+    gm_dl = np.array([(100 * (200 - a) + 300 * (200 - b)) / 400 for a, b in truth_gm.values()])
+    gm = out.loc["GM"]
+    assert gm["n_subjects"] == 4 and gm["r"] == pytest.approx(-1.0)
+    assert gm["sd_reference"] == pytest.approx(gm_truth.std(ddof=1))
+    assert gm["sd_other"] == pytest.approx(gm_dl.std(ddof=1))
+    assert gm["mean_difference_percent"] == pytest.approx(np.mean(100 * (gm_dl - gm_truth) / gm_truth))
+    wm = out.loc["WM"]  # the same value in every subject: no correlation to speak of
+    assert np.isnan(wm["r"]) and wm["sd_reference"] == 0 and wm["mean_difference_percent"] == 0
+    assert tissue_means(table, "truth", "T2", "CSF").tolist() == [1500.0] * 4

@@ -100,6 +100,11 @@ def test_report_end_to_end(tmp_path: Path) -> None:
                       if (r["reference"], r["other"], r["quantity"]) == ("true", "dl", "T1"))
     assert tissue_row["ccc"]["value"] == pytest.approx(tissue.ccc.value) and tissue_row["n_pairs"] == 12
     assert len(data["voxelwise_median_ape_percent"]) == 3 * 3 * 2
+    # Between subjects: the cortex region's mean per subject (column 1 of the region order), true vs dl, by numpy.
+    between = next(r for r in data["between_subjects"]
+                   if (r["reference"], r["other"], r["quantity"], r["tissue"]) == ("true", "dl", "T1", "GM"))
+    assert between["n_subjects"] == 6 and between["r"] == pytest.approx(np.corrcoef(ref[:, 1], oth[:, 1])[0, 1])
+    assert between["sd_other"] == pytest.approx(oth[:, 1].std(ddof=1))
 
     markdown = (out / "summary.md").read_text()
     assert "| true | dl | T1 |" in markdown
@@ -107,6 +112,7 @@ def test_report_end_to_end(tmp_path: Path) -> None:
     assert "0.9078 (0.8981 to 0.9145) | 2.02 (-1.4 to 4.8)" in markdown
     assert "| WM | truth | dl | T1 |" in markdown
     assert "GM and WM regions only" in markdown.split("### Voxelwise")[0]
+    assert f"| true | dl | T1 | GM | {between['r']:+.2f} |" in markdown.split("### Between subjects")[1]
 
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == sorted(["maps_sub-000.png"] + [f"{kind}_{r}_vs_{o}.png" for r, o in COMPARISONS

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from training.evaluation.subjects import SubjectMaps
+from training.evaluation.subjects import SubjectMaps, tissue_of_region
 
 COLUMNS = ("subject", "region", "label", "map_set", "quantity", "n_voxels", "mean", "sd")
 """Columns of the regional table; ``sd`` is the sample SD (ddof=1) of the region's voxels."""
@@ -69,3 +69,42 @@ def regional_matrix(table: pd.DataFrame, map_set: str, quantity: str,
     wide = rows.pivot(index="subject", columns="label", values=statistic)
     names = rows.drop_duplicates("label").set_index("label")["region"]
     return list(wide.index), [str(names[k]) for k in wide.columns], wide.to_numpy(dtype=np.float64)
+
+
+BETWEEN_COLUMNS = ("reference", "other", "quantity", "tissue", "n_subjects", "r", "sd_reference", "sd_other",
+                   "mean_difference_percent")
+"""Columns of :func:`between_subjects`: Pearson r of the subjects' tissue means, their SDs (ms) and the mean of
+100 (other - reference) / reference."""
+
+
+def tissue_means(table: pd.DataFrame, map_set: str, quantity: str, tissue: str) -> pd.Series:
+    """Each subject's mean over the voxels of its ``tissue`` regions (:func:`tissue_of_region`; the regional
+    means weighted by voxel count), indexed by subject."""
+    rows = table[(table["map_set"] == map_set) & (table["quantity"] == quantity)
+                 & (table["region"].map(tissue_of_region) == tissue) & (table["n_voxels"] > 0)]
+    weighted = (rows["mean"] * rows["n_voxels"]).groupby(rows["subject"]).sum()
+    return weighted / rows.groupby("subject")["n_voxels"].sum()
+
+
+def between_subjects(table: pd.DataFrame, comparisons: Sequence[tuple[str, str]], quantities: Sequence[str],
+                     tissues: Sequence[str] = ("GM", "WM")) -> pd.DataFrame:
+    """Does ``other`` follow ``reference`` from subject to subject? Per comparison, quantity and tissue, one mean
+    per subject (:func:`tissue_means`) and, over subjects, :data:`BETWEEN_COLUMNS` (r is NaN under 3 subjects
+    or a constant set). A map set whose subject means spread like the reference's with r near 0 moves between
+    subjects for reasons of its own."""
+    rows = []
+    for reference, other in comparisons:
+        for quantity in quantities:
+            for tissue in tissues:
+                ref = tissue_means(table, reference, quantity, tissue)
+                oth = tissue_means(table, other, quantity, tissue).reindex(ref.index)
+                if ref.empty:
+                    continue
+                a, b = ref.to_numpy(np.float64), oth.to_numpy(np.float64)
+                r = float(np.corrcoef(a, b)[0, 1]) if a.size >= 3 and a.std() > 0 and b.std() > 0 else float("nan")
+                rows.append({"reference": reference, "other": other, "quantity": quantity, "tissue": tissue,
+                             "n_subjects": int(a.size), "r": r,
+                             "sd_reference": float(a.std(ddof=1)) if a.size > 1 else float("nan"),
+                             "sd_other": float(b.std(ddof=1)) if b.size > 1 else float("nan"),
+                             "mean_difference_percent": float(np.mean(100 * (b - a) / a))})
+    return pd.DataFrame(rows, columns=list(BETWEEN_COLUMNS))

@@ -19,7 +19,7 @@ import pandas as pd
 
 from training.evaluation.agreement import Agreement, Estimate, agreement
 from training.evaluation.figures import axial_slices, bland_altman_figure, maps_figure, scatter_figure
-from training.evaluation.regional import regional_matrix, subject_table
+from training.evaluation.regional import between_subjects, regional_matrix, subject_table
 from training.evaluation.subjects import SubjectMaps, tissue_of_region
 from training.evaluation.voxelwise import COLUMNS as VOXEL_COLUMNS
 from training.evaluation.voxelwise import subject_errors, summarise_errors
@@ -71,6 +71,7 @@ class EvaluationSummary:
     regional: pd.DataFrame
     voxelwise_subjects: pd.DataFrame
     tissue_agreements: Mapping[tuple[str, str, str], Agreement]
+    between: pd.DataFrame  # regional.between_subjects over TISSUE_REGION_CLASSES
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready numbers (NaN becomes None)."""
@@ -96,6 +97,8 @@ class EvaluationSummary:
                 "agreement_gm_wm_regions": {"classes": list(TISSUE_REGION_CLASSES),
                                             "rows": rows(self.tissue_agreements)},
                 "voxelwise_median_ape_percent": voxelwise,
+                "between_subjects": [{k: (_num(v) if isinstance(v, float) else v) for k, v in row.items()}
+                                     for row in self.between.to_dict(orient="records")],
                 "paper": {"reference": PAPER_COMPARISON[0], "other": PAPER_COMPARISON[1], **paper},
                 "files": {k: str(v) for k, v in self.files.items()}}
 
@@ -155,6 +158,18 @@ def _markdown(summary: EvaluationSummary) -> str:
                   "resamples)", "", "CSF regions (T2 not revealed by an MPRAGE; T1 several times the tissue's, which "
                   "stretches the range a CCC is judged against) and the deep regions drawn from GM and WM together "
                   "are left out.", "", *_AGREEMENT_HEADER, *_agreement_rows(summary.tissue_agreements)]
+    if not summary.between.empty:
+        lines += ["", "### Between subjects: each subject's cortex (GM) and white-matter (WM) mean", "",
+                  "One value per subject (its regions' means weighted by voxels). r: Pearson correlation over "
+                  "subjects; an other map set whose subject means spread like the reference's with r near 0 moves "
+                  "between subjects for reasons of its own (under 3 subjects r is not given).", "",
+                  "| Reference | Other | Quantity | Tissue | r | SD reference, ms | SD other, ms | Mean difference "
+                  "other - reference, % | Subjects |", "|---|---|---|---|---|---|---|---|---|"]
+        for row in summary.between.itertuples(index=False):
+            r = "n/a" if math.isnan(row.r) else f"{row.r:+.2f}"
+            lines.append(f"| {row.reference} | {row.other} | {row.quantity} | {row.tissue} | {r} | "
+                         f"{row.sd_reference:.1f} | {row.sd_other:.1f} | {row.mean_difference_percent:+.1f} | "
+                         f"{row.n_subjects} |")
     if not summary.voxelwise.empty:
         lines += ["", "### Voxelwise median absolute percent error (median over subjects of the per-subject "
                   "median; IQR)", "", "| Tissue | Reference | Other | Quantity | Median APE, % (IQR) | Subjects |",
@@ -244,7 +259,8 @@ def evaluate_subjects(subjects: Iterable[SubjectMaps], comparisons: Sequence[tup
     summary = EvaluationSummary(subjects=tuple(seen), comparisons=pairs, quantities=quantities, n_boot=n_boot,
                                 seed=seed, confidence=confidence, agreements=agreements, voxelwise=voxel_summary,
                                 files=files, regional=table, voxelwise_subjects=voxel_table,
-                                tissue_agreements=tissue_agreements)
+                                tissue_agreements=tissue_agreements,
+                                between=between_subjects(table, pairs, quantities, TISSUE_REGION_CLASSES))
     files["summary_json"].write_text(json.dumps(summary.to_dict(), indent=1, allow_nan=False) + "\n")
     files["summary_md"].write_text(_markdown(summary))
     logger.info("evaluation of %d subjects written to %s", len(seen), out_dir)

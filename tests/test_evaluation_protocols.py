@@ -10,7 +10,14 @@ import pandas as pd
 import pytest
 
 from pipeline.protocol import PAPER_PROTOCOL, Family
-from training.evaluation.protocols import markdown_table, metric_columns, protocol_group, protocol_table, text_table
+from training.evaluation.protocols import (
+    markdown_table,
+    metric_columns,
+    near_pure_table,
+    protocol_group,
+    protocol_table,
+    text_table,
+)
 from training.evaluation.report import evaluate_subjects
 from training.evaluation.subjects import SubjectMaps
 
@@ -85,7 +92,26 @@ def test_a_group_with_one_regional_pair_has_no_ccc() -> None:
                              "map_set": ["truth", "dl"], "quantity": ["T1", "T1"], "n_voxels": [5, 5],
                              "mean": [800.0, 880.0], "sd": [1.0, 1.0]})
     voxelwise = pd.DataFrame(columns=["subject", "tissue", "reference", "other", "quantity", "n_voxels",
-                                      "median_ape"])
+                                      "median_ape", "median_pe"])
     row = protocol_table(regional, voxelwise, {"a": "mprage 3T"}, others=("dl",), quantities=("T1",)).iloc[0]
     assert np.isnan(row["ccc_T1"]) and np.isnan(row["mape_WM_T1"])
     assert row["bias_WM_T1"] == pytest.approx(10.0)
+
+
+def test_near_pure_table_medians_over_a_groups_subjects_by_hand() -> None:
+    rows = []
+    for subject, ape, pe in (("a", 2.0, -2.0), ("b", 4.0, 3.0), ("c", 9.0, 9.0)):
+        rows.append({"subject": subject, "tissue": "GM near-pure", "reference": "truth", "other": "dl",
+                     "quantity": "T2", "n_voxels": 10, "median_ape": ape, "median_pe": pe})
+        rows.append({"subject": subject, "tissue": "GM", "reference": "truth", "other": "dl", "quantity": "T2",
+                     "n_voxels": 20, "median_ape": 50.0, "median_pe": 50.0})
+    voxelwise = pd.DataFrame(rows)
+    table = near_pure_table(voxelwise, {"a": "mprage 3T", "b": "mprage 3T", "c": "tfe 3T"}, others=("dl",),
+                            quantities=("T2",))
+    assert list(table.columns) == ["group", "n_subjects", "map_set", "mape_GM near-pure_T2", "bias_GM near-pure_T2"]
+    mprage = table.iloc[0]
+    assert (mprage["group"], mprage["n_subjects"]) == ("mprage 3T", 2)
+    assert mprage["mape_GM near-pure_T2"] == pytest.approx(3.0) and mprage["bias_GM near-pure_T2"] == pytest.approx(0.5)
+    assert table.iloc[1]["bias_GM near-pure_T2"] == pytest.approx(9.0)
+    assert "| mprage 3T | 2 | dl | 3.0 | +0.5 |" in markdown_table(table)
+    assert near_pure_table(voxelwise[voxelwise.tissue == "GM"], {"a": "g"}).empty

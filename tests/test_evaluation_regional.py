@@ -16,7 +16,12 @@ from training.evaluation.regional import (
     tissue_means,
 )
 from training.evaluation.subjects import SubjectMaps
-from training.evaluation.voxelwise import median_absolute_percent_error, subject_errors, summarise_errors
+from training.evaluation.voxelwise import (
+    median_absolute_percent_error,
+    median_percent_error,
+    subject_errors,
+    summarise_errors,
+)
 
 NAMES = {1: "left wm", 2: "right wm", 3: "cortex", 4: "ventricle", 5: "tiny", 6: "absent"}
 
@@ -98,6 +103,9 @@ def test_median_absolute_percent_error_hand_example() -> None:
     reference = np.array([100.0, 200.0, 50.0, 80.0, 0.0])
     other = np.array([110.0, 190.0, 60.0, 80.0, 5.0])
     assert median_absolute_percent_error(reference, other) == pytest.approx(7.5)
+    # signed errors +10, -5, +20, 0 -> median +5 %
+    assert median_percent_error(reference, other) == pytest.approx(5.0)
+    assert np.isnan(median_percent_error(np.zeros(2), np.ones(2)))
 
 
 def test_subject_errors_per_tissue_and_summary() -> None:
@@ -109,10 +117,13 @@ def test_subject_errors_per_tissue_and_summary() -> None:
     ref, oth = np.asarray(s0.maps["truth"]["T1"])[wm], np.asarray(s0.maps["dl"]["T1"])[wm]
     row = table[(table.subject == "sub-0") & (table.tissue == "WM") & (table.quantity == "T1")]
     assert row.median_ape.item() == pytest.approx(np.median(100 * np.abs(oth - ref) / ref))
+    assert row.median_pe.item() == pytest.approx(np.median(100 * (oth - ref) / ref))
     summary = summarise_errors(table)
     wm_t1 = summary[(summary.tissue == "WM") & (summary.quantity == "T1")]
     per_subject = table[(table.tissue == "WM") & (table.quantity == "T1")].median_ape
     assert wm_t1.median_ape.item() == pytest.approx(per_subject.median())
+    assert wm_t1.median_pe.item() == pytest.approx(table[(table.tissue == "WM") & (table.quantity == "T1")]
+                                                   .median_pe.median())
     assert wm_t1.n_subjects.item() == 3
 
 

@@ -12,6 +12,7 @@ import pytest
 from training.evaluation.subjects import (
     SubjectMaps,
     load_phantom_subject,
+    near_pure_masks,
     tissue_masks_from_labels,
     tissue_of_region,
 )
@@ -101,6 +102,47 @@ def test_load_phantom_subject(tmp_path: Path) -> None:
         load_phantom_subject(tmp_path, "sub-009")
     with pytest.raises(FileNotFoundError, match=r"dataset_dir: no manifest\.json"):
         load_phantom_subject(sub, "sub-001")
+
+
+def test_near_pure_masks_by_hand() -> None:
+    """A voxel is near-pure when both truth values sit within 5 % (T1) and 8 % (T2) of its tissue's own values."""
+    values = {"gm": {"t1_ms": 1400.0, "t2_ms": 100.0}, "wm": {"t1_ms": 800.0, "t2_ms": 70.0}}
+    # GM voxels: pure; T1 +4.9 %; T1 +5.1 %; T2 -7.9 %; T2 +8.5 % (a 5 % CSF share under the rate average);
+    # a WM voxel at WM values; a WM-valued voxel inside the GM mask
+    t1 = np.array([1400.0, 1468.6, 1471.4, 1400.0, 1400.0, 800.0, 800.0])
+    t2 = np.array([100.0, 100.0, 100.0, 92.1, 108.5, 70.0, 70.0])
+    gm = np.array([True, True, True, True, True, False, True])
+    masks = near_pure_masks({"T1": t1, "T2": t2}, {"GM": gm, "WM": ~gm, "CSF": np.zeros(7, bool)}, values)
+    assert masks.keys() == {"GM near-pure", "WM near-pure"}
+    assert masks["GM near-pure"].tolist() == [True, True, False, True, False, False, False]
+    assert masks["WM near-pure"].tolist() == [False, False, False, False, False, True, False]
+    assert near_pure_masks({"T1": t1, "T2": t2}, {"GM": gm}, values).keys() == {"GM near-pure"}
+    with pytest.raises(ValueError, match=r"tissue_values\['wm'\]\['t2_ms'\]: must be > 0, got 0.0"):
+        near_pure_masks({"T1": t1, "T2": t2}, {"WM": ~gm}, {"wm": {"t1_ms": 800.0, "t2_ms": 0.0}})
+
+
+def test_load_phantom_subject_adds_near_pure_masks_from_the_manifest_entry(tmp_path: Path) -> None:
+    shape = (4, 1, 1)
+    labels = np.full(shape, label_id("left frontal cortex"), dtype=np.int16)
+    labels[3] = label_id("left frontal white matter")
+    files = {"t1": "T1.nii.gz", "t2": "T2.nii.gz", "pd": "PD.nii.gz", "brain_mask": "brain_mask.nii.gz",
+             "labels": "labels.nii.gz"}
+    entry = {"id": "sub-001", "tissues": {"gm": {"t1_ms": 1400.0, "t2_ms": 100.0, "pd": 0.8},
+                                          "wm": {"t1_ms": 800.0, "t2_ms": 70.0, "pd": 0.7}}}
+    names = {str(i + 1): n for i, n in enumerate(LABEL_NAMES)}
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": files, "labels": names, "subjects": [entry]}))
+    sub = tmp_path / "sub-001"
+    sub.mkdir()
+    arrays = {"t1": np.array([1400.0, 1800.0, 1420.0, 810.0]), "t2": np.array([100.0, 160.0, 99.0, 72.0]),
+              "pd": np.full(4, 0.8), "brain_mask": np.ones(4), "labels": labels}
+    for key, array in arrays.items():
+        nib.save(nib.Nifti1Image(np.asarray(array, dtype=np.int16 if key == "labels" else np.float32).reshape(shape),
+                                 np.eye(4)), sub / files[key])
+    masks = load_phantom_subject(tmp_path, "sub-001").tissue_masks
+    assert masks["GM near-pure"].ravel().tolist() == [True, False, True, False]
+    assert masks["WM near-pure"].ravel().tolist() == [False, False, False, True]
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": files, "labels": names}))
+    assert load_phantom_subject(tmp_path, "sub-001").tissue_masks.keys() == {"GM", "WM", "CSF"}
 
 
 def test_tissue_masks_from_labels() -> None:

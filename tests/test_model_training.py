@@ -291,8 +291,14 @@ def test_evaluate_command_writes_the_report(tiny_dataset: Path, tmp_path: Path) 
     # datasets x map sets of the one group: the method's own error (true: matching the simulated MRF), dl, lookup
     assert by_protocol[["dataset", "map_set"]].values.tolist() == [[d, m] for d in ("ds", "ds-2")
                                                                    for m in ("true", "dl", "lookup")]
+    near_pure = pd.read_csv(out / "near_pure_by_protocol.csv")
+    assert near_pure[["dataset", "map_set"]].values.tolist() == by_protocol[["dataset", "map_set"]].values.tolist()
+    assert {"mape_GM near-pure_T1", "bias_WM near-pure_T2"} <= set(near_pure.columns)
+    assert "Near-pure tissue voxels" in result.output
     markdown = (out / "summary.md").read_text()
     assert "## ds (" in markdown and "## ds-2 (" in markdown and "By acquisition group" in markdown
+    assert "### Near-pure tissue voxels by acquisition group" in markdown
+    assert summary["datasets"]["ds"]["near_pure_by_protocol"][0]["map_set"] == "true"
     # One subject per split: no identifiability ceiling, and the report says why.
     assert "Identifiability ceiling (`synthmrf phantom ceiling`): not computed: needs at least 2" in markdown
     assert "2 subjects per field strength" in summary["datasets"]["ds"]["ceiling"]["not_computed"]

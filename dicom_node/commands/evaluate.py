@@ -16,7 +16,8 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--model", "model_ref", default=None,
               help="A package folder, or an installed/built-in model NAME-VERSION (default: the active model).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Report folder: summary.md/.json, by_protocol.csv, lookup.csv, and per dataset NAME/ with "
+              help="Report folder: summary.md/.json, by_protocol.csv, near_pure_by_protocol.csv, lookup.csv, and "
+                   "per dataset NAME/ with "
                    "regional.csv, voxelwise.csv, summary.json/.md, figures.")
 @click.option("--split", "splits", multiple=True, default=("test",), show_default=True,
               type=click.Choice(["test", "val", "train", "all"]),
@@ -46,7 +47,9 @@ def evaluate(data_dirs: tuple[Path, ...], model_ref: str | None, out_dir: Path, 
     """Compare the ground truth with the "DL" maps (matching of the synthetic MRF), a trivial intensity
     lookup fitted on training subjects and, with --true, the "true" maps (matching of the subjects' MRF):
     regional CCC with clustered-bootstrap 95 % CIs, mean differences, voxelwise errors per tissue and the
-    paper's figures per dataset, and plain estimates per acquisition group (family x field strength)."""
+    paper's figures per dataset, and plain estimates per acquisition group (family x field strength), also on
+    near-pure tissue voxels only (truth within 5 % (T1) and 8 % (T2) of the subject's own GM or WM value: the same
+    under every partial-volume convention)."""
     from pipeline.model.package import PackageError
     from pipeline.model.registry import load_model
     from training.evaluate_model import EvaluationSet, check_sets, evaluate_package
@@ -87,4 +90,7 @@ def evaluate(data_dirs: tuple[Path, ...], model_ref: str | None, out_dir: Path, 
                               n_boot=n_boot)
     click.echo(f"\nTruth vs map set by acquisition group ({package.name}):")
     click.echo(text_table(report.by_protocol))
+    if not report.near_pure.empty:
+        click.echo(f"\nNear-pure tissue voxels (truth at the subject's own GM or WM value; {package.name}):")
+        click.echo(text_table(report.near_pure))
     click.echo(f"report: {report.files['summary_md']}")

@@ -17,9 +17,10 @@ import pandas as pd
 from pipeline.protocol import AcquisitionProtocol
 from training.evaluation.agreement import lin_ccc
 from training.evaluation.report import TISSUE_REGION_CLASSES
-from training.evaluation.subjects import tissue_of_region
+from training.evaluation.subjects import NEAR_PURE_SUFFIX, tissue_of_region
 
 TISSUES = ("WM", "GM")
+NEAR_PURE_TISSUES = tuple(t + NEAR_PURE_SUFFIX for t in TISSUES)
 
 
 def protocol_group(protocol: AcquisitionProtocol) -> str:
@@ -71,6 +72,33 @@ def protocol_table(regional: pd.DataFrame, voxelwise: pd.DataFrame, groups: Mapp
     return pd.DataFrame(rows, columns=["group", "n_subjects", "map_set", *metric_columns(quantities, tissues)])
 
 
+def near_pure_table(voxelwise: pd.DataFrame, groups: Mapping[str, str], *, reference: str = "truth",
+                    others: Sequence[str] = ("dl", "lookup"),
+                    quantities: Sequence[str] = ("T1", "T2")) -> pd.DataFrame:
+    """Voxelwise errors on near-pure tissue voxels (:func:`training.evaluation.subjects.near_pure_masks`), one row
+    per group (sorted) x map set: ``group``, ``n_subjects``, ``map_set``, ``mape_{tissue}_{q}`` (median over the
+    group's subjects of the voxel median absolute percent error) and ``bias_{tissue}_{q}`` (median over subjects of
+    the voxel median signed percent error) for the near-pure tissues; empty when ``voxelwise`` has none."""
+    tissues = [t for t in NEAR_PURE_TISSUES if t in set(voxelwise["tissue"])]
+    columns = [f"{kind}_{t}_{q}" for kind in ("mape", "bias") for q in quantities for t in tissues]
+    rows: list[dict[str, object]] = []
+    for group in sorted(set(groups.values())) if tissues else []:
+        members = [s for s, g in groups.items() if g == group]
+        for other in others:
+            row: dict[str, object] = {"group": group, "n_subjects": len(members), "map_set": other}
+            for quantity in quantities:
+                for t in tissues:
+                    selected = voxelwise[voxelwise["subject"].isin(members) & (voxelwise["tissue"] == t)
+                                         & (voxelwise["reference"] == reference) & (voxelwise["other"] == other)
+                                         & (voxelwise["quantity"] == quantity)].dropna(subset=["median_ape"])
+                    row[f"mape_{t}_{quantity}"] = float(selected["median_ape"].median()) if len(selected) \
+                        else float("nan")
+                    row[f"bias_{t}_{quantity}"] = float(selected["median_pe"].median()) if len(selected) \
+                        else float("nan")
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["group", "n_subjects", "map_set", *columns])
+
+
 def _ccc(pairs: pd.DataFrame, reference: str, other: str) -> float:
     return lin_ccc(pairs[reference].to_numpy(), pairs[other].to_numpy()) if len(pairs) >= 2 else float("nan")
 
@@ -85,13 +113,13 @@ def _pairs(rows: pd.DataFrame, reference: str, other: str) -> pd.DataFrame:
 
 
 def markdown_table(table: pd.DataFrame, reference: str = "truth") -> str:
-    """:func:`protocol_table` as Markdown (CCC to 3 decimals, percentages to 1)."""
+    """:func:`protocol_table` or :func:`near_pure_table` as Markdown (CCC to 3 decimals, percentages to 1)."""
     metrics = [c for c in table.columns if c.startswith(("ccc_", "mape_", "bias_"))]
     header = ["Group", "Subjects", f"{reference} vs", *[_label(c) for c in metrics]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in table.itertuples(index=False):
-        values = [_fmt(c, getattr(row, c)) for c in metrics]
-        lines.append(f"| {row.group} | {row.n_subjects} | {row.map_set} | " + " | ".join(values) + " |")
+    for row in table.to_dict(orient="records"):
+        values = [_fmt(c, row[c]) for c in metrics]
+        lines.append(f"| {row['group']} | {row['n_subjects']} | {row['map_set']} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 from training.evaluation.agreement import Agreement, Estimate, agreement
 from training.evaluation.figures import axial_slices, bland_altman_figure, maps_figure, scatter_figure
 from training.evaluation.regional import between_subjects, regional_matrix, subject_table
-from training.evaluation.subjects import SubjectMaps, tissue_of_region
+from training.evaluation.subjects import NEAR_PURE_SUFFIX, SubjectMaps, tissue_of_region
 from training.evaluation.voxelwise import COLUMNS as VOXEL_COLUMNS
 from training.evaluation.voxelwise import subject_errors, summarise_errors
 
@@ -172,11 +172,16 @@ def _markdown(summary: EvaluationSummary) -> str:
                          f"{row.n_subjects} |")
     if not summary.voxelwise.empty:
         lines += ["", "### Voxelwise median absolute percent error (median over subjects of the per-subject "
-                  "median; IQR)", "", "| Tissue | Reference | Other | Quantity | Median APE, % (IQR) | Subjects |",
-                  "|---|---|---|---|---|---|"]
+                  "median; IQR) and median signed error", "",
+                  *(["Near-pure: voxels whose truth lies at the subject's own tissue value (5 % T1, 8 % T2), the "
+                     "same under every partial-volume convention.", ""]
+                    if summary.voxelwise["tissue"].str.endswith(NEAR_PURE_SUFFIX).any() else []),
+                  "| Tissue | Reference | Other | Quantity | Median APE, % (IQR) | Median error, % | Subjects |",
+                  "|---|---|---|---|---|---|---|"]
         for row in summary.voxelwise.itertuples(index=False):
             lines.append(f"| {row.tissue} | {row.reference} | {row.other} | {row.quantity} | "
-                         f"{row.median_ape:.1f} ({row.q1:.1f} to {row.q3:.1f}) | {row.n_subjects} |")
+                         f"{row.median_ape:.1f} ({row.q1:.1f} to {row.q3:.1f}) | {row.median_pe:+.1f} | "
+                         f"{row.n_subjects} |")
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,11 @@ import numpy as np
 
 TISSUE_CLASSES = ("WM", "GM", "CSF")
 """Tissue classes that :func:`tissue_of_region` assigns."""
+NEAR_PURE_TOLERANCE = {"T1": 0.05, "T2": 0.08}
+"""Largest relative distance of a near-pure voxel's truth from its subject's own tissue value."""
+NEAR_PURE_SOURCES = {"GM": "gm", "WM": "wm"}
+"""Tissue class -> key of the subject's tissue values (a phantom manifest entry's ``tissues``)."""
+NEAR_PURE_SUFFIX = " near-pure"
 
 
 @dataclass(frozen=True)
@@ -120,10 +125,37 @@ def tissue_masks_from_labels(labels: np.ndarray, region_names: Mapping[int, str]
     return masks
 
 
+def near_pure_masks(truth: Mapping[str, np.ndarray], tissue_masks: Mapping[str, np.ndarray],
+                    tissue_values: Mapping[str, Mapping[str, float]]) -> dict[str, np.ndarray]:
+    """``"GM near-pure"`` and ``"WM near-pure"``: the voxels of the GM (WM) mask whose truth T1 and T2 lie within
+    :data:`NEAR_PURE_TOLERANCE` of the subject's own GM (WM) values (``tissue_values[key]["t1_ms"]``, ``["t2_ms"]``).
+
+    Partial volume makes a boundary voxel's truth a matter of convention (fast-exchange rate average, geometric
+    mean or the match of the mixed signal differ by tens of percent where CSF is mixed in); a voxel whose truth
+    sits at its tissue's own value is the same under every convention. A 5 % CSF share already moves a grey-matter
+    voxel's T2 by about 5 % (rate average) to 16 % (geometric mean). Tissues missing from ``tissue_values`` or
+    ``tissue_masks`` get no mask.
+    """
+    masks: dict[str, np.ndarray] = {}
+    for tissue, key in NEAR_PURE_SOURCES.items():
+        if tissue not in tissue_masks or key not in tissue_values:
+            continue
+        keep = np.asarray(tissue_masks[tissue], dtype=bool).copy()
+        for quantity, unit_key in (("T1", "t1_ms"), ("T2", "t2_ms")):
+            value = float(tissue_values[key][unit_key])
+            if not value > 0:
+                raise ValueError(f"tissue_values[{key!r}][{unit_key!r}]: must be > 0, got {value}")
+            keep &= np.abs(np.asarray(truth[quantity], dtype=np.float64) / value - 1) <= NEAR_PURE_TOLERANCE[quantity]
+        masks[tissue + NEAR_PURE_SUFFIX] = keep
+    return masks
+
+
 def load_phantom_subject(dataset_dir: Path, subject_id: str, *, map_set: str = "truth") -> SubjectMaps:
     """Ground-truth T1/T2/PD, labels, brain and tissue masks of a phantom subject (``training/phantom``).
 
-    The truth becomes the map set ``map_set``; add the matched maps with :meth:`SubjectMaps.with_maps`.
+    Tissue masks: WM, GM and CSF from the regions, plus :func:`near_pure_masks` where the manifest's entry of
+    the subject has tissue values. The truth becomes the map set ``map_set``; add the matched maps with
+    :meth:`SubjectMaps.with_maps`.
     """
     import nibabel as nib
 
@@ -143,6 +175,10 @@ def load_phantom_subject(dataset_dir: Path, subject_id: str, *, map_set: str = "
     labels = load("labels").astype(np.int32)
     maps = {"T1": load("t1").astype(np.float32), "T2": load("t2").astype(np.float32),
             "PD": load("pd").astype(np.float32)}
+    tissue_masks = tissue_masks_from_labels(labels, region_names)
+    entry: Mapping[str, object] = next((e for e in manifest.get("subjects", []) if e.get("id") == subject_id), {})
+    tissues = entry.get("tissues")
+    if isinstance(tissues, Mapping):
+        tissue_masks |= near_pure_masks(maps, tissue_masks, tissues)
     return SubjectMaps(subject_id=subject_id, maps={map_set: maps}, labels=labels, region_names=region_names,
-                       brain_mask=load("brain_mask") > 0,
-                       tissue_masks=tissue_masks_from_labels(labels, region_names))
+                       brain_mask=load("brain_mask") > 0, tissue_masks=tissue_masks)

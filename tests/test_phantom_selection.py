@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from dicom_node.cli import cli
 from pipeline.protocol import Family
 from training.evaluation.datasets import DatasetInfo
-from training.phantom.selection import select_subjects
+from training.phantom.selection import select_subjects, union_datasets
 
 SUBJECTS = {  # id: (family, field, split)
     "sub-001": ("mprage", 3.0, "train"), "sub-002": ("ir-fspgr", 3.0, "train"), "sub-003": ("tfe", 1.5, "test"),
@@ -109,3 +109,40 @@ def test_unseen_by_drops_what_a_model_and_its_ancestors_trained_on(source: Path,
                                       "--unseen-by", str(orphan), "--models-dir", str(models)])
     assert warned.exit_code == 0 and "descends from gone-9" in warned.output
     assert "sub-004" not in DatasetInfo.read(tmp_path / "o").entries
+
+
+def test_union_prefixes_ids_keeps_each_split_and_links(source: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other-world"
+    (other / "sub-001").mkdir(parents=True)
+    (other / "sub-001" / "T1.nii.gz").write_bytes(b"other truth")
+    (other / "manifest.json").write_text(json.dumps({
+        "format": "synthmrf-phantom/1", "seed": 9, "options": {"world": "v4"},
+        "split": {"train": [], "val": [], "test": ["sub-001"]},
+        "subjects": [{"id": "sub-001", "acquisition": _acquisition("tfe", 3.0), "split": "test"}]}))
+    result = CliRunner().invoke(cli, ["phantom", "union", str(source), str(other), "--out", str(tmp_path / "mix")])
+    assert result.exit_code == 0, result.output
+    assert "6 subjects (2 train, 1 val, 3 test)" in result.output
+    info = DatasetInfo.read(tmp_path / "mix")
+    assert info.split("test") == ["world-sub-003", "world-sub-004", "other-world-sub-001"]
+    assert info.split("train") == ["world-sub-001", "world-sub-002"]
+    assert (tmp_path / "mix" / "other-world-sub-001" / "T1.nii.gz").read_bytes() == b"other truth"
+    assert (tmp_path / "mix" / "world-sub-003" / "T1.nii.gz").read_bytes() == b"truth of sub-003"
+    assert info.protocol("other-world-sub-001").family is Family.TFE
+    assert info.manifest["seed"] is None and "options" not in info.manifest
+    assert [(u["prefix"], u["seed"]) for u in info.manifest["union_of"]] == [("world-", 3), ("other-world-", 9)]
+
+
+def test_union_refusals_name_the_reason(source: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least 2 datasets"):
+        union_datasets([(source, "a-")], tmp_path / "u")
+    with pytest.raises(ValueError, match="non-empty and distinct"):
+        union_datasets([(source, "a-"), (source, "a-")], tmp_path / "u")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"format": "synthmrf-phantom/1", "sequence": {"name": "x"},
+                                                     "subjects": []}))
+    with pytest.raises(ValueError, match="manifest's 'sequence' differs"):
+        union_datasets([(source, "a-"), (other, "b-")], tmp_path / "u")
+    bad = CliRunner().invoke(cli, ["phantom", "union", str(source), str(other), "--prefix", "a-", "--out",
+                                   str(tmp_path / "u")])
+    assert bad.exit_code == 2 and "once per SOURCE" in bad.output

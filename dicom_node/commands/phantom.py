@@ -114,6 +114,33 @@ def select(source: Path, out: Path, families: tuple[str, ...], exclude: tuple[st
     click.echo(f"{manifest['n_subjects']} subjects ({parts}): {path}")
 
 
+@phantom.command("union")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="New folder: manifest.json and one link per subject (nothing is copied).")
+@click.option("--prefix", "prefixes", multiple=True,
+              help="Prefix of each SOURCE's subject ids, once per SOURCE in order (default: the folder's name "
+                   "and a hyphen), so that two worlds' sub-001 stay apart.")
+def union(sources: tuple[Path, ...], out: Path, prefixes: tuple[str, ...]) -> None:
+    """Make one dataset of the subjects of every SOURCE (at least two), each keeping its train/val/test part.
+
+    To train on several worlds at once, e.g. `union v2s41 v4s71 --prefix s41- --prefix v4- --out mix`, then
+    `synthmrf train --data mix`. The SOURCEs must share the MRF sequence, grids, file names and regions.
+    """
+    from training.phantom.selection import union_datasets
+
+    if prefixes and len(prefixes) != len(sources):
+        raise click.UsageError(f"--prefix: give it once per SOURCE ({len(sources)}), got {len(prefixes)}")
+    chosen = prefixes or tuple(f"{s.resolve().name}-" for s in sources)
+    try:
+        path = union_datasets(list(zip(sources, chosen, strict=True)), out)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    manifest = json.loads(path.read_text())
+    parts = ", ".join(f"{len(ids)} {part}" for part, ids in manifest["split"].items())
+    click.echo(f"{manifest['n_subjects']} subjects ({parts}): {path}")
+
+
 @phantom.command("ceiling")
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--split", type=click.Choice(["all", "train", "val", "test"]), default="all", show_default=True,

@@ -1,10 +1,9 @@
 """A dataset of some of another dataset's subjects (by protocol family and field strength, or those no given
 model trained on), for cross-world checks such as leave-one-protocol-family-out: train on one selection,
-evaluate on its complement.
+evaluate on its complement; and the union of several datasets, to train on several worlds at once.
 
-The new folder holds a manifest and one symbolic link per selected subject (nothing is copied); each subject
-keeps its entry and its part of the source's train/val/test split, so a selection's test subjects are test
-subjects of the source too.
+The new folder holds a manifest and one symbolic link per subject (nothing is copied); each subject keeps its
+entry and its part of its source's train/val/test split, so the test subjects stay test subjects.
 """
 
 from __future__ import annotations
@@ -18,6 +17,8 @@ from pipeline.protocol import Family
 from training.preprocess import subject_protocol
 
 MANIFEST_NAME = "manifest.json"  # as training.phantom.dataset names it (importing that module would load torch)
+SHARED_FIELDS = ("format", "sequence", "grids", "files", "labels")
+"""Manifest fields every dataset of a union must agree on: the same MRF sequence, grids, file names and regions."""
 
 
 def _matches(entry: dict[str, object], families: Collection[Family], exclude: Collection[Family],
@@ -46,6 +47,62 @@ def trained_on(source_manifest: dict[str, object], model_manifests: Sequence[dic
     return seen
 
 
+def _check_out(out: Path) -> None:
+    if out.exists() and any(p.name != MANIFEST_NAME and not p.is_symlink() for p in out.iterdir()):
+        raise ValueError(f"{out}: holds files other than a selection's links; choose an empty or new folder")
+
+
+def _link(out: Path, targets: dict[str, Path]) -> None:
+    """Replace ``out``'s links (an earlier selection's; :func:`_check_out` allows nothing else) by ``targets``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for link in out.iterdir():
+        if link.is_symlink():
+            link.unlink()
+    for name, target in targets.items():
+        os.symlink(target.resolve(), out / name, target_is_directory=True)
+
+
+def union_datasets(sources: Sequence[tuple[Path, str]], out: Path) -> Path:
+    """Write ``out/manifest.json`` with every subject of each ``(source, prefix)``, its id prefixed (``prefix`` +
+    id, so two worlds' ``sub-001`` stay apart) and keeping its part of its source's split, in the sources' order;
+    link their folders; return the manifest path. The top-level fields are the first source's, ``seed`` is None
+    and ``union_of`` records each source's folder, prefix, seed and options. Raises ValueError unless there are
+    two or more sources with distinct non-empty prefixes that agree on :data:`SHARED_FIELDS`."""
+    if len(sources) < 2:
+        raise ValueError(f"sources: a union needs at least 2 datasets, got {len(sources)}")
+    prefixes = [prefix for _, prefix in sources]
+    if any(not p for p in prefixes) or len(set(prefixes)) != len(prefixes):
+        raise ValueError(f"prefixes: must be non-empty and distinct, got {prefixes}")
+    manifests = [json.loads((source / MANIFEST_NAME).read_text()) for source, _ in sources]
+    for (source, _), manifest in zip(sources, manifests, strict=True):
+        if not isinstance(manifest.get("subjects"), list):
+            raise ValueError(f"{source / MANIFEST_NAME}: no 'subjects' list (synthmrf phantom make datasets only)")
+        for name in SHARED_FIELDS:
+            if manifest.get(name) != manifests[0].get(name):
+                raise ValueError(f"{source}: its manifest's {name!r} differs from {sources[0][0]}'s; datasets of one "
+                                 "union must share the MRF sequence, grids, file names and regions")
+    _check_out(out)
+    union = dict(manifests[0])
+    union["subjects"], union["split"] = [], {"train": [], "val": [], "test": []}
+    targets: dict[str, Path] = {}
+    for (source, prefix), manifest in zip(sources, manifests, strict=True):
+        for entry in manifest["subjects"]:
+            sid = prefix + str(entry["id"])
+            union["subjects"].append({**entry, "id": sid})
+            targets[sid] = source / str(entry["id"])
+        split = manifest.get("split") if isinstance(manifest.get("split"), dict) else {}
+        for part in ("train", "val", "test"):
+            union["split"][part] += [prefix + str(s) for s in split.get(part, [])]
+    union["n_subjects"], union["seed"] = len(union["subjects"]), None
+    union.pop("options", None)
+    union["union_of"] = [{"dataset": str(source.resolve()), "prefix": prefix, "seed": m.get("seed"),
+                          "options": m.get("options")} for (source, prefix), m in zip(sources, manifests, strict=True)]
+    _link(out, targets)
+    path = out / MANIFEST_NAME
+    path.write_text(json.dumps(union, indent=1) + "\n")
+    return path
+
+
 def select_subjects(source: Path, out: Path, *, families: Collection[Family] = (), exclude: Collection[Family] = (),
                     fields_t: Collection[float] = (), unseen_by: Sequence[dict[str, object]] = ()) -> Path:
     """Write ``out/manifest.json`` with the subjects of ``source`` whose acquisition is of one of ``families``
@@ -65,15 +122,9 @@ def select_subjects(source: Path, out: Path, *, families: Collection[Family] = (
                          f"{sorted(f.value for f in families) or 'any'}, excluding "
                          f"{sorted(f.value for f in exclude) or 'none'}, fields "
                          f"{sorted(fields_t) or 'any'} T)")
-    if out.exists() and any(p.name != MANIFEST_NAME and not p.is_symlink() for p in out.iterdir()):
-        raise ValueError(f"{out}: holds files other than a selection's links; choose an empty or new folder")
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out)
     ids = [str(e["id"]) for e in chosen]
-    for link in out.iterdir():  # an earlier selection's links (the check above allows nothing else)
-        if link.is_symlink():
-            link.unlink()
-    for sid in ids:
-        os.symlink((source / sid).resolve(), out / sid, target_is_directory=True)
+    _link(out, {sid: source / sid for sid in ids})
     split = manifest.get("split")
     split = split if isinstance(split, dict) else {}
     selected = dict(manifest)

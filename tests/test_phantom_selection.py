@@ -137,6 +137,12 @@ def test_union_refusals_name_the_reason(source: Path, tmp_path: Path) -> None:
         union_datasets([(source, "a-")], tmp_path / "u")
     with pytest.raises(ValueError, match="non-empty and distinct"):
         union_datasets([(source, "a-"), (source, "a-")], tmp_path / "u")
+    clash = tmp_path / "clash"
+    (clash / "1-sub-001").mkdir(parents=True)
+    (clash / "manifest.json").write_text(json.dumps({"format": "synthmrf-phantom/1",
+                                                     "subjects": [{"id": "1-sub-001"}]}))
+    with pytest.raises(ValueError, match="two subjects get the same id"):  # "a-1-" + "sub-001" = "a-" + "1-sub-001"
+        union_datasets([(source, "a-1-"), (clash, "a-")], tmp_path / "u")
     other = tmp_path / "other"
     other.mkdir()
     (other / "manifest.json").write_text(json.dumps({"format": "synthmrf-phantom/1", "sequence": {"name": "x"},

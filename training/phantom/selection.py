@@ -93,6 +93,8 @@ def union_datasets(sources: Sequence[tuple[Path, str]], out: Path) -> Path:
         split = manifest.get("split") if isinstance(manifest.get("split"), dict) else {}
         for part in ("train", "val", "test"):
             union["split"][part] += [prefix + str(s) for s in split.get(part, [])]
+    if len(targets) != len(union["subjects"]):
+        raise ValueError("prefixes: two subjects get the same id; choose prefixes that keep the sources apart")
     union["n_subjects"], union["seed"] = len(union["subjects"]), None
     union.pop("options", None)
     union["union_of"] = [{"dataset": str(source.resolve()), "prefix": prefix, "seed": m.get("seed"),

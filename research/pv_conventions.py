@@ -85,8 +85,9 @@ def _tissue(values: Mapping[str, Mapping[str, float]], key: str) -> Tissue:
 def subject_table(subject_dir: Path, entry: Mapping[str, object], sequence: Sequence, dictionary: Dictionary,
                   matcher: Matcher, slice_step: int = 4) -> pd.DataFrame:
     """One row per GM or WM region: voxel means of the truth and of each convention's T1 and T2, the mean CSF share."""
-    tissues = entry["tissues"]
-    assert isinstance(tissues, Mapping)
+    tissues = entry.get("tissues")
+    if not isinstance(tissues, Mapping) or not {"gm", "csf", "wm"} <= set(tissues):
+        raise ValueError(f"{subject_dir.name}: the manifest entry has no gm, csf and wm tissue values")
     gm, csf, wm = (_tissue(tissues, k) for k in ("gm", "csf", "wm"))
     matched = {k: matched_mixture(sequence, dictionary, matcher, gm, other, SHARES) for k, other in
                (("csf", csf), ("wm", wm))}

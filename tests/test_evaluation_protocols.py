@@ -114,4 +114,6 @@ def test_near_pure_table_medians_over_a_groups_subjects_by_hand() -> None:
     assert mprage["mape_GM near-pure_T2"] == pytest.approx(3.0) and mprage["bias_GM near-pure_T2"] == pytest.approx(0.5)
     assert table.iloc[1]["bias_GM near-pure_T2"] == pytest.approx(9.0)
     assert "| mprage 3T | 2 | dl | 3.0 | +0.5 |" in markdown_table(table)
-    assert near_pure_table(voxelwise[voxelwise.tissue == "GM"], {"a": "g"}).empty
+    assert near_pure_table(voxelwise[voxelwise.tissue == "GM"], {"a": "g", "b": "g", "c": "g"}).empty
+    with pytest.raises(ValueError, match=r"groups: no group for subjects \['c'\]"):
+        near_pure_table(voxelwise, {"a": "g", "b": "g"})

@@ -294,6 +294,7 @@ def test_evaluate_command_writes_the_report(tiny_dataset: Path, tmp_path: Path) 
     near_pure = pd.read_csv(out / "near_pure_by_protocol.csv")
     assert near_pure[["dataset", "map_set"]].values.tolist() == by_protocol[["dataset", "map_set"]].values.tolist()
     assert {"mape_GM near-pure_T1", "bias_WM near-pure_T2"} <= set(near_pure.columns)
+    assert near_pure["mape_WM near-pure_T1"].notna().all()  # every map set has near-pure WM voxels here
     assert "Near-pure tissue voxels" in result.output
     markdown = (out / "summary.md").read_text()
     assert "## ds (" in markdown and "## ds-2 (" in markdown and "By acquisition group" in markdown

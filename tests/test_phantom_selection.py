@@ -66,8 +66,10 @@ def test_reselecting_into_the_same_folder_replaces_the_links(source: Path, tmp_p
 def test_refusals_name_the_reason(source: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no subject matches"):
         select_subjects(source, tmp_path / "none", families=[Family.TFE], fields_t=[3.0])
-    with pytest.raises(ValueError, match="holds files other than"):
+    with pytest.raises(ValueError, match="is or lies inside the source"):
         select_subjects(source, source, families=[Family.TFE])  # would overwrite the source's own folders
+    with pytest.raises(ValueError, match="holds files other than"):
+        select_subjects(source, tmp_path, families=[Family.TFE])  # a folder with other things in it
 
 
 def test_cli_prints_the_counts(source: Path, tmp_path: Path) -> None:
@@ -135,8 +137,14 @@ def test_union_prefixes_ids_keeps_each_split_and_links(source: Path, tmp_path: P
 def test_union_refusals_name_the_reason(source: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least 2 datasets"):
         union_datasets([(source, "a-")], tmp_path / "u")
-    with pytest.raises(ValueError, match="non-empty and distinct"):
+    with pytest.raises(ValueError, match="must be distinct"):
         union_datasets([(source, "a-"), (source, "a-")], tmp_path / "u")
+    with pytest.raises(ValueError, match="letters, digits"):
+        union_datasets([(source, "../a"), (source, "b-")], tmp_path / "u")
+    first = union_datasets([(source, "a-"), (source, "b-")], tmp_path / "u").parent
+    with pytest.raises(ValueError, match="is or lies inside the source"):  # a union's links are its content
+        union_datasets([(first, "u-"), (source, "c-")], first)
+    assert (first / "a-sub-001" / "T1.nii.gz").read_bytes() == b"truth of sub-001"  # untouched
     clash = tmp_path / "clash"
     (clash / "1-sub-001").mkdir(parents=True)
     (clash / "manifest.json").write_text(json.dumps({"format": "synthmrf-phantom/1",
@@ -152,3 +160,14 @@ def test_union_refusals_name_the_reason(source: Path, tmp_path: Path) -> None:
     bad = CliRunner().invoke(cli, ["phantom", "union", str(source), str(other), "--prefix", "a-", "--out",
                                    str(tmp_path / "u")])
     assert bad.exit_code == 2 and "once per SOURCE" in bad.output
+
+
+def test_unseen_by_follows_a_union_back_to_its_sources(source: Path, tmp_path: Path) -> None:
+    """A model trained on a union records prefixed ids and the union's parts; its subjects of this source are
+    known by stripping the prefix of the part with this source's seed."""
+    union_model = json.loads(json.dumps({
+        "name": "u", "version": "0",
+        "training": {"dataset": {"seed": None, "union_of": [{"prefix": "w-", "seed": 3}, {"prefix": "o-", "seed": 4}],
+                                 "split": {"train": ["w-sub-001", "o-sub-002"], "val": ["w-sub-005"], "test": []}}}}))
+    select_subjects(source, tmp_path / "fresh", unseen_by=[union_model])
+    assert sorted(DatasetInfo.read(tmp_path / "fresh").entries) == ["sub-002", "sub-003", "sub-004"]

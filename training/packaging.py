@@ -38,7 +38,9 @@ def package_run(run_dir: Path, dataset_dir: Path, out_dir: Path, *, name: str, v
     training = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "dataset": {"path_name": dataset_dir.name, "format": manifest.get("format"), "seed": manifest.get("seed"),
-                    "subjects": {k: len(v) for k, v in manifest["split"].items()}, "split": manifest["split"]},
+                    "subjects": {k: len(v) for k, v in manifest["split"].items()}, "split": manifest["split"],
+                    **({"union_of": [{"prefix": u.get("prefix"), "seed": u.get("seed")} for u in manifest["union_of"]]}
+                       if isinstance(manifest.get("union_of"), list) else {})},
         "config": config,
         "epochs_trained": int(best["epoch"]),
         "iterations": int(best["epoch"]) * int(config["iterations_per_epoch"]),

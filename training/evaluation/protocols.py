@@ -79,6 +79,9 @@ def near_pure_table(voxelwise: pd.DataFrame, groups: Mapping[str, str], *, refer
     per group (sorted) x map set: ``group``, ``n_subjects``, ``map_set``, ``mape_{tissue}_{q}`` (median over the
     group's subjects of the voxel median absolute percent error) and ``bias_{tissue}_{q}`` (median over subjects of
     the voxel median signed percent error) for the near-pure tissues; empty when ``voxelwise`` has none."""
+    missing = sorted(set(voxelwise["subject"]) - set(groups))
+    if missing:
+        raise ValueError(f"groups: no group for subjects {missing}")
     tissues = [t for t in NEAR_PURE_TISSUES if t in set(voxelwise["tissue"])]
     columns = [f"{kind}_{t}_{q}" for kind in ("mape", "bias") for q in quantities for t in tissues]
     rows: list[dict[str, object]] = []

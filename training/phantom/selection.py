@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from pipeline.protocol import Family
 from training.preprocess import subject_protocol
 
 MANIFEST_NAME = "manifest.json"  # as training.phantom.dataset names it (importing that module would load torch)
+PREFIX_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+"""What a union's id prefix may hold: it becomes part of a folder name."""
 SHARED_FIELDS = ("format", "sequence", "grids", "files", "labels")
 """Manifest fields every dataset of a union must agree on: the same MRF sequence, grids, file names and regions."""
 
@@ -34,32 +37,47 @@ def _matches(entry: dict[str, object], families: Collection[Family], exclude: Co
 def trained_on(source_manifest: dict[str, object], model_manifests: Sequence[dict[str, object]]) -> set[str]:
     """The subject ids of a phantom dataset that models (their package manifests) trained or validated on: those
     of each model whose training dataset had the same phantom seed (subjects depend only on seed and index, so
-    a same-seed dataset of another size or folder holds the same subjects)."""
+    a same-seed dataset of another size or folder holds the same subjects), or was a union with a part of that
+    seed (its ids without that part's prefix)."""
     seen: set[str] = set()
     for model in model_manifests:
         training = model.get("training")
         dataset = training.get("dataset") if isinstance(training, dict) else None
-        if not isinstance(dataset, dict) or dataset.get("seed") != source_manifest.get("seed"):
+        if not isinstance(dataset, dict) or not isinstance(dataset.get("split"), dict):
             continue
-        split = dataset.get("split")
-        if isinstance(split, dict):
-            seen.update(str(s) for part in ("train", "val") for s in split.get(part, []))
+        ids = [str(s) for part in ("train", "val") for s in dataset["split"].get(part, [])]
+        if dataset.get("seed") == source_manifest.get("seed"):
+            seen.update(ids)
+        parts = dataset.get("union_of")  # a union (:func:`union_datasets`): its same-seed sources' ids, unprefixed
+        seed = source_manifest.get("seed")
+        for part in parts if isinstance(parts, list) and seed is not None else []:
+            if isinstance(part, dict) and part.get("seed") == seed:
+                prefix = str(part.get("prefix", ""))
+                seen.update(i[len(prefix):] for i in ids if i.startswith(prefix))
     return seen
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, sources: Sequence[Path]) -> None:
+    """Refuse an ``out`` that is one of ``sources`` or lies inside one, or that holds anything but a selection's
+    links and manifest."""
+    resolved = out.resolve()
+    for source in sources:
+        if resolved == source.resolve() or source.resolve() in resolved.parents:
+            raise ValueError(f"{out}: is or lies inside the source {source}; choose a folder outside it")
     if out.exists() and any(p.name != MANIFEST_NAME and not p.is_symlink() for p in out.iterdir()):
         raise ValueError(f"{out}: holds files other than a selection's links; choose an empty or new folder")
 
 
 def _link(out: Path, targets: dict[str, Path]) -> None:
-    """Replace ``out``'s links (an earlier selection's; :func:`_check_out` allows nothing else) by ``targets``."""
+    """Replace ``out``'s links (an earlier selection's; :func:`_check_out` allows nothing else) by ``targets``,
+    resolved before anything is removed."""
+    resolved = {name: target.resolve() for name, target in targets.items()}
     out.mkdir(parents=True, exist_ok=True)
     for link in out.iterdir():
         if link.is_symlink():
             link.unlink()
-    for name, target in targets.items():
-        os.symlink(target.resolve(), out / name, target_is_directory=True)
+    for name, target in resolved.items():
+        os.symlink(target, out / name, target_is_directory=True)
 
 
 def union_datasets(sources: Sequence[tuple[Path, str]], out: Path) -> Path:
@@ -71,8 +89,9 @@ def union_datasets(sources: Sequence[tuple[Path, str]], out: Path) -> Path:
     if len(sources) < 2:
         raise ValueError(f"sources: a union needs at least 2 datasets, got {len(sources)}")
     prefixes = [prefix for _, prefix in sources]
-    if any(not p for p in prefixes) or len(set(prefixes)) != len(prefixes):
-        raise ValueError(f"prefixes: must be non-empty and distinct, got {prefixes}")
+    if any(not PREFIX_PATTERN.fullmatch(p) for p in prefixes) or len(set(prefixes)) != len(prefixes):
+        raise ValueError(f"prefixes: must be distinct and made of letters, digits, '.', '_' and '-' only, got "
+                         f"{prefixes} (name them with --prefix)")
     manifests = [json.loads((source / MANIFEST_NAME).read_text()) for source, _ in sources]
     for (source, _), manifest in zip(sources, manifests, strict=True):
         if not isinstance(manifest.get("subjects"), list):
@@ -81,7 +100,7 @@ def union_datasets(sources: Sequence[tuple[Path, str]], out: Path) -> Path:
             if manifest.get(name) != manifests[0].get(name):
                 raise ValueError(f"{source}: its manifest's {name!r} differs from {sources[0][0]}'s; datasets of one "
                                  "union must share the MRF sequence, grids, file names and regions")
-    _check_out(out)
+    _check_out(out, [source for source, _ in sources])
     union = dict(manifests[0])
     union["subjects"], union["split"] = [], {"train": [], "val": [], "test": []}
     targets: dict[str, Path] = {}
@@ -124,7 +143,7 @@ def select_subjects(source: Path, out: Path, *, families: Collection[Family] = (
                          f"{sorted(f.value for f in families) or 'any'}, excluding "
                          f"{sorted(f.value for f in exclude) or 'none'}, fields "
                          f"{sorted(fields_t) or 'any'} T)")
-    _check_out(out)
+    _check_out(out, [source])
     ids = [str(e["id"]) for e in chosen]
     _link(out, {sid: source / sid for sid in ids})
     split = manifest.get("split")

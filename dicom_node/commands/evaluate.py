@@ -48,8 +48,8 @@ def evaluate(data_dirs: tuple[Path, ...], model_ref: str | None, out_dir: Path, 
     lookup fitted on training subjects and, with --true, the "true" maps (matching of the subjects' MRF):
     regional CCC with clustered-bootstrap 95 % CIs, mean differences, voxelwise errors per tissue and the
     paper's figures per dataset, and plain estimates per acquisition group (family x field strength), also on
-    near-pure tissue voxels only (truth within 5 % (T1) and 8 % (T2) of the subject's own GM or WM value: the same
-    under every partial-volume convention)."""
+    near-pure tissue voxels only (truth within 5 % (T1) and 8 % (T2) of the subject's own GM or WM value:
+    nearly the same under every partial-volume convention)."""
     from pipeline.model.package import PackageError
     from pipeline.model.registry import load_model
     from training.evaluate_model import EvaluationSet, check_sets, evaluate_package

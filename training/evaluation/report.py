@@ -174,7 +174,7 @@ def _markdown(summary: EvaluationSummary) -> str:
         lines += ["", "### Voxelwise median absolute percent error (median over subjects of the per-subject "
                   "median; IQR) and median signed error", "",
                   *(["Near-pure: voxels whose truth lies at the subject's own tissue value (5 % T1, 8 % T2), the "
-                     "same under every partial-volume convention.", ""]
+                     "nearly the same under every partial-volume convention.", ""]
                     if summary.voxelwise["tissue"].str.endswith(NEAR_PURE_SUFFIX).any() else []),
                   "| Tissue | Reference | Other | Quantity | Median APE, % (IQR) | Median error, % | Subjects |",
                   "|---|---|---|---|---|---|---|"]

@@ -132,9 +132,10 @@ def near_pure_masks(truth: Mapping[str, np.ndarray], tissue_masks: Mapping[str, 
 
     Partial volume makes a boundary voxel's truth a matter of convention (fast-exchange rate average, geometric
     mean or the match of the mixed signal differ by tens of percent where CSF is mixed in); a voxel whose truth
-    sits at its tissue's own value is the same under every convention. A 5 % CSF share already moves a grey-matter
-    voxel's T2 by about 5 % (rate average) to 16 % (geometric mean). Tissues missing from ``tissue_values`` or
-    ``tissue_masks`` get no mask.
+    sits at its tissue's own value is nearly the same under every convention. A 5 % CSF share already moves a
+    grey-matter voxel's T2 by about 5 % (rate average) to 16 % (geometric mean), so the tolerance admits at most
+    about 7 % CSF (rate-average truth), where the conventions' T2 differ by up to about 15 %. Tissues missing from
+    ``tissue_values`` or ``tissue_masks`` get no mask.
     """
     masks: dict[str, np.ndarray] = {}
     for tissue, key in NEAR_PURE_SOURCES.items():

@@ -139,6 +139,7 @@ def evaluate_package(sets: Sequence[EvaluationSet], package: ModelPackage, out_d
     check_compatible(package, dictionary)
     matcher = Matcher(dictionary)
     comparisons = COMPARISONS_WITH_TRUE if with_true else COMPARISONS
+    others = ("true", "dl", "lookup") if with_true else ("dl", "lookup")
     summaries: dict[str, EvaluationSummary] = {}
     ceilings = {item.name: subjects_ceiling(item) for item in sets}
     tables: list[pd.DataFrame] = []
@@ -153,12 +154,10 @@ def evaluate_package(sets: Sequence[EvaluationSet], package: ModelPackage, out_d
                 yield _subject_maps(item, subject, package, matcher, baseline, slice_step, with_true)
 
         summary = evaluate_subjects(maps(), comparisons, out_dir / item.name, n_boot=n_boot, seed=seed)
-        table = protocol_table(summary.regional, summary.voxelwise_subjects, groups,
-                               others=("true", "dl", "lookup") if with_true else ("dl", "lookup"))
+        table = protocol_table(summary.regional, summary.voxelwise_subjects, groups, others=others)
         table.insert(0, "dataset", item.name)
         table.insert(3, "n_outside_training", [outside[g] for g in table["group"]])
-        pure = near_pure_table(summary.voxelwise_subjects, groups,
-                               others=("true", "dl", "lookup") if with_true else ("dl", "lookup"))
+        pure = near_pure_table(summary.voxelwise_subjects, groups, others=others)
         pure.insert(0, "dataset", item.name)
         summaries[item.name] = summary
         tables.append(table)

@@ -20,7 +20,7 @@ import pandas as pd
 from training.evaluation.agreement import Agreement, Estimate, agreement
 from training.evaluation.figures import axial_slices, bland_altman_figure, maps_figure, scatter_figure
 from training.evaluation.regional import between_subjects, regional_matrix, subject_table
-from training.evaluation.subjects import NEAR_PURE_SUFFIX, SubjectMaps, tissue_of_region
+from training.evaluation.subjects import NEAR_PURE_SUFFIX, NEAR_PURE_TOLERANCE, SubjectMaps, tissue_of_region
 from training.evaluation.voxelwise import COLUMNS as VOXEL_COLUMNS
 from training.evaluation.voxelwise import subject_errors, summarise_errors
 
@@ -173,8 +173,9 @@ def _markdown(summary: EvaluationSummary) -> str:
     if not summary.voxelwise.empty:
         lines += ["", "### Voxelwise median absolute percent error (median over subjects of the per-subject "
                   "median; IQR) and median signed error", "",
-                  *(["Near-pure: voxels whose truth lies at the subject's own tissue value (5 % T1, 8 % T2), the "
-                     "nearly the same under every partial-volume convention.", ""]
+                  *([f"Near-pure: voxels whose truth lies within {NEAR_PURE_TOLERANCE['T1']:.0%} (T1) and "
+                     f"{NEAR_PURE_TOLERANCE['T2']:.0%} (T2) of the subject's own tissue value, nearly the same "
+                     "under every partial-volume convention.", ""]
                     if summary.voxelwise["tissue"].str.endswith(NEAR_PURE_SUFFIX).any() else []),
                   "| Tissue | Reference | Other | Quantity | Median APE, % (IQR) | Median error, % | Subjects |",
                   "|---|---|---|---|---|---|---|"]

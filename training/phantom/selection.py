@@ -40,16 +40,16 @@ def trained_on(source_manifest: dict[str, object], model_manifests: Sequence[dic
     a same-seed dataset of another size or folder holds the same subjects), or was a union with a part of that
     seed (its ids without that part's prefix)."""
     seen: set[str] = set()
+    seed = source_manifest.get("seed")
     for model in model_manifests:
         training = model.get("training")
         dataset = training.get("dataset") if isinstance(training, dict) else None
         if not isinstance(dataset, dict) or not isinstance(dataset.get("split"), dict):
             continue
         ids = [str(s) for part in ("train", "val") for s in dataset["split"].get(part, [])]
-        if dataset.get("seed") == source_manifest.get("seed"):
+        if dataset.get("seed") == seed:
             seen.update(ids)
         parts = dataset.get("union_of")  # a union (:func:`union_datasets`): its same-seed sources' ids, unprefixed
-        seed = source_manifest.get("seed")
         for part in parts if isinstance(parts, list) and seed is not None else []:
             if isinstance(part, dict) and part.get("seed") == seed:
                 prefix = str(part.get("prefix", ""))

@@ -305,7 +305,8 @@ def test_evaluate_command_writes_the_report(tiny_dataset: Path, tmp_path: Path) 
     assert "2 subjects per field strength" in summary["datasets"]["ds"]["ceiling"]["not_computed"]
     for name in ("ds", "ds-2"):
         assert (out / name / "regional.csv").is_file() and (out / name / "summary.md").is_file()
-        assert "Near-pure: voxels whose truth lies within 5% (T1) and 8% (T2)" in (out / name / "summary.md").read_text()
+        report = (out / name / "summary.md").read_text()
+        assert "Near-pure: voxels whose truth lies within 5% (T1) and 8% (T2)" in report
         assert any(p.suffix == ".png" for p in (out / name).iterdir())
         agreement = summary["datasets"][name]["agreement"]
         assert {(a["reference"], a["other"]) for a in agreement} >= {("truth", "dl"), ("truth", "lookup"),

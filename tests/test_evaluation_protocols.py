@@ -11,8 +11,10 @@ import pytest
 
 from pipeline.protocol import PAPER_PROTOCOL, Family
 from training.evaluation.protocols import (
+    follow_markdown,
     markdown_table,
     metric_columns,
+    near_pure_follow,
     near_pure_table,
     protocol_group,
     protocol_table,
@@ -117,3 +119,47 @@ def test_near_pure_table_medians_over_a_groups_subjects_by_hand() -> None:
     assert near_pure_table(voxelwise[voxelwise.tissue == "GM"], {"a": "g", "b": "g", "c": "g"}).empty
     with pytest.raises(ValueError, match=r"groups: no group for subjects \['c'\]"):
         near_pure_table(voxelwise, {"a": "g", "b": "g"})
+
+
+def _follow_rows(other: str, readings: dict[str, tuple[float, float]]) -> list[dict[str, object]]:
+    return [{"subject": subject, "tissue": "GM near-pure", "reference": "truth", "other": other, "quantity": "T1",
+             "n_voxels": 10, "median_ape": 1.0, "median_pe": 1.0, "median_reference": truth,
+             "median_other": read} for subject, (truth, read) in readings.items()]
+
+
+def test_near_pure_follow_pools_deviations_from_each_groups_mean_by_hand() -> None:
+    groups = {"a1": "mprage 3T", "a2": "mprage 3T", "a3": "mprage 3T", "b1": "mprage 1.5T", "b2": "mprage 1.5T"}
+    # Group a: dx = -100, 0, +100 and dy = -50, 0, +50; group b: dx = -50, +50 and dy = 0, 0.
+    # slope = (5000 + 5000) / (10000 + 10000 + 2500 + 2500) = 0.4; r = 10000 / sqrt(25000 * 5000);
+    # SDs over n - groups = 3 degrees of freedom: sqrt(25000 / 3), sqrt(5000 / 3).
+    dl = {"a1": (1000.0, 1050.0), "a2": (1100.0, 1100.0), "a3": (1200.0, 1150.0), "b1": (1400.0, 1500.0),
+          "b2": (1500.0, 1500.0)}
+    constant = {s: (truth, 1300.0) for s, (truth, _) in dl.items()}
+    # A map set that adds a per-group offset (the field strength) but follows every subject exactly: slope 1.
+    exact = {s: (truth, truth + (200.0 if groups[s] == "mprage 3T" else -80.0)) for s, (truth, _) in dl.items()}
+    table = near_pure_follow(pd.DataFrame(_follow_rows("dl", dl) + _follow_rows("lookup", constant)
+                                          + _follow_rows("exact", exact)), groups,
+                             others=("dl", "lookup", "exact"), quantities=("T1",))
+    dl_row, lookup_row, exact_row = (table[table.map_set == m].iloc[0] for m in ("dl", "lookup", "exact"))
+    assert (dl_row["n_subjects"], dl_row["n_groups"], dl_row["tissue"]) == (5, 2, "GM near-pure")
+    assert dl_row["slope"] == pytest.approx(0.4)
+    assert dl_row["r"] == pytest.approx(10000 / np.sqrt(25000 * 5000))
+    assert dl_row["sd_reference_ms"] == pytest.approx(np.sqrt(25000 / 3))
+    assert dl_row["sd_other_ms"] == pytest.approx(np.sqrt(5000 / 3))
+    assert lookup_row["slope"] == pytest.approx(0.0) and np.isnan(lookup_row["r"])  # reads one value
+    assert exact_row["slope"] == pytest.approx(1.0) and exact_row["r"] == pytest.approx(1.0)
+    markdown = follow_markdown(table)
+    assert "| dl | T1 | GM near-pure | 0.40 | +0.89 | 91 | 41 | 5 (2) |" in markdown
+    assert "| lookup | T1 | GM near-pure | 0.00 | n/a |" in markdown
+
+
+def test_near_pure_follow_needs_two_subjects_beyond_one_per_group() -> None:
+    readings = {"a": (1000.0, 1010.0), "b": (1100.0, 1090.0), "c": (1300.0, 1250.0)}
+    voxelwise = pd.DataFrame(_follow_rows("dl", readings))
+    one_group = near_pure_follow(voxelwise, {"a": "g", "b": "g", "c": "g"}, others=("dl",), quantities=("T1",))
+    assert np.isfinite(one_group.iloc[0]["slope"])  # 3 subjects, 1 group: 2 left
+    two_groups = near_pure_follow(voxelwise, {"a": "g", "b": "g", "c": "h"}, others=("dl",), quantities=("T1",))
+    assert np.isnan(two_groups.iloc[0]["slope"]) and np.isnan(two_groups.iloc[0]["r"])  # 3 subjects, 2 groups: 1
+    assert near_pure_follow(voxelwise.assign(tissue="GM"), {"a": "g", "b": "g", "c": "g"}).empty
+    with pytest.raises(ValueError, match=r"groups: no group for subjects \['c'\]"):
+        near_pure_follow(voxelwise, {"a": "g", "b": "g"})

@@ -118,6 +118,7 @@ def test_subject_errors_per_tissue_and_summary() -> None:
     row = table[(table.subject == "sub-0") & (table.tissue == "WM") & (table.quantity == "T1")]
     assert row.median_ape.item() == pytest.approx(np.median(100 * np.abs(oth - ref) / ref))
     assert row.median_pe.item() == pytest.approx(np.median(100 * (oth - ref) / ref))
+    assert (row.median_reference.item(), row.median_other.item()) == pytest.approx((np.median(ref), np.median(oth)))
     summary = summarise_errors(table)
     wm_t1 = summary[(summary.tissue == "WM") & (summary.quantity == "T1")]
     per_subject = table[(table.tissue == "WM") & (table.quantity == "T1")].median_ape

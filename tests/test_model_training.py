@@ -300,6 +300,13 @@ def test_evaluate_command_writes_the_report(tiny_dataset: Path, tmp_path: Path) 
     assert "## ds (" in markdown and "## ds-2 (" in markdown and "By acquisition group" in markdown
     assert "### Near-pure tissue voxels by acquisition group" in markdown
     assert summary["datasets"]["ds"]["near_pure_by_protocol"][0]["map_set"] == "true"
+    follow = pd.read_csv(out / "near_pure_follow.csv")
+    assert set(follow["tissue"]) == {"GM near-pure", "WM near-pure"} and set(follow["map_set"]) == {"true", "dl",
+                                                                                                   "lookup"}
+    # One subject per dataset: nothing to regress, and the report says so rather than inventing a slope.
+    assert (follow["n_subjects"] == 1).all() and follow["slope"].isna().all()
+    assert summary["datasets"]["ds"]["near_pure_follow"][0]["slope"] is None
+    assert "### Near-pure voxels: does the map follow each subject's tissue values?" in markdown
     # One subject per split: no identifiability ceiling, and the report says why.
     assert "Identifiability ceiling (`synthmrf phantom ceiling`): not computed: needs at least 2" in markdown
     assert "2 subjects per field strength" in summary["datasets"]["ds"]["ceiling"]["not_computed"]

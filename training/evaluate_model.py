@@ -8,7 +8,8 @@ the brain of every ``slice_step``-th prepared axial slice (those with enough bra
 input). ``out_dir`` gets one report per dataset (:func:`training.evaluation.report.evaluate_subjects`,
 in ``out_dir/NAME``) and over all: ``summary.md``, ``summary.json``, ``by_protocol.csv`` (per dataset and
 acquisition group, :mod:`training.evaluation.protocols`), ``near_pure_by_protocol.csv`` (the same groups, errors
-on near-pure tissue voxels only, whose truth the partial-volume convention hardly changes) and ``lookup.csv`` (the
+on near-pure tissue voxels only, whose truth the partial-volume convention hardly changes), ``near_pure_follow.csv``
+(per dataset: does each map set follow the subjects' own tissue values or read its prior) and ``lookup.csv`` (the
 baseline's tables).
 """
 
@@ -34,7 +35,14 @@ from pipeline.protocol import out_of_range
 from pipeline.volume_io import load_volume
 from training.evaluation.baseline import LookupBaseline
 from training.evaluation.datasets import DatasetInfo, normalised_volume
-from training.evaluation.protocols import markdown_table, near_pure_table, protocol_group, protocol_table
+from training.evaluation.protocols import (
+    follow_markdown,
+    markdown_table,
+    near_pure_follow,
+    near_pure_table,
+    protocol_group,
+    protocol_table,
+)
 from training.evaluation.report import EvaluationSummary, evaluate_subjects
 from training.evaluation.subjects import NEAR_PURE_TOLERANCE, SubjectMaps, load_phantom_subject
 from training.phantom.ceiling import MIN_SUBJECTS_FOR_FIT, Ceiling, field_strength_of, identifiability_ceiling
@@ -59,11 +67,13 @@ class EvaluationSet:
 
 @dataclass(frozen=True)
 class EvaluationReport:
-    """Reports by dataset name, the per-protocol tables of all datasets (a ``dataset`` column first), files."""
+    """Reports by dataset name, the per-protocol and near-pure follow tables of all datasets (a ``dataset`` column
+    first), files."""
 
     summaries: Mapping[str, EvaluationSummary]
     by_protocol: pd.DataFrame
     near_pure: pd.DataFrame
+    follow: pd.DataFrame
     files: Mapping[str, Path]
 
 
@@ -144,6 +154,7 @@ def evaluate_package(sets: Sequence[EvaluationSet], package: ModelPackage, out_d
     ceilings = {item.name: subjects_ceiling(item) for item in sets}
     tables: list[pd.DataFrame] = []
     pure_tables: list[pd.DataFrame] = []
+    follow_tables: list[pd.DataFrame] = []
     for item in sets:
         protocols = {subject: item.data.protocol(subject) for subject in item.subjects}
         groups = {subject: protocol_group(p) for subject, p in protocols.items()}
@@ -159,24 +170,30 @@ def evaluate_package(sets: Sequence[EvaluationSet], package: ModelPackage, out_d
         table.insert(3, "n_outside_training", [outside[g] for g in table["group"]])
         pure = near_pure_table(summary.voxelwise_subjects, groups, others=others)
         pure.insert(0, "dataset", item.name)
+        follow = near_pure_follow(summary.voxelwise_subjects, groups, others=others)
+        follow.insert(0, "dataset", item.name)
         summaries[item.name] = summary
         tables.append(table)
         pure_tables.append(pure)
+        follow_tables.append(follow)
     by_protocol = pd.concat(tables, ignore_index=True)
     near_pure = pd.concat(pure_tables, ignore_index=True)
+    follow = pd.concat(follow_tables, ignore_index=True)
     files = {"by_protocol_csv": out_dir / "by_protocol.csv", "near_pure_csv": out_dir / "near_pure_by_protocol.csv",
-             "lookup_csv": out_dir / "lookup.csv", "summary_md": out_dir / "summary.md",
-             "summary_json": out_dir / "summary.json"}
+             "follow_csv": out_dir / "near_pure_follow.csv", "lookup_csv": out_dir / "lookup.csv",
+             "summary_md": out_dir / "summary.md", "summary_json": out_dir / "summary.json"}
     by_protocol.to_csv(files["by_protocol_csv"], index=False)
     near_pure.to_csv(files["near_pure_csv"], index=False)
+    follow.to_csv(files["follow_csv"], index=False)
     baseline.to_frame().to_csv(files["lookup_csv"], index=False)
-    files["summary_md"].write_text(_markdown(sets, summaries, by_protocol, near_pure, ceilings, package, baseline,
+    tables_by_kind = {"by_protocol": by_protocol, "near_pure_by_protocol": near_pure, "near_pure_follow": follow}
+    files["summary_md"].write_text(_markdown(sets, summaries, tables_by_kind, ceilings, package, baseline,
                                              slice_step, with_true))
-    files["summary_json"].write_text(json.dumps(_json(sets, summaries, by_protocol, near_pure, ceilings, package,
+    files["summary_json"].write_text(json.dumps(_json(sets, summaries, tables_by_kind, ceilings, package,
                                                       baseline, slice_step, with_true), indent=1, allow_nan=False)
                                      + "\n")
     logger.info("evaluation of %s on %d datasets written to %s", package.name, len(sets), out_dir)
-    return EvaluationReport(summaries, by_protocol, near_pure, files)
+    return EvaluationReport(summaries, by_protocol, near_pure, follow, files)
 
 
 def _baseline_text(baseline: LookupBaseline) -> str:
@@ -208,8 +225,8 @@ def _ceiling_json(ceiling: Ceiling | str) -> dict[str, object]:
             "n_pairs": ceiling.n_pairs}
 
 
-def _markdown(sets: Sequence[EvaluationSet], summaries: Mapping[str, EvaluationSummary], by_protocol: pd.DataFrame,
-              near_pure: pd.DataFrame, ceilings: Mapping[str, Ceiling | str], package: ModelPackage,
+def _markdown(sets: Sequence[EvaluationSet], summaries: Mapping[str, EvaluationSummary],
+              tables: Mapping[str, pd.DataFrame], ceilings: Mapping[str, Ceiling | str], package: ModelPackage,
               baseline: LookupBaseline, slice_step: int, with_true: bool) -> str:
     voxels = "brain of every axial slice with brain" if slice_step == 1 else \
         f"brain of one in every {slice_step} axial slices with brain"
@@ -218,6 +235,7 @@ def _markdown(sets: Sequence[EvaluationSet], summaries: Mapping[str, EvaluationS
              f"MPRAGE; lookup = {_baseline_text(baseline)}"
              + ("; true = matching of the subject's MRF (the paper's reference)" if with_true else "")
              + f". Voxels: {voxels} (the same for every map set).", ""]
+    by_protocol, near_pure, follow = (tables[k] for k in ("by_protocol", "near_pure_by_protocol", "near_pure_follow"))
     for item in sets:
         table = by_protocol[by_protocol["dataset"] == item.name]
         lines += [f"## {item.name} ({item.data.root}, split {item.split}, {len(item.subjects)} subjects)", "",
@@ -241,6 +259,15 @@ def _markdown(sets: Sequence[EvaluationSet], summaries: Mapping[str, EvaluationS
                       "over subjects of the voxel median absolute percent error; bias: median over subjects of the "
                       "voxel median signed percent error.", "",
                       markdown_table(pure.drop(columns=["dataset"])), ""]
+        followed = follow[follow["dataset"] == item.name]
+        if not followed.empty:
+            lines += ["### Near-pure voxels: does the map follow each subject's tissue values?", "",
+                      "Per subject, the truth's and the map set's medians over its near-pure voxels (the truth's is "
+                      "nearly the tissue value the subject was drawn with), as deviations from their acquisition "
+                      "group's means. Slope of the map's deviation on the truth's: 1 = the map moves with the "
+                      "subject's tissue, 0 = it reads one value whatever the subject (its prior); a slope below 1 "
+                      "reads unusual subjects towards the middle. n/a: fewer than two subjects beyond one per group.",
+                      "", follow_markdown(followed.drop(columns=["dataset"])), ""]
         lines += [_ceiling_text(ceilings[item.name]), ""]
         outside = table.drop_duplicates("group")
         outside = outside[outside["n_outside_training"] > 0]
@@ -250,8 +277,8 @@ def _markdown(sets: Sequence[EvaluationSet], summaries: Mapping[str, EvaluationS
     return "\n".join(lines)
 
 
-def _json(sets: Sequence[EvaluationSet], summaries: Mapping[str, EvaluationSummary], by_protocol: pd.DataFrame,
-          near_pure: pd.DataFrame, ceilings: Mapping[str, Ceiling | str], package: ModelPackage,
+def _json(sets: Sequence[EvaluationSet], summaries: Mapping[str, EvaluationSummary],
+          tables: Mapping[str, pd.DataFrame], ceilings: Mapping[str, Ceiling | str], package: ModelPackage,
           baseline: LookupBaseline, slice_step: int, with_true: bool) -> dict[str, object]:
     def rows(table: pd.DataFrame) -> list[dict[str, object]]:
         return [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()}
@@ -262,7 +289,7 @@ def _json(sets: Sequence[EvaluationSet], summaries: Mapping[str, EvaluationSumma
                          "n_subjects": len(baseline.fitted_on), "field_strengths_t": list(baseline.tables)},
             "datasets": {item.name: {"root": str(item.data.root), "split": item.split,
                                      **summaries[item.name].to_dict(),
-                                     "by_protocol": rows(by_protocol[by_protocol["dataset"] == item.name]),
-                                     "near_pure_by_protocol": rows(near_pure[near_pure["dataset"] == item.name]),
+                                     **{key: rows(table[table["dataset"] == item.name])
+                                        for key, table in tables.items()},
                                      "ceiling": _ceiling_json(ceilings[item.name])}
                          for item in sets}}

@@ -16,9 +16,9 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--model", "model_ref", default=None,
               help="A package folder, or an installed/built-in model NAME-VERSION (default: the active model).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Report folder: summary.md/.json, by_protocol.csv, near_pure_by_protocol.csv, lookup.csv, and "
-                   "per dataset NAME/ with "
-                   "regional.csv, voxelwise.csv, summary.json/.md, figures.")
+              help="Report folder: summary.md/.json, by_protocol.csv, near_pure_by_protocol.csv, "
+                   "near_pure_follow.csv, lookup.csv, and per dataset NAME/ with regional.csv, voxelwise.csv, "
+                   "summary.json/.md, figures.")
 @click.option("--split", "splits", multiple=True, default=("test",), show_default=True,
               type=click.Choice(["test", "val", "train", "all"]),
               help="Subjects to evaluate: once for every --data, or once per --data in order; all = every subject "
@@ -93,4 +93,9 @@ def evaluate(data_dirs: tuple[Path, ...], model_ref: str | None, out_dir: Path, 
     if not report.near_pure.empty:
         click.echo(f"\nNear-pure tissue voxels (truth at the subject's own GM or WM value; {package.name}):")
         click.echo(text_table(report.near_pure))
+    if not report.follow.empty:
+        click.echo("\nNear-pure voxels: slope of each subject's reading on its own tissue value (1 follows the "
+                   "subject, 0 reads one value):")
+        click.echo(report.follow.round({"slope": 2, "r": 2, "sd_reference_ms": 0, "sd_other_ms": 0})
+                   .to_string(index=False))
     click.echo(f"report: {report.files['summary_md']}")

@@ -102,6 +102,50 @@ def near_pure_table(voxelwise: pd.DataFrame, groups: Mapping[str, str], *, refer
     return pd.DataFrame(rows, columns=["group", "n_subjects", "map_set", *columns])
 
 
+FOLLOW_COLUMNS = ("map_set", "quantity", "tissue", "n_subjects", "n_groups", "slope", "r", "sd_reference_ms",
+                  "sd_other_ms")
+"""Columns of :func:`near_pure_follow`."""
+
+
+def near_pure_follow(voxelwise: pd.DataFrame, groups: Mapping[str, str], *, reference: str = "truth",
+                     others: Sequence[str] = ("dl", "lookup"),
+                     quantities: Sequence[str] = ("T1", "T2")) -> pd.DataFrame:
+    """Does a map set follow each subject's own tissue value, or read its prior? One row per map set x quantity x
+    near-pure tissue (:data:`FOLLOW_COLUMNS`), over the subjects of every group together.
+
+    Per subject x = the reference's median over its near-pure voxels (nearly the tissue value the subject was drawn
+    with), y = the map set's median over the same voxels. Both are taken as deviations from their group's mean
+    (acquisition groups differ by field strength, which no subject-level reading should get credit for), then
+    ``slope`` = sum(dx dy) / sum(dx^2) (1: the map moves with the subject's tissue; 0: it reads one value whatever
+    the subject), ``r`` their correlation and the SDs of dx and dy (ms). NaN unless at least two subjects are left
+    beyond one per group and dx varies.
+    """
+    missing = sorted(set(voxelwise["subject"]) - set(groups))
+    if missing:
+        raise ValueError(f"groups: no group for subjects {missing}")
+    rows: list[dict[str, object]] = []
+    for other in others:
+        for quantity in quantities:
+            for tissue in [t for t in NEAR_PURE_TISSUES if t in set(voxelwise["tissue"])]:
+                sel = voxelwise[(voxelwise["tissue"] == tissue) & (voxelwise["reference"] == reference)
+                                & (voxelwise["other"] == other) & (voxelwise["quantity"] == quantity)]
+                sel = sel.dropna(subset=["median_reference", "median_other"])
+                if sel.empty:
+                    continue
+                group = sel["subject"].map(groups)
+                dx = (sel["median_reference"] - sel.groupby(group)["median_reference"].transform("mean")).to_numpy()
+                dy = (sel["median_other"] - sel.groupby(group)["median_other"].transform("mean")).to_numpy()
+                n, k = len(sel), int(group.nunique())
+                sxx, syy = float(dx @ dx), float(dy @ dy)
+                usable = n - k >= 2 and sxx > 0
+                rows.append({"map_set": other, "quantity": quantity, "tissue": tissue, "n_subjects": n,
+                             "n_groups": k, "slope": float(dx @ dy) / sxx if usable else float("nan"),
+                             "r": float(dx @ dy) / np.sqrt(sxx * syy) if usable and syy > 0 else float("nan"),
+                             "sd_reference_ms": float(np.sqrt(sxx / (n - k))) if n > k else float("nan"),
+                             "sd_other_ms": float(np.sqrt(syy / (n - k))) if n > k else float("nan")})
+    return pd.DataFrame(rows, columns=list(FOLLOW_COLUMNS))
+
+
 def _ccc(pairs: pd.DataFrame, reference: str, other: str) -> float:
     return lin_ccc(pairs[reference].to_numpy(), pairs[other].to_numpy()) if len(pairs) >= 2 else float("nan")
 
@@ -123,6 +167,18 @@ def markdown_table(table: pd.DataFrame, reference: str = "truth") -> str:
     for row in table.to_dict(orient="records"):
         values = [_fmt(c, row[c]) for c in metrics]
         lines.append(f"| {row['group']} | {row['n_subjects']} | {row['map_set']} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def follow_markdown(table: pd.DataFrame) -> str:
+    """:func:`near_pure_follow` as Markdown (slope and r to 2 decimals, SDs to whole ms)."""
+    lines = ["| Map set | Quantity | Tissue | Slope | r | SD truth, ms | SD map, ms | Subjects (groups) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in table.to_dict(orient="records"):
+        cells = [f"{row[c]:{f}}" if np.isfinite(row[c]) else "n/a"
+                 for c, f in (("slope", ".2f"), ("r", "+.2f"), ("sd_reference_ms", ".0f"), ("sd_other_ms", ".0f"))]
+        lines.append(f"| {row['map_set']} | {row['quantity']} | {row['tissue']} | " + " | ".join(cells)
+                     + f" | {row['n_subjects']} ({row['n_groups']}) |")
     return "\n".join(lines) + "\n"
 
 

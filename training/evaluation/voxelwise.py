@@ -10,8 +10,10 @@ import pandas as pd
 
 from training.evaluation.subjects import SubjectMaps
 
-COLUMNS = ("subject", "tissue", "reference", "other", "quantity", "n_voxels", "median_ape", "median_pe")
-"""Columns of the voxelwise table; ``median_ape`` (absolute) and ``median_pe`` (signed) are in percent."""
+COLUMNS = ("subject", "tissue", "reference", "other", "quantity", "n_voxels", "median_ape", "median_pe",
+           "median_reference", "median_other")
+"""Columns of the voxelwise table; ``median_ape`` (absolute) and ``median_pe`` (signed) are in percent,
+``median_reference`` and ``median_other`` are the two maps' medians over the same voxels (ms for T1 and T2)."""
 
 
 def _percent_errors(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
@@ -45,10 +47,13 @@ def subject_errors(subject: SubjectMaps, comparisons: Sequence[tuple[str, str]],
             for quantity in quantities:
                 ref = np.asarray(subject.maps[reference][quantity])[inside]
                 oth = np.asarray(subject.maps[other][quantity])[inside]
+                valid = ref > 0
                 rows.append({"subject": subject.subject_id, "tissue": tissue, "reference": reference,
-                             "other": other, "quantity": quantity, "n_voxels": int(np.count_nonzero(ref > 0)),
+                             "other": other, "quantity": quantity, "n_voxels": int(np.count_nonzero(valid)),
                              "median_ape": median_absolute_percent_error(ref, oth),
-                             "median_pe": median_percent_error(ref, oth)})
+                             "median_pe": median_percent_error(ref, oth),
+                             "median_reference": float(np.median(ref[valid])) if valid.any() else float("nan"),
+                             "median_other": float(np.median(oth[valid])) if valid.any() else float("nan")})
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 

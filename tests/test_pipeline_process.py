@@ -148,7 +148,8 @@ def test_end_to_end_dicom_in_maps_out(subject: Path, package: ModelPackage, tmp_
         np.testing.assert_allclose(affine, source_affine, atol=1e-4)
         truth, truth_affine = load_volume(subject / f"{q}.nii.gz")
         on_truth = resample_to_grid(ours, affine, truth.shape, truth_affine, order=0)
-        for tissue in ("WM", "GM"):
+        # CSF's T2 is not revealed by an MPRAGE (README, identifiability ceiling): its T1 only.
+        for tissue in ("WM", "GM") if q == "T2" else ("WM", "GM", "CSF"):
             sel = tissues[tissue] & (on_truth > 0)
             error = float(np.median(on_truth[sel]) / np.median(truth[sel]) - 1)
             report.append(f"{q} {tissue}: truth {np.median(truth[sel]):.0f} ms, ours {np.median(on_truth[sel]):.0f} ms "
@@ -159,10 +160,11 @@ def test_end_to_end_dicom_in_maps_out(subject: Path, package: ModelPackage, tmp_
         print("\nregional medians vs truth:", "; ".join(report))
 
     # Synthetic contrasts: exactly the contrast equations applied to the saved maps; the tissue ordering radiologists
-    # expect; near the contrast the phantom's own truth maps give through the same equations (on this 2.5 mm input
-    # CSF's truth carries partial volume: its T1 is about 2800 ms, so FLAIR suppresses CSF without nulling it and DIR
-    # leaves some of it; how close depends on the model's partial-volume CSF, hence the maps' loose bound); and a
-    # derived series each.
+    # expect; where no tissue sits near a contrast's null, tissue ratios near those the phantom's own truth maps give
+    # through the same equations (the maps' loose bound); and a derived series each. FLAIR and DIR null CSF (TI 2500
+    # ms nulls 4000 ms), so near the null a small T1 difference becomes a large signal ratio: on this 2.5 mm input
+    # CSF's truth carries partial volume (about 2800 ms), and a CSF T1 read 12 % high (0.6: 3147 against 2801 ms,
+    # within the maps' bound above) moved DIR's GM / CSF ratio by 43 %. Their closeness is judged in T1, above.
     truth_maps = {q: load_volume(subject / f"{q}.nii.gz")[0] for q in ("T1", "T2", "PD")}
     our_maps = {q: load_volume(out / f"{q}.nii.gz")[0] for q in ("T1", "T2", "PD")}
     contrast, expected = {}, {}
@@ -179,7 +181,7 @@ def test_end_to_end_dicom_in_maps_out(subject: Path, package: ModelPackage, tmp_
     assert contrast["T2w"]["CSF"] > contrast["T2w"]["GM"] > contrast["T2w"]["WM"], contrast["T2w"]
     assert contrast["FLAIR"]["CSF"] < min(contrast["FLAIR"]["WM"], contrast["FLAIR"]["GM"]), contrast["FLAIR"]
     assert contrast["DIR"]["GM"] > max(contrast["DIR"]["WM"], contrast["DIR"]["CSF"]), contrast["DIR"]
-    for name, ours, truth_of in (("FLAIR", "CSF", "WM"), ("DIR", "GM", "CSF")):
+    for name, ours, truth_of in (("T1w", "WM", "GM"), ("T2w", "GM", "WM"), ("PDw", "GM", "WM")):
         ratio, true_ratio = (d[name][ours] / d[name][truth_of] for d in (contrast, expected))
         assert abs(ratio / true_ratio - 1) < 0.25, (name, contrast[name], expected[name])
     for name in ("T1w", "T2w", "PDw", "FLAIR", "DIR"):

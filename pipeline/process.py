@@ -281,7 +281,7 @@ def _provenance_doc(source: Path, series: DicomSeries | None, package: ModelPack
         "format": "synthmrf-result/1",
         "software": {"name": "synthmrf", "version": software_version(), "torch": torch.__version__},
         "model": {"name": str(package.manifest["name"]), "version": str(package.manifest["version"]),
-                  "trained_on": package.manifest.get("training_data", {})},
+                  "trained_on": package.trained_on},
         "sequence": {"name": package.sequence.name, "hash": package.sequence.hash()},
         "input": ({"kind": "dicom", "study_instance_uid": series.study_instance_uid,
                    "series_instance_uid": series.series_instance_uid,

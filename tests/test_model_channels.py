@@ -80,3 +80,21 @@ def test_model_info_shows_the_decision() -> None:
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)["channel_signal"]
     assert doc["carries_signal"] == [True, True, False, True, False, True, False]
+
+
+def test_trained_on_summarises_the_training_record_without_subject_lists() -> None:
+    def package(manifest: dict[str, object]) -> ModelPackage:
+        return ModelPackage(path=SHIPPED_DIR, manifest=manifest, model=None, channel_ranges=np.zeros((7, 2)),  # type: ignore[arg-type]
+                            basis=np.zeros((1000, 4)), sequence=None)  # type: ignore[arg-type]
+
+    dataset = {"path_name": "mix", "seed": None, "subjects": {"train": 3, "val": 1, "test": 1},
+               "split": {"train": ["a", "b", "c"], "val": ["d"], "test": ["e"]},
+               "union_of": [{"prefix": "s41-", "seed": 41}, {"prefix": "v4-", "seed": 71}]}
+    record = package({"training": {"dataset": dataset, "config": {"init_from": "synthmrf-phantom-0.5"}}}).trained_on
+    assert record == {"path_name": "mix", "seed": None, "subjects": {"train": 3, "val": 1, "test": 1},
+                      "union_of": [{"prefix": "s41-", "seed": 41}, {"prefix": "v4-", "seed": 71}],
+                      "init_from": "synthmrf-phantom-0.5"}
+    assert package({"training": {"dataset": {"seed": 5}, "config": {"init_from": None}}}).trained_on == {"seed": 5}
+    assert package({}).trained_on == {}
+    shipped = load_package(next(p for p in sorted(SHIPPED_DIR.iterdir()) if p.is_dir()))
+    assert shipped.trained_on["subjects"] == shipped.manifest["training"]["dataset"]["subjects"]  # type: ignore[index]

@@ -227,6 +227,10 @@ def test_end_to_end_dicom_in_maps_out(subject: Path, package: ModelPackage, tmp_
 
     provenance = json.loads(result.provenance.read_text())
     assert provenance["model"]["name"] == package.manifest["name"]
+    # What the weights were trained on, from the manifest's training record (its subject lists left out).
+    trained_on = provenance["model"]["trained_on"]
+    assert trained_on == package.trained_on and "split" not in trained_on
+    assert trained_on["subjects"] == package.manifest["training"]["dataset"]["subjects"]
     assert provenance["sequence"]["hash"] == package.sequence.hash()
     assert provenance["input"]["series_instance_uid"] == source.SeriesInstanceUID
     assert result.qc_figure.stat().st_size > 10_000

@@ -72,6 +72,21 @@ class ModelPackage:
         return f"{self.manifest['name']}-{self.manifest['version']}"
 
     @property
+    def trained_on(self) -> dict[str, object]:
+        """What the manifest records the weights were trained on, for provenance: the dataset's name, format, seed,
+        subject counts and union parts, and the package they were fine-tuned from (``init_from``), without the
+        subject lists; empty for a package that records none."""
+        training = self.manifest.get("training")
+        if not isinstance(training, dict):
+            return {}
+        dataset = training.get("dataset")
+        doc: dict[str, object] = {k: v for k, v in dataset.items() if k != "split"} if isinstance(dataset, dict) else {}
+        config = training.get("config")
+        if isinstance(config, dict) and config.get("init_from"):
+            doc["init_from"] = config["init_from"]
+        return doc
+
+    @property
     def normalisation(self) -> str:
         """How inputs are scaled (:mod:`pipeline.normalise`); packages before 0.3 divide by the maximum."""
         pre = self.manifest.get("preprocessing")

@@ -266,7 +266,8 @@ def _markdown(sets: Sequence[EvaluationSet], summaries: Mapping[str, EvaluationS
                       "nearly the tissue value the subject was drawn with), as deviations from their acquisition "
                       "group's means. Slope of the map's deviation on the truth's: 1 = the map moves with the "
                       "subject's tissue, 0 = it reads one value whatever the subject (its prior); a slope below 1 "
-                      "reads unusual subjects towards the middle. n/a: fewer than two subjects beyond one per group.",
+                      "reads unusual subjects towards the middle. n/a: fewer than two subjects beyond one per group, "
+                      "or a truth that does not vary (slope), or a map that reads one value (r).",
                       "", follow_markdown(followed.drop(columns=["dataset"])), ""]
         lines += [_ceiling_text(ceilings[item.name]), ""]
         outside = table.drop_duplicates("group")

@@ -97,5 +97,5 @@ def evaluate(data_dirs: tuple[Path, ...], model_ref: str | None, out_dir: Path, 
         click.echo("\nNear-pure voxels: slope of each subject's reading on its own tissue value (1 follows the "
                    "subject, 0 reads one value):")
         click.echo(report.follow.round({"slope": 2, "r": 2, "sd_reference_ms": 0, "sd_other_ms": 0})
-                   .to_string(index=False))
+                   .to_string(index=False, float_format=lambda v: f"{v:g}"))
     click.echo(f"report: {report.files['summary_md']}")

@@ -117,8 +117,9 @@ def near_pure_follow(voxelwise: pd.DataFrame, groups: Mapping[str, str], *, refe
     with), y = the map set's median over the same voxels. Both are taken as deviations from their group's mean
     (acquisition groups differ by field strength, which no subject-level reading should get credit for), then
     ``slope`` = sum(dx dy) / sum(dx^2) (1: the map moves with the subject's tissue; 0: it reads one value whatever
-    the subject), ``r`` their correlation and the SDs of dx and dy (ms). NaN unless at least two subjects are left
-    beyond one per group and dx varies.
+    the subject), ``r`` their correlation and the SDs of dx and dy (ms, over n - groups degrees of freedom). Slope and
+    r are NaN unless at least two subjects are left beyond one per group and dx varies (r also when dy does not
+    vary: a map that reads one value); the SDs are NaN only without a subject beyond one per group.
     """
     missing = sorted(set(voxelwise["subject"]) - set(groups))
     if missing:

@@ -9,7 +9,7 @@ averaged over the group's subjects and regions. No bootstrap: groups hold few su
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -44,9 +44,7 @@ def protocol_table(regional: pd.DataFrame, voxelwise: pd.DataFrame, groups: Mapp
     ``regional``: the long regional table (:mod:`training.evaluation.regional`); ``voxelwise``: per-subject
     voxelwise rows (:mod:`training.evaluation.voxelwise`); ``groups``: subject -> group of every subject.
     """
-    missing = sorted(set(regional["subject"]) - set(groups))
-    if missing:
-        raise ValueError(f"groups: no group for subjects {missing}")
+    _check_groups(regional, groups)
     tissue = regional["region"].map(tissue_of_region)
     rows: list[dict[str, object]] = []
     for group in sorted(set(groups.values())):
@@ -60,9 +58,7 @@ def protocol_table(regional: pd.DataFrame, voxelwise: pd.DataFrame, groups: Mapp
                 row[f"ccc_gmwm_{quantity}"] = _ccc(_pairs(regional[selected & tissue.isin(TISSUE_REGION_CLASSES)],
                                                           reference, other), reference, other)
                 for t in tissues:
-                    errors = voxelwise[voxelwise["subject"].isin(members) & (voxelwise["tissue"] == t)
-                                       & (voxelwise["reference"] == reference) & (voxelwise["other"] == other)
-                                       & (voxelwise["quantity"] == quantity)]["median_ape"].dropna()
+                    errors = _voxel_rows(voxelwise, t, reference, other, quantity, members)["median_ape"].dropna()
                     row[f"mape_{t}_{quantity}"] = float(errors.median()) if len(errors) else float("nan")
                     pt = _pairs(regional[selected & (tissue == t)], reference, other)
                     pt = pt[pt[reference] > 0]
@@ -79,9 +75,7 @@ def near_pure_table(voxelwise: pd.DataFrame, groups: Mapping[str, str], *, refer
     per group (sorted) x map set: ``group``, ``n_subjects``, ``map_set``, ``mape_{tissue}_{q}`` (median over the
     group's subjects of the voxel median absolute percent error) and ``bias_{tissue}_{q}`` (median over subjects of
     the voxel median signed percent error) for the near-pure tissues; empty when ``voxelwise`` has none."""
-    missing = sorted(set(voxelwise["subject"]) - set(groups))
-    if missing:
-        raise ValueError(f"groups: no group for subjects {missing}")
+    _check_groups(voxelwise, groups)
     tissues = [t for t in NEAR_PURE_TISSUES if t in set(voxelwise["tissue"])]
     columns = [f"{kind}_{t}_{q}" for kind in ("mape", "bias") for q in quantities for t in tissues]
     rows: list[dict[str, object]] = []
@@ -91,9 +85,8 @@ def near_pure_table(voxelwise: pd.DataFrame, groups: Mapping[str, str], *, refer
             row: dict[str, object] = {"group": group, "n_subjects": len(members), "map_set": other}
             for quantity in quantities:
                 for t in tissues:
-                    selected = voxelwise[voxelwise["subject"].isin(members) & (voxelwise["tissue"] == t)
-                                         & (voxelwise["reference"] == reference) & (voxelwise["other"] == other)
-                                         & (voxelwise["quantity"] == quantity)].dropna(subset=["median_ape"])
+                    selected = _voxel_rows(voxelwise, t, reference, other, quantity,
+                                           members).dropna(subset=["median_ape"])
                     row[f"mape_{t}_{quantity}"] = float(selected["median_ape"].median()) if len(selected) \
                         else float("nan")
                     row[f"bias_{t}_{quantity}"] = float(selected["median_pe"].median()) if len(selected) \
@@ -121,16 +114,13 @@ def near_pure_follow(voxelwise: pd.DataFrame, groups: Mapping[str, str], *, refe
     r are NaN unless at least two subjects are left beyond one per group and dx varies (r also when dy does not
     vary: a map that reads one value); the SDs are NaN only without a subject beyond one per group.
     """
-    missing = sorted(set(voxelwise["subject"]) - set(groups))
-    if missing:
-        raise ValueError(f"groups: no group for subjects {missing}")
+    _check_groups(voxelwise, groups)
     rows: list[dict[str, object]] = []
     for other in others:
         for quantity in quantities:
             for tissue in [t for t in NEAR_PURE_TISSUES if t in set(voxelwise["tissue"])]:
-                sel = voxelwise[(voxelwise["tissue"] == tissue) & (voxelwise["reference"] == reference)
-                                & (voxelwise["other"] == other) & (voxelwise["quantity"] == quantity)]
-                sel = sel.dropna(subset=["median_reference", "median_other"])
+                sel = _voxel_rows(voxelwise, tissue, reference, other, quantity).dropna(
+                    subset=["median_reference", "median_other"])
                 if sel.empty:
                     continue
                 group = sel["subject"].map(groups)
@@ -145,6 +135,22 @@ def near_pure_follow(voxelwise: pd.DataFrame, groups: Mapping[str, str], *, refe
                              "sd_reference_ms": float(np.sqrt(sxx / (n - k))) if n > k else float("nan"),
                              "sd_other_ms": float(np.sqrt(syy / (n - k))) if n > k else float("nan")})
     return pd.DataFrame(rows, columns=list(FOLLOW_COLUMNS))
+
+
+def _check_groups(table: pd.DataFrame, groups: Mapping[str, str]) -> None:
+    missing = sorted(set(table["subject"]) - set(groups))
+    if missing:
+        raise ValueError(f"groups: no group for subjects {missing}")
+
+
+def _voxel_rows(voxelwise: pd.DataFrame, tissue: str, reference: str, other: str, quantity: str,
+                subjects: Collection[str] | None = None) -> pd.DataFrame:
+    """The voxelwise rows of one tissue x comparison x quantity (of ``subjects`` only, when given)."""
+    keep = ((voxelwise["tissue"] == tissue) & (voxelwise["reference"] == reference)
+            & (voxelwise["other"] == other) & (voxelwise["quantity"] == quantity))
+    if subjects is not None:
+        keep &= voxelwise["subject"].isin(list(subjects))
+    return voxelwise[keep]
 
 
 def _ccc(pairs: pd.DataFrame, reference: str, other: str) -> float:

@@ -8,6 +8,8 @@ space reaches patient space by one matrix product. SimpleITK works in LPS; conve
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -42,6 +44,23 @@ FINE_SHRINK = (2, 1)  # the winner is refined at 4 and 2 mm on a random 25 % of 
 # from run to run (one phantom's head pose error ranged 0.41-0.53 degrees over 14 runs). A fixed seed makes the
 # maps reproducible.
 SAMPLING_SEED = 1
+
+
+@contextmanager
+def _single_threaded_itk() -> Iterator[None]:
+    """ITK filters made inside run on one thread (the process-wide default, restored after).
+
+    With two threads, three affine fits of one head with the same sampling seed differed by up to 0.004 (mm and
+    matrix): the 8 mm fits' metric sums differ in the last bits (2e-6) from run to run and the optimiser's
+    stopping amplifies that. On one thread the fits are identical, at about 1.2 s more per head (5.5 -> 6.7 s
+    on a loaded 2-core machine).
+    """
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
 
 def to_sitk(data: np.ndarray, ras_affine: np.ndarray) -> sitk.Image:
@@ -115,7 +134,8 @@ def register_images(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndar
     reg.SetSmoothingSigmasPerLevel([float(f) for f in shrink])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetInitialTransform(transform, inPlace=True)
-    reg.Execute(fixed_image, moving_image)
+    with _single_threaded_itk():
+        reg.Execute(fixed_image, moving_image)
     logger.debug("%s registration: metric %.4f after %d iterations (%s)", kind, reg.GetMetricValue(),
                  reg.GetOptimizerIteration(), reg.GetOptimizerStopConditionDescription())
     return Registration(_ras_matrix(transform), float(reg.GetMetricValue()))
@@ -152,8 +172,9 @@ def mutual_information(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.n
     reg = _metric(fixed_mask, fixed_affine)
     reg.SetMetricSamplingStrategy(reg.NONE)
     reg.SetInitialTransform(_sitk_transform(transform, "affine", fixed.shape, fixed_affine))
-    return float(reg.MetricEvaluate(to_sitk(fixed, fixed_affine), sitk.Cast(to_sitk(moving, moving_affine),
-                                                                             sitk.sitkFloat32)))
+    with _single_threaded_itk():
+        return float(reg.MetricEvaluate(to_sitk(fixed, fixed_affine),
+                                        sitk.Cast(to_sitk(moving, moving_affine), sitk.sitkFloat32)))
 
 
 def moments_start(fixed: sitk.Image, moving: sitk.Image) -> np.ndarray:

@@ -8,6 +8,7 @@ space reaches patient space by one matrix product. SimpleITK works in LPS; conve
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,21 +47,35 @@ FINE_SHRINK = (2, 1)  # the winner is refined at 4 and 2 mm on a random 25 % of 
 SAMPLING_SEED = 1
 
 
+_itk_threads_lock = threading.Lock()
+_itk_single_users = 0  # registrations running now (the node's thread workers may run several at once)
+_itk_saved_threads = 0
+
+
 @contextmanager
 def _single_threaded_itk() -> Iterator[None]:
-    """ITK filters made inside run on one thread (the process-wide default, restored after).
+    """ITK filters made inside run on one thread: the process-wide default, which is the only setting the
+    metric's threads follow (``SetNumberOfThreads(1)`` on the registration object still left fits differing by
+    up to 1e-4), set to 1 while any registration runs and restored when the last one ends.
 
     With two threads, three affine fits of one head with the same sampling seed differed by up to 0.004 (mm and
     matrix): the 8 mm fits' metric sums differ in the last bits (2e-6) from run to run and the optimiser's
     stopping amplifies that. On one thread the fits are identical, at about 1.2 s more per head (5.5 -> 6.7 s
     on a loaded 2-core machine).
     """
-    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    global _itk_single_users, _itk_saved_threads
+    with _itk_threads_lock:
+        if _itk_single_users == 0:
+            _itk_saved_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        _itk_single_users += 1
     try:
         yield
     finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+        with _itk_threads_lock:
+            _itk_single_users -= 1
+            if _itk_single_users == 0:
+                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(_itk_saved_threads)
 
 
 def to_sitk(data: np.ndarray, ras_affine: np.ndarray) -> sitk.Image:

@@ -88,6 +88,41 @@ def test_a_refinement_that_worsens_the_fit_is_discarded(placed: tuple[Path, Work
     assert any(np.array_equal(kept, c.transform) for c in coarse)
 
 
+def test_overlapping_registrations_restore_itk_threads() -> None:
+    """Two registrations in threads that start and end interleaved (A in, B in, A out, B out) keep ITK on one
+    thread while either runs and give the process its thread count back after both: each saving and restoring
+    the default on its own left it at 1 for good."""
+    import threading
+
+    import SimpleITK as sitk  # noqa: N813 (the universal alias)
+
+    from pipeline.registration import _single_threaded_itk
+
+    original = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(3)
+    try:
+        b_in, a_out = threading.Event(), threading.Event()
+        inside: list[int] = []
+
+        def second() -> None:
+            with _single_threaded_itk():
+                b_in.set()
+                a_out.wait(10)
+                inside.append(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+
+        with _single_threaded_itk():
+            thread = threading.Thread(target=second)
+            thread.start()
+            b_in.wait(10)
+            inside.append(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+        a_out.set()
+        thread.join(10)
+        assert inside == [1, 1]
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 3
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(original)
+
+
 def test_brain_mask_agrees_with_the_phantom(placed: tuple[Path, WorkingSpace]) -> None:
     subject, space = placed
     truth, affine = load_volume(subject / "brain_mask.nii.gz")

@@ -17,6 +17,7 @@ from pipeline.mrf.sequence import Sequence
 from pipeline.mrf.simulate import simulate_coefficients
 from pipeline.protocol import Family
 from training.phantom.anatomy import TISSUES, RenderedAnatomy, Template, load_template, render
+from training.phantom.dataset import _options_doc
 from training.phantom.dicom_series import VENDOR_HEADERS, Vendor, classic_datasets, make_identity
 from training.phantom.fields import SmoothField
 from training.phantom.geometry import acquisition_grid, mrf_grid
@@ -142,6 +143,43 @@ def test_expected_target_keeps_what_an_mprage_shows(template: Template, field_t:
         np.testing.assert_allclose(t2_levels, t2_by_hand[name])  # no within-subject T2 field
     with pytest.raises(ValueError, match="world v2-v4"):
         expected_t2_target(replace(model, modulation=None), field_t)
+
+
+def test_grey_t2_scale_changes_grey_matter_t2_alone(template: Template) -> None:
+    """--grey-t2-scale 1.05: each subject is its namesake of the same seed with cortical GM T2 x 1.05 and nothing
+    else changed (other tissues, GM's T1, PD and T2 field, protocol, pose, anatomy changes)."""
+    for index in range(3):
+        base = draw_subject(61, index, template, PhantomOptions(world="v4"))
+        scaled = draw_subject(61, index, template, PhantomOptions(world="v4", grey_t2_scale=1.05))
+        before, after = base.tissues.values, scaled.tissues.values
+        assert after["gm"].t2_ms == pytest.approx(1.05 * before["gm"].t2_ms, rel=1e-12)
+        assert (after["gm"].t1_ms, after["gm"].pd) == (before["gm"].t1_ms, before["gm"].pd)
+        assert {k: v for k, v in after.items() if k != "gm"} == {k: v for k, v in before.items() if k != "gm"}
+        assert scaled.tissues.modulation == base.tissues.modulation
+        for name in before:
+            tables, base_tables = scaled.tissues.level_tables(name), base.tissues.level_tables(name)
+            np.testing.assert_array_equal(tables[0], base_tables[0])  # T1 and PD fields kept
+            np.testing.assert_array_equal(tables[2], base_tables[2])
+            if name != "gm":
+                np.testing.assert_array_equal(tables[1], base_tables[1])
+        assert (scaled.protocol, scaled.noise_seed, scaled.mprage_snr) == (base.protocol, base.noise_seed,
+                                                                           base.mprage_snr)
+        assert scaled.changes is not None and base.changes is not None
+        assert scaled.changes.atrophy == base.changes.atrophy
+        np.testing.assert_allclose(scaled.tissues.level_tables("gm")[1], 1.05 * base.tissues.level_tables("gm")[1],
+                                   rtol=1e-12)
+
+
+def test_grey_t2_scale_moves_the_expected_target_and_is_recorded(template: Template) -> None:
+    model = draw_world(np.random.default_rng(11), template).tissues
+    assert expected_t2_target(model, 3.0, 1.1).values["gm"].t2_ms == pytest.approx(1.1 * 92.5)
+    assert expected_t2_target(model, 1.5, 1.1).values["wm"].t2_ms == pytest.approx(77.5)
+    assert _options_doc(PhantomOptions(world="v2", grey_t2_scale=1.05))["grey_t2_scale"] == 1.05
+    assert "grey_t2_scale" not in _options_doc(PhantomOptions(world="v2"))  # folders made before it still match
+    with pytest.raises(ValueError, match="world v1 keeps"):
+        PhantomOptions(world="v1", grey_t2_scale=1.05)
+    with pytest.raises(ValueError, match=r"0\.5 to 2"):
+        PhantomOptions(world="v2", grey_t2_scale=3.0)
 
 
 def test_expected_target_signal_is_the_mean_mix_at_the_prior_mean_t2(template: Template, default_sequence: Sequence,

@@ -156,6 +156,8 @@ def _options_doc(options: PhantomOptions) -> dict[str, object]:
     doc = {**asdict(replace(options, protocol=None)), "protocol": asdict(options.protocol)}  # type: ignore[arg-type]
     if options.mrf_target == "subject":  # the default: folders made before the option existed still match
         del doc["mrf_target"]
+    if options.grey_t2_scale == 1.0:  # likewise
+        del doc["grey_t2_scale"]
     return doc
 
 

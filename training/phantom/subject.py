@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -27,7 +27,14 @@ from training.phantom.geometry import Orientation, VolumeGrid, acquisition_grid,
 from training.phantom.mprage import MprageProtocol, acquire
 from training.phantom.mrf import acquire_mrf
 from training.phantom.tissues import TissueModel, draw_tissues, truth_maps
-from training.phantom.world import AnatomyChanges, draw_world, expected_t2_target, individualise, resegment
+from training.phantom.world import (
+    AnatomyChanges,
+    draw_world,
+    expected_t2_target,
+    individualise,
+    resegment,
+    scale_grey_t2,
+)
 
 WORLDS = ("v1", "v2", "v3", "v4")
 MRF_TARGETS = ("subject", "expected")
@@ -66,6 +73,7 @@ class PhantomOptions:
     protocol: MprageProtocol = field(default_factory=MprageProtocol)
     world: str = "v1"  # v2: protocol, grid, tissues, anatomy, noise per subject; v3/v4: + an individual cortex
     mrf_target: str = "subject"  # expected: the MRF keeps only what an MPRAGE shows (world.expected_t2_target)
+    grey_t2_scale: float = 1.0  # worlds v2-v4: cortical grey matter's T2 prior re-centred (world.scale_grey_t2)
 
     def __post_init__(self) -> None:
         if self.world not in WORLDS:
@@ -74,6 +82,10 @@ class PhantomOptions:
             raise ValueError(f"mrf_target: expected one of {MRF_TARGETS}, got {self.mrf_target!r}")
         if self.mrf_target == "expected" and self.world == "v1":
             raise ValueError("mrf_target 'expected' needs world v2, v3 or v4 (their priors define the expectation)")
+        if not 0.5 <= self.grey_t2_scale <= 2.0:
+            raise ValueError(f"grey_t2_scale: expected 0.5 to 2, got {self.grey_t2_scale}")
+        if self.grey_t2_scale != 1.0 and self.world == "v1":
+            raise ValueError("grey_t2_scale: needs world v2, v3 or v4 (world v1 keeps its fixed priors)")
 
     def mrf_grid(self) -> VolumeGrid:
         return mrf_grid(self.downsample)
@@ -135,6 +147,8 @@ def draw_subject(seed: int, index: int, template: Template, options: PhantomOpti
                               world)
     if options.world == "v4":  # v4's likewise: a v4 subject is its v3 namesake, re-segmented
         world = resegment(np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 4))), template, world)
+    if options.grey_t2_scale != 1.0:  # the same draw, grey matter's T2 scaled: a subject differs from its namesake
+        world = replace(world, tissues=scale_grey_t2(world.tissues, options.grey_t2_scale))  # in that alone
     d = options.downsample
     grid = acquisition_grid(world.orientation, matrix=tuple(-(-n // d) for n in world.matrix),  # type: ignore[arg-type]
                             pixel_mm=world.pixel_mm * d, slice_mm=world.slice_mm * d, oblique_deg=world.oblique_deg)
@@ -176,7 +190,7 @@ def make_subject(subject: Subject, template: Template, options: PhantomOptions, 
             raise ValueError("sequence, dictionary: required when options.mrf is set")
         tissues = subject.tissues
         if options.mrf_target == "expected":
-            tissues = expected_t2_target(tissues, subject.protocol.field_strength_t)
+            tissues = expected_t2_target(tissues, subject.protocol.field_strength_t, options.grey_t2_scale)
         coeffs = acquire_mrf(sequence, dictionary, tissues, anatomy, coil_phase=subject.coil_phase,
                              snr=subject.mrf_snr, rng=noise)
         _save(coeffs, grid.affine, out_dir / FILES["mrf"])

@@ -244,7 +244,14 @@ def draw_tissue_values(rng: np.random.Generator, field_t: float) -> dict[str, Ti
     }
 
 
-def expected_t2_target(model: TissueModel, field_t: float) -> TissueModel:
+def scale_grey_t2(model: TissueModel, factor: float) -> TissueModel:
+    """``model`` with cortical grey matter's T2 multiplied by ``factor`` (``--grey-t2-scale``: the prior
+    U(lo, hi) becomes U(factor lo, factor hi); everything else, its within-tissue field included, unchanged)."""
+    gm = model.values["gm"]
+    return replace(model, values={**model.values, "gm": replace(gm, t2_ms=gm.t2_ms * factor)})
+
+
+def expected_t2_target(model: TissueModel, field_t: float, grey_t2_scale: float = 1.0) -> TissueModel:
     """The tissue model of an MRF training target that keeps only what an MPRAGE can show (``--mrf-target
     expected``): every tissue's T2 at its prior mean for ``field_t`` (no within-subject T2 field) and the
     partial-volume mix at the prior mean lambda = 0.5, so the signal is that mix's expectation (it is linear
@@ -256,6 +263,7 @@ def expected_t2_target(model: TissueModel, field_t: float) -> TissueModel:
         raise ValueError("expected_t2_target: a world v2-v4 tissue model (with per-tissue modulation) is needed")
     t2 = T2_RANGES_MS[3.0 if field_t > 2 else 1.5]
     mean = {name: (lo + hi) / 2 for name, (lo, hi) in t2.items()}
+    mean["gm"] *= grey_t2_scale
     mean["lesion"] = mean["wm"] * sum(LESION_T2_FACTOR) / 2
     values = {name: replace(v, t2_ms=mean[name]) for name, v in model.values.items()}
     modulation = {name: (a1, 0.0, ap) for name, (a1, _, ap) in model.modulation.items()}

@@ -51,20 +51,16 @@ def decompose(pairs: pd.DataFrame) -> dict[str, float]:
     """The four CCCs of the module docstring and each tissue's level (mean other / mean reference)."""
     ref = pairs["reference"].to_numpy(np.float64)
     oth = pairs["other"].to_numpy(np.float64)
-    matched, pattern, constant = oth.copy(), oth.copy(), np.empty_like(ref)
-    out: dict[str, float] = {}
-    for tissue in TISSUES:
-        m = (pairs["tissue"] == tissue).to_numpy()
-        if not m.any():
-            continue
-        out[f"level_{tissue}"] = float(oth[m].mean() / ref[m].mean())
-        matched[m] = oth[m] * ref[m].mean() / oth[m].mean()
-        constant[m] = ref[m].mean()
-    for _, group in pairs.groupby(["subject", "tissue"]):
-        i = group.index.to_numpy()
-        pattern[i] = oth[i] - oth[i].mean() + ref[i].mean()
-    out.update(as_read=lin_ccc(ref, oth), levels_matched=lin_ccc(ref, matched), pattern_only=lin_ccc(ref, pattern),
-               constant_levels=lin_ccc(ref, constant))
+    by_tissue = pairs.groupby("tissue")
+    ref_tissue = by_tissue["reference"].transform("mean").to_numpy(np.float64)
+    oth_tissue = by_tissue["other"].transform("mean").to_numpy(np.float64)
+    by_subject = pairs.groupby(["subject", "tissue"])
+    ref_subject = by_subject["reference"].transform("mean").to_numpy(np.float64)
+    oth_subject = by_subject["other"].transform("mean").to_numpy(np.float64)
+    means = by_tissue[["reference", "other"]].mean()
+    out = {f"level_{t}": float(means.loc[t, "other"] / means.loc[t, "reference"]) for t in means.index}
+    out.update(as_read=lin_ccc(ref, oth), levels_matched=lin_ccc(ref, oth * ref_tissue / oth_tissue),
+               pattern_only=lin_ccc(ref, oth - oth_subject + ref_subject), constant_levels=lin_ccc(ref, ref_tissue))
     return out
 
 

@@ -147,8 +147,9 @@ def draw_subject(seed: int, index: int, template: Template, options: PhantomOpti
                               world)
     if options.world == "v4":  # v4's likewise: a v4 subject is its v3 namesake, re-segmented
         world = resegment(np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 4))), template, world)
-    if options.grey_t2_scale != 1.0:  # the same draw, grey matter's T2 scaled: a subject differs from its namesake
-        world = replace(world, tissues=scale_grey_t2(world.tissues, options.grey_t2_scale))  # in that alone
+    # The same draw with grey matter's T2 scaled: a subject differs from its namesake in that alone.
+    if options.grey_t2_scale != 1.0:
+        world = replace(world, tissues=scale_grey_t2(world.tissues, options.grey_t2_scale))
     d = options.downsample
     grid = acquisition_grid(world.orientation, matrix=tuple(-(-n // d) for n in world.matrix),  # type: ignore[arg-type]
                             pixel_mm=world.pixel_mm * d, slice_mm=world.slice_mm * d, oblique_deg=world.oblique_deg)

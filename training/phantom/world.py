@@ -258,7 +258,8 @@ def expected_t2_target(model: TissueModel, field_t: float, grey_t2_scale: float 
     in lambda); T1, PD and anatomy stay the subject's. The subject's own T2 and exchange are drawn
     independently of everything the MPRAGE shows, so the optimum of a squared-error loss is the same; the
     target just loses that noise. Plug-in: the signal at the mean T2, not the mean signal (their matched T2
-    differ by up to 1.1 % for the GM and WM priors; CSF's and lesions' wider priors were not checked)."""
+    differ by up to 1.1 % for the GM and WM priors; CSF's and lesions' wider priors were not checked).
+    ``grey_t2_scale`` moves grey matter's prior mean as ``--grey-t2-scale`` moves its prior."""
     if model.modulation is None:
         raise ValueError("expected_t2_target: a world v2-v4 tissue model (with per-tissue modulation) is needed")
     t2 = T2_RANGES_MS[3.0 if field_t > 2 else 1.5]

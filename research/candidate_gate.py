@@ -102,15 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     datasets = sorted(p.name for p in args.report.iterdir() if (p / "summary.json").is_file())
     if not datasets:
         parser.error(f"{args.report}: no dataset folders with summary.json (not an evaluate report)")
-    thresholds = dict(min_t1=args.min_t1, min_t2=args.min_t2, min_cells=args.min_cells,
-                      level=tuple(args.level) if args.level else None, max_gm_t2_bias=args.max_gm_t2_bias)
-    judged = any(value is not None for value in thresholds.values())
+    level = (args.level[0], args.level[1]) if args.level else None
+    judged = any(value is not None for value in (args.min_t1, args.min_t2, args.min_cells, level,
+                                                 args.max_gm_t2_bias))
     failed = False
     for dataset in datasets:
         numbers = dataset_numbers(args.report, dataset, args.map_set)
         print(_line(numbers))
         if judged:
-            missed = failures(numbers, **thresholds)  # type: ignore[arg-type]
+            missed = failures(numbers, min_t1=args.min_t1, min_t2=args.min_t2, min_cells=args.min_cells,
+                              level=level, max_gm_t2_bias=args.max_gm_t2_bias)
             failed |= bool(missed)
             print(f"  {'FAIL: ' + '; '.join(missed) if missed else 'pass'}")
     return 1 if failed else 0

@@ -182,6 +182,39 @@ def test_grey_t2_scale_moves_the_expected_target_and_is_recorded(template: Templ
         PhantomOptions(world="v2", grey_t2_scale=3.0)
 
 
+def test_csf_t2_range_changes_csf_t2_alone(template: Template) -> None:
+    """--csf-t2-range 1500 2600: each subject is its namesake of the same seed with CSF T2 moved to the same quantile
+    of the new prior (500 -> 1500, 2000 -> 2600, linear between) and nothing else changed."""
+    for index in range(3):
+        base = draw_subject(61, index, template, PhantomOptions(world="v4"))
+        moved = draw_subject(61, index, template, PhantomOptions(world="v4", csf_t2_range=(1500.0, 2600.0)))
+        before, after = base.tissues.values, moved.tissues.values
+        quantile = (before["csf"].t2_ms - 500.0) / 1500.0
+        assert 0.0 <= quantile <= 1.0
+        assert after["csf"].t2_ms == pytest.approx(1500.0 + quantile * 1100.0, rel=1e-12)
+        assert (after["csf"].t1_ms, after["csf"].pd) == (before["csf"].t1_ms, before["csf"].pd)
+        assert {k: v for k, v in after.items() if k != "csf"} == {k: v for k, v in before.items() if k != "csf"}
+        assert moved.tissues.modulation == base.tissues.modulation
+        assert (moved.protocol, moved.noise_seed, moved.mprage_snr) == (base.protocol, base.noise_seed,
+                                                                        base.mprage_snr)
+
+
+def test_csf_t2_range_moves_the_expected_target_and_is_recorded(template: Template) -> None:
+    model = draw_world(np.random.default_rng(11), template).tissues
+    target = expected_t2_target(model, 1.5, 1.1, (1500.0, 2600.0))
+    assert target.values["csf"].t2_ms == pytest.approx(2050.0)
+    assert target.values["gm"].t2_ms == pytest.approx(1.1 * 97.5)
+    assert expected_t2_target(model, 3.0).values["csf"].t2_ms == pytest.approx(1250.0)
+    doc = _options_doc(PhantomOptions(world="v2", csf_t2_range=(1500.0, 2600.0)))
+    assert doc["csf_t2_range"] == (1500.0, 2600.0)
+    assert "csf_t2_range" not in _options_doc(PhantomOptions(world="v2"))  # folders made before it still match
+    with pytest.raises(ValueError, match="world v1 keeps"):
+        PhantomOptions(world="v1", csf_t2_range=(1500.0, 2600.0))
+    for bad in ((2600.0, 1500.0), (50.0, 2000.0), (1500.0, 3500.0)):
+        with pytest.raises(ValueError, match="dictionary's T2 range"):
+            PhantomOptions(world="v2", csf_t2_range=bad)
+
+
 def test_expected_target_signal_is_the_mean_mix_at_the_prior_mean_t2(template: Template, default_sequence: Sequence,
                                                                       default_dictionary: Dictionary) -> None:
     """A pure GM voxel: the atom at the subject's T1 and the prior-mean T2, by the EPG simulation directly; a

@@ -48,6 +48,10 @@ def phantom() -> None:
               help="Worlds v2-v4: multiply cortical grey matter's drawn T2 (its prior U(lo, hi) becomes "
                    "U(x lo, x hi)); every other draw stays the same, so a subject differs from its namesake of the "
                    "same seed in grey-matter T2 alone.")
+@click.option("--csf-t2-range", type=(float, float), default=None, metavar="LOW HIGH",
+              help="Worlds v2-v4: CSF's T2 prior in ms instead of U(500, 2000) (each subject's draw goes to the "
+                   "same quantile of the new range); every other draw stays the same, so a subject differs from "
+                   "its namesake of the same seed in CSF T2 alone.")
 @click.option("--fast", is_flag=True, help="Half-resolution grids (smoke tests only, not for training).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Subjects made in parallel (each process peaks at about 2 GB).")
@@ -57,7 +61,8 @@ def phantom() -> None:
 @click.option("--test-subjects", "n_test", type=click.IntRange(min=0), default=None,
               help="Test subjects (default: the paper's 5 of 37, at least 1).")
 def make(n_subjects: int, out: Path, seed: int, style: str, vendor: str, orientation: str, oblique_deg: float,
-         world: str, mrf: bool, mrf_target: str, grey_t2_scale: float, fast: bool, workers: int, n_val: int | None,
+         world: str, mrf: bool, mrf_target: str, grey_t2_scale: float,
+         csf_t2_range: tuple[float, float] | None, fast: bool, workers: int, n_val: int | None,
          n_test: int | None) -> None:
     """Write N phantom subjects and a manifest with a train/val/test split into OUT."""
     from training.phantom.dataset import make_dataset
@@ -67,7 +72,7 @@ def make(n_subjects: int, out: Path, seed: int, style: str, vendor: str, orienta
         options = PhantomOptions(orientation=Orientation(orientation), style=DicomStyle(style),
                                  vendor=None if vendor == "mixed" else Vendor(vendor), oblique_deg=oblique_deg,
                                  mrf=mrf, downsample=2 if fast else 1, world=world, mrf_target=mrf_target,
-                                 grey_t2_scale=grey_t2_scale)
+                                 grey_t2_scale=grey_t2_scale, csf_t2_range=csf_t2_range)
         manifest = make_dataset(n_subjects, out, seed=seed, options=options, workers=workers, n_val=n_val,
                                 n_test=n_test)
     except ValueError as exc:

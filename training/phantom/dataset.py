@@ -158,6 +158,8 @@ def _options_doc(options: PhantomOptions) -> dict[str, object]:
         del doc["mrf_target"]
     if options.grey_t2_scale == 1.0:  # likewise
         del doc["grey_t2_scale"]
+    if options.csf_t2_range is None:  # likewise
+        del doc["csf_t2_range"]
     return doc
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline.mrf.dictionary import Dictionary
+from pipeline.mrf.dictionary import Dictionary, Grid
 from pipeline.mrf.sequence import DEFAULT_SEQUENCE, Sequence
 from pipeline.protocol import Family
 from training.phantom.anatomy import RenderedAnatomy, Template, Warp, random_warp, render
@@ -32,6 +32,7 @@ from training.phantom.world import (
     draw_world,
     expected_t2_target,
     individualise,
+    remap_csf_t2,
     resegment,
     scale_grey_t2,
 )
@@ -39,6 +40,8 @@ from training.phantom.world import (
 WORLDS = ("v1", "v2", "v3", "v4")
 MRF_TARGETS = ("subject", "expected")
 V1_VENDORS = ["siemens", "ge"]  # world v1 draws between these two (the draws of a seed must not change)
+CSF_T2_LIMITS_MS = (100.0, Grid().t2_max_ms)
+"""What ``--csf-t2-range`` may ask for: the MRF dictionary's T2 axis ends at its upper limit."""
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +77,7 @@ class PhantomOptions:
     world: str = "v1"  # v2: protocol, grid, tissues, anatomy, noise per subject; v3/v4: + an individual cortex
     mrf_target: str = "subject"  # expected: the MRF keeps only what an MPRAGE shows (world.expected_t2_target)
     grey_t2_scale: float = 1.0  # worlds v2-v4: cortical grey matter's T2 prior re-centred (world.scale_grey_t2)
+    csf_t2_range: tuple[float, float] | None = None  # worlds v2-v4: CSF's T2 prior, ms (world.remap_csf_t2)
 
     def __post_init__(self) -> None:
         if self.world not in WORLDS:
@@ -86,6 +90,14 @@ class PhantomOptions:
             raise ValueError(f"grey_t2_scale: expected 0.5 to 2, got {self.grey_t2_scale}")
         if self.grey_t2_scale != 1.0 and self.world == "v1":
             raise ValueError("grey_t2_scale: needs world v2, v3 or v4 (world v1 keeps its fixed priors)")
+        if self.csf_t2_range is not None:
+            lo, hi = self.csf_t2_range
+            if not CSF_T2_LIMITS_MS[0] <= lo < hi <= CSF_T2_LIMITS_MS[1]:
+                raise ValueError(f"csf_t2_range: expected {CSF_T2_LIMITS_MS[0]:g} <= low < high <= "
+                                 f"{CSF_T2_LIMITS_MS[1]:g} ms (the MRF dictionary's T2 range ends there), "
+                                 f"got {lo:g}, {hi:g}")
+            if self.world == "v1":
+                raise ValueError("csf_t2_range: needs world v2, v3 or v4 (world v1 keeps its fixed priors)")
 
     def mrf_grid(self) -> VolumeGrid:
         return mrf_grid(self.downsample)
@@ -147,9 +159,11 @@ def draw_subject(seed: int, index: int, template: Template, options: PhantomOpti
                               world)
     if options.world == "v4":  # v4's likewise: a v4 subject is its v3 namesake, re-segmented
         world = resegment(np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 4))), template, world)
-    # The same draw with grey matter's T2 scaled: a subject differs from its namesake in that alone.
+    # The same draw with grey matter's or CSF's T2 moved: a subject differs from its namesake in that alone.
     if options.grey_t2_scale != 1.0:
         world = replace(world, tissues=scale_grey_t2(world.tissues, options.grey_t2_scale))
+    if options.csf_t2_range is not None:
+        world = replace(world, tissues=remap_csf_t2(world.tissues, world.field_strength_t, options.csf_t2_range))
     d = options.downsample
     grid = acquisition_grid(world.orientation, matrix=tuple(-(-n // d) for n in world.matrix),  # type: ignore[arg-type]
                             pixel_mm=world.pixel_mm * d, slice_mm=world.slice_mm * d, oblique_deg=world.oblique_deg)
@@ -191,7 +205,8 @@ def make_subject(subject: Subject, template: Template, options: PhantomOptions, 
             raise ValueError("sequence, dictionary: required when options.mrf is set")
         tissues = subject.tissues
         if options.mrf_target == "expected":
-            tissues = expected_t2_target(tissues, subject.protocol.field_strength_t, options.grey_t2_scale)
+            tissues = expected_t2_target(tissues, subject.protocol.field_strength_t, options.grey_t2_scale,
+                                         options.csf_t2_range)
         coeffs = acquire_mrf(sequence, dictionary, tissues, anatomy, coil_phase=subject.coil_phase,
                              snr=subject.mrf_snr, rng=noise)
         _save(coeffs, grid.affine, out_dir / FILES["mrf"])

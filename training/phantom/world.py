@@ -14,7 +14,8 @@ literature priors, signal-domain partial volume, one warped template. World v2 d
   1.5 T: WM T1 U(560, 820) (Rooney 2007 656), GM T1 U(1000, 1450) (Rooney 1188), GM/WM in
   [1.35, 2.1]; T2 WM U(60, 95), GM U(75, 120) (similar or slightly longer than 3 T).
   Deep GM: T1 = WM + U(0.25, 0.75) x (GM - WM), T2 U(55, 90) (iron). CSF: T1 U(3300, 4500) ms, T2
-  U(500, 2000) ms. Scalp fat: T1 U(300, 450) at 3 T, U(230, 350) at 1.5 T, T2 U(80, 160).
+  U(500, 2000) ms (`--csf-t2-range` moves it). Scalp fat: T1 U(300, 450) at 3 T, U(230, 350) at
+  1.5 T, T2 U(80, 160).
   WM lesions: T1 = WM x U(1.2, 2.0), T2 = WM x U(1.3, 3.0), PD = WM x U(1.03, 1.2).
   PD: WM U(0.64, 0.74), GM U(0.76, 0.86), deep GM U(0.74, 0.84), CSF 1, fat U(0.8, 1.0) (Neeb 2006).
 - **Partial volume**: signal-domain (p 1/3), fast exchange (p 1/3) or a mix lambda ~ U(0, 1)
@@ -251,7 +252,19 @@ def scale_grey_t2(model: TissueModel, factor: float) -> TissueModel:
     return replace(model, values={**model.values, "gm": replace(gm, t2_ms=gm.t2_ms * factor)})
 
 
-def expected_t2_target(model: TissueModel, field_t: float, grey_t2_scale: float = 1.0) -> TissueModel:
+def remap_csf_t2(model: TissueModel, field_t: float, csf_t2_range: tuple[float, float]) -> TissueModel:
+    """``model`` with CSF's drawn T2 carried to the same quantile of U(``csf_t2_range``) (``--csf-t2-range``:
+    the prior U(500, 2000) ms becomes that range; everything else, CSF's T2 field amplitude included,
+    unchanged)."""
+    lo, hi = T2_RANGES_MS[3.0 if field_t > 2 else 1.5]["csf"]
+    new_lo, new_hi = csf_t2_range
+    csf = model.values["csf"]
+    t2 = new_lo + (csf.t2_ms - lo) * (new_hi - new_lo) / (hi - lo)
+    return replace(model, values={**model.values, "csf": replace(csf, t2_ms=t2)})
+
+
+def expected_t2_target(model: TissueModel, field_t: float, grey_t2_scale: float = 1.0,
+                       csf_t2_range: tuple[float, float] | None = None) -> TissueModel:
     """The tissue model of an MRF training target that keeps only what an MPRAGE can show (``--mrf-target
     expected``): every tissue's T2 at its prior mean for ``field_t`` (no within-subject T2 field) and the
     partial-volume mix at the prior mean lambda = 0.5, so the signal is that mix's expectation (it is linear
@@ -259,12 +272,15 @@ def expected_t2_target(model: TissueModel, field_t: float, grey_t2_scale: float 
     independently of everything the MPRAGE shows, so the optimum of a squared-error loss is the same; the
     target just loses that noise. Plug-in: the signal at the mean T2, not the mean signal (their matched T2
     differ by up to 1.1 % for the GM and WM priors; CSF's and lesions' wider priors were not checked).
-    ``grey_t2_scale`` moves grey matter's prior mean as ``--grey-t2-scale`` moves its prior."""
+    ``grey_t2_scale`` and ``csf_t2_range`` move grey matter's and CSF's prior means as ``--grey-t2-scale`` and
+    ``--csf-t2-range`` move their priors."""
     if model.modulation is None:
         raise ValueError("expected_t2_target: a world v2-v4 tissue model (with per-tissue modulation) is needed")
     t2 = T2_RANGES_MS[3.0 if field_t > 2 else 1.5]
     mean = {name: (lo + hi) / 2 for name, (lo, hi) in t2.items()}
     mean["gm"] *= grey_t2_scale
+    if csf_t2_range is not None:
+        mean["csf"] = sum(csf_t2_range) / 2
     mean["lesion"] = mean["wm"] * sum(LESION_T2_FACTOR) / 2
     values = {name: replace(v, t2_ms=mean[name]) for name, v in model.values.items()}
     modulation = {name: (a1, 0.0, ap) for name, (a1, _, ap) in model.modulation.items()}

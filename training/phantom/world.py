@@ -220,6 +220,11 @@ def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
     return float(rng.uniform(lo, hi))
 
 
+def t2_priors(field_t: float) -> dict[str, tuple[float, float]]:
+    """World v2's uniform T2 priors (ms) per tissue at ``field_t`` (:data:`T2_RANGES_MS`)."""
+    return T2_RANGES_MS[3.0 if field_t > 2 else 1.5]
+
+
 def draw_tissue_values(rng: np.random.Generator, field_t: float) -> dict[str, TissueValues]:
     """Subject-mean tissue values from the field-specific priors of the module docstring."""
     three = field_t > 2
@@ -228,7 +233,7 @@ def draw_tissue_values(rng: np.random.Generator, field_t: float) -> dict[str, Ti
         gm_t1 = _u(rng, 1200, 1800) if three else _u(rng, 1000, 1450)
         if 1.35 <= gm_t1 / wm_t1 <= (1.95 if three else 2.1):
             break
-    t2 = T2_RANGES_MS[3.0 if three else 1.5]
+    t2 = t2_priors(field_t)
     wm_t2 = _u(rng, *t2["wm"])
     gm_t2 = _u(rng, *t2["gm"])
     wm = TissueValues(wm_t1, wm_t2, _u(rng, 0.64, 0.74))
@@ -256,7 +261,7 @@ def remap_csf_t2(model: TissueModel, field_t: float, csf_t2_range: tuple[float, 
     """``model`` with CSF's drawn T2 carried to the same quantile of U(``csf_t2_range``) (``--csf-t2-range``:
     the prior U(500, 2000) ms becomes that range; everything else, CSF's T2 field amplitude included,
     unchanged)."""
-    lo, hi = T2_RANGES_MS[3.0 if field_t > 2 else 1.5]["csf"]
+    lo, hi = t2_priors(field_t)["csf"]
     new_lo, new_hi = csf_t2_range
     csf = model.values["csf"]
     t2 = new_lo + (csf.t2_ms - lo) * (new_hi - new_lo) / (hi - lo)
@@ -276,7 +281,7 @@ def expected_t2_target(model: TissueModel, field_t: float, grey_t2_scale: float 
     ``--csf-t2-range`` move their priors."""
     if model.modulation is None:
         raise ValueError("expected_t2_target: a world v2-v4 tissue model (with per-tissue modulation) is needed")
-    t2 = T2_RANGES_MS[3.0 if field_t > 2 else 1.5]
+    t2 = t2_priors(field_t)
     mean = {name: (lo + hi) / 2 for name, (lo, hi) in t2.items()}
     mean["gm"] *= grey_t2_scale
     if csf_t2_range is not None:

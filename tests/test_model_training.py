@@ -222,6 +222,10 @@ def test_a_physics_plane_is_gained_by_fine_tuning_and_fed_at_inference(tiny_data
         train(dataset, tmp_path / "gain", tuned, progress=False, initial=bare_package)
 
 
+def _refuse(constant: str) -> None:
+    raise ValueError(f"not strict JSON: {constant}")
+
+
 def test_training_some_networks_equals_training_them_in_the_ensemble(tiny_dataset: Path, tmp_path: Path) -> None:
     """Networks trained alone (the others' outputs are never used) learn exactly what they learn inside the
     full ensemble; the others keep their weights; a run of every network resumes on fewer."""
@@ -253,6 +257,11 @@ def test_training_some_networks_equals_training_them_in_the_ensemble(tiny_datase
         else:
             assert some["best_val_mse"][channel] == math.inf
     assert "nan" in (tmp_path / "some" / "metrics.csv").read_text().splitlines()[1]
+    # Its package records the untrained networks as null: the manifest is strict JSON.
+    package = package_run(tmp_path / "some", tiny_dataset, tmp_path / "pkg", name="some", version="0.0")
+    manifest = json.loads((package / "manifest.json").read_text(), parse_constant=_refuse)
+    recorded = manifest["training"]["best_validation_mse"]
+    assert [g for g, v in enumerate(recorded) if v is None] == [g for g in range(7) if g not in active]
     # The run of all seven resumes on four: its Adam moments are cut to those networks' blocks.
     resumed = train(dataset, tmp_path / "full", replace(config, epochs=3), progress=False, networks=active)
     assert resumed["epochs"] == 3

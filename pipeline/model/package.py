@@ -118,6 +118,11 @@ def write_package(out_dir: Path, *, name: str, version: str, state: dict[str, to
         raise PackageError(f"channel_ranges: expected 7 increasing (min, max) pairs, got {channel_ranges.tolist()}")
     if normalisation not in NORMALISATIONS:
         raise PackageError(f"normalisation: expected one of {NORMALISATIONS}, got {normalisation!r}")
+    try:  # the manifest is strict JSON (no NaN or Infinity), which every reader parses
+        json.dumps({"training": training, "metrics": metrics, "protocol_ranges": trained_protocols,
+                    "channel_signal": channel_signal}, allow_nan=False)
+    except ValueError as err:
+        raise PackageError(f"manifest: a training record or metric is not a finite number ({err})") from err
     out_dir.mkdir(parents=True, exist_ok=False)
     tensors = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous().cpu()
                for k, v in state.items()}
@@ -143,7 +148,7 @@ def write_package(out_dir: Path, *, name: str, version: str, state: dict[str, to
         **({"channel_signal": channel_signal} if channel_signal is not None else {}),
         "files": {WEIGHTS: sha256_file(out_dir / WEIGHTS), SEQUENCE: sha256_file(out_dir / SEQUENCE)},
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n")
     return out_dir
 
 

@@ -32,7 +32,8 @@ if [[ "${1:-}" == "--test" ]]; then
 fi
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# Pin torch first: the CPU wheel of 2.13.0 (an unpinned torch would pull a multi-GB CUDA build).
-.venv/bin/python -m pip install -q "torch==2.13.0"
+# Pin torch first (an unpinned one would pull the newest, multi-GB CUDA build). The index decides the build: here
+# pip's configured local wheels give the CPU one; on PyPI set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu.
+.venv/bin/python -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".${extras}"
 echo "setup: ready (.venv)"

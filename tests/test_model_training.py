@@ -289,7 +289,7 @@ def test_evaluate_command_writes_the_report(tiny_dataset: Path, tmp_path: Path) 
     common = ["evaluate", "--data", str(tiny_dataset), "--model", str(package), "--bootstrap", "200"]
     result = CliRunner().invoke(cli, [*common, "--data", str(tiny_dataset), "--out", str(out), "--slice-step", "2",
                                       "--split", "test", "--split", "val", "--cache", str(tmp_path / "cache"),
-                                      "--cache", str(tmp_path / "cache")])
+                                      "--cache", str(tmp_path / "cache"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "Truth vs map set by acquisition group" in result.output and "mprage 3T" in result.output
     summary = json.loads((out / "summary.json").read_text())
@@ -330,6 +330,8 @@ def test_evaluate_command_writes_the_report(tiny_dataset: Path, tmp_path: Path) 
     # Every subject (split all) includes the lookup's training subject: refused before any work.
     result = CliRunner().invoke(cli, [*common, "--split", "all", "--out", str(tmp_path / "refused")])
     assert result.exit_code != 0 and "lookup baseline is fitted on" in result.output, result.output
+    result = CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "refused"), "--device", "gpu"])
+    assert result.exit_code == 2 and "expected auto, cpu, cuda or cuda:N" in result.output, result.output
 
 
 def test_distributed_training_with_torchrun(tiny_dataset: Path, tmp_path: Path) -> None:

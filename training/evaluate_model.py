@@ -88,12 +88,13 @@ def evaluation_mask(brain_mask: np.ndarray, slices: np.ndarray, slice_step: int 
 
 def _subject_maps(item: EvaluationSet, subject: str, package: ModelPackage, matcher: Matcher,
                   baseline: LookupBaseline, slice_step: int, with_true: bool) -> SubjectMaps:
+    """One subject's truth with the "dl", "lookup" and (``with_true``) "true" maps; networks on ``matcher.device``."""
     base = load_phantom_subject(item.data.root, subject)
     prepared = item.data.prepare(subject, item.cache)
     volume = normalised_volume(prepared, base.labels.shape, package.normalisation)
     mask = evaluation_mask(base.brain_mask, prepared.slices, slice_step)
     channels = synthesise_channels(network_input(package, volume, mask, prepared.protocol), mask, package,
-                                   protocol=features_for(package, prepared.protocol))
+                                   protocol=features_for(package, prepared.protocol), device=matcher.device)
     maps = {"dl": match_volume(from_channels(channels), mask, matcher),
             "lookup": baseline.maps(item.data.root / subject, volume, mask, prepared.protocol.field_strength_t)}
     if with_true:
@@ -137,8 +138,10 @@ def check_sets(sets: Sequence[EvaluationSet], fitted_on: frozenset[Path]) -> Non
 
 def evaluate_package(sets: Sequence[EvaluationSet], package: ModelPackage, out_dir: Path,
                      baseline: LookupBaseline, *, slice_step: int = 1, with_true: bool = True,
-                     n_boot: int = 10_000, seed: int = 0, progress: bool = True) -> EvaluationReport:
-    """Write the evaluation of ``package`` on ``sets`` into ``out_dir`` (layout: module docstring)."""
+                     n_boot: int = 10_000, seed: int = 0, progress: bool = True,
+                     device: str = "auto") -> EvaluationReport:
+    """Write the evaluation of ``package`` on ``sets`` into ``out_dir`` (layout: module docstring); networks and
+    matching run on ``device`` (auto: CUDA when present)."""
     check_sets(sets, baseline.fitted_on)
     if slice_step < 1:
         raise ValueError(f"slice_step: must be >= 1, got {slice_step}")
@@ -147,7 +150,7 @@ def evaluate_package(sets: Sequence[EvaluationSet], package: ModelPackage, out_d
                          f"{package.normalisation!r}")
     dictionary = load_or_build_dictionary(package.sequence, rank=4, progress=progress)
     check_compatible(package, dictionary)
-    matcher = Matcher(dictionary)
+    matcher = Matcher(dictionary, device=device)
     comparisons = COMPARISONS_WITH_TRUE if with_true else COMPARISONS
     others = ("true", "dl", "lookup") if with_true else ("dl", "lookup")
     summaries: dict[str, EvaluationSummary] = {}

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import training.evaluation.baseline as baseline_module
 from training.evaluate_model import evaluation_mask
 from training.evaluation.baseline import IntensityLookup, LookupBaseline, LookupSample, fit_baseline
 from training.evaluation.datasets import DatasetInfo
@@ -84,6 +85,35 @@ def test_fitted_on_the_train_split_only(tiny_dataset: Path, tmp_path: Path) -> N
     (empty / "manifest.json").write_text(json.dumps({**manifest, "split": {**manifest["split"], "train": []}}))
     with pytest.raises(ValueError, match="train split is empty"):
         fit_baseline(DatasetInfo.read(empty), tmp_path / "cache", "p95", progress=False)
+
+
+def test_a_fitted_lookup_is_read_back_from_the_cache(tiny_dataset: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    data = DatasetInfo.read(tiny_dataset)
+    fitted = fit_baseline(data, tmp_path / "cache", "p95", progress=False)
+    assert len(list((tmp_path / "cache").glob("lookup-*.npz"))) == 1
+
+    def no_fit(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the lookup was fitted again")
+
+    monkeypatch.setattr(baseline_module, "subject_sample", no_fit)
+    cached = fit_baseline(data, tmp_path / "cache", "p95", progress=False)
+    assert cached.fitted_on == fitted.fitted_on and cached.normalisation == "p95"
+    assert cached.tables.keys() == fitted.tables.keys()
+    for field, table in fitted.tables.items():
+        for name in ("edges", "t1_ms", "t2_ms", "n_voxels"):
+            np.testing.assert_array_equal(getattr(cached.tables[field], name), getattr(table, name))
+    # Another normalisation, or another split of the same subjects, is another key: fitted anew.
+    with pytest.raises(AssertionError, match="fitted again"):
+        fit_baseline(data, tmp_path / "cache", "max", progress=False)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    manifest = json.loads((tiny_dataset / "manifest.json").read_text())
+    split = manifest["split"]
+    (moved / "manifest.json").write_text(json.dumps({**manifest, "split": {**split, "train": split["val"],
+                                                                           "val": split["train"]}}))
+    with pytest.raises(AssertionError, match="fitted again"):
+        fit_baseline(DatasetInfo.read(moved), tmp_path / "cache", "p95", progress=False)
 
 
 def test_evaluation_mask_keeps_every_nth_prepared_slice() -> None:

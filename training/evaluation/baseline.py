@@ -6,15 +6,20 @@ of its voxels (the lookup need not be monotone). A subject's lookup maps send ea
 intensity through the table. One table per MRI field strength of the training subjects (their
 manifest ``acquisition.field_strength_t``; sequence families are pooled); a subject at a field strength
 the training set lacks gets the table of the nearest one. The lookup refuses the subjects it was
-fitted on.
+fitted on. A fitted baseline is kept in the prepared-array cache (``lookup-<key>.npz``), keyed on the
+dataset's manifest (its seed, options and split), the normalisation and the fitting settings.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,6 +33,8 @@ logger = logging.getLogger(__name__)
 N_BINS = 256
 MAX_VOXELS_PER_SUBJECT = 200_000
 """Brain voxels drawn per training subject (seeded): bounds the memory of fitting on many subjects."""
+CACHE_FORMAT = 1
+"""Version of the cached lookup's file and of the fit: raise it when either changes."""
 
 
 @dataclass(frozen=True)
@@ -158,11 +165,23 @@ def subject_sample(dataset: DatasetInfo, subject: str, cache: Path, normalisatio
 
 def fit_baseline(dataset: DatasetInfo, cache: Path, normalisation: str, *, n_bins: int = N_BINS,
                  max_voxels: int | None = MAX_VOXELS_PER_SUBJECT, progress: bool = True) -> LookupBaseline:
-    """The lookup baseline of the dataset's train split (prepared arrays cached in ``cache``)."""
+    """The lookup baseline of the dataset's train split (prepared arrays and the fitted lookup cached in ``cache``)."""
     subjects = dataset.split("train")
     if not subjects:
         raise ValueError(f"{dataset.root}: the train split is empty; the lookup baseline is fitted on training "
                          "subjects only (give --baseline-data a dataset with a train split)")
+
+    fitted_on = frozenset((dataset.root / s).resolve() for s in subjects)
+    key = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "manifest": dataset.manifest, "normalisation":
+                                     normalisation, "n_bins": n_bins, "max_voxels": max_voxels},
+                                    sort_keys=True, default=str).encode()).hexdigest()[:20]
+    stored = cache / f"lookup-{key}.npz"
+    if stored.is_file():
+        with np.load(stored) as z:
+            tables = {float(f): IntensityLookup(z["edges"][i], z["t1_ms"][i], z["t2_ms"][i], z["n_voxels"][i])
+                      for i, f in enumerate(z["fields"])}
+        logger.info("lookup baseline of %s read from %s", dataset.root, stored)
+        return LookupBaseline(tables, fitted_on, normalisation)
 
     def samples() -> Iterator[LookupSample]:
         for i, subject in enumerate(tqdm(subjects, desc="fitting the lookup", unit="subject", disable=not progress)):
@@ -171,4 +190,11 @@ def fit_baseline(dataset: DatasetInfo, cache: Path, normalisation: str, *, n_bin
     baseline = LookupBaseline.fit(samples(), normalisation, n_bins=n_bins)
     logger.info("lookup baseline fitted on %d training subjects of %s (field strengths %s T)", len(subjects),
                 dataset.root, ", ".join(f"{f:g}" for f in baseline.tables))
+    fields = sorted(baseline.tables)
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = stored.with_name(f"{stored.stem}.{os.getpid()}.partial.npz")
+    arrays: dict[str, Any] = {k: np.stack([getattr(baseline.tables[f], k) for f in fields])
+                              for k in ("edges", "t1_ms", "t2_ms", "n_voxels")}
+    np.savez(partial, fields=np.asarray(fields), **arrays)
+    os.replace(partial, stored)  # whole or absent: a reader never sees half a file
     return baseline

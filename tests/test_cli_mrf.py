@@ -105,3 +105,21 @@ def test_physics_demo_runs_end_to_end_as_a_console_script(tmp_path: Path, defaul
     assert "white matter" in done.stdout and "NO" not in done.stdout
     assert (tmp_path / "demo" / "qc.png").stat().st_size > 10_000
     assert (tmp_path / "demo" / "T1.nii.gz").is_file()
+
+
+@pytest.mark.parametrize("command", [["mrf", "dictionary"], ["mrf", "demo"], ["demo"], ["process", "x"],
+                                     ["train"], ["evaluate"]])
+def test_every_computing_command_checks_its_device(command: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unknown device, or a CUDA device this machine lacks, is a usage error before any work."""
+    import torch
+
+    runner = CliRunner()
+    result = runner.invoke(cli, [*command, "--device", "gpu"])
+    assert result.exit_code == 2 and "expected auto, cpu, cuda or cuda:N" in result.output, result.output
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = runner.invoke(cli, [*command, "--device", "cuda"])
+    assert result.exit_code == 2 and "no CUDA device here" in result.output, result.output
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    result = runner.invoke(cli, [*command, "--device", "cuda:1"])
+    assert result.exit_code == 2 and "has 1 CUDA device(s)" in result.output, result.output

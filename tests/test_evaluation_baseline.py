@@ -4,12 +4,15 @@ never applied to a subject it was fitted on."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import training.evaluation.baseline as baseline_module
+from pipeline.npz_cache import read_cached
 from training.evaluate_model import evaluation_mask
 from training.evaluation.baseline import IntensityLookup, LookupBaseline, LookupSample, fit_baseline
 from training.evaluation.datasets import DatasetInfo
@@ -89,7 +92,9 @@ def test_fitted_on_the_train_split_only(tiny_dataset: Path, tmp_path: Path) -> N
 
 def test_a_fitted_lookup_is_read_back_from_the_cache(tiny_dataset: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    data = DatasetInfo.read(tiny_dataset)
+    own = tmp_path / "ds"  # a copy: a file of it is touched below
+    shutil.copytree(tiny_dataset, own)
+    data = DatasetInfo.read(own)
     fitted = fit_baseline(data, tmp_path / "cache", "p95", progress=False)
     assert len(list((tmp_path / "cache").glob("lookup-*.npz"))) == 1
 
@@ -108,12 +113,30 @@ def test_a_fitted_lookup_is_read_back_from_the_cache(tiny_dataset: Path, tmp_pat
         fit_baseline(data, tmp_path / "cache", "max", progress=False)
     moved = tmp_path / "moved"
     moved.mkdir()
-    manifest = json.loads((tiny_dataset / "manifest.json").read_text())
+    for subject in data.split("all"):
+        (moved / subject).symlink_to(own / subject)
+    manifest = json.loads((own / "manifest.json").read_text())
     split = manifest["split"]
     (moved / "manifest.json").write_text(json.dumps({**manifest, "split": {**split, "train": split["val"],
                                                                            "val": split["train"]}}))
     with pytest.raises(AssertionError, match="fitted again"):
         fit_baseline(DatasetInfo.read(moved), tmp_path / "cache", "p95", progress=False)
+    # A training subject's file rewritten: fitted anew.
+    truth = own / data.split("train")[0] / "T2.nii.gz"
+    os.utime(truth, ns=(truth.stat().st_atime_ns, truth.stat().st_mtime_ns + 1_000_000_000))
+    with pytest.raises(AssertionError, match="fitted again"):
+        fit_baseline(data, tmp_path / "cache", "p95", progress=False)
+
+
+def test_an_unreadable_cached_lookup_is_fitted_again(tiny_dataset: Path, tmp_path: Path) -> None:
+    data = DatasetInfo.read(tiny_dataset)
+    fitted = fit_baseline(data, tmp_path / "cache", "p95", progress=False)
+    (stored,) = (tmp_path / "cache").glob("lookup-*.npz")
+    stored.write_bytes(stored.read_bytes()[:100])  # truncated, as after a crash without fsync
+    refitted = fit_baseline(data, tmp_path / "cache", "p95", progress=False)
+    for field, table in fitted.tables.items():
+        np.testing.assert_array_equal(refitted.tables[field].t1_ms, table.t1_ms)
+    assert read_cached(stored, ("fields",)) is not None  # and the cache was written whole again
 
 
 def test_evaluation_mask_keeps_every_nth_prepared_slice() -> None:

@@ -93,6 +93,38 @@ def test_each_channel_gives_what_its_source_gave(make_package: MakePackage, tmp_
                                            "ti_ms": [700.0, 1000.0], "flip_angle_deg": [8.0, 10.0]}
 
 
+def test_packages_written_with_infinity_still_combine_into_strict_json(make_package: MakePackage,
+                                                                       tmp_path: Path) -> None:
+    """Older manifests recorded an untrained network's validation MSE as Infinity (what 0.6 and 0.7 shipped)."""
+    a, b = make_package("a", 1, RANGES_A), make_package("b", 2, RANGES_A, range_seed=1)  # same ranges: mixable
+    for source in (a, b):
+        path = source / "manifest.json"
+        manifest = json.loads(path.read_text())
+        manifest["training"]["best_validation_mse"][2] = float("inf")
+        path.write_text(json.dumps(manifest))  # Python writes Infinity
+        assert "Infinity" in path.read_text()
+    combined = combine_packages(a, {"SV4": b}, tmp_path / "ab", name="ab", version="1")
+    mixed = interpolate_packages(a, b, 0.5, tmp_path / "mid", name="mid", version="1")
+    strict = {out: json.loads((out / "manifest.json").read_text(),
+                              parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+              for out in (combined, mixed)}
+    assert strict[combined]["training"]["best_validation_mse"][2] is None
+    assert strict[mixed]["training"]["from_training"]["best_validation_mse"][2] is None
+
+
+def test_a_non_finite_record_is_refused_before_anything_is_written(make_package: MakePackage,
+                                                                   tmp_path: Path) -> None:
+    package = load_package(make_package("a", 1, RANGES_A))
+    weights = package.model.state_dict()
+    for bad in ({"metrics": {"ccc": float("nan")}}, {"channel_ranges": np.full((7, 2), np.nan)}):
+        arguments = {"name": "x", "version": "1", "state": weights, "unet": TINY,
+                     "channel_ranges": package.channel_ranges, "sequence_json": package.sequence.to_json(),
+                     "basis": package.basis, "training": {}, "metrics": {}, "normalisation": "p95", **bad}
+        with pytest.raises(PackageError, match="finite"):
+            write_package(tmp_path / "x", **arguments)  # type: ignore[arg-type]
+        assert not (tmp_path / "x").exists()
+
+
 def test_sources_that_do_not_fit_are_refused(make_package: MakePackage, tmp_path: Path) -> None:
     a = make_package("a", 1, RANGES_A)
     flipped = make_package("flipped", 2, RANGES_A, basis_sign=-1.0)

@@ -211,7 +211,7 @@ def test_csf_t2_range_moves_the_expected_target_and_is_recorded(template: Templa
     with pytest.raises(ValueError, match="world v1 keeps"):
         PhantomOptions(world="v1", csf_t2_range=(1500.0, 2600.0))
     for bad in ((2600.0, 1500.0), (50.0, 2000.0), (1500.0, 3500.0)):
-        with pytest.raises(ValueError, match="dictionary's T2 range"):
+        with pytest.raises(ValueError, match="dictionary's T2 axis"):
             PhantomOptions(world="v2", csf_t2_range=bad)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -46,8 +45,7 @@ def package_run(run_dir: Path, dataset_dir: Path, out_dir: Path, *, name: str, v
         "epochs_trained": int(best["epoch"]),
         "iterations": int(best["epoch"]) * int(config["iterations_per_epoch"]),
         "iterations_per_s": float(np.median([float(r["iterations_per_s"]) for r in history])) if history else None,
-        "best_validation_mse": [float(v) if math.isfinite(v) else None  # null: a network not trained (no signal)
-                                for v in best["best_val"]],
+        "best_validation_mse": [float(v) for v in best["best_val"]],  # inf (not trained) is written as null
         "checkpoint": CHECKPOINT,
     }
     entries = manifest_entries(manifest)

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import click
 
+from dicom_node.commands.options import device_option
+
 
 @click.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("synthmrf-demo"),
               show_default=True, help="Phantom, node storage, received results and the QC figure go here.")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda.")
+@device_option
 def demo(workdir: Path, device: str) -> None:
     """MPRAGE in, quantitative maps out, over DICOM: a phantom MPRAGE study is sent by C-STORE to a node
     started in this process, which runs the pipeline with the active model and sends the T1/T2

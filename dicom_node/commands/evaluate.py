@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from dicom_node.commands.options import device_option
+
 _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
@@ -41,7 +43,7 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
               help="Clustered bootstrap resamples (subjects as clusters) of the overall tables.")
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("var/synthmrf/models"),
               envvar="SYNTHMRF_MODELS_DIR", show_default=True, help="Model registry folder.")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda.")
+@device_option
 def evaluate(data_dirs: tuple[Path, ...], model_ref: str | None, out_dir: Path, splits: tuple[str, ...],
              limit: int | None, cache_dirs: tuple[Path, ...], baseline_dir: Path | None, baseline_cache: Path | None,
              slice_step: int, with_true: bool, n_boot: int, models_dir: Path, device: str) -> None:
@@ -58,7 +60,6 @@ def evaluate(data_dirs: tuple[Path, ...], model_ref: str | None, out_dir: Path, 
     from training.evaluation.datasets import DatasetInfo
     from training.evaluation.protocols import text_table
 
-    device = _device(device)
     if len(splits) not in (1, len(data_dirs)):
         raise click.UsageError(f"--split: give it once or once per --data ({len(data_dirs)}), got {len(splits)}")
     if cache_dirs and len(cache_dirs) != len(data_dirs):
@@ -101,21 +102,3 @@ def evaluate(data_dirs: tuple[Path, ...], model_ref: str | None, out_dir: Path, 
         click.echo(report.follow.round({"slope": 2, "r": 2, "sd_reference_ms": 0, "sd_other_ms": 0})
                    .to_string(index=False, float_format=lambda v: f"{v:g}"))
     click.echo(f"report: {report.files['summary_md']}")
-
-
-def _device(name: str) -> str:
-    """``--device`` resolved (auto: CUDA when present), or a usage error that names it."""
-    import torch
-
-    from pipeline.mrf.epg import resolve_device
-
-    try:
-        device = resolve_device(name)
-    except RuntimeError:
-        device = torch.device("meta")
-    if device.type not in ("cpu", "cuda"):
-        raise click.BadParameter(f"{name!r}: expected auto, cpu, cuda or cuda:N", param_hint="--device")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter(f"{name!r}: no CUDA device here", param_hint="--device")
-    return str(device)
-

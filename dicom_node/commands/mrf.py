@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from dicom_node.commands.options import device_option
 from pipeline.mrf.sequence import DEFAULT_RANK, DEFAULT_SEQUENCE, STORED_RANK
 
 SEQUENCE_HELP = "Sequence file (path, or name in config/sequences)."
@@ -21,7 +22,7 @@ def mrf() -> None:
 @mrf.command()
 @click.option("--sequence", "sequence_name", default=DEFAULT_SEQUENCE, show_default=True, help=SEQUENCE_HELP)
 @click.option("--rank", default=DEFAULT_RANK, show_default=True, type=RANK, help="Singular components K.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@device_option
 def dictionary(sequence_name: str, rank: int, device: str) -> None:
     """Build (or load from the cache) the dictionary and print what it holds.
 
@@ -56,7 +57,7 @@ def dictionary(sequence_name: str, rank: int, device: str) -> None:
               help="Add complex Gaussian noise at this SNR: RMS coefficient magnitude over RMS noise magnitude, "
                    "averaged over voxels with PD > 0. Default: no noise.")
 @click.option("--seed", default=0, show_default=True, help="Noise seed.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@device_option
 def simulate(sequence_name: str, t1_path: str, t2_path: str, pd_path: str, out_path: str, rank: int,
              snr: float | None, seed: int, device: str) -> None:
     """Compressed MRF coefficients (4-D complex64 NIfTI, last axis = component, phase-normalised)."""
@@ -92,7 +93,7 @@ def simulate(sequence_name: str, t1_path: str, t2_path: str, pd_path: str, out_p
               help="Match only where mask > 0 (default: where the coefficients are non-zero).")
 @click.option("--method", type=click.Choice(["fast", "brute-force"]), default="fast", show_default=True,
               help="fast: exact branch and bound; brute-force: every atom, the reference.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@device_option
 def match(sequence_name: str, svd_path: str, out_dir: str, mask_path: str | None, method: str, device: str) -> None:
     """T1.nii.gz, T2.nii.gz (ms) and PD.nii.gz from compressed coefficients."""
     import numpy as np
@@ -122,7 +123,7 @@ def match(sequence_name: str, svd_path: str, out_dir: str, mask_path: str | None
 @mrf.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("synthmrf-physics-demo"),
               show_default=True, help="Where the maps and the QC figure are written.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@device_option
 def physics_demo(workdir: Path, device: str) -> None:
     """The physics round trip: a numerical head phantom (known T1/T2/PD) is scanned with the default MRF
     sequence (EPG), noise is added (SNR 20), the signal is SVD-compressed and dictionary-matched, and the

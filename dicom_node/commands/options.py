@@ -22,6 +22,33 @@ def config_option(required: bool = False) -> Callable[[F], F]:
                         help="Node configuration (TOML); SYNTHMRF_<SECTION>__<KEY> variables override keys.")
 
 
+def device_option(command: F) -> F:
+    """``--device auto|cpu|cuda|cuda:N``, checked when the command line is parsed (auto: CUDA when present)."""
+    return click.option("--device", default="auto", show_default=True, callback=_checked_device,
+                        help="auto (CUDA when present), cpu, cuda or cuda:N.")(command)
+
+
+def _checked_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``value`` if this machine has that device, else a usage error (exit 2) that says why."""
+    if value == "auto":
+        return value
+    import torch
+
+    try:
+        device: torch.device | None = torch.device(value)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise click.BadParameter(f"{value!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise click.BadParameter(f"{value!r}: no CUDA device here")
+        if device.index is not None and device.index >= count:
+            raise click.BadParameter(f"{value!r}: this machine has {count} CUDA device(s), numbered from 0")
+    return value
+
+
 def load(config_path: Path | None) -> NodeConfig:
     """The configuration, or a one-line error and exit status 1."""
     from dicom_node.config import ConfigError, load_config

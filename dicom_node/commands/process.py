@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from dicom_node.commands.options import device_option
+
 FAMILIES = ("mprage", "ir-fspgr", "tfe")  # pipeline.protocol.Family (not imported: --help stays fast)
 POSITIVE = click.FloatRange(min=0, min_open=True)
 
@@ -19,7 +21,7 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
               help="A package folder, or an installed/built-in model NAME-VERSION (default: the active model).")
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("var/synthmrf/models"),
               envvar="SYNTHMRF_MODELS_DIR", show_default=True, help="Model registry folder.")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda.")
+@device_option
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
               help="Inference engine: auto runs ONNX Runtime for float32 on CPU (exported once per model and cached "
                    "in SYNTHMRF_CACHE_DIR) and torch for CUDA or bfloat16.")

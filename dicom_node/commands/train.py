@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from dicom_node.commands.options import device_option
+
 
 @click.command()
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -51,7 +53,7 @@ import click
                    "real-valued signal such as FISP the imaginary channels hold noise only and inference skips "
                    "their networks: 4 of 7 networks, 1.7x less work per step); all: every network.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@device_option
 def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, iterations_per_epoch: int,
           batch_size: int, crop: int, learning_rate: float, lr_schedule: str, min_learning_rate: float,
           init_from: str | None, models_dir: Path, validation_slices: int, bf16: bool | None, max_minutes: float | None,

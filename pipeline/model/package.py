@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,22 +115,13 @@ def write_package(out_dir: Path, *, name: str, version: str, state: dict[str, to
     sequence = parse_sequence(json.loads(sequence_json))
     if basis.shape != (sequence.n_frames, CHANNEL_RANK):
         raise PackageError(f"basis: expected shape ({sequence.n_frames}, {CHANNEL_RANK}), got {basis.shape}")
-    if channel_ranges.shape != (len(CHANNEL_NAMES), 2) or np.any(channel_ranges[:, 1] <= channel_ranges[:, 0]):
-        raise PackageError(f"channel_ranges: expected 7 increasing (min, max) pairs, got {channel_ranges.tolist()}")
+    if (channel_ranges.shape != (len(CHANNEL_NAMES), 2) or not np.isfinite(channel_ranges).all()
+            or np.any(channel_ranges[:, 1] <= channel_ranges[:, 0])):
+        raise PackageError(f"channel_ranges: expected 7 increasing, finite (min, max) pairs, "
+                           f"got {channel_ranges.tolist()}")
     if normalisation not in NORMALISATIONS:
         raise PackageError(f"normalisation: expected one of {NORMALISATIONS}, got {normalisation!r}")
-    try:  # the manifest is strict JSON (no NaN or Infinity), which every reader parses
-        json.dumps({"training": training, "metrics": metrics, "protocol_ranges": trained_protocols,
-                    "channel_signal": channel_signal}, allow_nan=False)
-    except ValueError as err:
-        raise PackageError(f"manifest: a training record or metric is not a finite number ({err})") from err
-    out_dir.mkdir(parents=True, exist_ok=False)
-    tensors = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous().cpu()
-               for k, v in state.items()}
-    tensors[BASIS_KEY] = torch.as_tensor(np.ascontiguousarray(basis, dtype=np.float32))
-    save_file(tensors, str(out_dir / WEIGHTS))
-    (out_dir / SEQUENCE).write_text(sequence_json)
-    manifest = {
+    manifest: dict[str, object] = {
         "format": PACKAGE_FORMAT, "name": name, "version": version,
         "architecture": {"type": "seven-unet-ensemble", **unet.to_dict()},
         "channels": list(CHANNEL_NAMES), "channel_ranges": np.asarray(channel_ranges).tolist(),
@@ -143,13 +135,33 @@ def write_package(out_dir: Path, *, name: str, version: str, state: dict[str, to
             "normalisation": normalisation,
             "output": "tanh outputs in [0, 1] scaled per channel: min + (max - min) * y; phase-normalised coefficients",
         },
-        "training": training, "metrics": metrics,
+        "training": _untrained_as_null(training), "metrics": metrics,
         **({"protocol_ranges": trained_protocols} if trained_protocols is not None else {}),
         **({"channel_signal": channel_signal} if channel_signal is not None else {}),
-        "files": {WEIGHTS: sha256_file(out_dir / WEIGHTS), SEQUENCE: sha256_file(out_dir / SEQUENCE)},
     }
+    try:  # strict JSON (no NaN or Infinity), which every reader parses; checked before anything is written
+        json.dumps(manifest, allow_nan=False)
+    except ValueError as err:
+        raise PackageError(f"manifest: a training record or metric is not a finite number ({err})") from err
+    out_dir.mkdir(parents=True, exist_ok=False)
+    tensors = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous().cpu()
+               for k, v in state.items()}
+    tensors[BASIS_KEY] = torch.as_tensor(np.ascontiguousarray(basis, dtype=np.float32))
+    save_file(tensors, str(out_dir / WEIGHTS))
+    (out_dir / SEQUENCE).write_text(sequence_json)
+    manifest["files"] = {WEIGHTS: sha256_file(out_dir / WEIGHTS), SEQUENCE: sha256_file(out_dir / SEQUENCE)}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n")
     return out_dir
+
+
+def _untrained_as_null(training: dict[str, object]) -> dict[str, object]:
+    """``training`` with each network's best validation MSE that is not finite (a network not trained: its channel
+    carries no signal; older manifests wrote Infinity) as None."""
+    values = training.get("best_validation_mse")
+    if not isinstance(values, list):
+        return training
+    return {**training, "best_validation_mse": [v if isinstance(v, int | float) and math.isfinite(v) else None
+                                                for v in values]}
 
 
 def channel_signal_record(dictionary: Dictionary) -> dict[str, object]:
@@ -163,7 +175,8 @@ def channel_signal_record(dictionary: Dictionary) -> dict[str, object]:
 
 
 def read_manifest(path: Path) -> dict[str, object]:
-    """The manifest of a package folder, with its format checked."""
+    """The manifest of a package folder, with its format checked (an untrained network's validation MSE that an
+    older package wrote as Infinity reads as None)."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise PackageError(f"{path}: not a model package (no {MANIFEST})")
@@ -173,6 +186,9 @@ def read_manifest(path: Path) -> dict[str, object]:
         raise PackageError(f"{manifest_path}: not valid JSON ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != PACKAGE_FORMAT:
         raise PackageError(f"{manifest_path}: format must be {PACKAGE_FORMAT!r}, got {manifest.get('format')!r}")
+    training = manifest.get("training")
+    if isinstance(training, dict):
+        manifest["training"] = _untrained_as_null(training)
     return manifest
 
 

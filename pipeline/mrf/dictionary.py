@@ -24,6 +24,7 @@ import torch
 
 from pipeline.mrf.epg import DEFAULT_N_STATES, resolve_device, simulate_fisp
 from pipeline.mrf.sequence import DEFAULT_RANK, STORED_RANK, Sequence
+from pipeline.npz_cache import read_cached, write_cached
 from pipeline.parallel import map_chunks
 
 logger = logging.getLogger(__name__)
@@ -168,18 +169,15 @@ def load_or_build_dictionary(sequence: Sequence, grid: Grid = Grid(), *, rank: i
     if not 1 <= rank <= STORED_RANK:
         raise ValueError(f"rank: must be in 1..{STORED_RANK}, got {rank}")
     path = _cache_path(sequence, grid, n_states)
-    if path.is_file():
-        with np.load(path) as f:
-            full = Dictionary(f["t1_ms"], f["t2_ms"], f["atoms"], f["basis"], f["singular_values"],
-                              str(f["sequence_hash"]), grid, int(f["n_states"]))
+    f = read_cached(path, ("t1_ms", "t2_ms", "atoms", "basis", "singular_values", "sequence_hash", "n_states"))
+    if f is not None:
+        full = Dictionary(f["t1_ms"], f["t2_ms"], f["atoms"], f["basis"], f["singular_values"],
+                          str(f["sequence_hash"]), grid, int(f["n_states"]))
         logger.debug("dictionary loaded from cache %s", path)
     else:
         logger.info("building dictionary for sequence %s (%s)", sequence.name, grid.key())
         full = build_dictionary(sequence, grid, n_states=n_states, device=device, progress=progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(tmp, t1_ms=full.t1_ms, t2_ms=full.t2_ms, atoms=full.atoms, basis=full.basis,
-                 singular_values=full.singular_values, sequence_hash=full.sequence_hash,
-                 n_states=full.n_states)
-        os.replace(tmp, path)
+        write_cached(path, {"t1_ms": full.t1_ms, "t2_ms": full.t2_ms, "atoms": full.atoms, "basis": full.basis,
+                            "singular_values": full.singular_values, "sequence_hash": full.sequence_hash,
+                            "n_states": full.n_states})
     return full.truncated(rank)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ from scipy.cluster.vq import kmeans2
 
 from pipeline.mrf.dictionary import Dictionary, cache_dir
 from pipeline.mrf.epg import resolve_device
+from pipeline.npz_cache import read_cached, write_cached
 from pipeline.parallel import map_chunks
 
 logger = logging.getLogger(__name__)
@@ -66,20 +66,11 @@ def _clusters(unit: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarr
     atoms' bytes), since clustering costs ~15 s per dictionary and matching starts with it."""
     key = hashlib.sha256(unit.tobytes() + f"{CLUSTER_CACHE_FORMAT}/{k}/{seed}".encode()).hexdigest()[:20]
     path = cache_dir() / f"clusters-{key}.npz"
-    if path.is_file():
-        try:
-            with np.load(path) as f:
-                return f["centres"], f["labels"]
-        except (OSError, ValueError, KeyError) as exc:
-            logger.warning("ignoring unreadable cluster cache %s (%s)", path, exc)
+    stored = read_cached(path, ("centres", "labels"))
+    if stored is not None:
+        return stored["centres"], stored["labels"]
     centres, labels = kmeans2(unit.astype(np.float64), k, seed=seed, minit="++", iter=20)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial.npz")
-        np.savez(tmp, centres=centres, labels=labels)
-        tmp.replace(path)
-    except OSError as exc:  # a read-only cache only costs time
-        logger.warning("cannot cache clusters in %s (%s)", path.parent, exc)
+    write_cached(path, {"centres": centres, "labels": labels})
     return centres, labels
 
 

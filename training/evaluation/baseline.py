@@ -7,7 +7,8 @@ intensity through the table. One table per MRI field strength of the training su
 manifest ``acquisition.field_strength_t``; sequence families are pooled); a subject at a field strength
 the training set lacks gets the table of the nearest one. The lookup refuses the subjects it was
 fitted on. A fitted baseline is kept in the prepared-array cache (``lookup-<key>.npz``), keyed on the
-dataset's manifest (its seed, options and split), the normalisation and the fitting settings.
+dataset's manifest (its seed, options and split), the training subjects' files, the normalisation and the
+fitting settings; an unreadable one is fitted again.
 """
 
 from __future__ import annotations
@@ -15,18 +16,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from pipeline.npz_cache import read_cached, write_cached
 from training.evaluation.datasets import DatasetInfo, normalised_volume
 from training.evaluation.subjects import load_phantom_subject
+from training.preprocess import CACHE_FORMAT as PREPARED_FORMAT
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ MAX_VOXELS_PER_SUBJECT = 200_000
 """Brain voxels drawn per training subject (seeded): bounds the memory of fitting on many subjects."""
 CACHE_FORMAT = 1
 """Version of the cached lookup's file and of the fit: raise it when either changes."""
+TABLE_ARRAYS = ("edges", "t1_ms", "t2_ms", "n_voxels")
 
 
 @dataclass(frozen=True)
@@ -172,16 +174,12 @@ def fit_baseline(dataset: DatasetInfo, cache: Path, normalisation: str, *, n_bin
                          "subjects only (give --baseline-data a dataset with a train split)")
 
     fitted_on = frozenset((dataset.root / s).resolve() for s in subjects)
-    key = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "manifest": dataset.manifest, "normalisation":
-                                     normalisation, "n_bins": n_bins, "max_voxels": max_voxels},
-                                    sort_keys=True, default=str).encode()).hexdigest()[:20]
-    stored = cache / f"lookup-{key}.npz"
-    if stored.is_file():
-        with np.load(stored) as z:
-            tables = {float(f): IntensityLookup(z["edges"][i], z["t1_ms"][i], z["t2_ms"][i], z["n_voxels"][i])
-                      for i, f in enumerate(z["fields"])}
+    stored = cache / f"lookup-{_cache_key(dataset, subjects, normalisation, n_bins, max_voxels)}.npz"
+    arrays = read_cached(stored, ("fields", *TABLE_ARRAYS))
+    if arrays is not None:
         logger.info("lookup baseline of %s read from %s", dataset.root, stored)
-        return LookupBaseline(tables, fitted_on, normalisation)
+        return LookupBaseline({float(f): IntensityLookup(*(arrays[k][i] for k in TABLE_ARRAYS))
+                               for i, f in enumerate(arrays["fields"])}, fitted_on, normalisation)
 
     def samples() -> Iterator[LookupSample]:
         for i, subject in enumerate(tqdm(subjects, desc="fitting the lookup", unit="subject", disable=not progress)):
@@ -191,10 +189,18 @@ def fit_baseline(dataset: DatasetInfo, cache: Path, normalisation: str, *, n_bin
     logger.info("lookup baseline fitted on %d training subjects of %s (field strengths %s T)", len(subjects),
                 dataset.root, ", ".join(f"{f:g}" for f in baseline.tables))
     fields = sorted(baseline.tables)
-    cache.mkdir(parents=True, exist_ok=True)
-    partial = stored.with_name(f"{stored.stem}.{os.getpid()}.partial.npz")
-    arrays: dict[str, Any] = {k: np.stack([getattr(baseline.tables[f], k) for f in fields])
-                              for k in ("edges", "t1_ms", "t2_ms", "n_voxels")}
-    np.savez(partial, fields=np.asarray(fields), **arrays)
-    os.replace(partial, stored)  # whole or absent: a reader never sees half a file
+    write_cached(stored, {"fields": np.asarray(fields),
+                          **{k: np.stack([getattr(baseline.tables[f], k) for f in fields]) for k in TABLE_ARRAYS}})
     return baseline
+
+
+def _cache_key(dataset: DatasetInfo, subjects: list[str], normalisation: str, n_bins: int,
+               max_voxels: int | None) -> str:
+    """What a fitted lookup depends on: the manifest (seed, options, split), the training subjects' files (name,
+    size, modification time), the prepared arrays' and the lookup's formats, the normalisation and the fit's
+    settings."""
+    files = {s: sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in (dataset.root / s).iterdir()
+                       if f.is_file()) for s in subjects}
+    doc = {"format": CACHE_FORMAT, "prepared_format": PREPARED_FORMAT, "manifest": dataset.manifest,
+           "files": files, "normalisation": normalisation, "n_bins": n_bins, "max_voxels": max_voxels}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:20]

@@ -41,7 +41,9 @@ WORLDS = ("v1", "v2", "v3", "v4")
 MRF_TARGETS = ("subject", "expected")
 V1_VENDORS = ["siemens", "ge"]  # world v1 draws between these two (the draws of a seed must not change)
 CSF_T2_LIMITS_MS = (100.0, Grid().t2_max_ms)
-"""What ``--csf-t2-range`` may ask for: the MRF dictionary's T2 axis ends at its upper limit."""
+"""What ``--csf-t2-range`` may ask for: a subject's CSF T2 (its tissue value) stays on the MRF dictionary's T2 axis.
+Single voxels of the within-subject T2 field can still lie up to about 1.45x above it (field amplitude up to 15 %,
+levels to 2.5 SD); their simulated MRF matches at the axis's end."""
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +96,8 @@ class PhantomOptions:
             lo, hi = self.csf_t2_range
             if not CSF_T2_LIMITS_MS[0] <= lo < hi <= CSF_T2_LIMITS_MS[1]:
                 raise ValueError(f"csf_t2_range: expected {CSF_T2_LIMITS_MS[0]:g} <= low < high <= "
-                                 f"{CSF_T2_LIMITS_MS[1]:g} ms (the MRF dictionary's T2 range ends there), "
-                                 f"got {lo:g}, {hi:g}")
+                                 f"{CSF_T2_LIMITS_MS[1]:g} ms (the subject's CSF T2; the MRF dictionary's T2 axis "
+                                 f"ends there), got {lo:g}, {hi:g}")
             if self.world == "v1":
                 raise ValueError("csf_t2_range: needs world v2, v3 or v4 (world v1 keeps its fixed priors)")
 

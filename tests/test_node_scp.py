@@ -37,6 +37,7 @@ from node_support import (
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     CTImageStorage,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -326,6 +327,49 @@ def test_compressed_transfer_syntaxes(start_node: StartNode, sink: ResultSink, t
     results = wait_until(lambda: len(sink.results()) == 3 and sink.results(), 60, what="three results")
     assert {r.referenced_series for r in results} == {s.series_uid for s in sources}
     assert {r.comments for r in results} == {"from 10 frames of 10 instances"}
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
+def test_compressed_slices_larger_than_the_header_read_are_stored(start_node: StartNode, sink: ResultSink,
+                                                                  tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 256 x 256 slice of noise compresses to fragments over the 64 KiB the header check reads (its pixel data
+    stays on disk): the fragments are walked in the file. Pixel data cut short, or File Meta Information inside
+    the data set (it would replace ours when the file is read back), are refused."""
+    node = start_node(sink)
+    datasets = mr_datasets(10, 256, patient_id="BIGJ2K", seed=31)
+    for ds in datasets:
+        ds.compress(JPEG2000Lossless)
+    assert min(len(ds.PixelData) for ds in datasets) > 64 * 1024
+    source = write_series(datasets, tmp_path / "j2k")
+    r = storescu(node, source.files, "STORESCU", "-xv")
+    assert r.returncode == 0, r.stderr
+    [result] = wait_until(sink.results, 60, what="the result")
+    assert result.comments == "from 10 frames of 10 instances"
+
+    whole = source.files[0].read_bytes()
+    cut = pydicom.dcmread(source.files[1])
+    cut.SOPInstanceUID = cut.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    cut.save_as(tmp_path / "cut.dcm", enforce_file_format=True)
+    data = (tmp_path / "cut.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 20_000])  # in the middle of its one fragment
+    foreign = pydicom.dcmread(source.files[2])
+    foreign.SOPInstanceUID = generate_uid()
+    foreign.add_new(0x00020010, "UI", ExplicitVRBigEndian)
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    ae = AE("PYNETDICOM")
+    ae.add_requested_context(MRImageStorage, JPEG2000Lossless)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="SYNTHMRF")
+    try:
+        responses = [assoc.send_c_store(tmp_path / "cut.dcm")]
+        monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", False)
+        responses.append(assoc.send_c_store(foreign))
+    finally:
+        assoc.release()
+    assert [int(r.Status) for r in responses] == [CANNOT_UNDERSTAND, CANNOT_UNDERSTAND]
+    comments = [str(r.get("ErrorComment", "")) for r in responses]
+    assert comments[0].startswith("no element could be read") and "(0002,0010)" in comments[1], comments
+    assert len(whole) > 64 * 1024 and list((node.storage_dir / "tmp").iterdir()) == []
 
 
 def test_legacy_multiframe_object_completes_early(start_node: StartNode, sink: ResultSink, tmp_path: Path) -> None:

@@ -23,7 +23,6 @@ from pydicom.uid import (
     HTJ2K,
     JPEG2000,
     UID,
-    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     HTJ2KLossless,
@@ -63,7 +62,7 @@ logger = logging.getLogger(__name__)
 
 VERIFICATION = UID("1.2.840.10008.1.1")  # Verification SOP Class (PS3.4 Annex A)
 TRANSFER_SYNTAXES: tuple[UID, ...] = (
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
     JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessP14, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
     JPEG2000Lossless, JPEG2000, RLELossless, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K,
 )

@@ -13,17 +13,17 @@ header). ``file_meta_bytes`` writes the File Meta Information of the received fi
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import secrets
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 import pynetdicom
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_fragments
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage, MRImageStorage
@@ -40,6 +40,7 @@ _SOP_CLASS, _SOP_INSTANCE = Tag(0x0008, 0x0016), Tag(0x0008, 0x0018)
 _STUDY, _SERIES = Tag(0x0020, 0x000D), Tag(0x0020, 0x000E)
 _PATIENT_ID = Tag(0x0010, 0x0020)
 DEFER_BYTES = 64 * 1024  # values longer than this (pixel data) are not read while checking
+_ITEM, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD  # encapsulated pixel data: an item, the end of the items
 _PATIENT_KEY = secrets.token_bytes(16)  # per process: a digest means nothing outside it
 
 
@@ -143,8 +144,33 @@ def _check_complete(ds: Dataset, file_size: int) -> None:
                                                           f"{length} bytes")
 
 
-def _check_pixels(ds: Dataset, encapsulated: bool) -> int:
-    """Check the pixel data is present and whole; return the number of frames."""
+def _count_items(fp: BinaryIO, end: int, *, delimited: bool) -> int:
+    """The items (offset table and fragments) of encapsulated pixel data from ``fp``'s position on: each item's
+    header is read and its value skipped, never loaded. ``delimited``: the items must end with the sequence
+    delimiter before ``end`` (a value still in the file); otherwise they fill ``fp`` up to ``end``."""
+    n = 0
+    while fp.tell() < end:
+        header = fp.read(8)
+        if len(header) < 8:
+            raise ValueError("an item header is cut short")
+        group, element, length = struct.unpack("<HHL", header)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_END:
+            return n
+        if tag != _ITEM:
+            raise ValueError(f"{Tag(tag)} where a fragment item should be")
+        if length == 0xFFFFFFFF or fp.tell() + length > end:
+            raise ValueError(f"item {n} claims {length} bytes, {max(0, end - fp.tell())} are left")
+        fp.seek(length, io.SEEK_CUR)
+        n += 1
+    if delimited:
+        raise ValueError("the items end without a sequence delimiter (truncated)")
+    return n
+
+
+def _check_pixels(ds: Dataset, encapsulated: bool, path: Path) -> int:
+    """Check the pixel data is present and whole (``path``: the file ``ds`` was read from, where a deferred value
+    lies); return the number of frames."""
     frames = _int(ds, "NumberOfFrames", 1) or 1
     tag = next((t for t in _PIXEL_TAGS if t in ds), None)
     if tag is None:
@@ -155,11 +181,16 @@ def _check_pixels(ds: Dataset, encapsulated: bool) -> int:
     if not size:
         raise InstanceRefusedError(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "empty pixel data")
     if encapsulated:
-        if not isinstance(value, bytes):
-            raise InstanceRefusedError(CANNOT_UNDERSTAND, "encapsulated pixel data with a defined length")
         try:
-            n = sum(1 for _ in generate_fragments(value))
-        except Exception as exc:
+            if isinstance(value, bytes):  # read with the header (short); the delimiter is not part of it
+                n = _count_items(io.BytesIO(value), len(value), delimited=False)
+            elif value is None and raw.length == 0xFFFFFFFF and getattr(raw, "value_tell", None) is not None:
+                with open(path, "rb") as fp:  # deferred: still in the file
+                    fp.seek(raw.value_tell)
+                    n = _count_items(fp, os.fstat(fp.fileno()).st_size, delimited=True)
+            else:
+                raise ValueError("encapsulated pixel data must have an undefined length")
+        except (ValueError, OSError) as exc:
             raise InstanceRefusedError(CANNOT_UNDERSTAND, f"broken encapsulated pixel data: {exc}") from exc
         if n == 0:
             raise InstanceRefusedError(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "encapsulated pixel data without fragments")
@@ -199,8 +230,6 @@ def _why_discard(ds: Dataset, sop_class: str, limits: IngressSection, rules: Mpr
 def _read_data_set(path: Path, offset: int, transfer_syntax: UID) -> Dataset:
     """The data set that starts at ``offset`` in the file, values longer than ``DEFER_BYTES`` left unread
     (without parsing the File Meta Information again: it is ours)."""
-    if transfer_syntax.is_deflated:
-        return dcmread(path, defer_size=DEFER_BYTES)
     with open(path, "rb") as fp:
         fp.seek(offset)
         return read_dataset(fp, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian,
@@ -228,9 +257,12 @@ def inspect_instance(event: Event, path: Path, data_offset: int, limits: Ingress
         file_size = os.path.getsize(path)
     except Exception as exc:  # pydicom raises many types for garbage
         raise InstanceRefusedError(CANNOT_UNDERSTAND, f"undecodable data set ({type(exc).__name__})") from exc
+    if not len(ds):  # pydicom gives up on a value cut short before its delimiter and returns nothing
+        raise InstanceRefusedError(CANNOT_UNDERSTAND, "no element could be read (a value ends without its delimiter: "
+                                                      "truncated)")
     _check_complete(ds, file_size)
     try:
-        return _checked_info(ds, command_sop, command_class, transfer_syntax, limits, rules)
+        return _checked_info(ds, command_sop, command_class, transfer_syntax, limits, rules, path)
     except InstanceRefusedError:
         raise
     except Exception as exc:  # a value pydicom cannot decode (unknown VR, bad number...), read lazily here
@@ -238,7 +270,10 @@ def inspect_instance(event: Event, path: Path, data_offset: int, limits: Ingress
 
 
 def _checked_info(ds: Dataset, command_sop: str, command_class: str, transfer_syntax: UID, limits: IngressSection,
-                  rules: MprageSection | None) -> InstanceInfo:
+                  rules: MprageSection | None, path: Path) -> InstanceInfo:
+    meta = [Tag(t) for t in list(ds.keys()) if Tag(t).group == 0x0002]
+    if meta:  # File Meta Information belongs to the file; inside the data set it would override ours on reading
+        raise InstanceRefusedError(CANNOT_UNDERSTAND, f"File Meta Information element {meta[0]} in the data set")
     try:
         sop = require_uid(_text(ds, _SOP_INSTANCE), "SOPInstanceUID")
         sop_class = require_uid(_text(ds, _SOP_CLASS), "SOPClassUID")
@@ -253,7 +288,7 @@ def _checked_info(ds: Dataset, command_sop: str, command_class: str, transfer_sy
     _check_image_size(ds, limits)
     discard = _why_discard(ds, sop_class, limits, rules)
     keep_mr = sop_class in MR_IMAGE_STORAGE and not discard
-    frames = _check_pixels(ds, transfer_syntax.is_encapsulated) if keep_mr else 1
+    frames = _check_pixels(ds, transfer_syntax.is_encapsulated, path) if keep_mr else 1
     return InstanceInfo(sop, sop_class, study, series, frames, _int(ds, "ImagesInAcquisition", None),
                         str(transfer_syntax), patient_key(_text(ds, _PATIENT_ID)), discard)
 
@@ -274,7 +309,7 @@ def complete_file_uids(path: Path) -> tuple[str, str] | None:
         ds = dcmread(path, defer_size=DEFER_BYTES)
         _check_complete(ds, os.path.getsize(path))
         if str(ds.get("SOPClassUID", "")) in MR_IMAGE_STORAGE:
-            _check_pixels(ds, UID(ds.file_meta.TransferSyntaxUID).is_encapsulated)
+            _check_pixels(ds, UID(ds.file_meta.TransferSyntaxUID).is_encapsulated, path)
         return (require_uid(_text(ds, _SERIES), "SeriesInstanceUID"),
                 require_uid(_text(ds, _SOP_INSTANCE), "SOPInstanceUID"))
     except Exception:  # unreadable or cut short: a partial write

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,16 +69,26 @@ def client_tls(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
     return ctx, peer.host
 
 
-def _no_delay(event: Event) -> None:
-    """EVT_CONN_OPEN: send each PDU at once (no Nagle delay)."""
+def _connection_open(event: Event, timeout_s: float) -> None:
+    """EVT_CONN_OPEN: send each PDU at once (no Nagle delay); a send or read that waits more than ``timeout_s``
+    (a peer that stopped reading, or stalls in the middle of a PDU) ends the association instead of hanging its
+    thread (pynetdicom clears the socket's timeout once connected); keepalive finds a peer that vanished."""
     sock = event.assoc.dul.socket.socket if event.assoc.dul.socket is not None else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.settimeout(timeout_s)
+
+
+def connection_handler(ae: AE) -> tuple[evt.EventType, Callable[..., None], list[object]]:
+    """The EVT_CONN_OPEN handler every association we request uses (see ``_connection_open``), bounded by the
+    AE's ``network_timeout``."""
+    return evt.EVT_CONN_OPEN, _connection_open, [ae.network_timeout]
 
 
 def _associate(ae: AE, peer: Peer) -> Association:
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=client_tls(peer),
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
+                         evt_handlers=[connection_handler(ae)])
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
         raise AssociationError(f"association with {peer} failed: {why}")

@@ -35,7 +35,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from dicom_node.dimse.client import Peer, client_tls
+from dicom_node.dimse.client import Peer, client_tls, connection_handler
 from dicom_node.dimse.reactor_pause import use_for_requestors
 from dicom_node.dimse.status import STATUS_NAMES, UNABLE_TO_PROCESS_FIRST, UNABLE_TO_PROCESS_LAST
 from dicom_node.dimse.storage_scp import TRANSFER_SYNTAXES
@@ -182,7 +182,8 @@ def associate(archive: Archive, *, get_handler: StoreHandler | None = None,
     ae.add_requested_context(FIND_MODEL)
     ae.add_requested_context(MOVE_MODEL)
     roles = []
-    handlers: list[tuple[evt.EventType, object]] = []
+    handlers: list[tuple[evt.EventType, object] | tuple[evt.EventType, object, list[object]]] = [
+        connection_handler(ae)]
     if get_handler is not None:
         ae.add_requested_context(GET_MODEL)
         for sop_class in storage_classes:
@@ -192,7 +193,7 @@ def associate(archive: Archive, *, get_handler: StoreHandler | None = None,
     try:
         tls = client_tls(Peer(s.ae_title, s.host, s.port, s.tls, s.tls_ca, s.tls_cert, s.tls_key))
         assoc = ae.associate(s.host, s.port, ae_title=s.ae_title, ext_neg=roles or None,  # type: ignore[arg-type]
-                             evt_handlers=handlers or None, tls_args=tls)  # type: ignore[arg-type]
+                             evt_handlers=handlers, tls_args=tls)  # type: ignore[arg-type]
     except (OSError, ssl.SSLError) as exc:  # name resolution, TLS set-up: failures before any DICOM is spoken
         raise ArchiveUnavailableError(f"{archive}: cannot connect ({exc})") from exc
     if not assoc.is_established:

@@ -49,7 +49,7 @@ class NodeSection(_Section):
     min_free_mb: int = Field(default=1024, ge=0)  # refuse instances (Out of Resources) when less would remain free
     fsync_directories: bool = False  # also fsync incoming/ after each rename (strict POSIX; ~2x the disk flushes)
     max_associations: int = Field(default=16, ge=1)
-    max_pdu: int = Field(default=1048576, ge=0)  # bytes we accept per PDU (bounds one read); 0: unlimited
+    max_pdu: int = Field(default=1048576, ge=0)  # bytes we accept per PDU (a longer one ends the connection); 0: any
     event_driven: bool = True  # event-driven association reactors (fast_acceptor); false: pynetdicom's polling
     acse_timeout_s: float = Field(default=30.0, gt=0)  # also bounds a caller's TLS handshake
     dimse_timeout_s: float = Field(default=60.0, gt=0)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import select
 import socket
 import struct
 import subprocess
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -161,6 +163,41 @@ def test_peers_silent_in_the_middle_of_a_pdu_do_not_use_up_the_associations(
     finally:
         for s in stalled:
             s.close()
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the other end closed ``sock`` (what arrives is the end of the stream, or a reset)."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return sock.recv(65536) == b""
+    except OSError:
+        return True
+
+
+def test_an_oversized_or_trickling_pdu_ends_the_connection_before_it_is_read(
+        start_node: StartNode, caplog: pytest.LogCaptureFixture) -> None:
+    """A PDU declared far over node.max_pdu is not read at all, and a PDU whose bytes trickle in (each read
+    within the socket timeout) is cut at the network timeout; the node keeps serving."""
+    node = start_node(node={"max_pdu": 65536, "network_timeout_s": 2})
+    peer = Peer("SYNTHMRF", "127.0.0.1", node.port)
+    with caplog.at_level(logging.WARNING, logger="dicom_node"), \
+            socket.create_connection(("127.0.0.1", node.port)) as huge, \
+            socket.create_connection(("127.0.0.1", node.port)) as trickle:
+        huge.sendall(struct.pack(">BBL", 0x01, 0, 2**31) + bytes(4096))  # an A-ASSOCIATE-RQ of 2 GiB, it says
+        trickle.sendall(struct.pack(">BBL", 0x01, 0, 1000))
+        started = time.monotonic()
+        while not _closed_by_peer(trickle) and time.monotonic() - started < 20:
+            with contextlib.suppress(OSError):
+                trickle.sendall(b"\0")  # a byte every 0.3 s: no single read waits the 2 s socket timeout
+            time.sleep(0.3)
+        assert time.monotonic() - started < 10, "the trickling PDU was not cut at the network timeout"
+        wait_until(lambda: _closed_by_peer(huge), 5, what="the oversized PDU's connection to close")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("PDU of 2147483648 bytes declared, over node.max_pdu (65536)" in m for m in messages), messages
+    assert any("did not arrive within the network timeout" in m for m in messages), messages
+    assert echo(peer, "ECHOSCU", timeout_s=5) == 0
 
 
 def _echo_ok(peer: Peer) -> bool:

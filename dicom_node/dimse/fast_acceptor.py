@@ -27,6 +27,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from copy import deepcopy
 from datetime import datetime
 from typing import Any, cast
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.02  # longest a reactor waits before re-checking timers and flags
 RECV_CHUNK = 256 * 1024  # bytes per recv() call (pynetdicom reads 4 KiB at a time: 32 calls per 128 KiB PDU)
+PDU_SLACK = 64 * 1024  # over maximum_pdu_size: room for an association request with many contexts
 MODE_ACCEPTOR = "acceptor"
 
 
@@ -65,12 +67,26 @@ class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
 
 
 class BulkRecvSocket(AssociationSocket):
-    """An association socket that reads a PDU with a few large ``recv`` calls instead of 4 KiB ones."""
+    """An association socket that reads a PDU with a few large ``recv`` calls instead of 4 KiB ones, and bounds
+    what a peer can make one read cost: a declared PDU length over the AE's ``maximum_pdu_size`` (plus
+    ``PDU_SLACK``, which an association request may use) and a PDU that takes longer than the network timeout to
+    arrive (a peer trickling bytes) each end the connection (pynetdicom: transport closed) before it is read."""
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = cast(socket.socket, self.socket)
+        ae = self.assoc.ae
+        if ae.maximum_pdu_size and nr_bytes > ae.maximum_pdu_size + PDU_SLACK:
+            logger.warning("association from %s: a PDU of %d bytes declared, over node.max_pdu (%d): connection "
+                           "closed", self.assoc.requestor.ae_title or "?", nr_bytes, ae.maximum_pdu_size)
+            raise OSError(f"PDU of {nr_bytes} bytes declared, over the {ae.maximum_pdu_size}-byte maximum")
+        deadline = None if ae.network_timeout is None else time.monotonic() + ae.network_timeout
         data = bytearray()
         while len(data) < nr_bytes:
+            if deadline is not None and time.monotonic() > deadline:
+                logger.warning("association from %s: a %d-byte PDU did not arrive within the network timeout "
+                               "(%g s): connection closed", self.assoc.requestor.ae_title or "?", nr_bytes,
+                               ae.network_timeout)
+                raise OSError(f"PDU of {nr_bytes} bytes not received within {ae.network_timeout} s")
             chunk = sock.recv(min(nr_bytes - len(data), RECV_CHUNK))
             if not chunk:
                 break  # the peer closed: the caller sees a short PDU

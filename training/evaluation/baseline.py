@@ -173,13 +173,13 @@ def fit_baseline(dataset: DatasetInfo, cache: Path, normalisation: str, *, n_bin
         raise ValueError(f"{dataset.root}: the train split is empty; the lookup baseline is fitted on training "
                          "subjects only (give --baseline-data a dataset with a train split)")
 
-    fitted_on = frozenset((dataset.root / s).resolve() for s in subjects)
     stored = cache / f"lookup-{_cache_key(dataset, subjects, normalisation, n_bins, max_voxels)}.npz"
     arrays = read_cached(stored, ("fields", *TABLE_ARRAYS))
     if arrays is not None:
         logger.info("lookup baseline of %s read from %s", dataset.root, stored)
         return LookupBaseline({float(f): IntensityLookup(*(arrays[k][i] for k in TABLE_ARRAYS))
-                               for i, f in enumerate(arrays["fields"])}, fitted_on, normalisation)
+                               for i, f in enumerate(arrays["fields"])},
+                              frozenset((dataset.root / s).resolve() for s in subjects), normalisation)
 
     def samples() -> Iterator[LookupSample]:
         for i, subject in enumerate(tqdm(subjects, desc="fitting the lookup", unit="subject", disable=not progress)):
@@ -199,8 +199,8 @@ def _cache_key(dataset: DatasetInfo, subjects: list[str], normalisation: str, n_
     """What a fitted lookup depends on: the manifest (seed, options, split), the training subjects' files (name,
     size, modification time), the prepared arrays' and the lookup's formats, the normalisation and the fit's
     settings."""
-    files = {s: sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in (dataset.root / s).iterdir()
-                       if f.is_file()) for s in subjects}
+    files = {s: sorted((f.name, st.st_size, st.st_mtime_ns) for f in (dataset.root / s).iterdir()
+                       if f.is_file() and (st := f.stat())) for s in subjects}
     doc = {"format": CACHE_FORMAT, "prepared_format": PREPARED_FORMAT, "manifest": dataset.manifest,
            "files": files, "normalisation": normalisation, "n_bins": n_bins, "max_voxels": max_voxels}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:20]

@@ -49,6 +49,11 @@ class NodeSection(_Section):
     min_free_mb: int = Field(default=1024, ge=0)  # refuse instances (Out of Resources) when less would remain free
     fsync_directories: bool = False  # also fsync incoming/ after each rename (strict POSIX; ~2x the disk flushes)
     max_associations: int = Field(default=16, ge=1)
+    # Open TCP connections, counted from accept (before an association request is read): over either cap a new
+    # connection is closed at once. Keep max_connections above max_associations, so that a caller over the
+    # association limit gets a DICOM rejection, not a closed socket.
+    max_connections: int = Field(default=64, ge=1)
+    max_connections_per_peer: int = Field(default=8, ge=1)  # from one IP address
     max_pdu: int = Field(default=1048576, ge=0)  # bytes we accept per PDU (a longer one ends the connection); 0: any
     event_driven: bool = True  # event-driven association reactors (fast_acceptor); false: pynetdicom's polling
     acse_timeout_s: float = Field(default=30.0, gt=0)  # also bounds a caller's TLS handshake
@@ -80,6 +85,12 @@ class NodeSection(_Section):
             raise ValueError("node.tls_ca needs node.tls_cert and node.tls_key")
         if self.tls_identities and self.tls_ca is None:
             raise ValueError("node.tls_identities needs node.tls_ca (callers must present certificates)")
+        if self.max_connections < self.max_associations:
+            raise ValueError(f"node.max_connections ({self.max_connections}) must be at least node.max_associations "
+                             f"({self.max_associations})")
+        if self.max_connections_per_peer > self.max_connections:
+            raise ValueError(f"node.max_connections_per_peer ({self.max_connections_per_peer}) must be at most "
+                             f"node.max_connections ({self.max_connections})")
         return self
 
 

@@ -165,6 +165,82 @@ def test_peers_silent_in_the_middle_of_a_pdu_do_not_use_up_the_associations(
             s.close()
 
 
+def _echo_from(address: str, port: int) -> bool:
+    """Whether a C-ECHO from the loopback ``address`` (127.0.0.x) to the node succeeds."""
+    ae = AE(ae_title="ECHOSCU")
+    ae.acse_timeout = ae.network_timeout = 2
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="SYNTHMRF", bind_address=(address, 0))
+    if not assoc.is_established:
+        return False
+    try:
+        return int(assoc.send_c_echo().get("Status", -1)) == 0
+    finally:
+        assoc.release()
+
+
+def test_idle_connections_are_capped_per_peer_address_and_in_all(
+        start_node: StartNode, caplog: pytest.LogCaptureFixture) -> None:
+    node = start_node(node={"max_associations": 3, "max_connections": 3, "max_connections_per_peer": 2,
+                            "acse_timeout_s": 30, "network_timeout_s": 30})
+    open_from = {"127.0.0.1": [], "127.0.0.2": []}  # type: dict[str, list[socket.socket]]
+
+    def connect(address: str) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", node.port), source_address=(address, 0))
+        open_from.setdefault(address, []).append(s)
+        return s
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="dicom_node"):
+            for _ in range(2):  # connected, nothing sent: each holds a thread until the ACSE timeout
+                connect("127.0.0.1")
+            assert node._listener is not None
+            server = node._listener.server
+            wait_until(lambda: len(server.open_connections()) == 2, 5, 0.05, what="both idle connections counted")
+            third = connect("127.0.0.1")  # over the per-peer cap: closed at once, not left to the ACSE timeout
+            wait_until(lambda: _closed_by_peer(third), 5, 0.05, what="the third connection from 127.0.0.1 closed")
+            assert not _echo_from("127.0.0.1", node.port)
+            assert _echo_from("127.0.0.2", node.port)  # another address still gets through
+
+            connect("127.0.0.2")  # 3 open in all: the node's cap, whatever the address
+            wait_until(lambda: len(server.open_connections()) == 3, 5, 0.05, what="three connections counted")
+            fourth = connect("127.0.0.3")
+            wait_until(lambda: _closed_by_peer(fourth), 5, 0.05, what="a connection over max_connections closed")
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("connection from 127.0.0.1 closed: 2 connections open from this address "
+                   "(node.max_connections_per_peer = 2)" in m for m in messages)
+        assert any("connection from 127.0.0.3 closed: 3 connections open (node.max_connections = 3)" in m
+                   for m in messages)
+
+        for s in open_from.pop("127.0.0.1"):  # once the idle ones are gone, their address is served again
+            s.close()
+        wait_until(lambda: _echo_from("127.0.0.1", node.port), 10, 0.1, what="127.0.0.1 served again")
+    finally:
+        for sockets in open_from.values():
+            for s in sockets:
+                s.close()
+
+
+def test_a_connection_flood_is_logged_sparsely(start_node: StartNode, caplog: pytest.LogCaptureFixture) -> None:
+    node = start_node(node={"max_associations": 1, "max_connections": 1, "max_connections_per_peer": 1,
+                            "acse_timeout_s": 30, "network_timeout_s": 30})
+    held = socket.create_connection(("127.0.0.1", node.port))
+    try:
+        assert node._listener is not None
+        server = node._listener.server
+        wait_until(lambda: len(server.open_connections()) == 1, 5, 0.05, what="the idle connection counted")
+        with caplog.at_level(logging.WARNING, logger="dicom_node"):
+            for _ in range(20):
+                s = socket.create_connection(("127.0.0.1", node.port))
+                wait_until(lambda s=s: _closed_by_peer(s), 5, 0.02, what="a connection over the cap closed")
+                s.close()
+        refusals = [r.getMessage() for r in caplog.records if "connection from 127.0.0.1 closed" in r.getMessage()]
+        assert [m.rsplit("; ", 1)[1] for m in refusals] == [f"{n} refused from this address since start"
+                                                              for n in (1, 2, 4, 8, 16)]
+    finally:
+        held.close()
+
+
 def _closed_by_peer(sock: socket.socket) -> bool:
     """Whether the other end closed ``sock`` (what arrives is the end of the stream, or a reset)."""
     readable, _, _ = select.select([sock], [], [], 0)

@@ -127,6 +127,28 @@ class EventDrivenDUL(DULServiceProvider):
             except OSError:
                 pass
 
+    def receive_pdu(self, wait: bool = False, timeout: float | None = None) -> Any:
+        """pynetdicom's ``receive_pdu``, except that a wait ends as soon as the connection has closed.
+
+        pynetdicom's acceptor waits the whole ACSE timeout for an association request even when the peer has
+        already gone (a port check, a scanner that gave up): the connection would hold its association slot,
+        and its place under ``node.max_connections``, for that long.
+        """
+        if not wait:
+            return super().receive_pdu(wait=False)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = IDLE_WAIT_S * 5 if deadline is None else min(IDLE_WAIT_S * 5, deadline - time.monotonic())
+            primitive = super().receive_pdu(wait=True, timeout=max(left, 0.0))
+            if primitive is not None:
+                return primitive
+            if self._connection_closed() or (deadline is not None and time.monotonic() >= deadline):
+                return super().receive_pdu(wait=False)  # one last look: the closing may have queued something
+
+    def _connection_closed(self) -> bool:
+        sock = self.socket
+        return sock is None or sock.socket is None or not sock._is_connected or not self.is_alive()
+
     def run_reactor(self) -> None:
         """pynetdicom 3.0's DUL loop, with :meth:`_wait_for_work` where it slept."""
         self._idle_timer.start()

@@ -315,19 +315,30 @@ def make_ae(cfg: NodeSection) -> AE:
 
 
 class NodeAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with the TLS handshake moved out of the listener thread.
+    """pynetdicom's threaded server with the TLS handshake moved out of the listener thread, and open
+    connections capped in all and per peer address.
 
     pynetdicom 3.0 wraps each accepted socket with the handshake done at once, in the one thread that
     accepts connections and without a timeout: a peer that connects and sends nothing stops every
     later association. Here the listener only wraps the socket; the handshake runs in the connection's
     own thread and gives up after ``handshake_timeout_s``.
+
+    pynetdicom bounds associations, but only once a connection's association request has been read: until then
+    (up to the ACSE timeout) every connection holds a thread. A connection is counted from its accept until its
+    association thread ends; one over ``max_connections`` or ``max_connections_per_peer`` is closed at once.
     """
 
     daemon_threads = True  # a handshake in progress delays neither stopping nor exiting
     block_on_close = False
 
-    def __init__(self, *args: Any, handshake_timeout_s: float = 30.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, handshake_timeout_s: float = 30.0, max_connections: int = 64,
+                 max_connections_per_peer: int = 8, **kwargs: Any) -> None:
         self.handshake_timeout_s = handshake_timeout_s
+        self.max_connections = max_connections
+        self.max_connections_per_peer = max_connections_per_peer
+        self._connections_lock = threading.Lock()
+        self._starting: dict[int, str] = {}  # accepted connections whose association thread has not started yet
+        self._refused: Counter[str] = Counter()
         super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
@@ -336,17 +347,60 @@ class NodeAssociationServer(ThreadedAssociationServer):
             sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, address
 
+    def open_connections(self) -> list[str]:
+        """The peer address of every open connection: associations running, and connections not yet handed to one."""
+        running = [a.requestor.address_info.address for a in self.active_associations if a.requestor.address_info]
+        with self._connections_lock:
+            return running + list(self._starting.values())
+
+    def verify_request(self, request: socket.socket | tuple[bytes, socket.socket],
+                       client_address: tuple[str, int] | str) -> bool:
+        peer = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        peers = self.open_connections()
+        if len(peers) >= self.max_connections:
+            limit = f"{len(peers)} connections open (node.max_connections = {self.max_connections})"
+        elif peers.count(peer) >= self.max_connections_per_peer:
+            limit = (f"{peers.count(peer)} connections open from this address "
+                     f"(node.max_connections_per_peer = {self.max_connections_per_peer})")
+        else:
+            with self._connections_lock:
+                self._starting[id(request)] = peer
+            return True
+        with self._connections_lock:
+            self._refused[peer] += 1
+            refused = self._refused[peer]
+        if refused & (refused - 1) == 0:  # the 1st, 2nd, 4th, 8th ... refusal per peer: a flood cannot flood the log
+            logger.warning("connection from %s closed: %s; %d refused from this address since start", peer, limit,
+                           refused)
+        return False
+
+    def process_request(self, request: socket.socket | tuple[bytes, socket.socket],
+                        client_address: tuple[str, int] | str) -> None:
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._started(request)
+            raise
+
     def process_request_thread(self, request: socket.socket | tuple[bytes, socket.socket],
                                client_address: tuple[str, int] | str) -> None:
-        if isinstance(request, ssl.SSLSocket):
-            try:
-                request.settimeout(self.handshake_timeout_s)
-                request.do_handshake()
-            except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
-                logger.warning("TLS handshake with %s failed: %s", client_address, exc)
-                self.shutdown_request(request)
-                return
-        super().process_request_thread(request, client_address)
+        try:
+            if isinstance(request, ssl.SSLSocket):
+                try:
+                    request.settimeout(self.handshake_timeout_s)
+                    request.do_handshake()
+                except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
+                    logger.warning("TLS handshake with %s failed: %s", client_address, exc)
+                    self.shutdown_request(request)
+                    return
+            super().process_request_thread(request, client_address)
+        finally:
+            self._started(request)
+
+    def _started(self, request: object) -> None:
+        """The connection is now counted by its association thread (or is closed)."""
+        with self._connections_lock:
+            self._starting.pop(id(request), None)
 
 
 class Listener:
@@ -414,6 +468,7 @@ def start_listener(cfg: NodeSection, spool: Spool, arrivals: Arrivals, identitie
                        pynetdicom.__version__)
     server = ae.make_server((cfg.host, cfg.port), evt_handlers=handlers, ssl_context=ssl_context_for(cfg),
                             server_class=NodeAssociationServer, handshake_timeout_s=cfg.acse_timeout_s,
+                            max_connections=cfg.max_connections, max_connections_per_peer=cfg.max_connections_per_peer,
                             request_handler=fast_acceptor.EventDrivenRequestHandler if event_driven else None)
     _unbind_debug_loggers(server)
     lim = limits or IngressSection()

@@ -101,6 +101,9 @@ class IngressSection(_Section):
 
     max_instance_mb: float = Field(default=1024.0, gt=0)  # the encoded data set of one instance
     max_pixels: int = Field(default=2**28, ge=1)  # Rows x Columns x frames x samples per pixel (2^28: 512 MB at 16 bit)
+    # Elements and sequence items in one header, counted before it is parsed (parsed, each costs about 1 KB: 250,000
+    # about 300 MB); a Legacy Converted Enhanced MR header of 400 frames holds about 6,500
+    max_header_elements: int = Field(default=250_000, ge=100)
     max_instances_per_series: int = Field(default=5000, ge=1)  # an MPRAGE has 1 (enhanced) to ~400 instances
     keep_non_mr: bool = False  # non-MR instances (a PACS forwarding everything): acknowledged, and kept only if true
     keep_non_candidates: bool = False  # MR instances the [mprage] rules refuse by their own header: the same

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, cast
 
 import pynetdicom
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage, MRImageStorage
@@ -32,6 +32,7 @@ from pynetdicom.events import Event
 
 from dicom_node.config import IngressSection, MprageSection
 from dicom_node.dimse.status import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS, OUT_OF_RESOURCES
+from dicom_node.node.header_elements import HeaderTooLargeError, count_elements
 from dicom_node.uids import InvalidUIDError, require_uid
 
 MR_IMAGE_STORAGE = frozenset({MRImageStorage, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage})
@@ -227,13 +228,28 @@ def _why_discard(ds: Dataset, sop_class: str, limits: IngressSection, rules: Mpr
     return "" if decision.accepted else f"not an MPRAGE candidate: {decision.reason}"
 
 
-def _read_data_set(path: Path, offset: int, transfer_syntax: UID) -> Dataset:
-    """The data set that starts at ``offset`` in the file, values longer than ``DEFER_BYTES`` left unread
-    (without parsing the File Meta Information again: it is ours)."""
+def _check_header_elements(path: Path, offset: int, transfer_syntax: UID, limit: int) -> None:
+    """Refuse a header of more elements and items than ``ingress.max_header_elements`` before pydicom builds it."""
     with open(path, "rb") as fp:
         fp.seek(offset)
-        return read_dataset(fp, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian,
-                            defer_size=DEFER_BYTES)
+        try:
+            count_elements(fp, os.fstat(fp.fileno()).st_size, implicit_vr=transfer_syntax.is_implicit_VR,
+                           little_endian=transfer_syntax.is_little_endian, limit=limit)
+        except HeaderTooLargeError as exc:  # the limit first: a response's Error Comment keeps 64 characters
+            raise InstanceRefusedError(OUT_OF_RESOURCES, f"header exceeds ingress.max_header_elements {limit:,} "
+                                                         "(elements and sequence items)") from exc
+
+
+def _read_data_set(path: Path, offset: int, transfer_syntax: UID) -> Dataset:
+    """The data set that starts at ``offset`` in the file, values longer than ``DEFER_BYTES`` left unread until
+    used (without parsing the File Meta Information again: it is ours)."""
+    with open(path, "rb") as fp:
+        fp.seek(offset)
+        ds = read_dataset(fp, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian, defer_size=DEFER_BYTES)
+    # named by its file, so that a deferred value can be read on access (a long sequence: the functional groups of
+    # an Enhanced MR image of 100 frames or more)
+    return FileDataset(str(path), ds, is_implicit_VR=transfer_syntax.is_implicit_VR,
+                       is_little_endian=transfer_syntax.is_little_endian)
 
 
 def inspect_instance(event: Event, path: Path, data_offset: int, limits: IngressSection | None = None,
@@ -252,6 +268,7 @@ def inspect_instance(event: Event, path: Path, data_offset: int, limits: Ingress
     except InvalidUIDError as exc:
         raise InstanceRefusedError(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
     transfer_syntax = UID(event.context.transfer_syntax)
+    _check_header_elements(path, data_offset, transfer_syntax, limits.max_header_elements)
     try:
         ds = _read_data_set(path, data_offset, transfer_syntax)
         file_size = os.path.getsize(path)

@@ -1,0 +1,144 @@
+"""The header walk that bounds what pydicom builds: checked against pydicom's own reading of the same bytes."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import pytest
+from node_support import mr_datasets
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from dicom_node.node.header_elements import PIXEL_TAGS, HeaderTooLargeError, count_elements
+
+SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+
+
+def pydicom_count(ds: Dataset, top: bool = True) -> int:
+    """Elements, items and delimiters as pydicom read them (its flags keep which lengths were undefined)."""
+    n = 0
+    for elem in ds:
+        n += 1
+        if top and int(elem.tag) in PIXEL_TAGS:
+            break
+        if elem.VR == "SQ":
+            n += int(elem.is_undefined_length)
+            for item in elem.value:
+                n += 1 + pydicom_count(item, top=False) + int(item.is_undefined_length_sequence_item)
+    return n
+
+
+def data_set_bytes(ds: Dataset, syntax: str) -> bytes:
+    """The data set alone (no preamble, no File Meta Information), encoded in ``syntax``."""
+    out = DicomBytesIO()
+    out.is_implicit_VR = syntax == ImplicitVRLittleEndian
+    out.is_little_endian = syntax != ExplicitVRBigEndian
+    write_dataset(out, ds)
+    return out.getvalue()
+
+
+def nested_mr(undefined: bool) -> Dataset:
+    """An MR image with sequences two levels deep, lengths undefined or defined, an empty sequence and an empty item."""
+    ds = mr_datasets(1, 8, patient_id="WALK")[0]
+    del ds.file_meta
+    inner = [Dataset() for _ in range(3)]
+    for i, item in enumerate(inner):
+        item.FrameAcquisitionNumber = i
+        item.CodeValue = f"C{i}"
+    frames = []
+    for i in range(5):
+        frame = Dataset()
+        frame.FrameContentSequence = Sequence([inner[i % 3]])
+        frame.PlanePositionSequence = Sequence([Dataset()])
+        frame.PlanePositionSequence[0].ImagePositionPatient = [0, 0, i]
+        frame.ReferencedImageSequence = Sequence([])
+        frames.append(frame)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    ds.SharedFunctionalGroupsSequence = Sequence([Dataset()])
+    for elem in [ds["PerFrameFunctionalGroupsSequence"], ds["SharedFunctionalGroupsSequence"],
+                 *(f[k] for f in frames for k in ("FrameContentSequence", "PlanePositionSequence"))]:
+        elem.is_undefined_length = undefined
+        for item in elem.value:
+            item.is_undefined_length_sequence_item = undefined
+    return ds
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES)
+@pytest.mark.parametrize("undefined", [True, False])
+def test_the_count_matches_pydicoms_reading(syntax: str, undefined: bool) -> None:
+    raw = data_set_bytes(nested_mr(undefined), syntax)
+    implicit, little = syntax == ImplicitVRLittleEndian, syntax != ExplicitVRBigEndian
+    reference = read_dataset(io.BytesIO(raw), implicit, little)
+    counted = count_elements(io.BytesIO(raw), len(raw), implicit_vr=implicit, little_endian=little, limit=10**6)
+    assert counted == pydicom_count(reference)
+    assert counted > 60  # the sequences were entered, not skipped
+
+
+def test_a_private_sequence_is_entered_in_implicit_vr_and_a_value_that_only_looks_like_one_is_skipped() -> None:
+    ds = Dataset()
+    ds.PatientID = "P"
+    block = ds.private_block(0x0029, "SYNTHMRF TEST", create=True)
+    block.add_new(0x10, "SQ", Sequence([Dataset() for _ in range(4)]))  # unknown to the dictionary
+    # an OB value whose bytes begin like an item (FFFE,E000) and then are not one
+    block.add_new(0x11, "OB", b"\xfe\xff\x00\xe0" + b"\x04\x00\x00\x00" + b"\x01\x02\x03\x04" + b"\x99" * 20)
+    block.add_new(0x12, "LO", "after")
+    for item in ds[0x00291010].value:
+        item.PatientAge = "040Y"
+    raw = data_set_bytes(ds, ImplicitVRLittleEndian)
+    fp = io.BytesIO(raw)
+    counted = count_elements(fp, len(raw), implicit_vr=True, little_endian=True, limit=10**6)
+    # PatientID, the private creator, the sequence with its 4 items of one element each, (0029,1012): 12; the OB
+    # value adds the few elements read before its bytes stop making sense; the walk resumes after it
+    assert 12 < counted < 12 + 5
+    assert fp.tell() == len(raw)  # (0029,1012), after the look-alike, was reached
+
+
+def test_a_header_of_many_tiny_items_is_stopped_at_the_limit_without_reading_the_rest() -> None:
+    ds = Dataset()
+    ds.PatientID = "BOMB"
+    ds.ReferencedImageSequence = Sequence([Dataset() for _ in range(200_000)])
+    raw = data_set_bytes(ds, ExplicitVRLittleEndian)  # 1.6 MB
+    fp = io.BytesIO(raw)
+    start = time.process_time()
+    with pytest.raises(HeaderTooLargeError, match="more than 50,000 elements and items"):
+        count_elements(fp, len(raw), implicit_vr=False, little_endian=True, limit=50_000)
+    assert fp.tell() < len(raw) // 3  # stopped early: the walk costs what the limit allows, not what the file holds
+    assert time.process_time() - start < 5  # a loose bound (about 0.1 s): catches a walk gone quadratic
+    assert count_elements(io.BytesIO(raw), len(raw), implicit_vr=False, little_endian=True, limit=500_000) == \
+        1 + 1 + 200_000  # PatientID, the sequence and its items (of defined length: no delimiters)
+
+
+def test_an_enhanced_mr_header_of_400_frames_is_far_under_the_default_limit() -> None:
+    from dicom_node.config import IngressSection
+
+    ds = nested_mr(undefined=True)
+    frame = ds.PerFrameFunctionalGroupsSequence[0]
+    ds.PerFrameFunctionalGroupsSequence = Sequence([frame.copy() for _ in range(400)])
+    raw = data_set_bytes(ds, ExplicitVRLittleEndian)
+    counted = count_elements(io.BytesIO(raw), len(raw), implicit_vr=False, little_endian=True, limit=10**7)
+    assert counted < 20_000 and 10 * counted < IngressSection().max_header_elements
+
+
+@pytest.mark.parametrize("cut", [3, 17, 101, 0.6])
+def test_truncated_or_garbage_bytes_end_the_walk_quietly(cut: float) -> None:
+    raw = data_set_bytes(nested_mr(undefined=True), ExplicitVRLittleEndian)
+    end = int(len(raw) * cut) if cut < 1 else int(cut)
+    count_elements(io.BytesIO(raw[:end]), end, implicit_vr=False, little_endian=True, limit=10**6)
+    garbage = bytes(range(256)) * 64
+    count_elements(io.BytesIO(garbage), len(garbage), implicit_vr=False, little_endian=True, limit=10**6)
+    count_elements(io.BytesIO(garbage), len(garbage), implicit_vr=True, little_endian=True, limit=10**6)
+
+
+def test_a_file_on_disk(tmp_path: Path) -> None:
+    ds = nested_mr(undefined=False)
+    path = tmp_path / "a.dcm"
+    path.write_bytes(data_set_bytes(ds, ExplicitVRLittleEndian))
+    with path.open("rb") as fp:
+        assert count_elements(fp, path.stat().st_size, implicit_vr=False, little_endian=True, limit=10**6) == \
+            pydicom_count(read_dataset(io.BytesIO(path.read_bytes()), False, True))

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from node_support import mr_datasets
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, EnhancedMRImageStorage, generate_uid
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import CTImageStorage, EnhancedMRImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.config import MprageSection
+from dicom_node.node.instances import DEFER_BYTES, _read_data_set
 from dicom_node.node.series_rules import classify
 
 RULES = MprageSection()
@@ -103,5 +108,40 @@ def test_enhanced_mr_attributes_in_nested_functional_groups() -> None:
     shared.MRModifierSequence = [modifier]
     ds.SharedFunctionalGroupsSequence = [shared]
     d = classify(ds, RULES)
+    assert d.accepted, d.reason
+    assert "InversionRecovery YES" in d.reason
+
+
+def test_per_frame_groups_longer_than_the_ingress_read_are_read_from_the_file(tmp_path: Path) -> None:
+    # 800 frames of per-frame groups (defined length) pass the 64 KiB that ingress reads at once: they are read from
+    # the file when the rules look (until 2026-12-06 they read as absent, and this MPRAGE was discarded)
+    ds = Dataset()
+    ds.SOPClassUID = EnhancedMRImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.SeriesDescription = "Sag 3D T1"
+    ds.MRAcquisitionType = "3D"
+    ds.EchoPulseSequence = "GRADIENT"
+    frames = []
+    for i in range(800):
+        frame = Dataset()
+        modifier = Dataset()
+        modifier.InversionRecovery = "YES"
+        frame.MRModifierSequence = [modifier]
+        content = Dataset()
+        content.FrameAcquisitionDateTime = "20261206120000.000000"
+        content.InStackPositionNumber = i + 1
+        content.StackID = "1"
+        frame.FrameContentSequence = [content]
+        frames.append(frame)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    out = DicomBytesIO()
+    out.is_implicit_VR, out.is_little_endian = False, True
+    write_dataset(out, ds)
+    path = tmp_path / "enhanced.bin"
+    path.write_bytes(out.getvalue())
+    assert path.stat().st_size > DEFER_BYTES
+    read = _read_data_set(path, 0, ExplicitVRLittleEndian)
+    d = classify(read, RULES)
     assert d.accepted, d.reason
     assert "InversionRecovery YES" in d.reason

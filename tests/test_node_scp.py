@@ -495,18 +495,6 @@ def test_legacy_multiframe_object_completes_early(start_node: StartNode, sink: R
     assert result.study_uid == mf.study_uid
 
 
-def test_a_multiframe_object_with_long_functional_groups_is_stored(start_node: StartNode, tmp_path: Path) -> None:
-    # 200 frames: the per-frame functional groups (defined length, as highdicom writes them) pass the 64 KiB read at
-    # once, so the MPRAGE rules read them from the file on access (they used to fail there and refuse the object)
-    node = start_node(series={"quiet_seconds": 300})
-    mf = legacy_multiframe(mr_datasets(200, 16, patient_id="MF2", seed=5), tmp_path / "mf")
-    groups = pydicom.dcmread(mf.files[0], stop_before_pixels=True)["PerFrameFunctionalGroupsSequence"]
-    assert not groups.is_undefined_length and len(groups.value) == 200
-    r = storescu(node, mf.files, "STORESCU", "-R")
-    assert r.returncode == 0, r.stderr
-    assert len(spooled(node)) == 1
-
-
 def test_a_header_of_too_many_items_is_refused_before_it_is_parsed(
         start_node: StartNode, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     node = start_node(ingress={"max_header_elements": 50_000}, series={"quiet_seconds": 300})

@@ -32,7 +32,7 @@ from pynetdicom.events import Event
 
 from dicom_node.config import IngressSection, MprageSection
 from dicom_node.dimse.status import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS, OUT_OF_RESOURCES
-from dicom_node.node.header_elements import HeaderTooLargeError, count_elements
+from dicom_node.node.header_elements import MIN_ELEMENT_BYTES, HeaderTooLargeError, count_elements
 from dicom_node.uids import InvalidUIDError, require_uid
 
 MR_IMAGE_STORAGE = frozenset({MRImageStorage, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage})
@@ -231,9 +231,12 @@ def _why_discard(ds: Dataset, sop_class: str, limits: IngressSection, rules: Mpr
 def _check_header_elements(path: Path, offset: int, transfer_syntax: UID, limit: int) -> None:
     """Refuse a header of more elements and items than ``ingress.max_header_elements`` before pydicom builds it."""
     with open(path, "rb") as fp:
+        size = os.fstat(fp.fileno()).st_size
+        if (size - offset) // MIN_ELEMENT_BYTES <= limit:
+            return  # too short to hold more (most single-frame images): nothing to walk
         fp.seek(offset)
         try:
-            count_elements(fp, os.fstat(fp.fileno()).st_size, implicit_vr=transfer_syntax.is_implicit_VR,
+            count_elements(fp, size, implicit_vr=transfer_syntax.is_implicit_VR,
                            little_endian=transfer_syntax.is_little_endian, limit=limit)
         except HeaderTooLargeError as exc:  # the limit first: a response's Error Comment keeps 64 characters
             raise InstanceRefusedError(OUT_OF_RESOURCES, f"header exceeds ingress.max_header_elements {limit:,} "

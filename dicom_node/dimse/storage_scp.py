@@ -314,6 +314,9 @@ def make_ae(cfg: NodeSection) -> AE:
     return ae
 
 
+MAX_TRACKED_PEERS = 10_000  # addresses whose refused connections are counted (for sparse logging)
+
+
 class NodeAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with the TLS handshake moved out of the listener thread, and open
     connections capped in all and per peer address.
@@ -367,6 +370,8 @@ class NodeAssociationServer(ThreadedAssociationServer):
                 self._starting[id(request)] = peer
             return True
         with self._connections_lock:
+            if peer not in self._refused and len(self._refused) >= MAX_TRACKED_PEERS:
+                self._refused.clear()  # many addresses (IPv6): forget the counts rather than grow without bound
             self._refused[peer] += 1
             refused = self._refused[peer]
         if refused & (refused - 1) == 0:  # the 1st, 2nd, 4th, 8th ... refusal per peer: a flood cannot flood the log

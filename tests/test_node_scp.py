@@ -201,9 +201,11 @@ def test_idle_connections_are_capped_per_peer_address_and_in_all(
             wait_until(lambda: _closed_by_peer(third), 5, 0.05, what="the third connection from 127.0.0.1 closed")
             assert not _echo_from("127.0.0.1", node.port)
             assert _echo_from("127.0.0.2", node.port)  # another address still gets through
+            wait_until(lambda: len(server.open_connections()) == 2, 5, 0.05, what="the echo's association to end")
 
-            connect("127.0.0.2")  # 3 open in all: the node's cap, whatever the address
+            held = connect("127.0.0.2")  # 3 open in all: the node's cap, whatever the address
             wait_until(lambda: len(server.open_connections()) == 3, 5, 0.05, what="three connections counted")
+            assert not _closed_by_peer(held)
             fourth = connect("127.0.0.3")
             wait_until(lambda: _closed_by_peer(fourth), 5, 0.05, what="a connection over max_connections closed")
         messages = [r.getMessage() for r in caplog.records]

@@ -25,6 +25,9 @@ class NodeMetrics:
         self.identity_mismatches = Counter("synthmrf_identity_mismatches_total",
                                            "Instances whose StudyInstanceUID or PatientID differs from their series'",
                                            ["attribute"], registry=self.registry)
+        self.connections_refused = Counter("synthmrf_connections_refused_total",
+                                           "TCP connections closed at accept, by the limit they met", ["limit"],
+                                           registry=self.registry)
         self.series = Counter("synthmrf_series_total", "Completed series by decision", ["decision"],
                               registry=self.registry)
         self.jobs = Counter("synthmrf_job_runs_total", "Processing runs by outcome", ["outcome"],
@@ -53,6 +56,9 @@ class NodeMetrics:
         with self._counts_lock:
             counts = sorted(self._instance_counts.items())
         return ", ".join(f"{n} {outcome}" for outcome, n in counts) or "none"
+
+    def count_refused_connection(self, limit: str) -> None:
+        self.connections_refused.labels(limit).inc()
 
     def count_identity_mismatch(self, attribute: str) -> None:
         self.identity_mismatches.labels(attribute).inc()

@@ -213,6 +213,10 @@ def test_idle_connections_are_capped_per_peer_address_and_in_all(
                    "(node.max_connections_per_peer = 2)" in m for m in messages)
         assert any("connection from 127.0.0.3 closed: 3 connections open (node.max_connections = 3)" in m
                    for m in messages)
+        refused = {limit: node.metrics.registry.get_sample_value("synthmrf_connections_refused_total",
+                                                                 {"limit": limit})
+                   for limit in ("max_connections", "max_connections_per_peer")}
+        assert refused == {"max_connections": 1.0, "max_connections_per_peer": 2.0}  # the third and the echo
 
         for s in open_from.pop("127.0.0.1"):  # once the idle ones are gone, their address is served again
             s.close()

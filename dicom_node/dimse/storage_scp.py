@@ -335,10 +335,12 @@ class NodeAssociationServer(ThreadedAssociationServer):
     block_on_close = False
 
     def __init__(self, *args: Any, handshake_timeout_s: float = 30.0, max_connections: int = 64,
-                 max_connections_per_peer: int = 8, **kwargs: Any) -> None:
+                 max_connections_per_peer: int = 8, on_refused: Callable[[str], None] | None = None,
+                 **kwargs: Any) -> None:
         self.handshake_timeout_s = handshake_timeout_s
         self.max_connections = max_connections
         self.max_connections_per_peer = max_connections_per_peer
+        self.on_refused = on_refused  # called with the limit's name for every connection closed at accept
         self._connections_lock = threading.Lock()
         self._starting: dict[int, str] = {}  # accepted connections whose association thread has not started yet
         self._refused: Counter[str] = Counter()
@@ -361,10 +363,12 @@ class NodeAssociationServer(ThreadedAssociationServer):
         peer = client_address[0] if isinstance(client_address, tuple) else str(client_address)
         peers = self.open_connections()
         if len(peers) >= self.max_connections:
-            limit = f"{len(peers)} connections open (node.max_connections = {self.max_connections})"
+            key, limit = "max_connections", (f"{len(peers)} connections open "
+                                             f"(node.max_connections = {self.max_connections})")
         elif peers.count(peer) >= self.max_connections_per_peer:
-            limit = (f"{peers.count(peer)} connections open from this address "
-                     f"(node.max_connections_per_peer = {self.max_connections_per_peer})")
+            key, limit = "max_connections_per_peer", (
+                f"{peers.count(peer)} connections open from this address "
+                f"(node.max_connections_per_peer = {self.max_connections_per_peer})")
         else:
             with self._connections_lock:
                 self._starting[id(request)] = peer
@@ -374,6 +378,8 @@ class NodeAssociationServer(ThreadedAssociationServer):
                 self._refused.clear()  # many addresses (IPv6): forget the counts rather than grow without bound
             self._refused[peer] += 1
             refused = self._refused[peer]
+        if self.on_refused is not None:
+            self.on_refused(key)
         if refused & (refused - 1) == 0:  # the 1st, 2nd, 4th, 8th ... refusal per peer: a flood cannot flood the log
             logger.warning("connection from %s closed: %s; %d refused from this address since start", peer, limit,
                            refused)
@@ -452,9 +458,11 @@ def _unbind_debug_loggers(server: Any) -> None:
 
 def start_listener(cfg: NodeSection, spool: Spool, arrivals: Arrivals, identities: SeriesIdentities,
                    count: StoreCounter, limits: IngressSection | None = None,
-                   rules: MprageSection | None = None) -> Listener:
+                   rules: MprageSection | None = None,
+                   count_refused_connection: Callable[[str], None] | None = None) -> Listener:
     """Start the C-ECHO/C-STORE SCP on ``cfg.host:cfg.port`` in background threads (``limits`` and ``rules``:
-    what it accepts and keeps, see :func:`handle_store`)."""
+    what it accepts and keeps, see :func:`handle_store`; ``count_refused_connection``: told the limit's name for
+    every connection closed at accept)."""
     ae = make_ae(cfg)
     tally = AssociationTally(count)
     handlers: list[Any] = [
@@ -474,6 +482,7 @@ def start_listener(cfg: NodeSection, spool: Spool, arrivals: Arrivals, identitie
     server = ae.make_server((cfg.host, cfg.port), evt_handlers=handlers, ssl_context=ssl_context_for(cfg),
                             server_class=NodeAssociationServer, handshake_timeout_s=cfg.acse_timeout_s,
                             max_connections=cfg.max_connections, max_connections_per_peer=cfg.max_connections_per_peer,
+                            on_refused=count_refused_connection,
                             request_handler=fast_acceptor.EventDrivenRequestHandler if event_driven else None)
     _unbind_debug_loggers(server)
     lim = limits or IngressSection()

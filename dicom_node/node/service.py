@@ -202,7 +202,7 @@ class Node:
             self.metrics_port = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
         identities = SeriesIdentities(self.spool, self.metrics.count_identity_mismatch)
         self._listener = start_listener(cfg.node, self.spool, assembler, identities, self.metrics.count_instance,
-                                        cfg.ingress, cfg.mprage)
+                                        cfg.ingress, cfg.mprage, self.metrics.count_refused_connection)
 
     def _member_detail(self, member_id: str) -> str | None:
         """The node's line in ``synthmrf status``: where it listens and its C-STORE outcomes since start."""

@@ -142,3 +142,23 @@ def test_a_file_on_disk(tmp_path: Path) -> None:
     with path.open("rb") as fp:
         assert count_elements(fp, path.stat().st_size, implicit_vr=False, little_endian=True, limit=10**6) == \
             pydicom_count(read_dataset(io.BytesIO(path.read_bytes()), False, True))
+
+
+def test_structure_lost_with_no_known_length_to_resume_after_bounds_the_rest() -> None:
+    # an element where an item belongs, in a sequence of undefined length: pydicom reads the rest of the file as
+    # that sequence (and parses every item after it) before it fails; the walk cannot follow, so the bytes left
+    # must be too few to hold more than the limit
+    lost = Dataset()
+    lost.OtherPatientIDsSequence = Sequence([Dataset()])
+    lost["OtherPatientIDsSequence"].is_undefined_length = True
+    stray = Dataset()
+    stray.PatientID = "P"
+    sequence = data_set_bytes(lost, ExplicitVRLittleEndian)
+    tail = Dataset()
+    tail.ReferencedImageSequence = Sequence([Dataset() for _ in range(60_000)])
+    raw = sequence[:12] + data_set_bytes(stray, ExplicitVRLittleEndian) + sequence[12:] + \
+        data_set_bytes(tail, ExplicitVRLittleEndian)
+    with pytest.raises(HeaderTooLargeError, match=r"header structure lost at byte \d+ .* more than 50,000"):
+        count_elements(io.BytesIO(raw), len(raw), implicit_vr=False, little_endian=True, limit=50_000)
+    small = raw[:200]  # the same loss with little after it: left to pydicom to judge
+    assert count_elements(io.BytesIO(small), len(small), implicit_vr=False, little_endian=True, limit=50_000) < 10

@@ -7,8 +7,9 @@ memory. :func:`count_elements` walks the encoded header instead: it reads each e
 enters sequences (defined or undefined length, explicit or implicit VR, UN holding a sequence), skips every
 other value without reading it, and stops at the top-level pixel data. Its cost is bounded by the limit it
 is given, not by the file. Where the structure cannot be followed (a value taken for a sequence that is not
-one), the walk resumes after the innermost enclosing value of known length, or ends there: judging garbage is
-pydicom's job, bounding its cost is this module's.
+one), the walk resumes after the innermost enclosing value of known length; with none to resume after, the rest
+of the file must be too short to hold more than the limit. Judging garbage is pydicom's job, bounding its cost is
+this module's.
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ def count_elements(fp: BinaryIO, end: int, *, implicit_vr: bool, little_endian: 
         bound = next(frame[1] for frame in reversed(stack) if frame[1] is not None)
         return fp.tell() + length > bound
 
+    def unfollowable() -> int:
+        """Structure that cannot be followed and no enclosing value of known length to resume after: pydicom may
+        still read on (an element where a sequence item belongs: it reads the rest as that sequence), so what is
+        left must be too short to hold more than the limit."""
+        left = max(0, end - fp.tell())
+        if count + left // MIN_ELEMENT_BYTES > limit:
+            raise HeaderTooLargeError(f"header structure lost at byte {fp.tell():,} with {left:,} bytes left: they "
+                                      f"could hold more than {limit:,} elements and items")
+        return count
+
     while stack:
         if count > limit:
             raise HeaderTooLargeError(f"more than {limit:,} elements and items in the header")
@@ -85,14 +96,14 @@ def count_elements(fp: BinaryIO, end: int, *, implicit_vr: bool, little_endian: 
                                    or (tag == SEQUENCE_END and kind in (_SEQUENCE, _FRAGMENTS))):
                 stack.pop()
             elif tag == ITEM and not resume():  # an item where none belongs, or a fragment of undefined length
-                return count
+                return unfollowable()
             continue
         if len(stack) == 1 and tag in PIXEL_TAGS:
             return count
         if kind != _DATASET:  # an element where an item should be
             if resume():
                 continue
-            return count
+            return unfollowable()
         vr, length = _read_vr_and_length(fp, tag, implicit, order)
         if length is None:
             return count

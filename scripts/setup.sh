@@ -8,6 +8,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 extras=""
+# The environment takes about 2.5 GB (torch alone 1.5 GB) and pip unpacks wheels in the temporary folder first.
+need_mb=4096
+for folder in . "${TMPDIR:-/tmp}"; do
+    [[ -d "$folder" ]] || continue
+    free_mb=$(df -Pm "$folder" 2>/dev/null | awk 'NR == 2 {print $4}' || true)
+    if [[ -n "$free_mb" && "$free_mb" -lt "$need_mb" && ! -x .venv/bin/synthmrf ]]; then
+        echo "setup: only ${free_mb} MB free in $(cd "$folder" && pwd); the environment needs about ${need_mb} MB" >&2
+        exit 1
+    fi
+done
 if [[ "${1:-}" == "--test" ]]; then
     extras="[test]"
     missing=()
@@ -30,15 +40,6 @@ if [[ "${1:-}" == "--test" ]]; then
         systemctl stop postgresql 2>/dev/null || service postgresql stop 2>/dev/null || true
     fi
 fi
-# The environment takes about 2.5 GB (torch alone 1.5 GB) and pip unpacks wheels in the temporary folder first.
-need_mb=4096
-for folder in . "${TMPDIR:-/tmp}"; do
-    free_mb=$(df -Pm "$folder" | awk 'NR == 2 {print $4}')
-    if [[ -n "$free_mb" && "$free_mb" -lt "$need_mb" && ! -x .venv/bin/synthmrf ]]; then
-        echo "setup: only ${free_mb} MB free in $(cd "$folder" && pwd); the environment needs about ${need_mb} MB" >&2
-        exit 1
-    fi
-done
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # Pin torch first (an unpinned one would pull the newest, multi-GB CUDA build). The index decides the build: here

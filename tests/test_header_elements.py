@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import time
 from pathlib import Path
 
@@ -15,22 +16,20 @@ from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from dicom_node.node.header_elements import PIXEL_TAGS, HeaderTooLargeError, count_elements
+from dicom_node.node.header_elements import HeaderTooLargeError, count_elements
 
 SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
 
 
-def pydicom_count(ds: Dataset, top: bool = True) -> int:
+def pydicom_count(ds: Dataset) -> int:
     """Elements, items and delimiters as pydicom read them (its flags keep which lengths were undefined)."""
     n = 0
     for elem in ds:
         n += 1
-        if top and int(elem.tag) in PIXEL_TAGS:
-            break
         if elem.VR == "SQ":
             n += int(elem.is_undefined_length)
             for item in elem.value:
-                n += 1 + pydicom_count(item, top=False) + int(item.is_undefined_length_sequence_item)
+                n += 1 + pydicom_count(item) + int(item.is_undefined_length_sequence_item)
     return n
 
 
@@ -162,3 +161,62 @@ def test_structure_lost_with_no_known_length_to_resume_after_bounds_the_rest() -
         count_elements(io.BytesIO(raw), len(raw), implicit_vr=False, little_endian=True, limit=50_000)
     small = raw[:200]  # the same loss with little after it: left to pydicom to judge
     assert count_elements(io.BytesIO(small), len(small), implicit_vr=False, little_endian=True, limit=50_000) < 10
+
+
+def _explicit(tag: int, vr: bytes, value: bytes = b"", length: int | None = None) -> bytes:
+    """One explicit VR little endian element, encoded by hand (hostile layouts pydicom's writer will not make)."""
+    n = len(value) if length is None else length
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr
+    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT"):
+        return head + b"\0\0" + struct.pack("<L", n) + value
+    return head + struct.pack("<H", n) + value
+
+
+def _walk_or_refuse(raw: bytes, implicit: bool, limit: int) -> int | None:
+    try:
+        return count_elements(io.BytesIO(raw), len(raw), implicit_vr=implicit, little_endian=True, limit=limit)
+    except HeaderTooLargeError:
+        return None
+
+
+HEAD = _explicit(0x00080016, b"UI", b"1.2\0") + _explicit(0x00080018, b"UI", b"1.3\0")
+TINY = b"".join(_explicit(0x00110000 + i, b"LO") for i in range(60_000))  # 8 bytes each: 60,000 elements
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("layout", ["after pixel data", "a VR that is not letters", "implicit VR that is explicit"])
+def test_the_walk_takes_pydicoms_decisions_where_a_hostile_layout_would_hide_elements(layout: str) -> None:
+    # each layout once hid 60,000 elements from the walk (a review found them): pydicom builds them all
+    implicit = False
+    if layout == "after pixel data":  # pydicom reads on after the top-level pixel data
+        raw = HEAD + _explicit(0x7FE00010, b"OB", b"\0\0") + TINY
+    elif layout == "a VR that is not letters":  # pydicom reads the 4 bytes after the tag as an implicit length (12)
+        hidden = struct.pack("<HHL", 0x0009, 0x0010, 12) + struct.pack("<HH", 0x0009, 0x0011) + b"OB\0\0" + \
+            struct.pack("<L", len(TINY))
+        raw = HEAD + hidden + TINY
+    else:  # an implicit VR transfer syntax, but the first element looks explicit: pydicom reads it all explicit
+        implicit = True
+        first = _explicit(0x00080016, b"UI", b"1.2.840.10008")
+        raw = first + b"\0" * (0x000D4955 - 13) + TINY  # read as implicit, 'UI' + length would skip to the end
+    built = len(read_dataset(io.BytesIO(raw), implicit, True, defer_size=64 * 1024))
+    assert built > 60_000
+    assert _walk_or_refuse(raw, implicit, 50_000) is None
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_explicit_items_in_an_undefined_length_un_sequence_are_read_as_pydicom_reads_them() -> None:
+    # seen in real files: UN of undefined length whose items are explicit VR; pydicom reads it cleanly
+    raw = (HEAD + _explicit(0x00090010, b"LO", b"ACME") + _explicit(0x00091001, b"UN", length=0xFFFFFFFF)
+           + struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + _explicit(0x00100010, b"PN", b"ABCD")
+           + struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+           + _explicit(0x00280010, b"US", b"\0\x04") + _explicit(0x7FE00010, b"OW", b"\0" * 4_000_000))
+    ds = read_dataset(io.BytesIO(raw), False, True, defer_size=64 * 1024)
+    assert len(ds[0x00091001].value) == 1
+    assert _walk_or_refuse(raw, False, 50_000) == 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1  # pixel zeros not counted
+
+
+def test_encapsulated_pixel_data_is_skipped_fragment_by_fragment_and_not_counted() -> None:
+    fragments = b"".join(struct.pack("<HHL", 0xFFFE, 0xE000, 8) + b"\xff" * 8 for _ in range(70_000))
+    raw = (HEAD + _explicit(0x7FE00010, b"OB", length=0xFFFFFFFF) + fragments
+           + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0) + _explicit(0xFFFCFFFC, b"OB", b"\0\0"))
+    assert _walk_or_refuse(raw, False, 50_000) == 2 + 1 + 1  # 70,000 fragments cost pydicom no objects

@@ -12,7 +12,9 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import CTImageStorage, EnhancedMRImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.config import MprageSection
-from dicom_node.node.instances import DEFER_BYTES, _read_data_set
+from dicom_node.dimse.status import OUT_OF_RESOURCES
+from dicom_node.node import instances
+from dicom_node.node.instances import DEFER_BYTES, InstanceRefusedError, _check_deferred_sequences, _read_data_set
 from dicom_node.node.series_rules import classify
 
 RULES = MprageSection()
@@ -112,9 +114,8 @@ def test_enhanced_mr_attributes_in_nested_functional_groups() -> None:
     assert "InversionRecovery YES" in d.reason
 
 
-def test_per_frame_groups_longer_than_the_ingress_read_are_read_from_the_file(tmp_path: Path) -> None:
-    # 800 frames of per-frame groups (defined length) pass the 64 KiB that ingress reads at once: they are read from
-    # the file when the rules look (until 2026-12-06 they read as absent, and this MPRAGE was discarded)
+def enhanced_mprage_with_per_frame_inversion(path: Path, frames: int) -> Path:
+    """An Enhanced MR MPRAGE whose inversion is stated only per frame, its data set alone written to ``path``."""
     ds = Dataset()
     ds.SOPClassUID = EnhancedMRImageStorage
     ds.SOPInstanceUID = generate_uid()
@@ -122,8 +123,8 @@ def test_per_frame_groups_longer_than_the_ingress_read_are_read_from_the_file(tm
     ds.SeriesDescription = "Sag 3D T1"
     ds.MRAcquisitionType = "3D"
     ds.EchoPulseSequence = "GRADIENT"
-    frames = []
-    for i in range(800):
+    groups = []
+    for i in range(frames):
         frame = Dataset()
         modifier = Dataset()
         modifier.InversionRecovery = "YES"
@@ -133,15 +134,32 @@ def test_per_frame_groups_longer_than_the_ingress_read_are_read_from_the_file(tm
         content.InStackPositionNumber = i + 1
         content.StackID = "1"
         frame.FrameContentSequence = [content]
-        frames.append(frame)
-    ds.PerFrameFunctionalGroupsSequence = frames
+        groups.append(frame)
+    ds.PerFrameFunctionalGroupsSequence = groups
     out = DicomBytesIO()
     out.is_implicit_VR, out.is_little_endian = False, True
     write_dataset(out, ds)
-    path = tmp_path / "enhanced.bin"
     path.write_bytes(out.getvalue())
+    return path
+
+
+def test_per_frame_groups_longer_than_the_ingress_read_are_read_from_the_file(tmp_path: Path) -> None:
+    # 800 frames of per-frame groups (defined length) pass the 64 KiB that ingress reads at once: they are read from
+    # the file when the rules look (until 2026-12-06 they read as absent, and this MPRAGE was discarded)
+    path = enhanced_mprage_with_per_frame_inversion(tmp_path / "enhanced.bin", 800)
     assert path.stat().st_size > DEFER_BYTES
     read = _read_data_set(path, 0, ExplicitVRLittleEndian)
     d = classify(read, RULES)
     assert d.accepted, d.reason
     assert "InversionRecovery YES" in d.reason
+
+
+def test_functional_groups_too_long_to_read_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # read on access, the groups cost twice their size: over instances.MAX_GROUPS_BYTES (64 MB) they are refused
+    path = enhanced_mprage_with_per_frame_inversion(tmp_path / "enhanced.bin", 800)
+    read = _read_data_set(path, 0, ExplicitVRLittleEndian)
+    _check_deferred_sequences(read)  # 67 KB: under the limit
+    monkeypatch.setattr(instances, "MAX_GROUPS_BYTES", 32 * 1024)
+    with pytest.raises(InstanceRefusedError, match=r"functional groups \(5200,9230\) of 0 MB exceed 0 MB") as err:
+        _check_deferred_sequences(read)
+    assert err.value.status == OUT_OF_RESOURCES

@@ -354,12 +354,22 @@ class NodeAssociationServer(ThreadedAssociationServer):
 
     def open_connections(self) -> list[str]:
         """The peer address of every open connection: associations running, and connections not yet handed to one."""
-        running = [a.requestor.address_info.address for a in self.active_associations if a.requestor.address_info]
-        with self._connections_lock:
-            return running + list(self._starting.values())
+        with self._connections_lock:  # first: a connection handed over meanwhile is then counted twice, not missed
+            starting = list(self._starting.values())
+        return [a.requestor.address_info.address for a in self.active_associations if a.requestor.address_info] + \
+            starting
 
     def verify_request(self, request: socket.socket | tuple[bytes, socket.socket],
                        client_address: tuple[str, int] | str) -> bool:
+        try:
+            return self._admit(request, client_address)
+        except Exception:  # socketserver calls this outside its own guard: an error here would stop the listener
+            logger.exception("connection from %s: the connection limits could not be checked; admitted",
+                             client_address)
+            return True
+
+    def _admit(self, request: object, client_address: tuple[str, int] | str) -> bool:
+        """Whether a new connection stays open under the caps (counted from here on if so)."""
         peer = client_address[0] if isinstance(client_address, tuple) else str(client_address)
         peers = self.open_connections()
         if len(peers) >= self.max_connections:

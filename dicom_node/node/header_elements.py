@@ -1,15 +1,17 @@
-"""How many elements a received data set's header holds, counted before pydicom builds them.
+"""How many elements a received data set holds, counted before pydicom builds them.
 
-pydicom turns every element and sequence item of a header into Python objects, several hundred bytes each: a
-data set of many tiny items costs about 90 times its size in memory (1.5 MB of 200,000 empty items: 130 MB),
-so ``ingress.max_instance_mb`` alone would let one hostile instance of a few hundred MB exhaust the node's
-memory. :func:`count_elements` walks the encoded header instead: it reads each element's tag and length,
-enters sequences (defined or undefined length, explicit or implicit VR, UN holding a sequence), skips every
-other value without reading it, and stops at the top-level pixel data. Its cost is bounded by the limit it
-is given, not by the file. Where the structure cannot be followed (a value taken for a sequence that is not
-one), the walk resumes after the innermost enclosing value of known length; with none to resume after, the rest
-of the file must be too short to hold more than the limit. Judging garbage is pydicom's job, bounding its cost is
-this module's.
+pydicom turns every element and sequence item into Python objects, about 1 KB each: a data set of many tiny items
+costs far more memory than its size (1.6 MB of 200,000 empty items: about 250 MB), so ``ingress.max_instance_mb``
+alone would let one hostile instance of a few hundred MB exhaust the node's memory. :func:`count_elements` walks
+the encoding instead, taking the decisions pydicom's reader (3.x) takes: the VR mode found at the start of the data
+set and of each sequence item (pydicom switches to what the first element shows), an explicit VR element whose VR
+bytes are not letters read as implicit, UN and unknown private values of undefined length read as sequences, other
+undefined-length values (encapsulated pixel data) skipped to their delimiter without counting. It reads each
+element's tag and length, enters sequences, skips every other value without reading it, and goes on to the end
+(pydicom reads elements after the pixel data too). Its cost is bounded by the limit it is given. Where the
+structure cannot be followed (a value taken for a sequence that is not one), the walk resumes after the innermost
+enclosing value of known length; with none to resume after, the rest of the file must be too short to hold more
+than the limit. Judging garbage is pydicom's job, bounding its cost is this module's.
 """
 
 from __future__ import annotations
@@ -19,27 +21,28 @@ import struct
 from typing import BinaryIO
 
 from pydicom.datadict import dictionary_VR
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 UNDEFINED = 0xFFFFFFFF
 MIN_ELEMENT_BYTES = 8  # the shortest element, item or delimiter: tag and length
-PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
-LONG_LENGTH_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
-                             b"UV"})
-_DATASET, _SEQUENCE, _FRAGMENTS = "dataset", "sequence", "fragments"
+KNOWN_VRS = frozenset(v.encode() for v in VR)  # as pydicom's reader recognises them
+LONG_LENGTH_VRS = frozenset(v.encode() for v in EXPLICIT_VR_LENGTH_32)
+_DATASET, _SEQUENCE = "dataset", "sequence"
+_SCAN_BYTES = 1 << 20
 
 
 class HeaderTooLargeError(ValueError):
-    """The header holds more elements and items than allowed."""
+    """The data set holds more elements and items than allowed."""
 
 
 def count_elements(fp: BinaryIO, end: int, *, implicit_vr: bool, little_endian: bool, limit: int) -> int:
-    """The elements, sequence items and delimiters of the data set from ``fp``'s position to ``end`` (the top-level
-    pixel data and what follows it not included); :class:`HeaderTooLargeError` as soon as there are more than
-    ``limit``."""
-    endian = "<" if little_endian else ">"
-    # (what is being read, where it ends or None for an undefined length, implicit VR, its byte order)
-    stack: list[tuple[str, int | None, bool, str]] = [(_DATASET, end, implicit_vr, endian)]
+    """The elements, sequence items and delimiters of the data set from ``fp``'s position to ``end``;
+    :class:`HeaderTooLargeError` as soon as there are more than ``limit``."""
+    order = "<" if little_endian else ">"
+    found = _implicit_at(fp, order)
+    # (what is being read, where it ends or None for an undefined length, implicit VR)
+    stack: list[tuple[str, int | None, bool]] = [(_DATASET, end, implicit_vr if found is None else found)]
     count = 0
 
     def resume() -> bool:
@@ -52,11 +55,6 @@ def count_elements(fp: BinaryIO, end: int, *, implicit_vr: bool, little_endian: 
                 return True
         return False
 
-    def overruns(length: int) -> bool:
-        """Whether a value of ``length`` from here would end past the innermost enclosing value of known length."""
-        bound = next(frame[1] for frame in reversed(stack) if frame[1] is not None)
-        return fp.tell() + length > bound
-
     def unfollowable() -> int:
         """Structure that cannot be followed and no enclosing value of known length to resume after: pydicom may
         still read on (an element where a sequence item belongs: it reads the rest as that sequence), so what is
@@ -67,10 +65,15 @@ def count_elements(fp: BinaryIO, end: int, *, implicit_vr: bool, little_endian: 
                                       f"could hold more than {limit:,} elements and items")
         return count
 
+    def overruns(length: int) -> bool:
+        """Whether a value of ``length`` from here would end past the innermost enclosing value of known length."""
+        bound = next(frame[1] for frame in reversed(stack) if frame[1] is not None)
+        return fp.tell() + length > bound
+
     while stack:
         if count > limit:
             raise HeaderTooLargeError(f"more than {limit:,} elements and items in the header")
-        kind, stop, implicit, order = stack[-1]
+        kind, stop, implicit = stack[-1]
         if stop is not None and fp.tell() >= stop:
             stack.pop()
             continue
@@ -89,17 +92,15 @@ def count_elements(fp: BinaryIO, end: int, *, implicit_vr: bool, little_endian: 
                     continue
                 return count
             if tag == ITEM and kind == _SEQUENCE:
-                stack.append((_DATASET, None if length == UNDEFINED else fp.tell() + length, implicit, order))
-            elif tag == ITEM and kind == _FRAGMENTS and length != UNDEFINED:
-                fp.seek(length, io.SEEK_CUR)
+                # pydicom reads an item implicit where its sequence is, or where its first element looks implicit
+                item_implicit = implicit or bool(_implicit_at(fp, order))
+                stack.append((_DATASET, None if length == UNDEFINED else fp.tell() + length, item_implicit))
             elif stop is None and ((tag == ITEM_END and kind == _DATASET and len(stack) > 1)
-                                   or (tag == SEQUENCE_END and kind in (_SEQUENCE, _FRAGMENTS))):
+                                   or (tag == SEQUENCE_END and kind == _SEQUENCE)):
                 stack.pop()
-            elif tag == ITEM and not resume():  # an item where none belongs, or a fragment of undefined length
+            elif tag == ITEM and not resume():  # an item where none belongs
                 return unfollowable()
             continue
-        if len(stack) == 1 and tag in PIXEL_TAGS:
-            return count
         if kind != _DATASET:  # an element where an item should be
             if resume():
                 continue
@@ -111,15 +112,14 @@ def count_elements(fp: BinaryIO, end: int, *, implicit_vr: bool, little_endian: 
             if resume():
                 continue
             return count
-        if vr == b"SQ" or (length != UNDEFINED and vr in (b"UN", None) and _starts_with_item(fp, order)):
-            # a sequence; UN's content, and an implicit VR value that holds items, is implicit VR little endian
-            inner = (True, "<") if vr == b"UN" else (implicit, order)
-            stack.append((_SEQUENCE, None if length == UNDEFINED else fp.tell() + length, *inner))
-        elif length == UNDEFINED:
-            if vr == b"UN" or (vr is None and implicit):
-                stack.append((_SEQUENCE, None, True, "<" if vr == b"UN" else order))
-            else:
-                stack.append((_FRAGMENTS, None, implicit, order))  # encapsulated pixel data inside an item
+        if length == UNDEFINED:
+            if vr in (b"SQ", b"UN") or (vr is None and _starts_with_item(fp, order)):
+                stack.append((_SEQUENCE, None, implicit))  # pydicom: the items keep the data set's VR mode
+            elif not _skip_undefined_value(fp, end, order):  # encapsulated pixel data: skipped, not counted
+                return count
+        elif vr == b"SQ" or (vr in (b"UN", None) and _starts_with_item(fp, order)):
+            # a sequence (pydicom parses it on access, in the data set's VR mode; its items test their own)
+            stack.append((_SEQUENCE, fp.tell() + length, implicit))
         else:
             fp.seek(length, io.SEEK_CUR)
     return count
@@ -133,22 +133,36 @@ def _read_length(fp: BinaryIO, order: str, size: int) -> int | None:
 
 
 def _read_vr_and_length(fp: BinaryIO, tag: int, implicit: bool, order: str) -> tuple[bytes | None, int | None]:
-    """The element's VR (in implicit VR: SQ where the dictionary says so, else None) and value length."""
-    if implicit:
-        length = _read_length(fp, order, 4)
-        try:
-            vr = b"SQ" if dictionary_VR(tag) == "SQ" else None
-        except KeyError:  # private or unknown: a sequence only if its value holds items (see count_elements)
-            vr = None
-        return vr, length
-    vr = fp.read(2)
-    if len(vr) < 2:
-        return vr, None
-    if vr in LONG_LENGTH_VRS:
-        if len(fp.read(2)) < 2:
+    """The element's VR and value length. Where the encoding gives no VR (implicit VR, or an explicit element whose
+    VR bytes are not two capitals, which pydicom reads as implicit) the VR is the dictionary's, None if unknown."""
+    if not implicit:
+        vr = fp.read(2)
+        if len(vr) < 2:
             return vr, None
-        return vr, _read_length(fp, order, 4)
-    return vr, _read_length(fp, order, 2)
+        if vr in KNOWN_VRS:
+            if vr in LONG_LENGTH_VRS:
+                if len(fp.read(2)) < 2:
+                    return vr, None
+                return vr, _read_length(fp, order, 4)
+            return vr, _read_length(fp, order, 2)
+        if b"AA" <= vr <= b"ZZ":  # an unknown VR of capitals: pydicom assumes a 2-byte length
+            return vr, _read_length(fp, order, 2)
+        fp.seek(-2, io.SEEK_CUR)  # not a VR: the 4 bytes after the tag are an implicit length
+    length = _read_length(fp, order, 4)
+    try:
+        return dictionary_VR(tag).encode(), length
+    except KeyError:  # private or unknown: a sequence only if its value holds items (see count_elements)
+        return None, length
+
+
+def _implicit_at(fp: BinaryIO, order: str) -> bool | None:
+    """Whether the element at ``fp``'s position looks implicit VR the way pydicom tests it (its would-be VR bytes
+    are not two capitals); None at the end. An item delimiter reads as implicit, harmlessly. ``fp`` stays put."""
+    head = fp.read(6)
+    fp.seek(-len(head), io.SEEK_CUR)
+    if len(head) < 6:
+        return None
+    return not (0x40 < head[4] < 0x5B and 0x40 < head[5] < 0x5B)
 
 
 def _starts_with_item(fp: BinaryIO, order: str) -> bool:
@@ -156,3 +170,34 @@ def _starts_with_item(fp: BinaryIO, order: str) -> bool:
     head = fp.read(4)
     fp.seek(-len(head), io.SEEK_CUR)
     return len(head) == 4 and struct.unpack(order + "HH", head) == (0xFFFE, 0xE000)
+
+
+def _skip_undefined_value(fp: BinaryIO, end: int, order: str) -> bool:
+    """Past an undefined-length value that is not a sequence, as pydicom reads it: its items (fragments) one by one
+    up to the sequence delimiter, or failing that, a search for the delimiter's bytes. False where none is found."""
+    start = fp.tell()
+    while True:
+        header = fp.read(8)
+        if len(header) < 8:
+            break
+        group, element, length = struct.unpack(order + "HHL", header)
+        tag = group << 16 | element
+        if tag == SEQUENCE_END:
+            return True
+        if tag != ITEM or length == UNDEFINED or fp.tell() + length > end:
+            break
+        fp.seek(length, io.SEEK_CUR)
+    fp.seek(start)
+    delimiter = struct.pack(order + "HH", 0xFFFE, 0xE0DD)
+    position = start
+    while position < end:
+        chunk = fp.read(_SCAN_BYTES)
+        if not chunk:
+            return False
+        at = chunk.find(delimiter)
+        if at >= 0:
+            fp.seek(position + at + 8)  # the tag and its (zero) length
+            return True
+        position += max(len(chunk) - 3, 1)  # a delimiter may straddle two chunks
+        fp.seek(position)
+    return False

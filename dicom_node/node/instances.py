@@ -41,6 +41,8 @@ _SOP_CLASS, _SOP_INSTANCE = Tag(0x0008, 0x0016), Tag(0x0008, 0x0018)
 _STUDY, _SERIES = Tag(0x0020, 0x000D), Tag(0x0020, 0x000E)
 _PATIENT_ID = Tag(0x0010, 0x0020)
 DEFER_BYTES = 64 * 1024  # values longer than this (pixel data) are not read while checking
+MAX_GROUPS_BYTES = 64 * 2**20  # longer functional groups are refused, not read (_check_deferred_sequences)
+_FUNCTIONAL_GROUPS = (Tag(0x5200, 0x9229), Tag(0x5200, 0x9230))  # shared, per-frame
 _ITEM, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD  # encapsulated pixel data: an item, the end of the items
 _PATIENT_KEY = secrets.token_bytes(16)  # per process: a digest means nothing outside it
 
@@ -143,6 +145,18 @@ def _check_complete(ds: Dataset, file_size: int) -> None:
         if available is not None and available != length:
             raise InstanceRefusedError(CANNOT_UNDERSTAND, f"data set truncated in {Tag(tag)}: {available} of "
                                                           f"{length} bytes")
+
+
+def _check_deferred_sequences(ds: Dataset) -> None:
+    """The functional groups are read from the file when the MPRAGE rules look into them (pydicom defers a sequence
+    longer than ``DEFER_BYTES``), whole, and copied once more while parsed: refuse groups that would cost more than
+    ``MAX_GROUPS_BYTES`` (those of 10,000 frames take about 20 MB)."""
+    for tag in _FUNCTIONAL_GROUPS:
+        raw = _raw(ds, tag) if tag in ds else None
+        length = getattr(raw, "length", 0) or 0
+        if raw is not None and getattr(raw, "value", b"") is None and MAX_GROUPS_BYTES < length != 0xFFFFFFFF:
+            raise InstanceRefusedError(OUT_OF_RESOURCES, f"functional groups {tag} of {length / 2**20:.0f} MB exceed "
+                                                         f"{MAX_GROUPS_BYTES // 2**20} MB")
 
 
 def _count_items(fp: BinaryIO, end: int, *, delimited: bool) -> int:
@@ -281,6 +295,7 @@ def inspect_instance(event: Event, path: Path, data_offset: int, limits: Ingress
         raise InstanceRefusedError(CANNOT_UNDERSTAND, "no element could be read (a value ends without its delimiter: "
                                                       "truncated)")
     _check_complete(ds, file_size)
+    _check_deferred_sequences(ds)
     try:
         return _checked_info(ds, command_sop, command_class, transfer_syntax, limits, rules, path)
     except InstanceRefusedError:

@@ -126,12 +126,16 @@ def test_an_enhanced_mr_header_of_400_frames_is_far_under_the_default_limit() ->
 
 @pytest.mark.parametrize("cut", [3, 17, 101, 0.6])
 def test_truncated_or_garbage_bytes_end_the_walk_quietly(cut: float) -> None:
+    # no exception and no loop: every element counted consumed at least its 8-byte header (the last one maybe cut)
     raw = data_set_bytes(nested_mr(undefined=True), ExplicitVRLittleEndian)
     end = int(len(raw) * cut) if cut < 1 else int(cut)
-    count_elements(io.BytesIO(raw[:end]), end, implicit_vr=False, little_endian=True, limit=10**6)
+    whole = count_elements(io.BytesIO(raw), len(raw), implicit_vr=False, little_endian=True, limit=10**6)
+    cut_short = count_elements(io.BytesIO(raw[:end]), end, implicit_vr=False, little_endian=True, limit=10**6)
+    assert cut_short <= min(whole, end // 8 + 1)
     garbage = bytes(range(256)) * 64
-    count_elements(io.BytesIO(garbage), len(garbage), implicit_vr=False, little_endian=True, limit=10**6)
-    count_elements(io.BytesIO(garbage), len(garbage), implicit_vr=True, little_endian=True, limit=10**6)
+    for implicit in (False, True):
+        n = count_elements(io.BytesIO(garbage), len(garbage), implicit_vr=implicit, little_endian=True, limit=10**6)
+        assert 1 <= n <= len(garbage) // 8 + 1
 
 
 def test_a_file_on_disk(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ def count_elements(fp: BinaryIO, end: int, *, implicit_vr: bool, little_endian: 
     """The elements, sequence items and delimiters of the data set from ``fp``'s position to ``end``;
     :class:`HeaderTooLargeError` as soon as there are more than ``limit``."""
     order = "<" if little_endian else ">"
-    found = _implicit_at(fp, order)
+    found = _implicit_at(fp)
     # (what is being read, where it ends or None for an undefined length, implicit VR)
     stack: list[tuple[str, int | None, bool]] = [(_DATASET, end, implicit_vr if found is None else found)]
     count = 0
@@ -93,7 +93,7 @@ def count_elements(fp: BinaryIO, end: int, *, implicit_vr: bool, little_endian: 
                 return count
             if tag == ITEM and kind == _SEQUENCE:
                 # pydicom reads an item implicit where its sequence is, or where its first element looks implicit
-                item_implicit = implicit or bool(_implicit_at(fp, order))
+                item_implicit = implicit or bool(_implicit_at(fp))
                 stack.append((_DATASET, None if length == UNDEFINED else fp.tell() + length, item_implicit))
             elif stop is None and ((tag == ITEM_END and kind == _DATASET and len(stack) > 1)
                                    or (tag == SEQUENCE_END and kind == _SEQUENCE)):
@@ -155,7 +155,7 @@ def _read_vr_and_length(fp: BinaryIO, tag: int, implicit: bool, order: str) -> t
         return None, length
 
 
-def _implicit_at(fp: BinaryIO, order: str) -> bool | None:
+def _implicit_at(fp: BinaryIO) -> bool | None:
     """Whether the element at ``fp``'s position looks implicit VR the way pydicom tests it (its would-be VR bytes
     are not two capitals); None at the end. An item delimiter reads as implicit, harmlessly. ``fp`` stays put."""
     head = fp.read(6)
@@ -172,22 +172,40 @@ def _starts_with_item(fp: BinaryIO, order: str) -> bool:
     return len(head) == 4 and struct.unpack(order + "HH", head) == (0xFFFE, 0xE000)
 
 
+def count_fragments(fp: BinaryIO, end: int, *, delimited: bool, order: str = "<") -> int:
+    """The items (offset table and fragments) of an undefined-length value such as encapsulated pixel data, from
+    ``fp``'s position on: each item's header is read and its value skipped, never loaded. ``delimited``: the items
+    must end with the sequence delimiter before ``end`` (``fp`` is left after it); otherwise they fill ``fp`` up to
+    ``end``. ValueError where they do not."""
+    n = 0
+    while fp.tell() < end:
+        header = fp.read(8)
+        if len(header) < 8:
+            raise ValueError("an item header is cut short")
+        group, element, length = struct.unpack(order + "HHL", header)
+        tag = group << 16 | element
+        if tag == SEQUENCE_END:
+            return n
+        if tag != ITEM:
+            raise ValueError(f"({group:04X},{element:04X}) where a fragment item should be")
+        if length == UNDEFINED or fp.tell() + length > end:
+            raise ValueError(f"item {n} claims {length} bytes, {max(0, end - fp.tell())} are left")
+        fp.seek(length, io.SEEK_CUR)
+        n += 1
+    if delimited:
+        raise ValueError("the items end without a sequence delimiter (truncated)")
+    return n
+
+
 def _skip_undefined_value(fp: BinaryIO, end: int, order: str) -> bool:
     """Past an undefined-length value that is not a sequence, as pydicom reads it: its items (fragments) one by one
     up to the sequence delimiter, or failing that, a search for the delimiter's bytes. False where none is found."""
     start = fp.tell()
-    while True:
-        header = fp.read(8)
-        if len(header) < 8:
-            break
-        group, element, length = struct.unpack(order + "HHL", header)
-        tag = group << 16 | element
-        if tag == SEQUENCE_END:
-            return True
-        if tag != ITEM or length == UNDEFINED or fp.tell() + length > end:
-            break
-        fp.seek(length, io.SEEK_CUR)
-    fp.seek(start)
+    try:
+        count_fragments(fp, end, delimited=True, order=order)
+        return True
+    except ValueError:
+        fp.seek(start)
     delimiter = struct.pack(order + "HH", 0xFFFE, 0xE0DD)
     position = start
     while position < end:

@@ -19,7 +19,7 @@ import secrets
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, cast
 
 import pynetdicom
 from pydicom import dcmread
@@ -32,7 +32,7 @@ from pynetdicom.events import Event
 
 from dicom_node.config import IngressSection, MprageSection
 from dicom_node.dimse.status import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS, OUT_OF_RESOURCES
-from dicom_node.node.header_elements import MIN_ELEMENT_BYTES, HeaderTooLargeError, count_elements
+from dicom_node.node.header_elements import MIN_ELEMENT_BYTES, HeaderTooLargeError, count_elements, count_fragments
 from dicom_node.uids import InvalidUIDError, require_uid
 
 MR_IMAGE_STORAGE = frozenset({MRImageStorage, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage})
@@ -43,7 +43,6 @@ _PATIENT_ID = Tag(0x0010, 0x0020)
 DEFER_BYTES = 64 * 1024  # values longer than this (pixel data) are not read while checking
 MAX_GROUPS_BYTES = 64 * 2**20  # longer functional groups are refused, not read (_check_deferred_sequences)
 _FUNCTIONAL_GROUPS = (Tag(0x5200, 0x9229), Tag(0x5200, 0x9230))  # shared, per-frame
-_ITEM, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD  # encapsulated pixel data: an item, the end of the items
 _PATIENT_KEY = secrets.token_bytes(16)  # per process: a digest means nothing outside it
 
 
@@ -159,30 +158,6 @@ def _check_deferred_sequences(ds: Dataset) -> None:
                                                          f"{MAX_GROUPS_BYTES // 2**20} MB")
 
 
-def _count_items(fp: BinaryIO, end: int, *, delimited: bool) -> int:
-    """The items (offset table and fragments) of encapsulated pixel data from ``fp``'s position on: each item's
-    header is read and its value skipped, never loaded. ``delimited``: the items must end with the sequence
-    delimiter before ``end`` (a value still in the file); otherwise they fill ``fp`` up to ``end``."""
-    n = 0
-    while fp.tell() < end:
-        header = fp.read(8)
-        if len(header) < 8:
-            raise ValueError("an item header is cut short")
-        group, element, length = struct.unpack("<HHL", header)
-        tag = group << 16 | element
-        if tag == _SEQUENCE_END:
-            return n
-        if tag != _ITEM:
-            raise ValueError(f"{Tag(tag)} where a fragment item should be")
-        if length == 0xFFFFFFFF or fp.tell() + length > end:
-            raise ValueError(f"item {n} claims {length} bytes, {max(0, end - fp.tell())} are left")
-        fp.seek(length, io.SEEK_CUR)
-        n += 1
-    if delimited:
-        raise ValueError("the items end without a sequence delimiter (truncated)")
-    return n
-
-
 def _check_pixels(ds: Dataset, encapsulated: bool, path: Path) -> int:
     """Check the pixel data is present and whole (``path``: the file ``ds`` was read from, where a deferred value
     lies); return the number of frames."""
@@ -198,11 +173,11 @@ def _check_pixels(ds: Dataset, encapsulated: bool, path: Path) -> int:
     if encapsulated:
         try:
             if isinstance(value, bytes):  # read with the header (short); the delimiter is not part of it
-                n = _count_items(io.BytesIO(value), len(value), delimited=False)
+                n = count_fragments(io.BytesIO(value), len(value), delimited=False)
             elif value is None and raw.length == 0xFFFFFFFF and getattr(raw, "value_tell", None) is not None:
                 with open(path, "rb") as fp:  # deferred: still in the file
                     fp.seek(raw.value_tell)
-                    n = _count_items(fp, os.fstat(fp.fileno()).st_size, delimited=True)
+                    n = count_fragments(fp, os.fstat(fp.fileno()).st_size, delimited=True)
             else:
                 raise ValueError("encapsulated pixel data must have an undefined length")
         except (ValueError, OSError) as exc:
@@ -242,12 +217,12 @@ def _why_discard(ds: Dataset, sop_class: str, limits: IngressSection, rules: Mpr
     return "" if decision.accepted else f"not an MPRAGE candidate: {decision.reason}"
 
 
-def _check_header_elements(path: Path, offset: int, transfer_syntax: UID, limit: int) -> None:
-    """Refuse a header of more elements and items than ``ingress.max_header_elements`` before pydicom builds it."""
+def _check_header_elements(path: Path, offset: int, size: int, transfer_syntax: UID, limit: int) -> None:
+    """Refuse a data set (``offset`` to ``size`` in the file) of more elements and items than
+    ``ingress.max_header_elements`` before pydicom builds it."""
+    if (size - offset) // MIN_ELEMENT_BYTES <= limit:
+        return  # too short to hold more (most single-frame images): nothing to walk
     with open(path, "rb") as fp:
-        size = os.fstat(fp.fileno()).st_size
-        if (size - offset) // MIN_ELEMENT_BYTES <= limit:
-            return  # too short to hold more (most single-frame images): nothing to walk
         fp.seek(offset)
         try:
             count_elements(fp, size, implicit_vr=transfer_syntax.is_implicit_VR,
@@ -285,10 +260,10 @@ def inspect_instance(event: Event, path: Path, data_offset: int, limits: Ingress
     except InvalidUIDError as exc:
         raise InstanceRefusedError(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
     transfer_syntax = UID(event.context.transfer_syntax)
-    _check_header_elements(path, data_offset, transfer_syntax, limits.max_header_elements)
+    file_size = os.path.getsize(path)
+    _check_header_elements(path, data_offset, file_size, transfer_syntax, limits.max_header_elements)
     try:
         ds = _read_data_set(path, data_offset, transfer_syntax)
-        file_size = os.path.getsize(path)
     except Exception as exc:  # pydicom raises many types for garbage
         raise InstanceRefusedError(CANNOT_UNDERSTAND, f"undecodable data set ({type(exc).__name__})") from exc
     if not len(ds):  # pydicom gives up on a value cut short before its delimiter and returns nothing

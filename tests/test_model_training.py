@@ -23,7 +23,7 @@ from pipeline.normalise import intensity_scale, normalise
 from pipeline.protocol import N_FEATURES, PAPER_PROTOCOL, protocol_features
 from training.packaging import package_run
 from training.preprocess import channel_ranges, load_dataset
-from training.train import TrainConfig, learning_rate_at, train
+from training.train import TrainConfig, _validation_set, held_batch, learning_rate_at, train
 
 TINY = UNetConfig(n_nets=7, base_filters=4, depth=4, dropout=0.1)
 
@@ -175,6 +175,49 @@ def test_fine_tuning_starts_from_a_package_and_keeps_its_ranges(tiny_dataset: Pa
     result = CliRunner().invoke(cli, ["train", "--data", str(tiny_dataset), "--run-dir", str(tmp_path / "cli"),
                                       "--init-from", str(tmp_path / "nowhere-0.0")])
     assert result.exit_code == 2 and "--init-from" in result.output, result.output
+
+
+def test_a_held_fine_tune_keeps_the_package_outputs_where_t2_is_short(tiny_dataset: Path, tmp_path: Path) -> None:
+    dataset = load_dataset(tiny_dataset, tmp_path / "cache", reference_t2=True)
+    base = TrainConfig(epochs=1, iterations_per_epoch=2, batch_size=2, crop=32, validation_slices=2, unet=TINY,
+                       warmup_iterations=1, learning_rate=1e-2)  # far from the data: a fine-tune moves it a lot
+    train(dataset, tmp_path / "base", base, progress=False)
+    package = load_package(package_run(tmp_path / "base", tiny_dataset, tmp_path / "pkg", name="tiny", version="0.0"))
+    tune = TrainConfig(**{**base.__dict__, "iterations_per_epoch": 6, "init_from": package.name})
+    x = torch.from_numpy(np.stack([np.asarray(s.inputs[len(s.slices) // 2], np.float32)
+                                   for s in dataset.subjects["val"]]))[:, None]
+    outputs = {}
+    for name, hold in (("free", None), ("held", 1e9)):  # every voxel held
+        train(dataset, tmp_path / name, replace(tune, hold_below_t2=hold), progress=False, initial=package)
+        model = UNetEnsemble(TINY).eval()
+        model.load_state_dict(torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["model"])
+        with torch.no_grad():
+            outputs[name] = model(x)
+    with torch.no_grad():
+        start = package.model.eval()(x)
+    moved_free = float((outputs["free"] - start).abs().mean())
+    moved_held = float((outputs["held"] - start).abs().mean())
+    assert moved_free > 1e-3 and moved_held < moved_free / 4, (moved_free, moved_held)
+    # held where the reference T2 is under the level (the tissue), the data's targets in fluid
+    subject = dataset.subjects["val"][0]
+    t2 = np.asarray(subject.reference_t2, np.float32)
+    level = 300.0
+    batch = _validation_set([subject], len(subject.slices), package.channel_ranges, replace(tune, hold_below_t2=level))
+    holder = UNetEnsemble(TINY).eval()
+    holder.load_state_dict(package.model.state_dict())
+    x, y, _, hold = held_batch(batch, holder, torch.device("cpu"))
+    assert hold is not None and np.array_equal(hold[:, 0].numpy(), t2 < level)
+    assert 0 < float((t2 >= level).sum()) < float((t2 > 0).sum())  # the phantom has fluid and tissue
+    with torch.no_grad():
+        start = holder(x)
+    tissue, fluid = hold[:, 0], ~hold[:, 0]
+    assert torch.equal(y.permute(0, 2, 3, 1)[tissue], start.permute(0, 2, 3, 1)[tissue])
+    assert torch.equal(y.permute(0, 2, 3, 1)[fluid], batch[1].permute(0, 2, 3, 1)[fluid])
+    with pytest.raises(ValueError, match=r"--init-from"):
+        train(dataset, tmp_path / "orphan", replace(base, hold_below_t2=300.0), progress=False)
+    result = CliRunner().invoke(cli, ["train", "--data", str(tiny_dataset), "--run-dir", str(tmp_path / "cli"),
+                                      "--hold-below-t2", "300"])
+    assert result.exit_code == 2 and "--hold-below-t2" in result.output, result.output
 
 
 def test_a_physics_plane_is_gained_by_fine_tuning_and_fed_at_inference(tiny_dataset: Path, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,7 @@ class PreparedSubject:
     masks: np.ndarray  # (S, X, Y) bool
     scales: np.ndarray  # (2,): the volume's maximum and 95th percentile in the brain
     protocol: AcquisitionProtocol
+    reference_t2: np.ndarray | None = None  # (S, X, Y) reference T2 map, ms, float16 (load_dataset(reference_t2=True))
 
     def input_factor(self, normalisation: str) -> float:
         """Multiply :attr:`inputs` by this to get the ``normalisation`` ("p95" or "max") of the volume."""
@@ -144,8 +145,26 @@ class Dataset:
         return str(sequence["hash"])
 
 
-def load_dataset(root: Path, cache: Path, *, progress: bool = False) -> Dataset:
-    """Prepare every subject of the manifest's train/val/test split (cached in ``cache``)."""
+def prepared_reference_t2(subject_dir: Path, cache: Path, slices: np.ndarray) -> np.ndarray:
+    """The subject's reference T2 map (``T2.nii.gz``, ms, MRF grid) on its prepared ``slices``: (S, X, Y) float16,
+    memory-mapped from ``cache`` (built on first use)."""
+    path = cache / f"{subject_dir.name}.v{CACHE_FORMAT}.t2.npy"
+    if not path.is_file():
+        source = subject_dir / "T2.nii.gz"
+        if not source.is_file():
+            raise FileNotFoundError(f"{source}: no reference T2 map (holding outputs by T2 needs one per subject)")
+        t2, _ = load_volume(source)
+        if t2.ndim != 3 or slices.size and slices.max() >= t2.shape[2]:
+            raise ValueError(f"{source}: shape {t2.shape} is not the subject's MRF grid")
+        tmp = path.with_suffix(f".{os.getpid()}.partial.npy")
+        np.save(tmp, np.moveaxis(t2[:, :, slices], 2, 0).astype(np.float16))
+        tmp.replace(path)
+    return np.load(path, mmap_mode="r")
+
+
+def load_dataset(root: Path, cache: Path, *, progress: bool = False, reference_t2: bool = False) -> Dataset:
+    """Prepare every subject of the manifest's train/val/test split (cached in ``cache``); ``reference_t2``: with
+    each subject's reference T2 map (:attr:`PreparedSubject.reference_t2`)."""
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path}: no dataset manifest (see the README's dataset layout)")
@@ -160,8 +179,11 @@ def load_dataset(root: Path, cache: Path, *, progress: bool = False) -> Dataset:
         raise ValueError(f"{manifest_path}: mprage_registration must be 'rigid' or 'none', got {registration!r}")
     entries = manifest_entries(manifest)
     for part, name in tqdm(names, desc="preparing subjects", unit="subject", disable=not progress):
-        subjects[part].append(prepare_subject(root / name, cache, register=registration == "rigid",
-                                              protocol=subject_protocol(entries.get(name, {}))))
+        prepared = prepare_subject(root / name, cache, register=registration == "rigid",
+                                   protocol=subject_protocol(entries.get(name, {})))
+        if reference_t2:
+            prepared = replace(prepared, reference_t2=prepared_reference_t2(root / name, cache, prepared.slices))
+        subjects[part].append(prepared)
     return Dataset(root, manifest, subjects)
 
 

@@ -55,6 +55,7 @@ class TrainConfig:
     init_from: str | None = None  # set by train(): the package (NAME-VERSION) whose weights and ranges started it
     max_minutes: float | None = None  # stop cleanly (checkpoint saved) after this much wall time
     normalisation: str = "p95"  # input scaling (pipeline/normalise.py); packages before 0.3 used "max"
+    hold_below_t2: float | None = None  # fine-tuning: voxels of reference T2 under this (ms) keep the package's outputs
     unet: UNetConfig = field(default_factory=UNetConfig)
 
 
@@ -65,33 +66,46 @@ class _State:
     best_state: dict[str, torch.Tensor]
 
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-"""Inputs (B, 1 + physics planes, H, W), scaled targets (B, 7, H, W), protocol features (B, P) or None."""
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+"""Inputs (B, 1 + physics planes, H, W), scaled targets (B, 7, H, W), protocol features (B, P) or None, and where
+the targets are to be held at the starting package's outputs (B, 1, H, W; ``hold_below_t2`` runs) or None."""
 
 
 def _sample_batch(subjects: list[PreparedSubject], rng: np.random.Generator, batch: int, crop: int,
                   ranges: np.ndarray, config: TrainConfig) -> Batch:
     """Random slices (random subject, slice, crop inside the brain, left-right flip)."""
-    xs, ys, ps = [], [], []
+    xs, ys, ps, hs = [], [], [], []
     lo, span = ranges[:, 0, None, None], (ranges[:, 1] - ranges[:, 0])[:, None, None]
     for _ in range(batch):
         s = subjects[rng.integers(len(subjects))]
         i = int(rng.integers(len(s.slices)))
         x = _input_planes(s, i, config)
         y = np.asarray(s.targets[i], np.float32)
+        h = _hold_plane(s, i, config)
         ps.append(s.features)
         if crop:
             rows, cols = np.nonzero(s.masks[i])
             k = int(rng.integers(rows.size))
             r0 = int(np.clip(rows[k] - crop // 2, 0, x.shape[1] - crop))
             c0 = int(np.clip(cols[k] - crop // 2, 0, x.shape[2] - crop))
-            x, y = x[:, r0 : r0 + crop, c0 : c0 + crop], y[:, r0 : r0 + crop, c0 : c0 + crop]
+            x, y, h = (a[:, r0 : r0 + crop, c0 : c0 + crop] for a in (x, y, h))
         if rng.random() < 0.5:
-            x, y = x[:, ::-1], y[:, ::-1]
+            x, y, h = x[:, ::-1], y[:, ::-1], h[:, ::-1]
         xs.append(x.copy())
         ys.append(((y - lo) / span).copy())
-    return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)),
-            _features(ps, config))
+        hs.append(h.copy())
+    return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)), _features(ps, config),
+            torch.from_numpy(np.stack(hs)) if config.hold_below_t2 is not None else None)
+
+
+def _hold_plane(s: PreparedSubject, i: int, config: TrainConfig) -> np.ndarray:
+    """(1, X, Y): where slice ``i``'s targets are held (reference T2 under ``config.hold_below_t2``; none when off)."""
+    if config.hold_below_t2 is None:
+        return np.zeros((1, *s.inputs.shape[1:]), bool)
+    if s.reference_t2 is None:
+        raise ValueError(f"{s.subject}: holding by T2 needs the subject's reference T2 map (load_dataset(..., "
+                         "reference_t2=True))")
+    return (np.asarray(s.reference_t2[i], np.float32) < config.hold_below_t2)[None]
 
 
 def _input_planes(s: PreparedSubject, i: int, config: TrainConfig) -> np.ndarray:
@@ -114,8 +128,9 @@ def _validation_set(subjects: list[PreparedSubject], n: int, ranges: np.ndarray,
     lo, span = ranges[:, 0, None, None], (ranges[:, 1] - ranges[:, 0])[:, None, None]
     x = np.stack([_input_planes(s, i, config) for s, i in chosen])
     y = np.stack([(np.asarray(s.targets[i], np.float32) - lo) / span for s, i in chosen])
+    hold = torch.from_numpy(np.stack([_hold_plane(s, i, config) for s, i in chosen]))
     return (torch.from_numpy(x), torch.from_numpy(y.astype(np.float32)),
-            _features([s.features for s, _ in chosen], config))
+            _features([s.features for s, _ in chosen], config), hold if config.hold_below_t2 is not None else None)
 
 
 def learning_rate_at(step: int, config: TrainConfig) -> float:
@@ -145,7 +160,7 @@ def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
 
 def validation_mse(model: torch.nn.Module, data: Batch, device: torch.device, batch: int = 8) -> np.ndarray:
     """Mean squared error per network over whole validation slices (scaled units)."""
-    x, y, p = data
+    x, y, p, _ = data
     model.eval()
     total = torch.zeros(y.shape[1], dtype=torch.float64)
     with torch.inference_mode():
@@ -157,6 +172,30 @@ def validation_mse(model: torch.nn.Module, data: Batch, device: torch.device, ba
     return (total / x.shape[0]).numpy()
 
 
+
+
+def _holding_model(initial: ModelPackage, config: TrainConfig, active: tuple[int, ...],
+                   device: torch.device) -> UNetEnsemble:
+    """The starting package's networks ``active``, frozen in inference mode: the outputs a held fine-tune keeps."""
+    model = UNetEnsemble(config.unet)
+    model.load_state_dict(expand_input_planes(initial.model.state_dict(), config.unet))
+    model = _working_model(model.to(device), active).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def held_batch(data: Batch, holder: UNetEnsemble, device: torch.device, chunk: int = 8) -> Batch:
+    """``data`` with its targets replaced by ``holder``'s outputs where its hold plane is set."""
+    x, y, p, hold = data
+    if hold is None:
+        return data
+    with torch.inference_mode():
+        held = torch.cat([holder(x[s : s + chunk].to(device), None if p is None else p[s : s + chunk].to(device))
+                          .float().cpu() for s in range(0, x.shape[0], chunk)])
+    return x, torch.where(hold, held, y), p, hold
+
+
 def _initialise_output_bias(model: UNetEnsemble, subjects: list[PreparedSubject], ranges: np.ndarray,
                             config: TrainConfig) -> None:
     """Start each network's output at its channel's mean target (tanh of the head bias).
@@ -164,7 +203,7 @@ def _initialise_output_bias(model: UNetEnsemble, subjects: list[PreparedSubject]
     Scaled targets sit far from tanh(0) = 0 for some channels (the background of SV2 re is ~0.96);
     starting there produced large early updates that left a whole network with dead ReLUs (seen here).
     """
-    _, y, _ = _sample_batch(subjects, np.random.default_rng([config.seed, 2**31]), 64, config.crop, ranges, config)
+    _, y, _, _ = _sample_batch(subjects, np.random.default_rng([config.seed, 2**31]), 64, config.crop, ranges, config)
     mean = y.mean(dim=(0, 2, 3)).clamp(-0.95, 0.95)
     bias = model.head.bias
     assert bias is not None  # the head conv is built with a bias
@@ -217,6 +256,9 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
     on the same networks or on fewer.
     """
     config = replace(config, init_from=None if initial is None else initial.name)
+    if config.hold_below_t2 is not None and initial is None:
+        raise RunConfigurationError("holding outputs (--hold-below-t2) needs a package to hold them from "
+                                    "(--init-from)")
     rank, world = _distributed()
     dev = resolve_device(device)
     if world > 1 and dev.type == "cuda":
@@ -269,7 +311,12 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(work, device_ids=[dev.index] if dev.type == "cuda" else None)
     validation = _validation_set(val_subjects, config.validation_slices, ranges, config)
-    validation = (validation[0], validation[1][:, list(active)], validation[2])
+    validation = (validation[0], validation[1][:, list(active)], *validation[2:])
+    holder = None
+    if config.hold_below_t2 is not None:
+        assert initial is not None  # checked above
+        holder = _holding_model(initial, config, active, dev)
+        validation = held_batch(validation, holder, dev)
     if initial is not None and state.epoch == 0 and rank == 0:  # the package's weights are the best so far
         for g, v in zip(active, validation_mse(work, validation, dev), strict=True):
             state.best_val[g] = float(v)
@@ -288,10 +335,13 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
             step = state.epoch * config.iterations_per_epoch + it
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate_at(step, config)
-            x, y, p = _sample_batch(train_subjects, rng, config.batch_size // world, config.crop, ranges, config)
+            x, y, p, hold = _sample_batch(train_subjects, rng, config.batch_size // world, config.crop, ranges, config)
+            y = y[:, list(active)]
+            if holder is not None:
+                x, y, p, hold = held_batch((x, y, p, hold), holder, dev)
             with _autocast(dev, config.bf16):
                 out = net(x.to(dev), None if p is None else p.to(dev))
-            per_net = ((out.float() - y[:, list(active)].to(dev)) ** 2).mean(dim=(0, 2, 3))
+            per_net = ((out.float() - y.to(dev)) ** 2).mean(dim=(0, 2, 3))
             optimiser.zero_grad(set_to_none=True)
             scaler.scale(per_net.sum()).backward()
             scaler.step(optimiser)

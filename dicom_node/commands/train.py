@@ -29,6 +29,11 @@ from dicom_node.commands.options import device_option
 @click.option("--init-from", "init_from", default=None, metavar="PKG|NAME",
               help="Fine-tune: start from this model package (folder, or installed/built-in NAME-VERSION) and keep "
                    "its channel ranges. Same architecture and sequence as the dataset's.")
+@click.option("--hold-below-t2", "hold_below_t2", default=None, type=click.FloatRange(min=0, min_open=True),
+              metavar="MS", help="Fine-tuning only: voxels whose reference T2 (each subject's T2.nii.gz) is under MS "
+                                 "take the --init-from package's own outputs as targets, so the fine-tune moves "
+                                 "fluid voxels (CSF and its partial volume) towards the data and holds what the "
+                                 "package gives in tissue. Off by default.")
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("var/synthmrf/models"),
               envvar="SYNTHMRF_MODELS_DIR", show_default=True, help="Model registry for --init-from NAME.")
 @click.option("--validation-slices", default=32, show_default=True, type=click.IntRange(min=1))
@@ -56,7 +61,7 @@ from dicom_node.commands.options import device_option
 @device_option
 def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, iterations_per_epoch: int,
           batch_size: int, crop: int, learning_rate: float, lr_schedule: str, min_learning_rate: float,
-          init_from: str | None, models_dir: Path, validation_slices: int, bf16: bool | None, max_minutes: float | None,
+          init_from: str | None, hold_below_t2: float | None, models_dir: Path, validation_slices: int, bf16: bool | None, max_minutes: float | None,
           protocol_aware: bool, physics_input: bool, normalisation: str, networks: str, seed: int, device: str) -> None:
     """Train (or resume) the ensemble: Adam, MSE per network, best weights per network by validation MSE.
 
@@ -73,6 +78,9 @@ def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, it
     if min_learning_rate > learning_rate:
         raise click.BadParameter(f"{min_learning_rate} is above --learning-rate {learning_rate}",
                                  param_hint="--min-learning-rate")
+    if hold_below_t2 is not None and init_from is None:
+        raise click.BadParameter("holds a package's outputs: give the package with --init-from",
+                                 param_hint="--hold-below-t2")
     initial = None
     if init_from is not None:
         from pipeline.model.package import PackageError
@@ -89,11 +97,12 @@ def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, it
         from pipeline.mrf.epg import resolve_device
 
         bf16 = inference_dtype(resolve_device(device), "auto") != torch.float32
-    dataset = load_dataset(data_dir, cache_dir or run_dir.parent / "cache", progress=True)
+    dataset = load_dataset(data_dir, cache_dir or run_dir.parent / "cache", progress=True,
+                           reference_t2=hold_below_t2 is not None)
     config = TrainConfig(epochs=epochs, iterations_per_epoch=iterations_per_epoch, batch_size=batch_size, crop=crop,
                          learning_rate=learning_rate, lr_schedule=lr_schedule, min_learning_rate=min_learning_rate,
                          seed=seed, bf16=bf16, validation_slices=validation_slices, max_minutes=max_minutes,
-                         normalisation=normalisation,
+                         normalisation=normalisation, hold_below_t2=hold_below_t2,
                          unet=UNetConfig(protocol_features=N_FEATURES if protocol_aware else 0,
                                          physics_planes=1 if physics_input else 0))
     active = None

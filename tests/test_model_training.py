@@ -22,7 +22,7 @@ from pipeline.mrf.dictionary import Dictionary
 from pipeline.normalise import intensity_scale, normalise
 from pipeline.protocol import N_FEATURES, PAPER_PROTOCOL, protocol_features
 from training.packaging import package_run
-from training.preprocess import channel_ranges, load_dataset
+from training.preprocess import channel_ranges, load_dataset, prepared_reference_t2
 from training.train import TrainConfig, _validation_set, held_batch, learning_rate_at, train
 
 TINY = UNetConfig(n_nets=7, base_filters=4, depth=4, dropout=0.1)
@@ -215,6 +215,9 @@ def test_a_held_fine_tune_keeps_the_package_outputs_where_t2_is_short(tiny_datas
     assert torch.equal(y.permute(0, 2, 3, 1)[fluid], batch[1].permute(0, 2, 3, 1)[fluid])
     with pytest.raises(ValueError, match=r"--init-from"):
         train(dataset, tmp_path / "orphan", replace(base, hold_below_t2=300.0), progress=False)
+    (tmp_path / "no-maps" / subject.subject).mkdir(parents=True)  # a site's paired data without reference maps
+    with pytest.raises(FileNotFoundError, match=r"no reference T2 map"):
+        prepared_reference_t2(tmp_path / "no-maps" / subject.subject, tmp_path / "cache-2", subject)
     result = CliRunner().invoke(cli, ["train", "--data", str(tiny_dataset), "--run-dir", str(tmp_path / "cli"),
                                       "--hold-below-t2", "300"])
     assert result.exit_code == 2 and "--hold-below-t2" in result.output, result.output

@@ -145,8 +145,8 @@ class Dataset:
         return str(sequence["hash"])
 
 
-def prepared_reference_t2(subject_dir: Path, cache: Path, slices: np.ndarray) -> np.ndarray:
-    """The subject's reference T2 map (``T2.nii.gz``, ms, MRF grid) on its prepared ``slices``: (S, X, Y) float16,
+def prepared_reference_t2(subject_dir: Path, cache: Path, prepared: PreparedSubject) -> np.ndarray:
+    """The subject's reference T2 map (``T2.nii.gz``, ms, MRF grid) on its prepared slices: (S, X, Y) float16,
     memory-mapped from ``cache`` (built on first use)."""
     path = cache / f"{subject_dir.name}.v{CACHE_FORMAT}.t2.npy"
     if not path.is_file():
@@ -154,10 +154,10 @@ def prepared_reference_t2(subject_dir: Path, cache: Path, slices: np.ndarray) ->
         if not source.is_file():
             raise FileNotFoundError(f"{source}: no reference T2 map (holding outputs by T2 needs one per subject)")
         t2, _ = load_volume(source)
-        if t2.ndim != 3 or slices.size and slices.max() >= t2.shape[2]:
+        if t2.ndim != 3 or t2.shape[:2] != prepared.inputs.shape[1:] or prepared.slices.max() >= t2.shape[2]:
             raise ValueError(f"{source}: shape {t2.shape} is not the subject's MRF grid")
         tmp = path.with_suffix(f".{os.getpid()}.partial.npy")
-        np.save(tmp, np.moveaxis(t2[:, :, slices], 2, 0).astype(np.float16))
+        np.save(tmp, np.moveaxis(t2[:, :, prepared.slices], 2, 0).astype(np.float16))
         tmp.replace(path)
     return np.load(path, mmap_mode="r")
 
@@ -182,7 +182,7 @@ def load_dataset(root: Path, cache: Path, *, progress: bool = False, reference_t
         prepared = prepare_subject(root / name, cache, register=registration == "rigid",
                                    protocol=subject_protocol(entries.get(name, {})))
         if reference_t2:
-            prepared = replace(prepared, reference_t2=prepared_reference_t2(root / name, cache, prepared.slices))
+            prepared = replace(prepared, reference_t2=prepared_reference_t2(root / name, cache, prepared))
         subjects[part].append(prepared)
     return Dataset(root, manifest, subjects)
 

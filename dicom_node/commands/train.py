@@ -61,7 +61,8 @@ from dicom_node.commands.options import device_option
 @device_option
 def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, iterations_per_epoch: int,
           batch_size: int, crop: int, learning_rate: float, lr_schedule: str, min_learning_rate: float,
-          init_from: str | None, hold_below_t2: float | None, models_dir: Path, validation_slices: int, bf16: bool | None, max_minutes: float | None,
+          init_from: str | None, hold_below_t2: float | None, models_dir: Path, validation_slices: int,
+          bf16: bool | None, max_minutes: float | None,
           protocol_aware: bool, physics_input: bool, normalisation: str, networks: str, seed: int, device: str) -> None:
     """Train (or resume) the ensemble: Adam, MSE per network, best weights per network by validation MSE.
 

@@ -23,7 +23,15 @@ from pipeline.normalise import intensity_scale, normalise
 from pipeline.protocol import N_FEATURES, PAPER_PROTOCOL, protocol_features
 from training.packaging import package_run
 from training.preprocess import channel_ranges, load_dataset, prepared_reference_t2
-from training.train import TrainConfig, _validation_set, held_batch, learning_rate_at, train
+from training.train import (
+    TrainConfig,
+    _holding_model,
+    _sample_batch,
+    _validation_set,
+    held_batch,
+    learning_rate_at,
+    train,
+)
 
 TINY = UNetConfig(n_nets=7, base_filters=4, depth=4, dropout=0.1)
 
@@ -193,6 +201,11 @@ def test_a_held_fine_tune_keeps_the_package_outputs_where_t2_is_short(tiny_datas
         model.load_state_dict(torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["model"])
         with torch.no_grad():
             outputs[name] = model(x)
+    # a run saved before the option existed resumes (its configuration lacks the field: the default, off)
+    saved = torch.load(tmp_path / "free" / "checkpoint.pt", weights_only=False)
+    del saved["config"]["hold_below_t2"]
+    torch.save(saved, tmp_path / "free" / "checkpoint.pt")
+    assert train(dataset, tmp_path / "free", replace(tune, epochs=2), progress=False, initial=package)["epochs"] == 2
     with torch.no_grad():
         start = package.model.eval()(x)
     moved_free = float((outputs["free"] - start).abs().mean())
@@ -203,16 +216,27 @@ def test_a_held_fine_tune_keeps_the_package_outputs_where_t2_is_short(tiny_datas
     t2 = np.asarray(subject.reference_t2, np.float32)
     level = 300.0
     batch = _validation_set([subject], len(subject.slices), package.channel_ranges, replace(tune, hold_below_t2=level))
-    holder = UNetEnsemble(TINY).eval()
-    holder.load_state_dict(package.model.state_dict())
-    x, y, _, hold = held_batch(batch, holder, torch.device("cpu"))
+    holder = _holding_model(package, tune, tuple(range(7)), torch.device("cpu"))
+    x, y, _, hold = held_batch(batch, holder)
     assert hold is not None and np.array_equal(hold[:, 0].numpy(), t2 < level)
     assert 0 < float((t2 >= level).sum()) < float((t2 > 0).sum())  # the phantom has fluid and tissue
     with torch.no_grad():
-        start = holder(x)
+        start = package.model.eval()(x)
     tissue, fluid = hold[:, 0], ~hold[:, 0]
-    assert torch.equal(y.permute(0, 2, 3, 1)[tissue], start.permute(0, 2, 3, 1)[tissue])
+    assert torch.allclose(y.permute(0, 2, 3, 1)[tissue], start.permute(0, 2, 3, 1)[tissue], atol=1e-5)
     assert torch.equal(y.permute(0, 2, 3, 1)[fluid], batch[1].permute(0, 2, 3, 1)[fluid])
+    # random crops and flips move the hold plane with the image: hold "T2" = the image itself, level 0.5
+    mirror = replace(subject, reference_t2=subject.inputs)
+    x, _, _, hold = _sample_batch([mirror], np.random.default_rng(3), 16, 32, package.channel_ranges,
+                                  replace(tune, hold_below_t2=0.5))
+    assert hold is not None and torch.equal(hold[:, 0], x[:, 0] < 0.5) and 0 < float(hold.float().mean()) < 1
+    # the holder of a run that gains protocol planes and trains some networks gives the package's outputs
+    aware = replace(tune, unet=replace(TINY, protocol_features=N_FEATURES))
+    features = torch.from_numpy(np.stack([protocol_features(PAPER_PROTOCOL)] * 2))
+    image = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(_holding_model(package, aware, (0, 3), torch.device("cpu"))(image, features),
+                              package.model.eval()(image)[:, [0, 3]], atol=1e-5)
     with pytest.raises(ValueError, match=r"--init-from"):
         train(dataset, tmp_path / "orphan", replace(base, hold_below_t2=300.0), progress=False)
     (tmp_path / "no-maps" / subject.subject).mkdir(parents=True)  # a site's paired data without reference maps

@@ -153,13 +153,18 @@ def prepared_reference_t2(subject_dir: Path, cache: Path, prepared: PreparedSubj
         source = subject_dir / "T2.nii.gz"
         if not source.is_file():
             raise FileNotFoundError(f"{source}: no reference T2 map (holding outputs by T2 needs one per subject)")
-        t2, _ = load_volume(source)
-        if t2.ndim != 3 or t2.shape[:2] != prepared.inputs.shape[1:] or prepared.slices.max() >= t2.shape[2]:
-            raise ValueError(f"{source}: shape {t2.shape} is not the subject's MRF grid")
+        t2, affine = load_volume(source)
+        _, mask_affine = load_volume(subject_dir / "brain_mask.nii.gz")
+        if t2.ndim != 3 or t2.shape[:2] != prepared.inputs.shape[1:] or prepared.slices.max() >= t2.shape[2] or \
+                not np.allclose(affine, mask_affine, atol=1e-4):
+            raise ValueError(f"{source}: not on the subject's MRF grid (brain_mask.nii.gz's)")
         tmp = path.with_suffix(f".{os.getpid()}.partial.npy")
         np.save(tmp, np.moveaxis(t2[:, :, prepared.slices], 2, 0).astype(np.float16))
         tmp.replace(path)
-    return np.load(path, mmap_mode="r")
+    t2_slices = np.load(path, mmap_mode="r")
+    if t2_slices.shape != prepared.inputs.shape:
+        raise ValueError(f"{path}: cached for other prepared slices; delete it to rebuild")
+    return t2_slices
 
 
 def load_dataset(root: Path, cache: Path, *, progress: bool = False, reference_t2: bool = False) -> Dataset:

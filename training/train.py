@@ -74,38 +74,37 @@ the targets are to be held at the starting package's outputs (B, 1, H, W; ``hold
 def _sample_batch(subjects: list[PreparedSubject], rng: np.random.Generator, batch: int, crop: int,
                   ranges: np.ndarray, config: TrainConfig) -> Batch:
     """Random slices (random subject, slice, crop inside the brain, left-right flip)."""
-    xs, ys, ps, hs = [], [], [], []
+    xs, ys, ps = [], [], []
+    hs: list[np.ndarray] = []
     lo, span = ranges[:, 0, None, None], (ranges[:, 1] - ranges[:, 0])[:, None, None]
     for _ in range(batch):
         s = subjects[rng.integers(len(subjects))]
         i = int(rng.integers(len(s.slices)))
-        x = _input_planes(s, i, config)
-        y = np.asarray(s.targets[i], np.float32)
-        h = _hold_plane(s, i, config)
+        planes = [_input_planes(s, i, config), np.asarray(s.targets[i], np.float32)]
+        if config.hold_below_t2 is not None:
+            planes.append(_hold_plane(s, i, config.hold_below_t2))
         ps.append(s.features)
         if crop:
             rows, cols = np.nonzero(s.masks[i])
             k = int(rng.integers(rows.size))
-            r0 = int(np.clip(rows[k] - crop // 2, 0, x.shape[1] - crop))
-            c0 = int(np.clip(cols[k] - crop // 2, 0, x.shape[2] - crop))
-            x, y, h = (a[:, r0 : r0 + crop, c0 : c0 + crop] for a in (x, y, h))
+            r0 = int(np.clip(rows[k] - crop // 2, 0, planes[0].shape[1] - crop))
+            c0 = int(np.clip(cols[k] - crop // 2, 0, planes[0].shape[2] - crop))
+            planes = [a[:, r0 : r0 + crop, c0 : c0 + crop] for a in planes]
         if rng.random() < 0.5:
-            x, y, h = x[:, ::-1], y[:, ::-1], h[:, ::-1]
-        xs.append(x.copy())
-        ys.append(((y - lo) / span).copy())
-        hs.append(h.copy())
+            planes = [a[:, ::-1] for a in planes]
+        xs.append(planes[0].copy())
+        ys.append(((planes[1] - lo) / span).copy())
+        hs.extend(a.copy() for a in planes[2:])
     return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)), _features(ps, config),
-            torch.from_numpy(np.stack(hs)) if config.hold_below_t2 is not None else None)
+            torch.from_numpy(np.stack(hs)) if hs else None)
 
 
-def _hold_plane(s: PreparedSubject, i: int, config: TrainConfig) -> np.ndarray:
-    """(1, X, Y): where slice ``i``'s targets are held (reference T2 under ``config.hold_below_t2``; none when off)."""
-    if config.hold_below_t2 is None:
-        return np.zeros((1, *s.inputs.shape[1:]), bool)
+def _hold_plane(s: PreparedSubject, i: int, level: float) -> np.ndarray:
+    """(1, X, Y): where slice ``i``'s targets are held (reference T2 under ``level`` ms)."""
     if s.reference_t2 is None:
         raise ValueError(f"{s.subject}: holding by T2 needs the subject's reference T2 map (load_dataset(..., "
                          "reference_t2=True))")
-    return (np.asarray(s.reference_t2[i], np.float32) < config.hold_below_t2)[None]
+    return (np.asarray(s.reference_t2[i], np.float32) < level)[None]
 
 
 def _input_planes(s: PreparedSubject, i: int, config: TrainConfig) -> np.ndarray:
@@ -128,9 +127,10 @@ def _validation_set(subjects: list[PreparedSubject], n: int, ranges: np.ndarray,
     lo, span = ranges[:, 0, None, None], (ranges[:, 1] - ranges[:, 0])[:, None, None]
     x = np.stack([_input_planes(s, i, config) for s, i in chosen])
     y = np.stack([(np.asarray(s.targets[i], np.float32) - lo) / span for s, i in chosen])
-    hold = torch.from_numpy(np.stack([_hold_plane(s, i, config) for s, i in chosen]))
+    level = config.hold_below_t2
+    hold = None if level is None else torch.from_numpy(np.stack([_hold_plane(s, i, level) for s, i in chosen]))
     return (torch.from_numpy(x), torch.from_numpy(y.astype(np.float32)),
-            _features([s.features for s, _ in chosen], config), hold if config.hold_below_t2 is not None else None)
+            _features([s.features for s, _ in chosen], config), hold)
 
 
 def learning_rate_at(step: int, config: TrainConfig) -> float:
@@ -172,8 +172,6 @@ def validation_mse(model: torch.nn.Module, data: Batch, device: torch.device, ba
     return (total / x.shape[0]).numpy()
 
 
-
-
 def _holding_model(initial: ModelPackage, config: TrainConfig, active: tuple[int, ...],
                    device: torch.device) -> UNetEnsemble:
     """The starting package's networks ``active``, frozen in inference mode: the outputs a held fine-tune keeps."""
@@ -185,15 +183,17 @@ def _holding_model(initial: ModelPackage, config: TrainConfig, active: tuple[int
     return model
 
 
-def held_batch(data: Batch, holder: UNetEnsemble, device: torch.device, chunk: int = 8) -> Batch:
-    """``data`` with its targets replaced by ``holder``'s outputs where its hold plane is set."""
+def held_batch(data: Batch, holder: UNetEnsemble, chunk: int = 8) -> Batch:
+    """``data`` with its targets replaced by ``holder``'s outputs where its hold plane is set (computed on the
+    holder's device; the targets stay where they were)."""
     x, y, p, hold = data
     if hold is None:
         return data
+    device = next(holder.parameters()).device
     with torch.inference_mode():
         held = torch.cat([holder(x[s : s + chunk].to(device), None if p is None else p[s : s + chunk].to(device))
-                          .float().cpu() for s in range(0, x.shape[0], chunk)])
-    return x, torch.where(hold, held, y), p, hold
+                          .float() for s in range(0, x.shape[0], chunk)])
+    return x, torch.where(hold.to(device), held, y.to(device)).to(y.device), p, hold
 
 
 def _initialise_output_bias(model: UNetEnsemble, subjects: list[PreparedSubject], ranges: np.ndarray,
@@ -257,8 +257,7 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
     """
     config = replace(config, init_from=None if initial is None else initial.name)
     if config.hold_below_t2 is not None and initial is None:
-        raise RunConfigurationError("holding outputs (--hold-below-t2) needs a package to hold them from "
-                                    "(--init-from)")
+        raise InitialModelError("holding outputs (--hold-below-t2) needs a package to hold them from (--init-from)")
     rank, world = _distributed()
     dev = resolve_device(device)
     if world > 1 and dev.type == "cuda":
@@ -281,7 +280,8 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
     if resume and checkpoint.is_file():
         saved = torch.load(checkpoint, map_location=dev, weights_only=False)
         free = ["max_minutes"] + (["epochs"] if config.lr_schedule == "constant" else [])  # cosine: planned length
-        if saved["config"] != asdict(config) | {key: saved["config"][key] for key in free}:
+        previous = {k: v for k, v in asdict(TrainConfig()).items() if k not in saved["config"]} | saved["config"]
+        if previous != asdict(config) | {key: previous[key] for key in free}:  # fields added since: their defaults
             raise RunConfigurationError(f"{checkpoint}: was trained with another configuration (with the cosine "
                                         "schedule the number of epochs is part of it); use a new run folder, or "
                                         "--init-from a package of this run to train on")
@@ -316,7 +316,7 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
     if config.hold_below_t2 is not None:
         assert initial is not None  # checked above
         holder = _holding_model(initial, config, active, dev)
-        validation = held_batch(validation, holder, dev)
+        validation = held_batch(validation, holder)
     if initial is not None and state.epoch == 0 and rank == 0:  # the package's weights are the best so far
         for g, v in zip(active, validation_mse(work, validation, dev), strict=True):
             state.best_val[g] = float(v)
@@ -335,13 +335,14 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
             step = state.epoch * config.iterations_per_epoch + it
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate_at(step, config)
-            x, y, p, hold = _sample_batch(train_subjects, rng, config.batch_size // world, config.crop, ranges, config)
-            y = y[:, list(active)]
+            batch = _sample_batch(train_subjects, rng, config.batch_size // world, config.crop, ranges, config)
+            x, y, p, hold = (batch[0].to(dev), batch[1][:, list(active)].to(dev),
+                             *(None if t is None else t.to(dev) for t in batch[2:]))
             if holder is not None:
-                x, y, p, hold = held_batch((x, y, p, hold), holder, dev)
+                x, y, p, hold = held_batch((x, y, p, hold), holder)
             with _autocast(dev, config.bf16):
-                out = net(x.to(dev), None if p is None else p.to(dev))
-            per_net = ((out.float() - y.to(dev)) ** 2).mean(dim=(0, 2, 3))
+                out = net(x, p)
+            per_net = ((out.float() - y) ** 2).mean(dim=(0, 2, 3))
             optimiser.zero_grad(set_to_none=True)
             scaler.scale(per_net.sum()).backward()
             scaler.step(optimiser)

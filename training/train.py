@@ -339,7 +339,7 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
             x, y, p, hold = (batch[0].to(dev), batch[1][:, list(active)].to(dev),
                              *(None if t is None else t.to(dev) for t in batch[2:]))
             if holder is not None:
-                x, y, p, hold = held_batch((x, y, p, hold), holder)
+                x, y, p, _ = held_batch((x, y, p, hold), holder)
             with _autocast(dev, config.bf16):
                 out = net(x, p)
             per_net = ((out.float() - y) ** 2).mean(dim=(0, 2, 3))

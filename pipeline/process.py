@@ -40,6 +40,7 @@ from pipeline.convert import convert_series
 from pipeline.dicom_series import MAX_VOXEL_MM, MIN_FRAMES, DicomSeries, SeriesRejected, read_series
 from pipeline.geometry import covering_box, offset_affine, resample_to_grid
 from pipeline.head_pose import WorkingSpace, place_head
+from pipeline.model.fluid import apply_fluid
 from pipeline.model.inference import features_for, network_input, synthesise_channels
 from pipeline.model.package import ModelPackage, check_compatible
 from pipeline.mrf.coefficients import from_channels
@@ -245,21 +246,25 @@ def process_series(source: str | Path, out_dir: str | Path, package: ModelPackag
             normalised = normalise(working, mask, package.normalisation)
         except ValueError as exc:
             raise SeriesRejected(f"{source}: no signal inside the brain mask ({exc})") from exc
+    synthesis = {"batch": options.batch, "device": device, "precision": options.precision,
+                 "protocol": features_for(package, protocol), "backend": options.backend}
     with stages.stage("inference"):
         package.model.to(device)
-        channels = synthesise_channels(network_input(package, normalised, mask, protocol), mask, package,
-                                       batch=options.batch, device=device,
-                                       precision=options.precision, protocol=features_for(package, protocol),
-                                       backend=options.backend)
+        net_input = network_input(package, normalised, mask, protocol)
+        channels = synthesise_channels(net_input, mask, package, **synthesis)  # type: ignore[arg-type]
     with stages.stage("match"):
         matcher = _matcher(package.sequence, device)
         check_compatible(package, matcher.dictionary)
         maps = match_volume_with_quality(from_channels(channels[mask]), mask, matcher)
-        del channels
-        verdict = study_verdict(maps["Q"], mask, maps["T1"], maps["T2"], protocol_reasons=ood_reasons,
-                                grid=matcher.dictionary.grid)
-        if not verdict.ok:
-            logger.warning("result flagged: %s", verdict.summary())
+    if package.fluid is not None:
+        with stages.stage("fluid"):
+            maps = apply_fluid(maps, channels, net_input, mask, package, matcher,
+                               **synthesis)  # type: ignore[arg-type]
+    del channels, net_input
+    verdict = study_verdict(maps["Q"], mask, maps["T1"], maps["T2"], protocol_reasons=ood_reasons,
+                            grid=matcher.dictionary.grid)
+    if not verdict.ok:
+        logger.warning("result flagged: %s", verdict.summary())
     with stages.stage("to_source"):
         on_source = _to_source(maps, mask, space, (volume.shape[0], volume.shape[1], volume.shape[2]), affine)
     if options.regions:
@@ -281,7 +286,10 @@ def _provenance_doc(source: Path, series: DicomSeries | None, package: ModelPack
         "format": "synthmrf-result/1",
         "software": {"name": "synthmrf", "version": software_version(), "torch": torch.__version__},
         "model": {"name": str(package.manifest["name"]), "version": str(package.manifest["version"]),
-                  "trained_on": package.trained_on},
+                  "trained_on": package.trained_on,
+                  **({"fluid_network": {"name": package.fluid.package.name,
+                                        "gate_t2_ms": list(package.fluid.gate_t2_ms),
+                                        "trained_on": package.fluid.package.trained_on}} if package.fluid else {})},
         "sequence": {"name": package.sequence.name, "hash": package.sequence.hash()},
         "input": ({"kind": "dicom", "study_instance_uid": series.study_instance_uid,
                    "series_instance_uid": series.series_instance_uid,

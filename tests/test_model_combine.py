@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from package_support import TINY, tiny_package
 from safetensors.numpy import load_file
 
 from dicom_node.cli import cli
 from pipeline.model.combine import combine_packages, interpolate_packages, intersect_ranges, resolve_channels
 from pipeline.model.package import PackageError, load_package, write_package
-from pipeline.model.unet import UNetConfig, UNetEnsemble
+from pipeline.model.unet import UNetConfig
 from pipeline.mrf.dictionary import Dictionary
 from pipeline.mrf.sequence import Sequence
 
-TINY = UNetConfig(n_nets=7, base_filters=2, depth=4, protocol_features=3)
 RANGES_A = {"families": ["mprage", "tfe"], "field_strengths_t": [1.5, 3.0], "ti_ms": [700.0, 1100.0],
             "flip_angle_deg": [7.0, 10.0]}
 RANGES_B = {"families": ["ir-fspgr", "mprage", "tfe"], "field_strengths_t": [3.0], "ti_ms": [400.0, 1000.0],
@@ -32,25 +32,11 @@ MakePackage = Callable[..., Path]
 
 @pytest.fixture
 def make_package(tmp_path: Path, default_sequence: Sequence, default_dictionary: Dictionary) -> MakePackage:
-    """A tiny package with its own random weights (trained-looking batch-norm statistics) and channel ranges."""
+    """:func:`package_support.tiny_package` in ``tmp_path``."""
 
-    def make(name: str, seed: int, ranges: dict[str, object], *, basis_sign: float = 1.0,
-             config: UNetConfig = TINY, range_seed: int | None = None) -> Path:
-        torch.manual_seed(seed)
-        model = UNetEnsemble(config)
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-        r = seed if range_seed is None else range_seed
-        low = -0.5 - 0.1 * r - 0.01 * np.arange(7, dtype=np.float32)
-        channel_ranges = np.stack([low, low + 1.5 + 0.1 * r], axis=1)
-        return write_package(
-            tmp_path / name, name=name, version="1.0", state=model.state_dict(), unet=config,
-            channel_ranges=channel_ranges, sequence_json=default_sequence.to_json(),
-            basis=basis_sign * default_dictionary.basis[:, :4],
-            training={"created": "2026-01-01T00:00:00Z", "best_validation_mse": [float(seed)] * 7},
-            metrics={}, normalisation="p95", trained_protocols=ranges)
+    def make(name: str, seed: int, ranges: dict[str, object], **options: object) -> Path:
+        return tiny_package(tmp_path, default_sequence, default_dictionary, name, seed, ranges,
+                            **options)  # type: ignore[arg-type]
 
     return make
 

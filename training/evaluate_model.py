@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from pipeline.model.fluid import apply_fluid
 from pipeline.model.inference import features_for, network_input, synthesise_channels
 from pipeline.model.package import ModelPackage, check_compatible
 from pipeline.mrf.coefficients import from_channels
@@ -93,9 +94,13 @@ def _subject_maps(item: EvaluationSet, subject: str, package: ModelPackage, matc
     prepared = item.data.prepare(subject, item.cache)
     volume = normalised_volume(prepared, base.labels.shape, package.normalisation)
     mask = evaluation_mask(base.brain_mask, prepared.slices, slice_step)
-    channels = synthesise_channels(network_input(package, volume, mask, prepared.protocol), mask, package,
-                                   protocol=features_for(package, prepared.protocol), device=matcher.device)
-    maps = {"dl": match_volume(from_channels(channels), mask, matcher),
+    net_input = network_input(package, volume, mask, prepared.protocol)
+    features = features_for(package, prepared.protocol)
+    channels = synthesise_channels(net_input, mask, package, protocol=features, device=matcher.device)
+    dl = apply_fluid(match_volume(from_channels(channels), mask, matcher), channels, net_input, mask, package,
+                     matcher, protocol=features, device=matcher.device)
+    del channels, net_input
+    maps = {"dl": dl,
             "lookup": baseline.maps(item.data.root / subject, volume, mask, prepared.protocol.field_strength_t)}
     if with_true:
         coeffs, _ = load_volume(item.data.root / subject / "mrf_svd.nii.gz")

@@ -209,6 +209,38 @@ def interpolate(model_a: str, model_b: str, alpha: float, out_dir: Path, name: s
     click.echo(f"wrote {path}")
 
 
+@model.command("fluid")
+@click.argument("base")
+@click.argument("fluid")
+@click.option("--gate", "gate", nargs=2, type=click.FloatRange(min=0.0, min_open=True), default=(200.0, 400.0),
+              show_default=True, metavar="FROM TO",
+              help="T2 (ms) of BASE's own map where the fluid network's share starts rising from 0, and where it "
+                   "reaches 1.")
+@_new_package_options
+@_clean_errors
+def fluid(base: str, fluid: str, gate: tuple[float, float], out_dir: Path, name: str, version: str,
+          metrics_path: Path | None) -> None:
+    """Write a package that is BASE with FLUID (folders or NAME-VERSION) as its fluid network.
+
+    An MPRAGE shows almost nothing of CSF's T2, so a model gives there the prior it was trained with; fine-tuning
+    a model's own networks toward another CSF prior also moves its tissue values. A composite package keeps
+    BASE's networks: each voxel is matched from BASE's channels, and only where that T2 exceeds FROM are its
+    channels blended toward FLUID's (fully at TO) and matched again, so every voxel BASE reads under FROM keeps
+    BASE's maps exactly. FLUID must share BASE's architecture, MRF sequence, SVD basis, input normalisation and
+    signal channels (e.g. BASE fine-tuned with 'synthmrf train --init-from BASE' on 'phantom make --csf-t2-range').
+    Inference costs up to twice BASE's network time. Evaluate the result ('synthmrf evaluate --model DIR') before
+    installing it.
+    """
+    from pipeline.model.combine import attach_fluid
+
+    if gate[0] >= gate[1]:
+        raise click.BadParameter(f"FROM ({gate[0]:g}) must be below TO ({gate[1]:g})", param_hint="--gate")
+    path = attach_fluid(_package_folder(base), _package_folder(fluid), gate, out_dir, name=name, version=version,
+                        metrics=_read_metrics(metrics_path))
+    click.echo(f"wrote {path} (fluid network where {Path(base).name}'s T2 > {gate[0]:g} ms, fully from "
+               f"{gate[1]:g} ms)")
+
+
 @model.command("package")
 @click.option("--run-dir", "run_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Training run folder (best.pt, metrics.csv, train_config.json).")

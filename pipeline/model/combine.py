@@ -1,6 +1,6 @@
 """Packages made of other packages of one architecture, sequence and basis: networks lifted from several
-packages (:func:`combine_packages`), or the weights of a model and its fine-tune interpolated
-(:func:`interpolate_packages`).
+packages (:func:`combine_packages`), the weights of a model and its fine-tune interpolated
+(:func:`interpolate_packages`), or a model with a fluid network beside it (:func:`attach_fluid`).
 
 The seven networks share no weights (grouped convolutions, :mod:`pipeline.model.unet`), and each one's
 output is rescaled by its own channel range, so a network can be lifted out of one package into another
@@ -18,6 +18,8 @@ ranges are the union of the two: the fine-tune descends from the other model, so
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,11 +30,16 @@ from safetensors.torch import load_file
 
 from pipeline.model.package import (
     BASIS_KEY,
+    FLUID_DIR,
+    FLUID_MANIFEST,
+    MANIFEST,
     SEQUENCE,
     WEIGHTS,
     PackageError,
+    fluid_gate,
     manifest_unet_config,
     read_manifest,
+    sha256_file,
     verify_checksums,
     write_package,
 )
@@ -55,8 +62,12 @@ def resolve_channels(spec: str) -> list[int]:
 
 
 def _load(path: Path) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
+    """A package's manifest and weights, checked; a composite package (with a fluid network) is refused: the
+    result would silently lose its fluid network."""
     manifest = read_manifest(path)
     verify_checksums(path, manifest)
+    if "fluid" in manifest:
+        raise PackageError(f"{_label(manifest)}: has a fluid network; combine its base and fluid packages instead")
     return manifest, load_file(str(path / WEIGHTS))
 
 
@@ -206,3 +217,46 @@ def interpolate_packages(a_dir: Path, b_dir: Path, alpha: float, out_dir: Path, 
         normalisation=str(dict(a["preprocessing"])["normalisation"]),  # type: ignore[call-overload]
         trained_protocols=_union_ranges(protocol_docs) if protocol_docs else None,
         channel_signal=_dict_or_none(a.get("channel_signal")))
+
+
+def attach_fluid(base_dir: Path, fluid_dir: Path, gate_t2_ms: tuple[float, float], out_dir: Path, *, name: str,
+                 version: str, metrics: dict[str, object] | None = None) -> Path:
+    """Write ``out_dir``: the package ``base_dir`` unchanged in its weights, with the package ``fluid_dir`` (the same
+    architecture, sequence, basis, normalisation and signal channels; e.g. the base fine-tuned on another CSF
+    prior) as its fluid network under ``fluid/``, used where the base's matched T2 passes ``gate_t2_ms``
+    (:mod:`pipeline.model.fluid`). The protocol ranges are the union of the two (the fluid network is meant to
+    descend from the base). Returns ``out_dir``."""
+    if out_dir.exists():
+        raise PackageError(f"{out_dir}: already exists")
+    gate = fluid_gate({"gate_t2_ms": list(gate_t2_ms)})
+    base, base_w = _load(base_dir)
+    fluid, fluid_w = _load(fluid_dir)
+    _check_same(base, fluid, base_w, fluid_w)
+    if base.get("channel_signal") != fluid.get("channel_signal"):
+        raise PackageError(f"{_label(fluid)}: its signal channels differ from {_label(base)}'s")
+    training = {**dict(base.get("training", {})),  # type: ignore[call-overload]
+                "created": datetime.now(UTC).isoformat(timespec="seconds")}
+    protocol_docs = [r for r in (_protocol_ranges(base), _protocol_ranges(fluid)) if r is not None]
+    write_package(
+        out_dir, name=name, version=version, state={k: v for k, v in base_w.items() if k != BASIS_KEY},
+        unet=manifest_unet_config(base), channel_ranges=np.asarray(base["channel_ranges"], dtype=np.float32),
+        sequence_json=(base_dir / SEQUENCE).read_text(), basis=base_w[BASIS_KEY].numpy(), training=training,
+        metrics=metrics or {}, normalisation=str(dict(base["preprocessing"])["normalisation"]),  # type: ignore[call-overload]
+        trained_protocols=_union_ranges(protocol_docs) if protocol_docs else None,
+        channel_signal=_dict_or_none(base.get("channel_signal")))
+    (out_dir / FLUID_DIR).mkdir()
+    for file in (MANIFEST, WEIGHTS, SEQUENCE):
+        shutil.copy2(fluid_dir / file, out_dir / FLUID_DIR / file)
+    manifest = read_manifest(out_dir)
+    manifest["fluid"] = {
+        "package": FLUID_DIR, "gate_t2_ms": list(gate),
+        "base": {"package": _label(base), "weights_sha256": str(base["files"][WEIGHTS])},  # type: ignore[index]
+        "fluid": {"package": _label(fluid), "weights_sha256": str(fluid["files"][WEIGHTS])},  # type: ignore[index]
+        "rule": f"each voxel is matched from the base's channels; where that T2 exceeds {gate[0]:g} ms its channels "
+                f"are blended toward the fluid network's by (T2 - {gate[0]:g}) / ({gate[1]:g} - {gate[0]:g}), "
+                "clipped to [0, 1], and matched again",
+    }
+    manifest["files"] = {**dict(manifest["files"]),  # type: ignore[call-overload]
+                         FLUID_MANIFEST: sha256_file(out_dir / FLUID_MANIFEST)}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n")
+    return out_dir

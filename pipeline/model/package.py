@@ -1,4 +1,6 @@
-"""Model packages: a folder with ``manifest.json``, ``weights.safetensors`` and ``sequence.json``.
+"""Model packages: a folder with ``manifest.json``, ``weights.safetensors`` and ``sequence.json``, and for a
+composite package a complete package of the same architecture in ``fluid/`` (its fluid network,
+:mod:`pipeline.model.fluid`).
 
 The manifest names the architecture, the channel ranges that rescale the network outputs, the
 sequence hash and the exact SVD basis (stored in the weights file: a model is only valid with the basis
@@ -13,7 +15,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,8 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 SEQUENCE = "sequence.json"
 BASIS_KEY = "mrf_basis"
+FLUID_DIR = "fluid"
+FLUID_MANIFEST = f"{FLUID_DIR}/{MANIFEST}"
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 
 
@@ -48,6 +52,16 @@ def sha256_file(path: Path) -> str:
 
 
 @dataclass(frozen=True)
+class FluidMember:
+    """A composite package's fluid network: a package of the base's architecture, sequence and basis whose
+    channels replace the base's, by a weight that rises from 0 to 1 as the base's matched T2 goes from the gate's
+    first to its second value (ms)."""
+
+    package: ModelPackage
+    gate_t2_ms: tuple[float, float]
+
+
+@dataclass(frozen=True)
 class ModelPackage:
     """A loaded, checksum-verified package."""
 
@@ -57,6 +71,7 @@ class ModelPackage:
     channel_ranges: np.ndarray  # (7, 2) min, max of each channel
     basis: np.ndarray  # (frames, 4) the SVD basis the model was trained with
     sequence: Sequence
+    fluid: FluidMember | None = None
 
     @property
     def signal_channels(self) -> tuple[bool, ...]:
@@ -193,10 +208,12 @@ def read_manifest(path: Path) -> dict[str, object]:
 
 
 def verify_checksums(path: Path, manifest: dict[str, object]) -> None:
-    """Raise :class:`PackageError` naming the first missing or altered file."""
+    """Raise :class:`PackageError` naming the first missing or altered file (a composite's fluid package is checked
+    through its manifest, which names its own files)."""
     files = manifest.get("files")
-    if not isinstance(files, dict) or set(files) != {WEIGHTS, SEQUENCE}:
-        raise PackageError(f"{path / MANIFEST}: 'files' must list {WEIGHTS} and {SEQUENCE} with their SHA-256")
+    expected = {WEIGHTS, SEQUENCE} | ({FLUID_MANIFEST} if "fluid" in manifest else set())
+    if not isinstance(files, dict) or set(files) != expected:
+        raise PackageError(f"{path / MANIFEST}: 'files' must list {', '.join(sorted(expected))} with their SHA-256")
     for name, expected in files.items():
         file = path / name
         if not file.is_file():
@@ -232,7 +249,34 @@ def load_package(path: Path, *, device: str | torch.device = "cpu") -> ModelPack
     if package.normalisation not in NORMALISATIONS:
         raise PackageError(f"{path / MANIFEST}: preprocessing.normalisation must be one of {NORMALISATIONS}, "
                            f"got {package.normalisation!r}")
+    if "fluid" in manifest:
+        package = replace(package, fluid=_load_fluid(package, device))
     return package
+
+
+def fluid_gate(doc: object) -> tuple[float, float]:
+    """The gate (first, second T2 in ms) of a manifest's ``fluid`` section; :class:`PackageError` unless
+    0 < first < second, both finite."""
+    gate = doc.get("gate_t2_ms") if isinstance(doc, dict) else None
+    if (not isinstance(gate, list) or len(gate) != 2 or not all(isinstance(v, int | float) for v in gate)
+            or not 0 < gate[0] < gate[1] < math.inf):
+        raise PackageError(f"fluid.gate_t2_ms: expected two increasing, positive T2 values (ms), got {gate!r}")
+    return float(gate[0]), float(gate[1])
+
+
+def _load_fluid(base: ModelPackage, device: str | torch.device) -> FluidMember:
+    """The fluid member of composite ``base``, checked to take the same input and give the same channels."""
+    gate = fluid_gate(base.manifest["fluid"])
+    member = load_package(base.path / FLUID_DIR, device=device)
+    if member.fluid is not None:
+        raise PackageError(f"{base.path / FLUID_DIR}: a fluid package cannot itself have one")
+    if member.sequence.hash() != base.sequence.hash() or not np.allclose(member.basis, base.basis, atol=1e-6):
+        raise PackageError(f"{base.path / FLUID_DIR}: its MRF sequence or SVD basis differs from the base's")
+    if (member.model.config != base.model.config or member.normalisation != base.normalisation
+            or member.signal_channels != base.signal_channels):
+        raise PackageError(f"{base.path / FLUID_DIR}: its architecture, input normalisation or signal channels "
+                           "differ from the base's")
+    return FluidMember(member, gate)
 
 
 def check_compatible(package: ModelPackage, dictionary: Dictionary) -> None:

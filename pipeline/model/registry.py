@@ -356,18 +356,22 @@ class ModelRegistry:
         package = _load(path, name)
         check_compatible(package, self.dictionary())
         volume, mask = _smoke_input()
-        out = synthesise_channels(network_input(package, volume, mask, PAPER_PROTOCOL), mask, package,
-                                  protocol=features_for(package, PAPER_PROTOCOL))[mask]
-        if not np.all(np.isfinite(out)):
-            raise PackageError(f"{name}: smoke inference produced non-finite channel values")
-        lo, hi = package.channel_ranges[:, 0], package.channel_ranges[:, 1]
-        reach_lo = lo - (hi - lo)  # tanh in [-1, 1] scaled by min + (max - min) * y
-        tol = 1e-3 * (hi - lo)
-        outside = np.any((out < reach_lo - tol) | (out > hi + tol), axis=0)
-        if outside.any():
-            channels = [c for c, bad in zip(CHANNEL_NAMES, outside, strict=True) if bad]
-            raise PackageError(f"{name}: smoke inference values outside the channel ranges in {', '.join(channels)}")
-        in_range = float(np.mean((out >= lo - tol) & (out <= hi + tol)))
+        members = [(name, package)] + ([(f"{name} (fluid network)", package.fluid.package)] if package.fluid else [])
+        in_range = 1.0
+        for label, member in members:
+            out = synthesise_channels(network_input(member, volume, mask, PAPER_PROTOCOL), mask, member,
+                                      protocol=features_for(member, PAPER_PROTOCOL))[mask]
+            if not np.all(np.isfinite(out)):
+                raise PackageError(f"{label}: smoke inference produced non-finite channel values")
+            lo, hi = member.channel_ranges[:, 0], member.channel_ranges[:, 1]
+            reach_lo = lo - (hi - lo)  # tanh in [-1, 1] scaled by min + (max - min) * y
+            tol = 1e-3 * (hi - lo)
+            outside = np.any((out < reach_lo - tol) | (out > hi + tol), axis=0)
+            if outside.any():
+                channels = [c for c, bad in zip(CHANNEL_NAMES, outside, strict=True) if bad]
+                raise PackageError(f"{label}: smoke inference values outside the channel ranges in "
+                                   f"{', '.join(channels)}")
+            in_range = min(in_range, float(np.mean((out >= lo - tol) & (out <= hi + tol))))
         return VerifyReport(name, ("checksums", "load", "sequence and basis", "smoke inference"), in_range)
 
     def activate(self, name: str) -> None:

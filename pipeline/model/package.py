@@ -211,9 +211,9 @@ def verify_checksums(path: Path, manifest: dict[str, object]) -> None:
     """Raise :class:`PackageError` naming the first missing or altered file (a composite's fluid package is checked
     through its manifest, which names its own files)."""
     files = manifest.get("files")
-    expected = {WEIGHTS, SEQUENCE} | ({FLUID_MANIFEST} if "fluid" in manifest else set())
-    if not isinstance(files, dict) or set(files) != expected:
-        raise PackageError(f"{path / MANIFEST}: 'files' must list {', '.join(sorted(expected))} with their SHA-256")
+    required = {WEIGHTS, SEQUENCE} | ({FLUID_MANIFEST} if "fluid" in manifest else set())
+    if not isinstance(files, dict) or set(files) != required:
+        raise PackageError(f"{path / MANIFEST}: 'files' must list {', '.join(sorted(required))} with their SHA-256")
     for name, expected in files.items():
         file = path / name
         if not file.is_file():

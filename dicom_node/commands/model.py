@@ -246,11 +246,16 @@ def fluid(base: str, fluid: str, gate: tuple[float, float], out_dir: Path, name:
               help="Training run folder (best.pt, metrics.csv, train_config.json).")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The dataset the run was trained on (its manifest names the sequence).")
+@click.option("--weights", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="best: per network the weights of its best validation epoch; last: the last epoch's weights "
+                   "(when the validation MSE over all voxels cannot see what the run was for, e.g. a fluid network "
+                   "fine-tuned on another CSF prior, whose few fluid voxels barely move it).")
 @_new_package_options
-def package_model(run_dir: Path, data_dir: Path, out_dir: Path, name: str, version: str,
+def package_model(run_dir: Path, data_dir: Path, weights: str, out_dir: Path, name: str, version: str,
                   metrics_path: Path | None) -> None:
-    """Package a training run's best weights with its channel ranges, SVD basis and provenance."""
+    """Package a training run's weights with its channel ranges, SVD basis and provenance."""
     from training.packaging import package_run
 
-    path = package_run(run_dir, data_dir, out_dir, name=name, version=version, metrics=_read_metrics(metrics_path))
+    path = package_run(run_dir, data_dir, out_dir, name=name, version=version, metrics=_read_metrics(metrics_path),
+                       weights=weights)
     click.echo(f"wrote {path}")

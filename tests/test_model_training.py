@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from dicom_node.cli import cli
 from pipeline.apparent_t1 import apparent_t1_plane
@@ -128,6 +129,18 @@ def test_training_runs_resumes_and_packages(tiny_dataset: Path, tmp_path: Path,
     inside = channels[mask]
     assert np.all(inside >= loaded.channel_ranges[:, 0] - 1e-3) and np.all(inside <= loaded.channel_ranges[:, 1] + 1e-3)
     assert np.all(channels[~mask] == 0)
+
+    # --weights last: the checkpoint's own (last epoch) weights, whatever the validation chose.
+    last = package_run(run, tiny_dataset, tmp_path / "pkg-last", name="tiny", version="0.0-last", weights="last")
+    saved = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    stored = load_file(str(last / "weights.safetensors"))
+    for key, value in saved["model"].items():
+        np.testing.assert_array_equal(stored[key].float().numpy(), value.half().float().numpy(), err_msg=key)
+    last_doc = json.loads((last / "manifest.json").read_text())["training"]
+    assert last_doc["weights"] == "the last epoch's" and len(last_doc["last_validation_mse"]) == 7
+    assert manifest["training"]["weights"] == "per network, its best validation epoch"
+    with pytest.raises(ValueError, match="weights"):
+        package_run(run, tiny_dataset, tmp_path / "pkg-x", name="tiny", version="0.0-x", weights="median")
 
 
 def test_cosine_schedule_warms_up_then_decays_to_the_floor() -> None:

@@ -64,7 +64,8 @@ def package_run(run_dir: Path, dataset_dir: Path, out_dir: Path, *, name: str, v
         "weights": "per network, its best validation epoch" if weights == "best" else "the last epoch's",
     }
     if weights == "last" and history:
-        training["last_validation_mse"] = [float(history[-1][f"val_{c}"]) for c in CHANNEL_NAMES]
+        last = [float(history[-1][f"val_{c}"]) for c in CHANNEL_NAMES]
+        training["last_validation_mse"] = [v if np.isfinite(v) else None for v in last]  # nan: not trained
     entries = manifest_entries(manifest)
     trained = protocol_ranges([subject_protocol(entries.get(sid, {})) for sid in manifest["split"]["train"]])
     sequence_json = find_sequence_file(seq_doc.get("name", "")).read_text()

@@ -56,6 +56,7 @@ class TrainConfig:
     max_minutes: float | None = None  # stop cleanly (checkpoint saved) after this much wall time
     normalisation: str = "p95"  # input scaling (pipeline/normalise.py); packages before 0.3 used "max"
     hold_below_t2: float | None = None  # fine-tuning: voxels of reference T2 under this (ms) keep the package's outputs
+    loss_above_t2: float | None = None  # a fluid network: loss, validation, crop centres where reference T2 > this
     unet: UNetConfig = field(default_factory=UNetConfig)
 
 
@@ -66,9 +67,10 @@ class _State:
     best_state: dict[str, torch.Tensor]
 
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
-"""Inputs (B, 1 + physics planes, H, W), scaled targets (B, 7, H, W), protocol features (B, P) or None, and where
-the targets are to be held at the starting package's outputs (B, 1, H, W; ``hold_below_t2`` runs) or None."""
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+"""Inputs (B, 1 + physics planes, H, W), scaled targets (B, 7, H, W), protocol features (B, P) or None, where the
+targets are to be held at the starting package's outputs (B, 1, H, W; ``hold_below_t2`` runs) or None, and where the
+loss counts (B, 1, H, W; ``loss_above_t2`` runs) or None (everywhere)."""
 
 
 def _sample_batch(subjects: list[PreparedSubject], rng: np.random.Generator, batch: int, crop: int,
@@ -76,6 +78,7 @@ def _sample_batch(subjects: list[PreparedSubject], rng: np.random.Generator, bat
     """Random slices (random subject, slice, crop inside the brain, left-right flip)."""
     xs, ys, ps = [], [], []
     hs: list[np.ndarray] = []
+    ws: list[np.ndarray] = []
     lo, span = ranges[:, 0, None, None], (ranges[:, 1] - ranges[:, 0])[:, None, None]
     for _ in range(batch):
         s = subjects[rng.integers(len(subjects))]
@@ -83,9 +86,13 @@ def _sample_batch(subjects: list[PreparedSubject], rng: np.random.Generator, bat
         planes = [_input_planes(s, i, config), np.asarray(s.targets[i], np.float32)]
         if config.hold_below_t2 is not None:
             planes.append(_hold_plane(s, i, config.hold_below_t2))
+        if config.loss_above_t2 is not None:
+            planes.append(~_hold_plane(s, i, config.loss_above_t2))
         ps.append(s.features)
         if crop:
-            rows, cols = np.nonzero(s.masks[i])
+            rows, cols = np.nonzero(s.masks[i] & planes[-1][0] if config.loss_above_t2 is not None else s.masks[i])
+            if not rows.size:  # a slice without fluid: anywhere in the brain
+                rows, cols = np.nonzero(s.masks[i])
             k = int(rng.integers(rows.size))
             r0 = int(np.clip(rows[k] - crop // 2, 0, planes[0].shape[1] - crop))
             c0 = int(np.clip(cols[k] - crop // 2, 0, planes[0].shape[2] - crop))
@@ -94,15 +101,18 @@ def _sample_batch(subjects: list[PreparedSubject], rng: np.random.Generator, bat
             planes = [a[:, ::-1] for a in planes]
         xs.append(planes[0].copy())
         ys.append(((planes[1] - lo) / span).copy())
-        hs.extend(a.copy() for a in planes[2:])
+        if config.hold_below_t2 is not None:
+            hs.append(planes[2].copy())
+        if config.loss_above_t2 is not None:
+            ws.append(planes[-1].copy())
     return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)), _features(ps, config),
-            torch.from_numpy(np.stack(hs)) if hs else None)
+            torch.from_numpy(np.stack(hs)) if hs else None, torch.from_numpy(np.stack(ws)) if ws else None)
 
 
 def _hold_plane(s: PreparedSubject, i: int, level: float) -> np.ndarray:
-    """(1, X, Y): where slice ``i``'s targets are held (reference T2 under ``level`` ms)."""
+    """(1, X, Y): where slice ``i``'s reference T2 is under ``level`` ms (held targets; its complement: fluid)."""
     if s.reference_t2 is None:
-        raise ValueError(f"{s.subject}: holding by T2 needs the subject's reference T2 map (load_dataset(..., "
+        raise ValueError(f"{s.subject}: choosing voxels by T2 needs the subject's reference T2 map (load_dataset(..., "
                          "reference_t2=True))")
     return (np.asarray(s.reference_t2[i], np.float32) < level)[None]
 
@@ -127,10 +137,11 @@ def _validation_set(subjects: list[PreparedSubject], n: int, ranges: np.ndarray,
     lo, span = ranges[:, 0, None, None], (ranges[:, 1] - ranges[:, 0])[:, None, None]
     x = np.stack([_input_planes(s, i, config) for s, i in chosen])
     y = np.stack([(np.asarray(s.targets[i], np.float32) - lo) / span for s, i in chosen])
-    level = config.hold_below_t2
+    level, fluid = config.hold_below_t2, config.loss_above_t2
     hold = None if level is None else torch.from_numpy(np.stack([_hold_plane(s, i, level) for s, i in chosen]))
+    where = None if fluid is None else torch.from_numpy(np.stack([~_hold_plane(s, i, fluid) for s, i in chosen]))
     return (torch.from_numpy(x), torch.from_numpy(y.astype(np.float32)),
-            _features([s.features for s, _ in chosen], config), hold)
+            _features([s.features for s, _ in chosen], config), hold, where)
 
 
 def learning_rate_at(step: int, config: TrainConfig) -> float:
@@ -159,17 +170,34 @@ def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
 
 
 def validation_mse(model: torch.nn.Module, data: Batch, device: torch.device, batch: int = 8) -> np.ndarray:
-    """Mean squared error per network over whole validation slices (scaled units)."""
-    x, y, p, _ = data
+    """Mean squared error per network over whole validation slices (scaled units), or over the voxels where the
+    loss counts (``loss_above_t2`` runs)."""
+    x, y, p, _, where = data
     model.eval()
     total = torch.zeros(y.shape[1], dtype=torch.float64)
+    count = 0.0
     with torch.inference_mode():
         for s in range(0, x.shape[0], batch):
             features = None if p is None else p[s : s + batch].to(device)
             out = model(x[s : s + batch].to(device), features).float().cpu()
-            total += ((out - y[s : s + batch]) ** 2).mean(dim=(2, 3)).sum(dim=0).double()
+            squared = (out - y[s : s + batch]) ** 2
+            if where is None:
+                total += squared.mean(dim=(2, 3)).sum(dim=0).double()
+                count += squared.shape[0]
+            else:
+                total += (squared * where[s : s + batch]).sum(dim=(0, 2, 3)).double()
+                count += float(where[s : s + batch].sum())
     model.train()
-    return (total / x.shape[0]).numpy()
+    return (total / max(count, 1.0)).numpy()
+
+
+def masked_mse(out: torch.Tensor, y: torch.Tensor, where: torch.Tensor | None) -> torch.Tensor:
+    """Per-network mean squared error of a batch: over every voxel, or over ``where`` (B, 1, H, W) only (zero for a
+    batch without such voxels)."""
+    squared = (out - y) ** 2
+    if where is None:
+        return squared.mean(dim=(0, 2, 3))
+    return (squared * where).sum(dim=(0, 2, 3)) / where.sum().clamp(min=1)
 
 
 def _holding_model(initial: ModelPackage, config: TrainConfig, active: tuple[int, ...],
@@ -186,14 +214,14 @@ def _holding_model(initial: ModelPackage, config: TrainConfig, active: tuple[int
 def held_batch(data: Batch, holder: UNetEnsemble, chunk: int = 8) -> Batch:
     """``data`` with its targets replaced by ``holder``'s outputs where its hold plane is set (computed on the
     holder's device; the targets stay where they were)."""
-    x, y, p, hold = data
+    x, y, p, hold, where = data
     if hold is None:
         return data
     device = next(holder.parameters()).device
     with torch.inference_mode():
         held = torch.cat([holder(x[s : s + chunk].to(device), None if p is None else p[s : s + chunk].to(device))
                           .float() for s in range(0, x.shape[0], chunk)])
-    return x, torch.where(hold.to(device), held, y.to(device)).to(y.device), p, hold
+    return x, torch.where(hold.to(device), held, y.to(device)).to(y.device), p, hold, where
 
 
 def _initialise_output_bias(model: UNetEnsemble, subjects: list[PreparedSubject], ranges: np.ndarray,
@@ -203,7 +231,7 @@ def _initialise_output_bias(model: UNetEnsemble, subjects: list[PreparedSubject]
     Scaled targets sit far from tanh(0) = 0 for some channels (the background of SV2 re is ~0.96);
     starting there produced large early updates that left a whole network with dead ReLUs (seen here).
     """
-    _, y, _, _ = _sample_batch(subjects, np.random.default_rng([config.seed, 2**31]), 64, config.crop, ranges, config)
+    _, y, *_ = _sample_batch(subjects, np.random.default_rng([config.seed, 2**31]), 64, config.crop, ranges, config)
     mean = y.mean(dim=(0, 2, 3)).clamp(-0.95, 0.95)
     bias = model.head.bias
     assert bias is not None  # the head conv is built with a bias
@@ -258,6 +286,9 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
     config = replace(config, init_from=None if initial is None else initial.name)
     if config.hold_below_t2 is not None and initial is None:
         raise InitialModelError("holding outputs (--hold-below-t2) needs a package to hold them from (--init-from)")
+    if config.hold_below_t2 is not None and config.loss_above_t2 is not None:
+        raise ValueError("--hold-below-t2 and --loss-above-t2 exclude each other: a fluid network's loss ignores "
+                         "the tissue that a hold would keep")
     rank, world = _distributed()
     dev = resolve_device(device)
     if world > 1 and dev.type == "cuda":
@@ -336,13 +367,13 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate_at(step, config)
             batch = _sample_batch(train_subjects, rng, config.batch_size // world, config.crop, ranges, config)
-            x, y, p, hold = (batch[0].to(dev), batch[1][:, list(active)].to(dev),
-                             *(None if t is None else t.to(dev) for t in batch[2:]))
+            x, y, p, hold, where = (batch[0].to(dev), batch[1][:, list(active)].to(dev),
+                                    *(None if t is None else t.to(dev) for t in batch[2:]))
             if holder is not None:
-                x, y, p, _ = held_batch((x, y, p, hold), holder)
+                x, y, p, *_ = held_batch((x, y, p, hold, where), holder)
             with _autocast(dev, config.bf16):
                 out = net(x, p)
-            per_net = ((out.float() - y) ** 2).mean(dim=(0, 2, 3))
+            per_net = masked_mse(out.float(), y, where)
             optimiser.zero_grad(set_to_none=True)
             scaler.scale(per_net.sum()).backward()
             scaler.step(optimiser)

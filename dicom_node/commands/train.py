@@ -34,6 +34,13 @@ from dicom_node.commands.options import device_option
                                  "take the --init-from package's own outputs as targets, so the fine-tune moves "
                                  "fluid voxels (CSF and its partial volume) towards the data and holds what the "
                                  "package gives in tissue. Off by default.")
+@click.option("--loss-above-t2", "loss_above_t2", default=None, type=click.FloatRange(min=0, min_open=True),
+              metavar="MS", help="Train a fluid network (`synthmrf model fluid`): the loss, the validation MSE (so "
+                                 "the best weights) and the crops' centres count only voxels whose reference T2 "
+                                 "(each subject's T2.nii.gz) exceeds MS, the fluid that such a network is used for; "
+                                 "in a whole brain they are a few per cent of the voxels and barely move an "
+                                 "all-voxel loss. Its tissue outputs are left free: use the result only as a fluid "
+                                 "network. Excludes --hold-below-t2. Off by default.")
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("var/synthmrf/models"),
               envvar="SYNTHMRF_MODELS_DIR", show_default=True, help="Model registry for --init-from NAME.")
 @click.option("--validation-slices", default=32, show_default=True, type=click.IntRange(min=1))
@@ -61,8 +68,8 @@ from dicom_node.commands.options import device_option
 @device_option
 def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, iterations_per_epoch: int,
           batch_size: int, crop: int, learning_rate: float, lr_schedule: str, min_learning_rate: float,
-          init_from: str | None, hold_below_t2: float | None, models_dir: Path, validation_slices: int,
-          bf16: bool | None, max_minutes: float | None,
+          init_from: str | None, hold_below_t2: float | None, loss_above_t2: float | None, models_dir: Path,
+          validation_slices: int, bf16: bool | None, max_minutes: float | None,
           protocol_aware: bool, physics_input: bool, normalisation: str, networks: str, seed: int, device: str) -> None:
     """Train (or resume) the ensemble: Adam, MSE per network, best weights per network by validation MSE.
 
@@ -82,6 +89,9 @@ def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, it
     if hold_below_t2 is not None and init_from is None:
         raise click.BadParameter("holds a package's outputs: give the package with --init-from",
                                  param_hint="--hold-below-t2")
+    if hold_below_t2 is not None and loss_above_t2 is not None:
+        raise click.BadParameter("a fluid network's loss ignores the tissue that --hold-below-t2 would keep: give one",
+                                 param_hint="--loss-above-t2")
     initial = None
     if init_from is not None:
         from pipeline.model.package import PackageError
@@ -99,11 +109,12 @@ def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, it
 
         bf16 = inference_dtype(resolve_device(device), "auto") != torch.float32
     dataset = load_dataset(data_dir, cache_dir or run_dir.parent / "cache", progress=True,
-                           reference_t2=hold_below_t2 is not None)
+                           reference_t2=hold_below_t2 is not None or loss_above_t2 is not None)
     config = TrainConfig(epochs=epochs, iterations_per_epoch=iterations_per_epoch, batch_size=batch_size, crop=crop,
                          learning_rate=learning_rate, lr_schedule=lr_schedule, min_learning_rate=min_learning_rate,
                          seed=seed, bf16=bf16, validation_slices=validation_slices, max_minutes=max_minutes,
                          normalisation=normalisation, hold_below_t2=hold_below_t2,
+                         loss_above_t2=loss_above_t2,
                          unet=UNetConfig(protocol_features=N_FEATURES if protocol_aware else 0,
                                          physics_planes=1 if physics_input else 0))
     active = None

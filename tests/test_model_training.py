@@ -31,7 +31,9 @@ from training.train import (
     _validation_set,
     held_batch,
     learning_rate_at,
+    masked_mse,
     train,
+    validation_mse,
 )
 
 TINY = UNetConfig(n_nets=7, base_filters=4, depth=4, dropout=0.1)
@@ -230,7 +232,7 @@ def test_a_held_fine_tune_keeps_the_package_outputs_where_t2_is_short(tiny_datas
     level = 300.0
     batch = _validation_set([subject], len(subject.slices), package.channel_ranges, replace(tune, hold_below_t2=level))
     holder = _holding_model(package, tune, tuple(range(7)), torch.device("cpu"))
-    x, y, _, hold = held_batch(batch, holder)
+    x, y, _, hold, _ = held_batch(batch, holder)
     assert hold is not None and np.array_equal(hold[:, 0].numpy(), t2 < level)
     assert 0 < float((t2 >= level).sum()) < float((t2 > 0).sum())  # the phantom has fluid and tissue
     with torch.no_grad():
@@ -240,7 +242,7 @@ def test_a_held_fine_tune_keeps_the_package_outputs_where_t2_is_short(tiny_datas
     assert torch.equal(y.permute(0, 2, 3, 1)[fluid], batch[1].permute(0, 2, 3, 1)[fluid])
     # random crops and flips move the hold plane with the image: hold "T2" = the image itself, level 0.5
     mirror = replace(subject, reference_t2=subject.inputs)
-    x, _, _, hold = _sample_batch([mirror], np.random.default_rng(3), 16, 32, package.channel_ranges,
+    x, _, _, hold, _ = _sample_batch([mirror], np.random.default_rng(3), 16, 32, package.channel_ranges,
                                   replace(tune, hold_below_t2=0.5))
     assert hold is not None and torch.equal(hold[:, 0], x[:, 0] < 0.5) and 0 < float(hold.float().mean()) < 1
     # the holder of a run that gains protocol planes and trains some networks gives the package's outputs
@@ -258,6 +260,56 @@ def test_a_held_fine_tune_keeps_the_package_outputs_where_t2_is_short(tiny_datas
     result = CliRunner().invoke(cli, ["train", "--data", str(tiny_dataset), "--run-dir", str(tmp_path / "cli"),
                                       "--hold-below-t2", "300"])
     assert result.exit_code == 2 and "--hold-below-t2" in result.output, result.output
+
+
+def test_a_fluid_network_learns_only_from_fluid_voxels(tiny_dataset: Path, tmp_path: Path) -> None:
+    """--loss-above-t2: the loss and the validation MSE are the mean squared error over voxels whose reference T2
+    exceeds the level, and crops centre on such voxels, moving with the image."""
+    dataset = load_dataset(tiny_dataset, tmp_path / "cache", reference_t2=True)
+    subject = dataset.subjects["val"][0]
+    ranges = channel_ranges(dataset.subjects["train"])
+    level = 300.0
+    fluid = replace(TrainConfig(validation_slices=len(subject.slices), unet=TINY), loss_above_t2=level)
+    x, y, _, hold, where = _validation_set([subject], len(subject.slices), ranges, fluid)
+    t2 = np.asarray(subject.reference_t2, np.float32)
+    assert hold is None and where is not None and np.array_equal(where[:, 0].numpy(), t2 > level)
+    assert 0 < int(where.sum()) < int((t2 > 0).sum())  # the phantom has fluid and tissue
+    # the losses against an independent sum over the fluid voxels; what lies outside them changes nothing
+    torch.manual_seed(1)
+    out = y + 0.1 * torch.randn_like(y)
+    inside = where[:, 0].numpy()
+    expected = [float(((out[:, g].numpy() - y[:, g].numpy())[inside] ** 2).mean()) for g in range(7)]
+    assert np.allclose(masked_mse(out, y, where).numpy(), expected, rtol=1e-5)
+    assert np.allclose(masked_mse(torch.where(where, out, out + 5.0), y, where).numpy(), expected, rtol=1e-5)
+    assert float(masked_mse(out, y, torch.zeros_like(where)).sum()) == 0.0  # a batch without fluid: no gradient
+
+    class Half(torch.nn.Module):  # a stand-in network: every channel half the input
+        def forward(self, inputs: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+            return 0.5 * inputs[:, :1].expand(-1, 7, -1, -1)
+
+    half = 0.5 * x[:, 0].numpy()
+    reference = [float(((half - y[:, g].numpy())[inside] ** 2).mean()) for g in range(7)]
+    for chunk in (3, 64):  # the validation loop's chunks add up to the mean over every fluid voxel
+        assert np.allclose(validation_mse(Half(), (x, y, None, None, where), torch.device("cpu"), batch=chunk),
+                           reference, rtol=1e-5)
+    # crops centre on fluid and carry the fluid plane with the image: "T2" = the image itself, level 0.5
+    mirror = replace(subject, reference_t2=subject.inputs)
+    inputs, _, _, _, where = _sample_batch([mirror], np.random.default_rng(3), 16, 32, ranges,
+                                           replace(fluid, loss_above_t2=0.5))
+    assert where is not None and torch.equal(where[:, 0], inputs[:, 0] > 0.5)
+    centres = where[:, 0, 16, 16] | where[:, 0, 15, 15] | where[:, 0, 16, 15] | where[:, 0, 15, 16]
+    assert bool(centres.all()), centres  # a crop of 32 around a chosen voxel, unless clipped at the edge
+    # a fluid run trains, records the level, and refuses a hold beside it
+    run = train(dataset, tmp_path / "fluid", replace(fluid, epochs=1, iterations_per_epoch=2, batch_size=2, crop=32,
+                                                     validation_slices=2, warmup_iterations=1), progress=False)
+    assert run["epochs"] == 1 and all(math.isfinite(v) for v in run["best_val_mse"].values())
+    assert torch.load(tmp_path / "fluid" / "checkpoint.pt", weights_only=False)["config"]["loss_above_t2"] == level
+    with pytest.raises(ValueError, match=r"exclude each other"):
+        train(dataset, tmp_path / "both", replace(fluid, hold_below_t2=100.0), progress=False)
+    result = CliRunner().invoke(cli, ["train", "--data", str(tiny_dataset), "--run-dir", str(tmp_path / "cli"),
+                                      "--init-from", "synthmrf-phantom-0.7", "--hold-below-t2", "100",
+                                      "--loss-above-t2", "300"])
+    assert result.exit_code == 2 and "--loss-above-t2" in result.output, result.output
 
 
 def test_a_physics_plane_is_gained_by_fine_tuning_and_fed_at_inference(tiny_dataset: Path, tmp_path: Path) -> None:

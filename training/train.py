@@ -87,7 +87,7 @@ def _sample_batch(subjects: list[PreparedSubject], rng: np.random.Generator, bat
         if config.hold_below_t2 is not None:
             planes.append(_hold_plane(s, i, config.hold_below_t2))
         if config.loss_above_t2 is not None:
-            planes.append(~_hold_plane(s, i, config.loss_above_t2))
+            planes.append(_fluid_plane(s, i, config.loss_above_t2))
         ps.append(s.features)
         if crop:
             rows, cols = np.nonzero(s.masks[i] & planes[-1][0] if config.loss_above_t2 is not None else s.masks[i])
@@ -109,12 +109,22 @@ def _sample_batch(subjects: list[PreparedSubject], rng: np.random.Generator, bat
             torch.from_numpy(np.stack(hs)) if hs else None, torch.from_numpy(np.stack(ws)) if ws else None)
 
 
-def _hold_plane(s: PreparedSubject, i: int, level: float) -> np.ndarray:
-    """(1, X, Y): where slice ``i``'s reference T2 is under ``level`` ms (held targets; its complement: fluid)."""
+def _reference_t2(s: PreparedSubject, i: int) -> np.ndarray:
+    """(1, X, Y): slice ``i``'s reference T2 map, ms."""
     if s.reference_t2 is None:
         raise ValueError(f"{s.subject}: choosing voxels by T2 needs the subject's reference T2 map (load_dataset(..., "
                          "reference_t2=True))")
-    return (np.asarray(s.reference_t2[i], np.float32) < level)[None]
+    return np.asarray(s.reference_t2[i], np.float32)[None]
+
+
+def _hold_plane(s: PreparedSubject, i: int, level: float) -> np.ndarray:
+    """(1, X, Y): where slice ``i``'s targets are held (reference T2 under ``level`` ms)."""
+    return _reference_t2(s, i) < level
+
+
+def _fluid_plane(s: PreparedSubject, i: int, level: float) -> np.ndarray:
+    """(1, X, Y): where slice ``i``'s loss counts in a fluid network's run (reference T2 over ``level`` ms)."""
+    return _reference_t2(s, i) > level
 
 
 def _input_planes(s: PreparedSubject, i: int, config: TrainConfig) -> np.ndarray:
@@ -139,7 +149,7 @@ def _validation_set(subjects: list[PreparedSubject], n: int, ranges: np.ndarray,
     y = np.stack([(np.asarray(s.targets[i], np.float32) - lo) / span for s, i in chosen])
     level, fluid = config.hold_below_t2, config.loss_above_t2
     hold = None if level is None else torch.from_numpy(np.stack([_hold_plane(s, i, level) for s, i in chosen]))
-    where = None if fluid is None else torch.from_numpy(np.stack([~_hold_plane(s, i, fluid) for s, i in chosen]))
+    where = None if fluid is None else torch.from_numpy(np.stack([_fluid_plane(s, i, fluid) for s, i in chosen]))
     return (torch.from_numpy(x), torch.from_numpy(y.astype(np.float32)),
             _features([s.features for s, _ in chosen], config), hold, where)
 
@@ -284,11 +294,11 @@ def train(dataset: Dataset, run_dir: Path, config: TrainConfig = TrainConfig(), 
     on the same networks or on fewer.
     """
     config = replace(config, init_from=None if initial is None else initial.name)
-    if config.hold_below_t2 is not None and initial is None:
-        raise InitialModelError("holding outputs (--hold-below-t2) needs a package to hold them from (--init-from)")
     if config.hold_below_t2 is not None and config.loss_above_t2 is not None:
         raise ValueError("--hold-below-t2 and --loss-above-t2 exclude each other: a fluid network's loss ignores "
                          "the tissue that a hold would keep")
+    if config.hold_below_t2 is not None and initial is None:
+        raise InitialModelError("holding outputs (--hold-below-t2) needs a package to hold them from (--init-from)")
     rank, world = _distributed()
     dev = resolve_device(device)
     if world > 1 and dev.type == "cuda":

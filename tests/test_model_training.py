@@ -307,7 +307,7 @@ def test_a_fluid_network_learns_only_from_fluid_voxels(tiny_dataset: Path, tmp_p
     with pytest.raises(ValueError, match=r"exclude each other"):
         train(dataset, tmp_path / "both", replace(fluid, hold_below_t2=100.0), progress=False)
     result = CliRunner().invoke(cli, ["train", "--data", str(tiny_dataset), "--run-dir", str(tmp_path / "cli"),
-                                      "--init-from", "synthmrf-phantom-0.7", "--hold-below-t2", "100",
+                                      "--init-from", str(tmp_path / "any-0.0"), "--hold-below-t2", "100",
                                       "--loss-above-t2", "300"])
     assert result.exit_code == 2 and "--loss-above-t2" in result.output, result.output
 

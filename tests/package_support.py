@@ -24,6 +24,7 @@ def tiny_package(out: Path, sequence: Sequence, dictionary: Dictionary, name: st
     model = UNetEnsemble(config)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
+            assert m.running_mean is not None and m.running_var is not None  # tracked by default
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 1.5)
     r = seed if range_seed is None else range_seed

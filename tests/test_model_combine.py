@@ -77,6 +77,8 @@ def test_each_channel_gives_what_its_source_gave(make_package: MakePackage, tmp_
     assert manifest["training"]["best_validation_mse"] == [1.0, 3.0, 1.0, 1.0, 1.0, 2.0, 2.0]
     assert manifest["protocol_ranges"] == {"families": ["mprage", "tfe"], "field_strengths_t": [3.0],
                                            "ti_ms": [700.0, 1000.0], "flip_angle_deg": [8.0, 10.0]}
+    # the node's service user reads a package an admin wrote (safetensors itself writes 0600)
+    assert all((path / "weights.safetensors").stat().st_mode & 0o777 == 0o644 for path in (a, out))
 
 
 def test_packages_written_with_infinity_still_combine_into_strict_json(make_package: MakePackage,

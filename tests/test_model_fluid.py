@@ -56,23 +56,28 @@ def make_package(tmp_path: Path, default_sequence: Sequence, default_dictionary:
 
 @pytest.fixture(scope="module")
 def shipped_and_variant(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The shipped package, and a package of its architecture whose convolution kernels are the shipped ones each
-    scaled by 1 + 0.2 N(0, 1) (seeded): a fluid network that gives other channels than the base."""
-    base = next(p for p in sorted(SHIPPED_DIR.iterdir()) if p.is_dir())
-    manifest = read_manifest(base)
-    tensors = load_file(str(base / WEIGHTS))
+    """The shipped package's own networks as a plain package (the shipped one may itself be a composite, which
+    cannot be a base), and a package of its architecture whose convolution kernels are those each scaled by
+    1 + 0.2 N(0, 1) (seeded): a fluid network that gives other channels than the base."""
+    shipped = next(p for p in sorted(SHIPPED_DIR.iterdir()) if p.is_dir())
+    manifest = read_manifest(shipped)
+    tensors = load_file(str(shipped / WEIGHTS))
     basis = tensors.pop(BASIS_KEY)
     generator = torch.Generator().manual_seed(0)
-    state = {k: v.float() * (1 + 0.2 * torch.randn(v.shape, generator=generator)) if v.ndim == 4 else v
-             for k, v in tensors.items()}
-    variant = write_package(
-        tmp_path_factory.mktemp("variant") / "variant", name="variant", version="1", state=state,
-        unet=manifest_unet_config(manifest), channel_ranges=np.asarray(manifest["channel_ranges"], np.float32),
-        sequence_json=(base / SEQUENCE).read_text(), basis=basis.numpy(), training={}, metrics={},
-        normalisation=load_package(base).normalisation,
-        trained_protocols=manifest["protocol_ranges"],  # type: ignore[arg-type]
-        channel_signal=manifest["channel_signal"])  # type: ignore[arg-type]
-    return base, variant
+    perturbed = {k: v.float() * (1 + 0.2 * torch.randn(v.shape, generator=generator)) if v.ndim == 4 else v
+                 for k, v in tensors.items()}
+    folder = tmp_path_factory.mktemp("packages")
+
+    def write(name: str, state: dict[str, torch.Tensor]) -> Path:
+        return write_package(
+            folder / name, name=name, version="1", state=state,
+            unet=manifest_unet_config(manifest), channel_ranges=np.asarray(manifest["channel_ranges"], np.float32),
+            sequence_json=(shipped / SEQUENCE).read_text(), basis=basis.numpy(), training={}, metrics={},
+            normalisation=load_package(shipped).normalisation,
+            trained_protocols=manifest["protocol_ranges"],  # type: ignore[arg-type]
+            channel_signal=manifest["channel_signal"])  # type: ignore[arg-type]
+
+    return write("base", tensors), write("variant", perturbed)
 
 
 def _scene() -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 from click.testing import CliRunner
+from scipy import ndimage
 
 from dicom_node.cli import cli
 from pipeline.contrasts import DEFAULT_CONTRASTS, synthesise
@@ -134,7 +135,7 @@ def test_end_to_end_dicom_in_maps_out(subject: Path, package: ModelPackage, tmp_
     result = process_series(subject / "mprage_dicom", out, package, options=ProcessOptions(pd_dicom=True))
     assert _leftovers(tmp_path) == []
     assert set(result.stages) == {"read", "convert", "register", "resample", "mask", "inference", "match", "to_source",
-                                  "regions", "write"}
+                                  "regions", "write"} | ({"fluid"} if package.fluid is not None else set())
 
     # Maps on the source grid, in ms, agree with the phantom's truth per tissue.
     source_mprage, source_affine = load_volume(subject / "mprage.nii.gz")
@@ -166,7 +167,9 @@ def test_end_to_end_dicom_in_maps_out(subject: Path, package: ModelPackage, tmp_
     # (TI 3600 / 550 ms) nulls CSF and white matter, so near a null a small T1 difference becomes a large signal
     # ratio: on this 2.5 mm input CSF's truth carries partial volume (about 2800 ms), and a CSF T1 read 12 % high
     # (0.6: 3147 against 2801 ms, within the maps' bound above) moved DIR's GM / CSF ratio by 43 %. Their closeness
-    # is judged in T1, above.
+    # is judged in T1, above. For the same reason FLAIR's nulling is judged in CSF's core (the label eroded once):
+    # over the whole label even the truth's FLAIR reads CSF at 85 % of white matter (0.161 / 0.190), and a CSF T1
+    # read 7 % low (0.8: 2594 against 2800 ms) put it above.
     truth_maps = {q: load_volume(subject / f"{q}.nii.gz")[0] for q in ("T1", "T2", "PD")}
     our_maps = {q: load_volume(out / f"{q}.nii.gz")[0] for q in ("T1", "T2", "PD")}
     contrast, expected = {}, {}
@@ -177,12 +180,15 @@ def test_end_to_end_dicom_in_maps_out(subject: Path, package: ModelPackage, tmp_
         on_truth = resample_to_grid(image, affine, labels.shape, truth_affine, order=0)
         from_truth = synthesise(c, truth_maps["T1"], truth_maps["T2"], truth_maps["PD"])
         voxels = {t: tissues[t] & (on_truth > 0) for t in ("WM", "GM", "CSF")}
+        voxels["CSF core"] = ndimage.binary_erosion(tissues["CSF"]) & (on_truth > 0)
         contrast[c.name] = {t: float(np.median(on_truth[v])) for t, v in voxels.items()}
         expected[c.name] = {t: float(np.median(from_truth[v])) for t, v in voxels.items()}
     assert contrast["T1w"]["WM"] > contrast["T1w"]["GM"] > contrast["T1w"]["CSF"], contrast["T1w"]
     assert contrast["T2w"]["CSF"] > contrast["T2w"]["GM"] > contrast["T2w"]["WM"], contrast["T2w"]
     assert contrast["PDw"]["GM"] > contrast["PDw"]["WM"], contrast["PDw"]
-    assert contrast["FLAIR"]["CSF"] < min(contrast["FLAIR"]["WM"], contrast["FLAIR"]["GM"]), contrast["FLAIR"]
+    assert contrast["FLAIR"]["CSF core"] < 0.75 * min(contrast["FLAIR"]["WM"], contrast["FLAIR"]["GM"]), \
+        contrast["FLAIR"]
+    assert expected["FLAIR"]["CSF core"] < 0.75 * min(expected["FLAIR"]["WM"], expected["FLAIR"]["GM"])
     assert contrast["DIR"]["GM"] > max(contrast["DIR"]["WM"], contrast["DIR"]["CSF"]), contrast["DIR"]
     for name, ours, truth_of in (("T1w", "WM", "GM"), ("T2w", "GM", "WM"), ("PDw", "GM", "WM")):
         ratio, true_ratio = (d[name][ours] / d[name][truth_of] for d in (contrast, expected))

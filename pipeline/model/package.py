@@ -163,6 +163,7 @@ def write_package(out_dir: Path, *, name: str, version: str, state: dict[str, to
                for k, v in state.items()}
     tensors[BASIS_KEY] = torch.as_tensor(np.ascontiguousarray(basis, dtype=np.float32))
     save_file(tensors, str(out_dir / WEIGHTS))
+    (out_dir / WEIGHTS).chmod(0o644)  # safetensors writes 0600: the node's user must read what an admin wrote
     (out_dir / SEQUENCE).write_text(sequence_json)
     manifest["files"] = {WEIGHTS: sha256_file(out_dir / WEIGHTS), SEQUENCE: sha256_file(out_dir / SEQUENCE)}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n")

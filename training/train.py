@@ -86,11 +86,13 @@ def _sample_batch(subjects: list[PreparedSubject], rng: np.random.Generator, bat
         planes = [_input_planes(s, i, config), np.asarray(s.targets[i], np.float32)]
         if config.hold_below_t2 is not None:
             planes.append(_hold_plane(s, i, config.hold_below_t2))
+        centres = s.masks[i]
         if config.loss_above_t2 is not None:
             planes.append(_fluid_plane(s, i, config.loss_above_t2))
+            centres = centres & planes[-1][0]
         ps.append(s.features)
         if crop:
-            rows, cols = np.nonzero(s.masks[i] & planes[-1][0] if config.loss_above_t2 is not None else s.masks[i])
+            rows, cols = np.nonzero(centres)
             if not rows.size:  # a slice without fluid: anywhere in the brain
                 rows, cols = np.nonzero(s.masks[i])
             k = int(rng.integers(rows.size))
@@ -191,12 +193,9 @@ def validation_mse(model: torch.nn.Module, data: Batch, device: torch.device, ba
             features = None if p is None else p[s : s + batch].to(device)
             out = model(x[s : s + batch].to(device), features).float().cpu()
             squared = (out - y[s : s + batch]) ** 2
-            if where is None:
-                total += squared.mean(dim=(2, 3)).sum(dim=0).double()
-                count += squared.shape[0]
-            else:
-                total += (squared * where[s : s + batch]).sum(dim=(0, 2, 3)).double()
-                count += float(where[s : s + batch].sum())
+            counted = torch.ones_like(squared[:, :1]) if where is None else where[s : s + batch]
+            total += (squared * counted).sum(dim=(0, 2, 3)).double()
+            count += float(counted.sum())
     model.train()
     return (total / max(count, 1.0)).numpy()
 

@@ -38,9 +38,9 @@ from dicom_node.commands.options import device_option
               metavar="MS", help="Train a fluid network (`synthmrf model fluid`): the loss, the validation MSE (so "
                                  "the best weights) and the crops' centres count only voxels whose reference T2 "
                                  "(each subject's T2.nii.gz) exceeds MS, the fluid that such a network is used for; "
-                                 "in a brain they are a minority of the voxels (15-30 % over 150 ms, 1-5 % "
-                                 "over 1000 ms in world v2) and barely move an all-voxel loss. Its tissue "
-                                 "outputs are left free: use the result only as a fluid network. Excludes "
+                                 "in a brain they are a minority of the voxels (14-30 % over 150 ms, 0.5-5 % "
+                                 "over 1000 ms in three world v2 subjects) and barely move an all-voxel loss. "
+                                 "Its tissue outputs are left free: use the result only as a fluid network. Excludes "
                                  "--hold-below-t2. Off by default.")
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("var/synthmrf/models"),
               envvar="SYNTHMRF_MODELS_DIR", show_default=True, help="Model registry for --init-from NAME.")

@@ -354,10 +354,13 @@ class NodeAssociationServer(ThreadedAssociationServer):
 
     def open_connections(self) -> list[str]:
         """The peer address of every open connection: associations running, and connections not yet handed to one."""
-        with self._connections_lock:  # first: a connection handed over meanwhile is then counted twice, not missed
-            starting = list(self._starting.values())
-        return [a.requestor.address_info.address for a in self.active_associations if a.requestor.address_info] + \
-            starting
+        with self._connections_lock:  # first: a connection handed over meanwhile is then seen twice, not missed
+            starting = dict(self._starting)
+        running = self.active_associations
+        for assoc in running:  # ... and counted once: a running association drops its own connection from `starting`
+            starting.pop(id(getattr(assoc.dul.socket, "socket", None)), None)
+        return [a.requestor.address_info.address for a in running if a.requestor.address_info] + \
+            list(starting.values())
 
     def verify_request(self, request: socket.socket | tuple[bytes, socket.socket],
                        client_address: tuple[str, int] | str) -> bool:

@@ -76,7 +76,7 @@ def test_the_shipped_model_skips_the_empty_channels_and_gives_zeros_there(monkey
 
 
 def test_model_info_shows_the_decision() -> None:
-    result = CliRunner().invoke(cli, ["model", "info", "synthmrf-phantom-0.8"])
+    result = CliRunner().invoke(cli, ["model", "info", "synthmrf-phantom-0.9"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)["channel_signal"]
     assert doc["carries_signal"] == [True, True, False, True, False, True, False]

@@ -12,6 +12,8 @@ import logging
 
 import click
 
+from dicom_node.logs import CHATTY_LIBRARIES
+
 COMMANDS = {  # name -> module under dicom_node.commands (the module defines a click command of that name)
     "mrf": "mrf", "model": "model", "phantom": "phantom", "demo": "demo", "train": "train", "evaluate": "evaluate",
     "serve": "serve", "worker": "worker", "jobs": "jobs", "status": "status", "echo": "echo", "send": "send",
@@ -41,7 +43,8 @@ def cli(verbose: int) -> None:
     """synthmrf: quantitative T1/T2/PD maps from routine MPRAGE via synthetic MR fingerprinting."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # per-PDU chatter (and identifiers) at INFO/DEBUG
+    for name in CHATTY_LIBRARIES:  # per-PDU and per-module chatter (pynetdicom's with identifiers) at INFO/DEBUG
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main() -> None:

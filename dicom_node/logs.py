@@ -33,6 +33,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+# Libraries whose INFO/DEBUG records are per-PDU or per-module chatter (pynetdicom: every PDU, the node logs
+# associations itself; highdicom: about nine "copy attributes of module" lines per result series, 90 per study;
+# dicom2nifti: each conversion step): warnings and errors only.
+CHATTY_LIBRARIES = ("pynetdicom", "highdicom", "dicom2nifti")
+
+
 def configure_logging(level: str, fmt: str) -> None:
     """Root logging to stderr in ``fmt`` ('text' or 'json') at ``level`` (called by ``serve``, not at import)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -46,7 +52,8 @@ def configure_logging(level: str, fmt: str) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     quiet = max(logging.getLevelNamesMapping()[level], logging.WARNING)
-    logging.getLogger("pynetdicom").setLevel(quiet)  # per-PDU chatter; the node logs associations itself
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(quiet)
     # pydicom's validation messages quote element values (birth dates, names): neither its log records nor
     # the copies it issues as warnings (printed to stderr, the log of a service) may reach the output
     logging.getLogger("pydicom").setLevel(logging.ERROR)

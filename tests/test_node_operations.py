@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.config import ConfigError
 from dicom_node.dimse.client import AssociationError, Peer, echo, store_files
-from dicom_node.logs import JsonFormatter, configure_logging
+from dicom_node.logs import CHATTY_LIBRARIES, JsonFormatter, configure_logging
 from dicom_node.node import Node, NodeLockedError
 
 
@@ -151,7 +151,7 @@ def test_json_log_lines_carry_identifiers() -> None:
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    levels = {name: logging.getLogger(name).level for name in ("pydicom", "pynetdicom")}
+    levels = {name: logging.getLogger(name).level for name in ("pydicom", *CHATTY_LIBRARIES)}
     yield
     for h in root.handlers[:]:
         root.removeHandler(h)
@@ -172,6 +172,20 @@ def test_pydicom_messages_quoting_values_never_reach_the_log(restore_logging: No
     assert "a line of our own" in err
     assert "1970013X" not in err
     assert not [w for w in seen if "1970013X" in str(w.message)]
+
+
+def test_library_chatter_stays_out_of_an_info_log(restore_logging: None,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """highdicom logs about nine INFO lines per result series (90 per study): a service log at INFO keeps our
+    lines and the libraries' warnings only."""
+    configure_logging("INFO", "text")
+    logging.getLogger("highdicom.base").info('copy attributes of module "General Study"')
+    logging.getLogger("dicom2nifti.convert_ge").info("Reading and sorting dicom files")
+    logging.getLogger("highdicom.base").warning("a library warning")
+    logging.getLogger("dicom_node.test").info("a line of our own")
+    err = capsys.readouterr().err
+    assert "a line of our own" in err and "a library warning" in err
+    assert "copy attributes" not in err and "sorting" not in err
 
 
 def test_rejected_series_is_not_retried(tmp_path: Path, node_factory: list[Node]) -> None:

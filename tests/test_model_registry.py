@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from dicom_node.cli import cli
 from dicom_node.commands import model as model_commands
 from pipeline.model.package import WEIGHTS, PackageError, write_package
-from pipeline.model.registry import ModelRegistry, RegistryError
+from pipeline.model.registry import ModelEntry, ModelRegistry, RegistryError
 from pipeline.model.unet import UNetConfig, UNetEnsemble
 from pipeline.mrf.dictionary import Dictionary
 from pipeline.mrf.sequence import Sequence
@@ -75,6 +75,18 @@ def test_install_from_folder_lists_and_verifies(registry: ModelRegistry, make_pa
     assert 0.0 <= report.in_range_fraction <= 1.0
     assert registry.info("tiny-1.0")["version"] == "1.0"
     assert leftovers(registry.root) == []
+
+
+def test_nested_metrics_are_listed_by_their_path() -> None:
+    """Manifests since 0.8 nest their metrics (per data set and map); the list shows them, not "-"."""
+    metrics = {"out_of_world": {"source": "text is skipped", "ccc": {"ds1": {"T1": 0.953, "T2": 0.9}, "ds2": {"T1": 1}},
+                                "flag": True}, }
+    entry = ModelEntry("m-1", "builtin", Path("m"), {"metrics": metrics}, active=False)
+    assert entry.metrics_summary() == "ccc.ds1.T1=0.953 ccc.ds1.T2=0.9 ccc.ds2.T1=1"
+    assert entry.metrics_summary(limit=1) == "ccc.ds1.T1=0.953"
+    flat = ModelEntry("m-1", "builtin", Path("m"), {"metrics": {"a": {"x": 0.5}, "b": 2}}, active=False)
+    assert flat.metrics_summary() == "a.x=0.5 b=2"
+    assert ModelEntry("m-1", "builtin", Path("m"), {"metrics": {"note": "none"}}, active=False).metrics_summary() == "-"
 
 
 @pytest.mark.parametrize("fmt", ["gztar", "zip"])

@@ -80,12 +80,26 @@ class ModelEntry:
         return str(training.get("created", "-")) if isinstance(training, dict) else "-"
 
     def metrics_summary(self, limit: int = 3) -> str:
-        """Up to ``limit`` scalar metrics as ``key=value``."""
+        """Up to ``limit`` scalar metrics as ``key=value``; nested ones by their path (``a.b.c=0.95``).
+
+        A top-level key that every metric shares (such as ``out_of_world``) is left out; ``model info`` shows all.
+        """
         metrics = self.manifest.get("metrics")
         if not isinstance(metrics, dict):
             return "-"
-        scalars = [(k, v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]
-        return " ".join(f"{k}={v:.4g}" for k, v in scalars[:limit]) or "-"
+        scalars = list(_scalar_leaves(metrics, ()))
+        if len(scalars) > 1 and all(len(k) > 1 and k[0] == scalars[0][0][0] for k, _ in scalars):
+            scalars = [(k[1:], v) for k, v in scalars]
+        return " ".join(f"{'.'.join(k)}={v:.4g}" for k, v in scalars[:limit]) or "-"
+
+
+def _scalar_leaves(tree: dict[str, object], path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], float]]:
+    """The numbers in a nested dict with their key paths, depth first in the manifest's order."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _scalar_leaves(value, (*path, str(key)))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            yield (*path, str(key)), float(value)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ writing, the repository's header reader (pipeline.acquisition.protocol_from_dico
 "acquisition" = what a reader of the header learns) are used. See README.md.
 
 Usage (from the repository root): ``python -m research.indep_phantom.make_indep OUT [--per-protocol N]
-[--seed S] [--only I ...] [--no-kspace-weighting] [--template-cache PATH]``.
+[--seed S] [--only I ...] [--no-kspace-weighting] [--template-cache PATH] [--scale TISSUE.QTY=FACTOR ...]``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import datetime as dt
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -270,6 +270,30 @@ def draw_subject(i: int, protocol: Protocol, master: int) -> SubjectDraw:
     return SubjectDraw(f"sub-{i + 1:03d}", protocol, rot, scale, shift, atrophy, tissues, waves, phase, bias,
                        snr, oblique, fov_offset, int(rng.integers(2 ** 31)), int(rng.integers(25, 80)),
                        str(rng.choice(["F", "M"])))
+
+
+def parse_scale(text: str) -> tuple[str, int, float]:
+    """``wm.t1=1.15`` -> ("wm", 0, 1.15): a tissue, which of (t1, t2, pd), and its factor."""
+    try:
+        key, factor = text.split("=")
+        tissue, qty = key.split(".")
+        index = ("t1", "t2", "pd").index(qty)
+        value = float(factor)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected TISSUE.QTY=FACTOR (e.g. wm.t1=1.15), got {text!r}") from exc
+    if tissue not in COMPARTMENTS or not value > 0:
+        raise argparse.ArgumentTypeError(f"tissue must be one of {', '.join(COMPARTMENTS)} and the factor > 0: {text!r}")
+    return tissue, index, value
+
+
+def scaled(sub: SubjectDraw, scales: list[tuple[str, int, float]]) -> SubjectDraw:
+    """The same subject (anatomy, pose, noise, every other draw) with some tissue values multiplied."""
+    tissues = dict(sub.tissues)
+    for tissue, index, factor in scales:
+        values = list(tissues[tissue])
+        values[index] *= factor
+        tissues[tissue] = (values[0], values[1], values[2])
+    return replace(sub, tissues=tissues)
 
 
 def modulation(sub: SubjectDraw, mni: np.ndarray) -> np.ndarray:
@@ -806,6 +830,9 @@ def main() -> None:
     ap.add_argument("--anatomy", choices=("colin27", "mni152"), default="colin27",
                     help="ablation: mni152 renders the brain from synthmrf's own template's tissue maps (the rest of "
                          "the head stays Colin27's)")
+    ap.add_argument("--scale", type=parse_scale, action="append", default=[], metavar="TISSUE.QTY=FACTOR",
+                    help="dose-response: multiply a tissue's drawn T1, T2 or PD (e.g. wm.t1=1.15; repeatable); "
+                         "every other draw, the noise included, stays the same for the seed")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.template_cache is None:
@@ -817,7 +844,7 @@ def main() -> None:
         np.savez(args.template_cache, **tpl)  # type: ignore[arg-type]  # numpy's stub: allow_pickle
     root: Path = args.out
     root.mkdir(parents=True, exist_ok=True)
-    draws = [draw_subject(i, p, args.seed) for i, p in
+    draws = [scaled(draw_subject(i, p, args.seed), args.scale) for i, p in
              enumerate(p for p in PROTOCOLS for _ in range(args.per_protocol))]
     entries = []
     for i, sub in enumerate(draws):
@@ -838,6 +865,7 @@ def main() -> None:
         "format": "synthmrf-phantom/1",
         "generator": "indep/make_indep.py (independent of training/phantom)",
         "seed": args.seed,
+        "tissue_scale": [f"{t}.{('t1', 't2', 'pd')[i]}={f}" for t, i, f in args.scale],
         "n_subjects": len(entries),
         "mprage_registration": "none",
         "grids": {"mrf": {"shape": list(MRF_SHAPE), "affine_ras": MRF_AFFINE.tolist()}},

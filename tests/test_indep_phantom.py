@@ -1,7 +1,9 @@
-"""The independent MPRAGE phantom (research/indep_phantom): steady-state echo train and k-space weighting."""
+"""The independent MPRAGE phantom (research/indep_phantom): steady-state echo train, k-space weighting and the
+dose-response option."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 
@@ -13,8 +15,11 @@ from research.indep_phantom.make_indep import (
     PROTOCOLS,
     Protocol,
     centre_echo,
+    draw_subject,
     echo_signals,
+    parse_scale,
     partition_weights,
+    scaled,
     train_mz,
 )
 
@@ -109,3 +114,21 @@ def test_no_kspace_weighting_scales_by_the_centre_echo() -> None:
         weight = partition_weights(s, protocol, kspace_weighting=False)
         np.testing.assert_array_equal(weight, np.full(protocol.n_train, s[centre_echo(protocol)]))
         np.testing.assert_allclose(_image(vol, weight).real, vol * s[centre_echo(protocol)], rtol=1e-4, atol=1e-8)
+
+
+def test_scale_changes_one_value_and_keeps_every_other_draw() -> None:
+    base = draw_subject(3, PROTOCOLS[0], master=2040)
+    changed = scaled(draw_subject(3, PROTOCOLS[0], master=2040), [parse_scale("wm.t1=1.15"), parse_scale("gm.t2=0.8")])
+    assert changed.tissues["wm"] == pytest.approx((base.tissues["wm"][0] * 1.15, *base.tissues["wm"][1:]))
+    assert changed.tissues["gm"] == pytest.approx((base.tissues["gm"][0], base.tissues["gm"][1] * 0.8,
+                                                   base.tissues["gm"][2]))
+    assert {k: v for k, v in changed.tissues.items() if k not in ("wm", "gm")} == \
+        {k: v for k, v in base.tissues.items() if k not in ("wm", "gm")}
+    assert (changed.seed, changed.snr, changed.atrophy) == (base.seed, base.snr, base.atrophy)
+    np.testing.assert_array_equal(changed.bias_coef, base.bias_coef)
+
+
+@pytest.mark.parametrize("text", ["wm.t1", "wm.q1=1.1", "brain.t1=1.1", "wm.t1=0", "wm.t1=x"])
+def test_scale_refuses_what_it_cannot_read(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_scale(text)

@@ -282,7 +282,8 @@ def parse_scale(text: str) -> tuple[str, int, float]:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected TISSUE.QTY=FACTOR (e.g. wm.t1=1.15), got {text!r}") from exc
     if tissue not in COMPARTMENTS or not value > 0:
-        raise argparse.ArgumentTypeError(f"tissue must be one of {', '.join(COMPARTMENTS)} and the factor > 0: {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"tissue must be one of {', '.join(COMPARTMENTS)} and the factor > 0: {text!r}")
     return tissue, index, value
 
 

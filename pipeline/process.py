@@ -287,6 +287,7 @@ def _provenance_doc(source: Path, series: DicomSeries | None, package: ModelPack
         "software": {"name": "synthmrf", "version": software_version(), "torch": torch.__version__},
         "model": {"name": str(package.manifest["name"]), "version": str(package.manifest["version"]),
                   "trained_on": package.trained_on,
+                  **({"reading_note": package.reading_note} if package.reading_note else {}),
                   **({"fluid_network": {"name": package.fluid.package.name,
                                         "gate_t2_ms": list(package.fluid.gate_t2_ms),
                                         "trained_on": package.fluid.package.trained_on}} if package.fluid else {})},
@@ -344,7 +345,8 @@ def _write(out_dir: Path, source: Path, series: DicomSeries | None, results: _On
                   quality=maps["Q"], verdict=verdict)
         page = None
         if options.summary:
-            page = summary_page(staging / "qc.png", region_stats, model_label=package.name, verdict=verdict)
+            page = summary_page(staging / "qc.png", region_stats, model_label=package.name, verdict=verdict,
+                                reading_note=package.reading_note)
             save_png(staging / "summary.png", page)
         dicom_files: list[str] = []
         if series is not None and options.dicom:
@@ -379,7 +381,7 @@ def _write_dicom(series: DicomSeries, maps: dict[str, np.ndarray], folder: Path,
     from pipeline.dicom_output import Provenance, write_result_series
 
     provenance = Provenance(str(package.manifest["name"]), str(package.manifest["version"]),
-                            package.sequence.hash(), software_version())
+                            package.sequence.hash(), software_version(), package.reading_note)
     quantities = ("T1", "T2", "PD") if options.pd_dicom else ("T1", "T2")
     paths = write_result_series(series, maps, folder, provenance, derived=options.derived_series,
                                 quantities=quantities, quality=maps["Q"] if options.derived_series else None,

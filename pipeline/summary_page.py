@@ -13,6 +13,8 @@ from pipeline.regions import RegionStats
 
 PAGE_WIDTH_PX = 1600
 PAGE_DPI = 100
+NOTE_LINE_CHARS = 170  # a model's reading note, wrapped to lines of this length under the model's name
+NOTE_LINE_IN = 0.22
 NOT_FOR_DIAGNOSIS = "synthMRF summary - NOT FOR DIAGNOSIS: maps synthesised from a T1-weighted series, see the report"
 
 
@@ -46,9 +48,12 @@ def save_png(path: Path, page: np.ndarray) -> Path:
 
 
 def summary_page(qc_png: Path, stats: Sequence[RegionStats], *, model_label: str,
-                 verdict: StudyVerdict | None = None) -> np.ndarray:
-    """The page as an (H, W, 3) uint8 RGB array, ``PAGE_WIDTH_PX`` wide: the QC figure on top, the regional
-    table below (``stats``: per-region statistics of :func:`pipeline.regions.region_statistics`)."""
+                 verdict: StudyVerdict | None = None, reading_note: str = "") -> np.ndarray:
+    """The page as an (H, W, 3) uint8 RGB array, ``PAGE_WIDTH_PX`` wide: the header (with the model's
+    ``reading_note`` under its name), the QC figure, the regional table (``stats``: per-region statistics of
+    :func:`pipeline.regions.region_statistics`)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -59,12 +64,17 @@ def summary_page(qc_png: Path, stats: Sequence[RegionStats], *, model_label: str
     width_in = PAGE_WIDTH_PX / PAGE_DPI
     qc_height_in = width_in * qc.shape[0] / qc.shape[1]
     table_height_in = 0.28 * (len(rows) + 2) + 0.6
-    fig = plt.figure(figsize=(width_in, 0.9 + qc_height_in + table_height_in), dpi=PAGE_DPI)
-    total = 0.9 + qc_height_in + table_height_in
+    note_lines = textwrap.wrap(f"How to read these maps: {reading_note}", NOTE_LINE_CHARS) if reading_note else []
+    header_in = 0.9 + NOTE_LINE_IN * len(note_lines)
+    total = header_in + qc_height_in + table_height_in
+    fig = plt.figure(figsize=(width_in, total), dpi=PAGE_DPI)
     fig.text(0.5, 1 - 0.35 / total, NOT_FOR_DIAGNOSIS, ha="center", va="center", fontsize=14, color="darkred",
              weight="bold")
     status = "" if verdict is None else ("  |  quality: ok" if verdict.ok else "  |  FLAGGED: " + verdict.summary())
     fig.text(0.5, 1 - 0.7 / total, f"model {model_label}{status}"[:200], ha="center", va="center", fontsize=10)
+    for i, line in enumerate(note_lines):
+        fig.text(0.5, 1 - (0.95 + NOTE_LINE_IN * i) / total, line, ha="center", va="center", fontsize=10,
+                 color="darkred")
     image_ax = fig.add_axes((0.0, (table_height_in) / total, 1.0, qc_height_in / total))
     image_ax.imshow(qc)
     image_ax.axis("off")

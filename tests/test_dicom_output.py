@@ -635,6 +635,21 @@ def test_provenance_is_validated() -> None:
         Provenance("m", "1\\2", "0123456789abcdef", "0.1.0")
     with pytest.raises(TypeError, match=r"software_version: expected str, got int"):
         Provenance("m", "1", "0123456789abcdef", 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"reading_note: at most 400 characters"):
+        Provenance("m", "1", "0123456789abcdef", "0.1.0", "x" * 401)
+    with pytest.raises(ValueError, match=r"reading_note: .* printable ASCII"):
+        Provenance("m", "1", "0123456789abcdef", "0.1.0", "line one\nline two")
+
+
+def test_a_reading_note_ends_every_maps_derivation() -> None:
+    note = "White-matter T1 is a prior."
+    noted = Provenance("m", "1", "0123456789abcdef" * 4, "0.1.0", note)
+    assert noted.derivation_description("T1").endswith(f"; how to read it: {note}")
+    assert PROVENANCE.derivation_description("T1").endswith(f"synthmrf {PROVENANCE.software_version}")
+    assert noted.contrast_derivation(DEFAULT_CONTRASTS[0]).endswith(f"; how to read it: {note}")
+    longest = Provenance("m" * 19, "1" * 20, "0123456789abcdef" * 4, "9" * 55, "x" * 400)
+    texts = [longest.derivation_description("T1"), *(longest.contrast_derivation(c) for c in DEFAULT_CONTRASTS)]
+    assert max(len(t) for t in texts) <= 1024 - 120  # ST, with room for a flag's note
 
 
 # ---- out-of-range flag and the quality series -------------------------------------------------------------

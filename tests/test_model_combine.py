@@ -161,6 +161,15 @@ def test_cli_combine(make_package: MakePackage, tmp_path: Path) -> None:
                                env=env)
     assert not_object.exit_code == 2 and "expected a JSON object" in not_object.output
     assert not any((tmp_path / n).exists() for n in ("n", "o", "p"))
+    noted = runner.invoke(cli, ["model", "combine", str(a), "--take", f"SV3={b}", "--out", str(tmp_path / "q"),
+                                "--name", "q", "--version", "1", "--reading-note", "T2 is a prior."], env=env)
+    assert noted.exit_code == 0, noted.output
+    assert load_package(tmp_path / "q").reading_note == "T2 is a prior."
+    for note in ("x" * 401, "a\\b", "Kelvin \u212a", " padded"):
+        refused = runner.invoke(cli, ["model", "combine", str(a), "--take", f"SV3={b}", "--out", str(tmp_path / "r"),
+                                      "--name", "r", "--version", "1", "--reading-note", note], env=env)
+        assert refused.exit_code == 2 and "reading_note must be" in refused.output, refused.output
+    assert not (tmp_path / "r").exists()
 
 
 def _weights(path: Path) -> dict[str, np.ndarray]:
@@ -221,3 +230,15 @@ def test_cli_interpolate(make_package: MakePackage, tmp_path: Path) -> None:
                                   str(tmp_path / "o"), "--name", "o", "--version", "1"], env=env)
     assert refused.exit_code == 1 and "channel ranges differ" in refused.output
     assert not any((tmp_path / n).exists() for n in ("n", "o"))
+
+
+def test_a_bad_reading_note_in_a_manifest_is_refused_on_loading(make_package: MakePackage) -> None:
+    """The note goes into every result's DICOM text, so a package whose note could not be written is refused."""
+    path = make_package("a", 1, RANGES_A)
+    manifest = json.loads((path / "manifest.json").read_text())
+    for note in (17, "", "two\nlines"):
+        (path / "manifest.json").write_text(json.dumps({**manifest, "reading_note": note}))
+        with pytest.raises(PackageError, match="reading_note must be"):
+            load_package(path)
+    (path / "manifest.json").write_text(json.dumps({**manifest, "reading_note": "T2 is a prior."}))
+    assert load_package(path).reading_note == "T2 is a prior."

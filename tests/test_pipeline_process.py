@@ -234,9 +234,12 @@ def test_end_to_end_dicom_in_maps_out(subject: Path, package: ModelPackage, tmp_
         check = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True)
         errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
         assert errors == [], f"{path.name}: {errors}"
+        # The shipped model's reading note (what its maps do not follow) travels with every map.
+        assert ds.DerivationDescription.endswith(f"how to read it: {package.reading_note}")
 
     provenance = json.loads(result.provenance.read_text())
     assert provenance["model"]["name"] == package.manifest["name"]
+    assert provenance["model"]["reading_note"] == package.reading_note and "white-matter T1" in package.reading_note
     # What the weights were trained on, from the manifest's training record (its subject lists left out).
     trained_on = provenance["model"]["trained_on"]
     assert trained_on == package.trained_on and "split" not in trained_on

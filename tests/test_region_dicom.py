@@ -448,6 +448,11 @@ def test_summary_page_as_secondary_capture(classic: Written, tmp_path: Path) -> 
     qc = qc_figure(tmp_path / "qc.png", volume, {"T1": volume * 2000, "T2": volume * 100}, volume > 0.2, title="t")
     page = summary_page(qc, classic.stats, model_label="synthmrf-unet 1.2.0")
     assert page.ndim == 3 and page.shape[2] == 3 and page.dtype == np.uint8 and page.shape[1] == 1600
+    noted = summary_page(qc, classic.stats, model_label="synthmrf-unet 1.2.0", reading_note="T2 is a prior. " * 20)
+    assert noted.shape[0] == page.shape[0] + 2 * 22  # the note, wrapped to two lines under the model's name
+    # (the wording is drawn, not checked here; its red pixels are)
+    red = (noted[..., 0] > 100) & (noted[..., 1] < 60) & (noted[..., 2] < 60)
+    assert red[80:140].sum() > red[80:140].size * 0.002
     sc = build_summary(classic.series, page, PROVENANCE, series_number=432)
     path = tmp_path / SUMMARY_FILE_NAME
     write_dataset_atomic(sc, path)

@@ -117,8 +117,17 @@ def info(name: str | None) -> None:
     click.echo(json.dumps(_registry().info(name), indent=1))
 
 
+def _check_note(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from pipeline.model.package import PackageError, check_reading_note
+
+    try:
+        return None if value is None else check_reading_note(value, "--reading-note")
+    except PackageError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--reading-note: ")) from exc
+
+
 def _new_package_options(command: Callable[P, R]) -> Callable[P, R]:
-    """--out, --name, --version and --metrics of the commands that write a package."""
+    """--out, --name, --version, --metrics and --reading-note of the commands that write a package."""
     options = [
         click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
                      help="New package folder (must not exist)."),
@@ -126,6 +135,10 @@ def _new_package_options(command: Callable[P, R]) -> Callable[P, R]:
         click.option("--version", "version", required=True, help="Model version, e.g. 0.4."),
         click.option("--metrics", "metrics_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      default=None, help="JSON object of evaluation metrics to record in the manifest."),
+        click.option("--reading-note", "reading_note", callback=_check_note, metavar="TEXT",
+                     help="How to read this model's maps, in a sentence or two (printable ASCII, at most 400 "
+                          "characters): every result's DICOM (Derivation Description), summary page and "
+                          "provenance.json carry it. E.g. what its evaluation showed the maps do not follow."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -144,6 +157,15 @@ def _read_metrics(path: Path | None) -> dict[str, object] | None:
     return metrics
 
 
+def _note(path: Path, reading_note: str | None) -> Path:
+    """Record ``reading_note`` in the package just written at ``path``."""
+    if reading_note is not None:
+        from pipeline.model.package import set_reading_note
+
+        set_reading_note(path, reading_note)
+    return path
+
+
 def _package_folder(ref: str) -> Path:
     """A package folder as given, or the folder of an installed or built-in NAME-VERSION."""
     return Path(ref) if Path(ref).is_dir() else _registry().path_of(ref)
@@ -158,7 +180,7 @@ def _package_folder(ref: str) -> Path:
 @_new_package_options
 @_clean_errors
 def combine(base: str, takes: tuple[str, ...], out_dir: Path, name: str, version: str,
-            metrics_path: Path | None) -> None:
+            metrics_path: Path | None, reading_note: str | None) -> None:
     """Write a package made of BASE (a folder or NAME-VERSION) with some channels' networks taken from others.
 
     The seven networks are independent and each keeps its channel range, so every channel of the new package
@@ -177,8 +199,8 @@ def combine(base: str, takes: tuple[str, ...], out_dir: Path, name: str, version
         if channel.strip() in sources:
             raise click.BadParameter(f"{channel.strip()!r} is given twice", param_hint="--take")
         sources[channel.strip()] = _package_folder(ref.strip())
-    path = combine_packages(_package_folder(base), sources, out_dir, name=name, version=version,
-                            metrics=_read_metrics(metrics_path))
+    path = _note(combine_packages(_package_folder(base), sources, out_dir, name=name, version=version,
+                                  metrics=_read_metrics(metrics_path)), reading_note)
     manifest = json.loads((path / "manifest.json").read_text())
     for channel, entry in manifest["training"]["combined_from"].items():
         click.echo(f"{channel}: {entry['package']}")
@@ -193,7 +215,7 @@ def combine(base: str, takes: tuple[str, ...], out_dir: Path, name: str, version
 @_new_package_options
 @_clean_errors
 def interpolate(model_a: str, model_b: str, alpha: float, out_dir: Path, name: str, version: str,
-                metrics_path: Path | None) -> None:
+                metrics_path: Path | None, reading_note: str | None) -> None:
     """Write a package whose weights lie between A and B (folders or NAME-VERSION), e.g. a model and its fine-tune.
 
     Weight-space ensembling (WiSE-FT, Wortsman et al. 2022): a fine-tune can gain on its training world and lose
@@ -204,8 +226,8 @@ def interpolate(model_a: str, model_b: str, alpha: float, out_dir: Path, name: s
     """
     from pipeline.model.combine import interpolate_packages
 
-    path = interpolate_packages(_package_folder(model_a), _package_folder(model_b), alpha, out_dir, name=name,
-                                version=version, metrics=_read_metrics(metrics_path))
+    path = _note(interpolate_packages(_package_folder(model_a), _package_folder(model_b), alpha, out_dir, name=name,
+                                      version=version, metrics=_read_metrics(metrics_path)), reading_note)
     click.echo(f"wrote {path}")
 
 
@@ -219,7 +241,7 @@ def interpolate(model_a: str, model_b: str, alpha: float, out_dir: Path, name: s
 @_new_package_options
 @_clean_errors
 def fluid(base: str, fluid: str, gate: tuple[float, float], out_dir: Path, name: str, version: str,
-          metrics_path: Path | None) -> None:
+          metrics_path: Path | None, reading_note: str | None) -> None:
     """Write a package that is BASE with FLUID (folders or NAME-VERSION) as its fluid network.
 
     An MPRAGE shows almost nothing of CSF's T2, so a model gives there the prior it was trained with; fine-tuning
@@ -235,8 +257,8 @@ def fluid(base: str, fluid: str, gate: tuple[float, float], out_dir: Path, name:
 
     if gate[0] >= gate[1]:
         raise click.BadParameter(f"FROM ({gate[0]:g}) must be below TO ({gate[1]:g})", param_hint="--gate")
-    path = attach_fluid(_package_folder(base), _package_folder(fluid), gate, out_dir, name=name, version=version,
-                        metrics=_read_metrics(metrics_path))
+    path = _note(attach_fluid(_package_folder(base), _package_folder(fluid), gate, out_dir, name=name,
+                              version=version, metrics=_read_metrics(metrics_path)), reading_note)
     click.echo(f"wrote {path} (fluid network where {Path(base).name}'s T2 > {gate[0]:g} ms, fully from "
                f"{gate[1]:g} ms)")
 
@@ -252,10 +274,10 @@ def fluid(base: str, fluid: str, gate: tuple[float, float], out_dir: Path, name:
                    "fine-tuned on another CSF prior, whose few fluid voxels barely move it).")
 @_new_package_options
 def package_model(run_dir: Path, data_dir: Path, weights: str, out_dir: Path, name: str, version: str,
-                  metrics_path: Path | None) -> None:
+                  metrics_path: Path | None, reading_note: str | None) -> None:
     """Package a training run's weights with its channel ranges, SVD basis and provenance."""
     from training.packaging import package_run
 
-    path = package_run(run_dir, data_dir, out_dir, name=name, version=version, metrics=_read_metrics(metrics_path),
-                       weights=weights)
+    path = _note(package_run(run_dir, data_dir, out_dir, name=name, version=version,
+                             metrics=_read_metrics(metrics_path), weights=weights), reading_note)
     click.echo(f"wrote {path}")

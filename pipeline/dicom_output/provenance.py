@@ -24,6 +24,7 @@ SEQUENCE_PREFIX = "MRF sequence "
 SEQUENCE_HASH_SHOWN = 16  # hex digits of the sequence hash in SoftwareVersions (the full hash is in the text)
 FLAG_PREFIX = "OUT OF RANGE: "  # SeriesDescription of every result series of a flagged study
 FLAG_NOTE = "FLAGGED: input or result outside the model's validated range, interpret with caution"
+READING_NOTE_MAX = 400  # a model's reading note in DerivationDescription (ST, 1024) beside the provenance and a flag
 COMMENT_MAX = 1024  # of ImageComments (LT allows 10240): reasons are one line each, a few of them
 CONTRAST_COMMENT = ("Synthetic image, not acquired: computed from the synthMRF T1, T2 and PD maps by a signal "
                     "equation (see Derivation Description); not for primary diagnosis without the acquired images")
@@ -36,12 +37,14 @@ _PRINTABLE = re.compile(r"[ -\[\]-~]+")  # printable ASCII without the backslash
 
 @dataclass(frozen=True)
 class Provenance:
-    """Model name and version, the MRF sequence hash (lower-case hex) and the synthmrf version."""
+    """Model name and version, the MRF sequence hash (lower-case hex), the synthmrf version and the model's reading
+    note (how to read its maps; empty for a model without one)."""
 
     model_name: str
     model_version: str
     sequence_hash: str
     software_version: str
+    reading_note: str = ""
 
     def __post_init__(self) -> None:
         for field in ("model_name", "model_version", "software_version"):
@@ -51,6 +54,10 @@ class Provenance:
             if not _PRINTABLE.fullmatch(value) or value != value.strip():
                 raise ValueError(f"{field}: must be non-empty printable ASCII without backslash or surrounding "
                                  f"spaces, got {value!r}")
+        if self.reading_note and (not isinstance(self.reading_note, str) or len(self.reading_note) > READING_NOTE_MAX
+                                  or not _PRINTABLE.fullmatch(self.reading_note)):
+            raise ValueError(f"reading_note: at most {READING_NOTE_MAX} characters of printable ASCII without "
+                             f"backslash, got {str(self.reading_note)[:60]!r}")
         if not isinstance(self.sequence_hash, str) or not _HEX.fullmatch(self.sequence_hash):
             raise ValueError(f"sequence_hash: expected 16 to 64 lower-case hex digits, got {self.sequence_hash!r}")
         if len(self.model_label) > MODEL_LABEL_MAX:
@@ -75,10 +82,10 @@ class Provenance:
         return f"synthMRF {quantity} map; model {self.model_label}"
 
     def contrast_derivation(self, contrast: Contrast) -> str:
-        """DerivationDescription of a synthetic contrast: computed, not acquired, and how."""
+        """DerivationDescription of a synthetic contrast: computed, not acquired, how, and the model's reading note."""
         return (f"synthetic {contrast.description}, NOT ACQUIRED: computed from the synthMRF T1, T2 and PD maps by "
                 f"{contrast.equation}; model {self.model_label}; MRF sequence sha256 {self.sequence_hash}; "
-                f"synthmrf {self.software_version}")
+                f"synthmrf {self.software_version}{self._note()}")
 
     def regions_derivation(self) -> str:
         """DerivationDescription of the regions' Segmentation: how the regions were found, on which maps."""
@@ -87,10 +94,14 @@ class Provenance:
                 f"model {self.model_label}; MRF sequence sha256 {self.sequence_hash}; synthmrf {self.software_version}")
 
     def derivation_description(self, quantity: str) -> str:
-        """Full provenance for DerivationDescription (ST), the sequence hash unabbreviated."""
+        """Full provenance for DerivationDescription (ST), the sequence hash unabbreviated, and the model's reading
+        note."""
         return (f"synthMRF {quantity} map from a 3D T1-weighted (MPRAGE) series by synthetic MR fingerprinting; "
                 f"model {self.model_label}; MRF sequence sha256 {self.sequence_hash}; "
-                f"synthmrf {self.software_version}")
+                f"synthmrf {self.software_version}{self._note()}")
+
+    def _note(self) -> str:
+        return f"; how to read it: {self.reading_note}" if self.reading_note else ""
 
 
 def flag_comment(reasons: Sequence[str]) -> str:

@@ -37,6 +37,7 @@ BASIS_KEY = "mrf_basis"
 FLUID_DIR = "fluid"
 FLUID_MANIFEST = f"{FLUID_DIR}/{MANIFEST}"
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+READING_NOTE_MAX = 400  # characters of printable ASCII; the results' DICOM carry it in DerivationDescription (ST)
 
 
 class PackageError(ValueError):
@@ -101,6 +102,13 @@ class ModelPackage:
         if isinstance(config, dict) and config.get("init_from"):
             doc["init_from"] = config["init_from"]
         return doc
+
+    @property
+    def reading_note(self) -> str:
+        """How to read this model's maps, in one or two sentences (``reading_note`` in the manifest, checked when
+        the manifest is read; empty for a package without one). Results carry it in their DICOM and provenance."""
+        note = self.manifest.get("reading_note")
+        return note if isinstance(note, str) else ""
 
     @property
     def normalisation(self) -> str:
@@ -205,7 +213,27 @@ def read_manifest(path: Path) -> dict[str, object]:
     training = manifest.get("training")
     if isinstance(training, dict):
         manifest["training"] = _untrained_as_null(training)
+    note = manifest.get("reading_note")
+    if note is not None:
+        check_reading_note(note, manifest_path)
     return manifest
+
+
+def check_reading_note(note: object, where: Path | str) -> str:
+    """``note`` if it can be a package's reading note (it goes into DICOM text), else :class:`PackageError`."""
+    if not (isinstance(note, str) and 0 < len(note) <= READING_NOTE_MAX and note.isascii() and note.isprintable()
+            and "\\" not in note and note == note.strip()):
+        raise PackageError(f"{where}: reading_note must be 1 to {READING_NOTE_MAX} characters of printable ASCII "
+                           f"without a backslash or surrounding spaces, got {str(note)[:60]!r}")
+    return note
+
+
+def set_reading_note(path: Path, note: str) -> None:
+    """Record ``note`` as the reading note of the package folder ``path`` (the manifest is not checksummed)."""
+    manifest_path = path / MANIFEST
+    manifest = read_manifest(path)
+    manifest["reading_note"] = check_reading_note(note, "--reading-note")
+    manifest_path.write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n")
 
 
 def verify_checksums(path: Path, manifest: dict[str, object]) -> None:

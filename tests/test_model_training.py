@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -467,6 +468,28 @@ def test_evaluate_command_writes_the_report(tiny_dataset: Path, tmp_path: Path) 
     assert result.exit_code != 0 and "lookup baseline is fitted on" in result.output, result.output
     result = CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "refused"), "--device", "gpu"])
     assert result.exit_code == 2 and "expected auto, cpu, cuda or cuda:N" in result.output, result.output
+    # A subject without its MRF (a dataset made with --no-mrf): refused by name before any work.
+    no_mrf = _without_mrf(tiny_dataset, tmp_path / "no-mrf", "test")
+    result = CliRunner().invoke(cli, ["evaluate", "--data", str(no_mrf), "--model", str(package), "--baseline-data",
+                                      str(tiny_dataset), "--out", str(tmp_path / "refused")])
+    assert result.exit_code == 1 and "no mrf_svd.nii.gz in" in result.output and "--no-mrf" in result.output
+    assert not (tmp_path / "refused").exists()
+
+
+def _without_mrf(dataset: Path, out: Path, part: str) -> Path:
+    """A copy of ``dataset`` whose ``part`` subjects lack mrf_svd.nii.gz."""
+    shutil.copytree(dataset, out)
+    for subject in json.loads((out / "manifest.json").read_text())["split"][part]:
+        (out / subject / "mrf_svd.nii.gz").unlink()
+    return out
+
+
+def test_train_refuses_a_dataset_without_mrf(tiny_dataset: Path, tmp_path: Path) -> None:
+    no_mrf = _without_mrf(tiny_dataset, tmp_path / "no-mrf", "val")
+    result = CliRunner().invoke(cli, ["train", "--data", str(no_mrf), "--run-dir", str(tmp_path / "run"),
+                                      "--cache", str(tmp_path / "cache"), "--epochs", "1"])
+    assert result.exit_code == 1 and "no mrf_svd.nii.gz in sub-" in result.output, result.output
+    assert "Traceback" not in result.output
 
 
 def test_distributed_training_with_torchrun(tiny_dataset: Path, tmp_path: Path) -> None:

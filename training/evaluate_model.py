@@ -47,6 +47,7 @@ from training.evaluation.protocols import (
 from training.evaluation.report import EvaluationSummary, evaluate_subjects
 from training.evaluation.subjects import NEAR_PURE_TOLERANCE, SubjectMaps, load_phantom_subject
 from training.phantom.ceiling import MIN_SUBJECTS_FOR_FIT, Ceiling, field_strength_of, identifiability_ceiling
+from training.preprocess import check_subjects_have_mrf
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +126,8 @@ def subjects_ceiling(item: EvaluationSet) -> Ceiling | str:
 
 
 def check_sets(sets: Sequence[EvaluationSet], fitted_on: frozenset[Path]) -> None:
-    """Raise ValueError unless ``sets`` have distinct names and some subjects each, none of them among the
-    lookup baseline's training subjects ``fitted_on`` (resolved folders)."""
+    """Raise ValueError unless ``sets`` have distinct names and some subjects each, each with its MRF, none of them
+    among the lookup baseline's training subjects ``fitted_on`` (resolved folders)."""
     if not sets:
         raise ValueError("sets: nothing to evaluate")
     names = [s.name for s in sets]
@@ -135,6 +136,7 @@ def check_sets(sets: Sequence[EvaluationSet], fitted_on: frozenset[Path]) -> Non
     for s in sets:
         if not s.subjects:
             raise ValueError(f"{s.data.root}: no subjects in split {s.split!r}")
+        check_subjects_have_mrf(s.data.root, s.subjects)
         seen = [subject for subject in s.subjects if (s.data.root / subject).resolve() in fitted_on]
         if seen:
             raise ValueError(f"{s.data.root}: the lookup baseline is fitted on {', '.join(seen)} (split "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -88,6 +89,19 @@ def mprage_to_mrf(mprage: np.ndarray, mprage_affine: np.ndarray, coeffs: np.ndar
                            fixed_mask=region).transform
 
 
+MRF_FILE = "mrf_svd.nii.gz"
+
+
+def check_subjects_have_mrf(root: Path, subjects: Sequence[str]) -> None:
+    """Raise ValueError naming the subjects of ``root`` without an MRF (``phantom make --no-mrf``): training and
+    evaluation prepare every subject on its MRF grid, with its MRF as the networks' target."""
+    missing = [s for s in subjects if not (root / s / MRF_FILE).is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{root}: no {MRF_FILE} in {shown}: training and evaluation need each subject's MRF "
+                         "(a dataset made with 'phantom make --no-mrf' has none; make it again without that flag)")
+
+
 def prepare_subject(subject_dir: Path, cache: Path, *, register: bool = True,
                     protocol: AcquisitionProtocol = PAPER_PROTOCOL) -> PreparedSubject:
     """Load (or build, then cache) one subject's training arrays."""
@@ -96,7 +110,8 @@ def prepare_subject(subject_dir: Path, cache: Path, *, register: bool = True,
     if not all(p.is_file() for p in paths.values()):
         mask, mask_affine = load_volume(subject_dir / "brain_mask.nii.gz")
         mask = mask > 0
-        coeffs, coeff_affine = load_volume(subject_dir / "mrf_svd.nii.gz")
+        check_subjects_have_mrf(subject_dir.parent, [subject])
+        coeffs, coeff_affine = load_volume(subject_dir / MRF_FILE)
         if coeffs.ndim != 4 or coeffs.shape[:3] != mask.shape or not np.allclose(coeff_affine, mask_affine, atol=1e-4):
             raise ValueError(f"{subject_dir}: mrf_svd.nii.gz and brain_mask.nii.gz are not on one grid")
         mprage, mprage_affine = load_volume(subject_dir / "mprage.nii.gz")
@@ -183,6 +198,7 @@ def load_dataset(root: Path, cache: Path, *, progress: bool = False, reference_t
     if registration not in ("rigid", "none"):
         raise ValueError(f"{manifest_path}: mprage_registration must be 'rigid' or 'none', got {registration!r}")
     entries = manifest_entries(manifest)
+    check_subjects_have_mrf(root, [name for _, name in names])
     for part, name in tqdm(names, desc="preparing subjects", unit="subject", disable=not progress):
         prepared = prepare_subject(root / name, cache, register=registration == "rigid",
                                    protocol=subject_protocol(entries.get(name, {})))

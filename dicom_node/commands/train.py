@@ -109,8 +109,11 @@ def train(data_dir: Path, run_dir: Path, cache_dir: Path | None, epochs: int, it
         from pipeline.mrf.epg import resolve_device
 
         bf16 = inference_dtype(resolve_device(device), "auto") != torch.float32
-    dataset = load_dataset(data_dir, cache_dir or run_dir.parent / "cache", progress=True,
-                           reference_t2=hold_below_t2 is not None or loss_above_t2 is not None)
+    try:
+        dataset = load_dataset(data_dir, cache_dir or run_dir.parent / "cache", progress=True,
+                               reference_t2=hold_below_t2 is not None or loss_above_t2 is not None)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
     config = TrainConfig(epochs=epochs, iterations_per_epoch=iterations_per_epoch, batch_size=batch_size, crop=crop,
                          learning_rate=learning_rate, lr_schedule=lr_schedule, min_learning_rate=min_learning_rate,
                          seed=seed, bf16=bf16, validation_slices=validation_slices, max_minutes=max_minutes,

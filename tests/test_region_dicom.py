@@ -363,6 +363,20 @@ def test_flagged_study_marks_segmentation_and_report(classic: Written, tmp_path:
         assert not errors, f"{path.name}: {errors}"
 
 
+def test_report_carries_the_models_reading_note_before_a_flag(classic: Written, tmp_path: Path) -> None:
+    note = "White-matter T1 is the value typical of the protocol; T2 that of the tissue class."
+    noted = Provenance("synthmrf-unet", "1.2.0", "0123456789abcdef" * 4, "0.1.0", note)
+    paths = write_result_series(classic.series, classic.maps, tmp_path, noted, derived=False, quantities=("T1",),
+                                warnings=REASONS, regions=(classic.labels, classic.stats))
+    sr = pydicom.dcmread(tmp_path / "SR_regions.dcm")
+    assert _texts(sr, "121106") == [f"How to read these values: {note}", f"{FLAG_NOTE}: {REASONS[0]}"]
+    assert pydicom.dcmread(tmp_path / "T1_map.dcm", stop_before_pixels=True).DerivationDescription.endswith(note
+        + f"; {FLAG_NOTE} (reasons in Image Comments)")
+    for path in paths:
+        errors = [line for line in _dciodvfy(path) if line.startswith("Error")]
+        assert not errors, f"{path.name}: {errors}"
+
+
 def test_bad_regions_are_refused_before_writing(classic: Written, tmp_path: Path) -> None:
     out = tmp_path / "out"
     labels, stats = classic.labels, classic.stats

@@ -24,6 +24,7 @@ SEQUENCE_PREFIX = "MRF sequence "
 SEQUENCE_HASH_SHOWN = 16  # hex digits of the sequence hash in SoftwareVersions (the full hash is in the text)
 FLAG_PREFIX = "OUT OF RANGE: "  # SeriesDescription of every result series of a flagged study
 FLAG_NOTE = "FLAGGED: input or result outside the model's validated range, interpret with caution"
+READING_NOTE_LEAD = "How to read these values: "  # a report's Comment carrying the model's reading note
 READING_NOTE_MAX = 400  # a model's reading note in DerivationDescription (ST, 1024) beside the provenance and a flag
 COMMENT_MAX = 1024  # of ImageComments (LT allows 10240): reasons are one line each, a few of them
 CONTRAST_COMMENT = ("Synthetic image, not acquired: computed from the synthMRF T1, T2 and PD maps by a signal "
@@ -111,7 +112,7 @@ def flag_comment(reasons: Sequence[str]) -> str:
     return text if len(text) <= COMMENT_MAX else text[: COMMENT_MAX - 3] + "..."
 
 
-def _comment_in_report(sr: Dataset, text: str) -> None:
+def comment_in_report(sr: Dataset, text: str) -> None:
     """``text`` as a Comment in the Qualitative Evaluations container of a TID 1500 report (at its end)."""
     contains = RelationshipTypeValues.CONTAINS
     container = next((item for item in sr.ContentSequence if item.ValueType == "CONTAINER"
@@ -129,7 +130,7 @@ def flag_result(ds: Dataset, reasons: Sequence[str]) -> None:
     ds.SeriesDescription = (FLAG_PREFIX + str(ds.SeriesDescription))[:LO_MAX]
     comment = flag_comment(reasons)
     if ds.Modality == "SR":
-        _comment_in_report(ds, comment)
+        comment_in_report(ds, comment)
         return
     ds.ImageComments = f"{ds.ImageComments}\n{comment}" if ds.get("ImageComments") else comment
     ds.DerivationDescription = f"{ds.DerivationDescription}; {FLAG_NOTE} (reasons in Image Comments)"

@@ -43,7 +43,9 @@ from pipeline.dicom_output.provenance import (
     DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
     MANUFACTURER_MODEL_NAME,
+    READING_NOTE_LEAD,
     Provenance,
+    comment_in_report,
 )
 from pipeline.dicom_output.quantities import check_series_number, quantity_spec
 from pipeline.dicom_output.segmentation import ALGORITHM_FAMILY, ALGORITHM_NAME, private_coding_schemes
@@ -212,6 +214,8 @@ def build_region_report(series: DicomSeries, segmentation: Dataset, stats: Seque
     copy_character_set(sr, header)
     copy_retired_patient_attributes(sr, header)
     sr["SoftwareVersions"].value = list(provenance.software_versions)
+    if provenance.reading_note:
+        comment_in_report(sr, f"{READING_NOTE_LEAD}{provenance.reading_note}")
     logger.info("region report: series %s in study %s, %d regions", sr.SeriesInstanceUID, series.study_instance_uid,
                 len(stats))
     return sr

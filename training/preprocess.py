@@ -110,7 +110,6 @@ def prepare_subject(subject_dir: Path, cache: Path, *, register: bool = True,
     if not all(p.is_file() for p in paths.values()):
         mask, mask_affine = load_volume(subject_dir / "brain_mask.nii.gz")
         mask = mask > 0
-        check_subjects_have_mrf(subject_dir.parent, [subject])
         coeffs, coeff_affine = load_volume(subject_dir / MRF_FILE)
         if coeffs.ndim != 4 or coeffs.shape[:3] != mask.shape or not np.allclose(coeff_affine, mask_affine, atol=1e-4):
             raise ValueError(f"{subject_dir}: mrf_svd.nii.gz and brain_mask.nii.gz are not on one grid")
